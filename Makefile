@@ -1,0 +1,31 @@
+# sandport: `make demo` runs a gateway with one desktop sandbox; `make test` runs every tier.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+# Tiers run in parallel where they do not share state: each test file builds its own
+# gateway with its own state dir, bridge and subnet.
+WORKERS ?= 3
+
+.PHONY: setup demo test test-unit lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/sandport up --demo
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+test: setup lint
+	SANDPORT_REQUIRE=all $(BIN)/pytest -n $(WORKERS) --dist loadfile -p no:cacheprovider tests
+
+test-unit: setup
+	$(BIN)/pytest -m unit -p no:cacheprovider tests
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache build src/*.egg-info

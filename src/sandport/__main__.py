@@ -1,0 +1,5 @@
+"""``python -m sandport``."""
+
+from sandport.cli import main
+
+main()

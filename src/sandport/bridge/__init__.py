@@ -1,0 +1,1 @@
+"""WebSocket <-> TCP bridge (websockify-compatible) and the noVNC client it serves."""

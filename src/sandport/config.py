@@ -1,0 +1,103 @@
+"""Configuration: a frozen dataclass tree, resolved once.
+
+The CLI only maps flags onto these objects; everything the CLI does can be done from
+Python by building a :class:`GatewayConfig` and handing it to
+:class:`sandport.control.gateway.Gateway`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandport.errors import UsageError
+
+DEFAULT_STATE_DIR = Path("/var/lib/sandport")
+DEFAULT_BRIDGE = "sp-br0"
+DEFAULT_SUBNET = ipaddress.IPv4Network("10.201.0.0/24")
+DEFAULT_LISTEN = ("127.0.0.1", 8700)
+IFNAMSIZ = 15  # Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetConfig:
+    """Host networking for sandboxes.
+
+    Attributes:
+        bridge: the bridge that holds the gateway address; sandbox links are its ports.
+        subnet: the sandbox address pool; the first host address is the gateway's.
+    """
+
+    bridge: str = DEFAULT_BRIDGE
+    subnet: ipaddress.IPv4Network = DEFAULT_SUBNET
+
+    def __post_init__(self) -> None:
+        if not self.bridge.startswith("sp-") or len(self.bridge) > IFNAMSIZ:
+            raise UsageError(
+                f"bridge name {self.bridge!r} must start with 'sp-' and be at most "
+                f"{IFNAMSIZ} characters"
+            )
+        if self.subnet.prefixlen > 29 or self.subnet.prefixlen < 16:
+            raise UsageError(
+                f"subnet {self.subnet} must be between /16 and /29 to hold a gateway "
+                "and sandboxes"
+            )
+
+    @property
+    def gateway_ip(self) -> ipaddress.IPv4Address:
+        """The bridge's own address: the first host address of the subnet."""
+        return self.subnet.network_address + 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Everything a gateway needs, resolved before it starts.
+
+    Attributes:
+        listen_host: address of the HTTP port (noVNC, WebSocket bridge, API).
+        listen_port: the HTTP port; 0 picks a free one.
+        state_dir: SQLite store, per-sandbox files and logs; locked while a gateway runs.
+        net: bridge and address pool.
+        forward_host: address that host port forwards bind to.
+        public_host: host name written into URLs; defaults to ``listen_host``.
+        ready_timeout: seconds a sandbox may take to answer its protocol.
+    """
+
+    listen_host: str = DEFAULT_LISTEN[0]
+    listen_port: int = DEFAULT_LISTEN[1]
+    state_dir: Path = DEFAULT_STATE_DIR
+    net: NetConfig = field(default_factory=NetConfig)
+    forward_host: str = "127.0.0.1"
+    public_host: str | None = None
+    ready_timeout: float = 60.0
+
+    @property
+    def url_host(self) -> str:
+        """The host part used in URLs printed for people."""
+        host = self.public_host or self.listen_host
+        if host in ("0.0.0.0", ""):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
+
+
+def parse_hostport(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT``.
+
+    Raises:
+        UsageError: with the accepted syntax, if ``text`` is none of those.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_text)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is not an address: use HOST:PORT, e.g. 127.0.0.1:8700"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"port {port} in {text!r} is outside 0-65535")
+    return host, port

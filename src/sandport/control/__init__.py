@@ -1,0 +1,1 @@
+"""Control plane: the gateway, its store, access tokens and the HTTP app."""

@@ -1,0 +1,252 @@
+"""The gateway's HTTP port: noVNC, the desktop link and the WebSocket bridge.
+
+Routes:
+    GET  /healthz                     liveness and a sandbox count
+    GET  /novnc/...                   the noVNC client (Debian's /usr/share/novnc)
+    GET  /s/{id}/?token=T             the desktop: checks T, redirects into noVNC
+    WS   /s/{id}/ports/{port}/ws?token=T   WebSocket <-> TCP to a guest port (name or number)
+
+Access is refused *before* any upgrade, with a status and a JSON body (HTML for
+browsers) saying why: 401 no token, 403 wrong token, 404 unknown sandbox or port,
+503 with Retry-After while the sandbox is not ready, 502 when the guest refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from sandport import __version__
+from sandport.bridge.ws import choose_subprotocol, pump
+from sandport.control.tokens import TokenCheck, check_token
+from sandport.sandbox.base import GuestPort
+from sandport.sandbox.state import SandboxState
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+NOT_READY_RETRY_AFTER = 2  # seconds
+_conn_ids = itertools.count(1)
+
+
+@dataclass(slots=True, kw_only=True)
+class LiveSandbox:
+    """What the HTTP app needs to know about a sandbox the gateway runs."""
+
+    id: str
+    ip: str
+    state: SandboxState
+    token_hash: str
+    ports: tuple[GuestPort, ...]
+    secrets: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+    def port(self, key: str) -> GuestPort | None:
+        """The guest port named ``key`` or numbered ``key``."""
+        for p in self.ports:
+            if key in (p.name, str(p.port)):
+                return p
+        return None
+
+
+class Registry(Protocol):
+    """Where the app looks sandboxes up; the gateway implements it."""
+
+    def lookup(self, sandbox_id: str) -> LiveSandbox | None:
+        """The live sandbox with that id, or None."""
+        ...
+
+    def count(self) -> int:
+        """How many sandboxes the gateway runs."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """Why a request is refused, as an HTTP status and words."""
+
+    status: int
+    error: str
+    message: str
+    sandbox: str = ""
+    retry_after: int | None = None
+
+    def response(self, *, wants_html: bool = False) -> Response:
+        """A JSON (or, for browsers, HTML) response carrying the reason."""
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        body: dict[str, Any] = {"error": self.error, "message": self.message}
+        if self.sandbox:
+            body["sandbox"] = self.sandbox
+        if wants_html:
+            page = (
+                "<!doctype html><meta charset=utf-8><title>sandport: refused</title>"
+                f"<h1>{self.status} {html.escape(self.error.replace('_', ' '))}</h1>"
+                f"<p id=reason>{html.escape(self.message)}</p>"
+            )
+            return HTMLResponse(page, status_code=self.status, headers=headers)
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def presented_token(conn: HTTPConnection) -> str | None:
+    """The token from ``?token=`` or ``Authorization: Bearer``."""
+    token = conn.query_params.get("token")
+    if token:
+        return token
+    auth = conn.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def authorise(
+    registry: Registry, conn: HTTPConnection, sandbox_id: str, port_key: str | None
+) -> tuple[LiveSandbox, GuestPort | None] | Refusal:
+    """Check sandbox, token, readiness and port, in that order."""
+    sb = registry.lookup(sandbox_id)
+    if sb is None:
+        return Refusal(status=404, error="unknown_sandbox",
+                       message=f"no sandbox {sandbox_id!r} on this gateway", sandbox=sandbox_id)
+    verdict = check_token(presented_token(conn), sb.token_hash)
+    if verdict is TokenCheck.MISSING:
+        return Refusal(status=401, error="missing_token",
+                       message="this sandbox needs an access token: add ?token=... to the URL",
+                       sandbox=sandbox_id)
+    if verdict is TokenCheck.INVALID:
+        return Refusal(status=403, error="invalid_token",
+                       message="the access token is not valid for this sandbox",
+                       sandbox=sandbox_id)
+    port = None
+    if port_key is not None:
+        port = sb.port(port_key)
+        if port is None:
+            known = ", ".join(f"{p.name} ({p.port})" for p in sb.ports)
+            return Refusal(status=404, error="unknown_port",
+                           message=f"sandbox {sandbox_id} exposes no port {port_key!r}; "
+                           f"it exposes {known}", sandbox=sandbox_id)
+    if sb.state not in (SandboxState.READY, SandboxState.STARTING, SandboxState.DEGRADED):
+        detail = f": {sb.reason}" if sb.reason else ""
+        return Refusal(status=503, error="not_ready",
+                       message=f"sandbox {sandbox_id} is {sb.state.value}{detail}",
+                       sandbox=sandbox_id,
+                       retry_after=NOT_READY_RETRY_AFTER
+                       if sb.state is SandboxState.CREATING else None)
+    return sb, port
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def desktop_redirect_target(
+    request: Request, sandbox_id: str, token: str, password: str
+) -> str:
+    """The noVNC URL that opens a sandbox's desktop.
+
+    Settings go in the fragment, which noVNC reads first and browsers never send to a
+    server, so the VNC password stays out of logs and Referer headers. Host and port
+    are given explicitly: noVNC would otherwise fall back to values an earlier session
+    left in the browser's localStorage.
+    """
+    ws_path = f"s/{sandbox_id}/ports/vnc/ws?token={token}"
+    secure = request.url.scheme == "https"
+    port = request.url.port or (443 if secure else 80)
+    params = {
+        "autoconnect": "1",
+        "resize": "scale",
+        "reconnect": "0",
+        "host": request.url.hostname or "127.0.0.1",
+        "port": str(port),
+        "encrypt": "1" if secure else "0",
+        "path": ws_path,
+        "password": password,
+    }
+    fragment = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+    return f"/novnc/vnc.html#{fragment}"
+
+
+def build_app(registry: Registry, *, novnc_dir: Path,
+              on_session: Callable[[str, int], None] | None = None) -> Starlette:
+    """The Starlette app for the gateway's HTTP port."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": __version__,
+                             "sandboxes": registry.count()})
+
+    async def index(request: Request) -> Response:
+        return JSONResponse({"name": "sandport", "version": __version__,
+                             "desktop": "/s/{id}/?token=...",
+                             "websocket": "/s/{id}/ports/{port}/ws?token=..."})
+
+    async def desktop(request: Request) -> Response:
+        sandbox_id = request.path_params["sandbox"]
+        verdict = authorise(registry, request, sandbox_id, "vnc")
+        if isinstance(verdict, Refusal):
+            return verdict.response(wants_html=_wants_html(request))
+        sb, _ = verdict
+        token = presented_token(request) or ""
+        target = desktop_redirect_target(request, sb.id, token, sb.secrets.get("vnc_password", ""))
+        return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
+
+    async def websocket_bridge(websocket: WebSocket) -> None:
+        sandbox_id = websocket.path_params["sandbox"]
+        port_key = websocket.path_params["port"]
+        conn_id = f"ws#{next(_conn_ids)}"
+        client = websocket.client.host if websocket.client else "?"
+        verdict = authorise(registry, websocket, sandbox_id, port_key)
+        if isinstance(verdict, Refusal):
+            log.info("%s %s -> %s/%s refused %d %s", conn_id, client, sandbox_id, port_key,
+                     verdict.status, verdict.error)
+            await websocket.send_denial_response(verdict.response())
+            return
+        sb, port = verdict
+        if port is None:  # authorise() returns a port whenever it is asked for one
+            raise RuntimeError("authorise() returned no port")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(sb.ip, port.port), CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (
+                exc.strerror or type(exc).__name__)
+            log.warning("%s %s -> %s %s:%d: %s", conn_id, client, sb.id, sb.ip, port.port, reason)
+            if sb.state is SandboxState.STARTING:
+                refusal = Refusal(
+                    status=503, error="not_ready", sandbox=sb.id,
+                    retry_after=NOT_READY_RETRY_AFTER,
+                    message=f"sandbox {sb.id} is starting; {port.name} ({sb.ip}:{port.port}) "
+                    f"does not answer yet: {reason}")
+            else:
+                refusal = Refusal(
+                    status=502, error="guest_unreachable", sandbox=sb.id,
+                    message=f"the guest service {port.name} ({sb.ip}:{port.port}) did not "
+                    f"accept the connection: {reason}")
+            await websocket.send_denial_response(refusal.response())
+            return
+        await websocket.accept(subprotocol=choose_subprotocol(websocket.scope["subprotocols"]))
+        log.info("%s %s -> %s %s:%d open", conn_id, client, sb.id, sb.ip, port.port)
+        if on_session is not None:
+            on_session(sb.id, port.port)
+        await pump(websocket, reader, writer, conn_id=conn_id)
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/s/{sandbox}/", desktop),
+        Route("/s/{sandbox}", desktop),
+        WebSocketRoute("/s/{sandbox}/ports/{port}/ws", websocket_bridge),
+        Mount("/novnc", app=StaticFiles(directory=novnc_dir, html=True, follow_symlink=True)),
+    ]
+    return Starlette(routes=routes)

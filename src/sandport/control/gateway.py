@@ -1,0 +1,396 @@
+"""The gateway: owns the bridge, the sandboxes, their forwards and the HTTP port.
+
+Lifecycle is ``start -> serve -> stop`` (``async with Gateway(config) as gw``):
+
+start:  preflight (capabilities, programs) -> lock the state dir -> open the store ->
+        remove what a crashed gateway left -> bridge -> HTTP port.
+stop:   HTTP port (browsers get a close code) -> forwards -> sandboxes -> bridge ->
+        store and lock. Every step runs even if an earlier one failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from sandport import preflight
+from sandport.config import GatewayConfig
+from sandport.control.app import LiveSandbox, build_app
+from sandport.control.httpserver import HttpServer
+from sandport.control.store import Store
+from sandport.control.tokens import hash_token, new_token
+from sandport.errors import PortInUseError, SandboxFailed, SandboxNotFound, StateDirBusy
+from sandport.forward.tcp import PortInUse, TcpForward, TcpForwardSpec
+from sandport.net import netlink
+from sandport.net.pool import AddressPool
+from sandport.probe import ProbeResult, probe_rfb_tcp, probe_rfb_ws, wait_until
+from sandport.sandbox.base import SandboxSpec
+from sandport.sandbox.netns import NetnsBackend, netns_name, spec_from_record
+from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
+from sandport.sandbox.state import SandboxState, check_transition
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(slots=True, kw_only=True)
+class Sandbox:
+    """A sandbox the gateway runs, with its forwards and readiness evidence."""
+
+    spec: SandboxSpec
+    live: LiveSandbox
+    token: str
+    forwards: dict[str, TcpForward] = field(default_factory=dict)
+    probes: list[ProbeResult] = field(default_factory=list)
+    ready_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxInfo:
+    """What a caller gets back about a ready sandbox (the demo prints it as JSON)."""
+
+    id: str
+    ip: str
+    state: str
+    profile: str
+    token: str
+    desktop_url: str
+    vnc_host: str
+    vnc_port: int
+    vnc_password: str
+    colour: str
+    ready_seconds: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The SANDPORT-READY document."""
+        return {
+            "id": self.id,
+            "ip": self.ip,
+            "state": self.state,
+            "profile": self.profile,
+            "desktop_url": self.desktop_url,
+            "vnc": {"host": self.vnc_host, "port": self.vnc_port},
+            "vnc_password": self.vnc_password,
+            "token": self.token,
+            "colour": self.colour,
+            "ready_seconds": self.ready_seconds,
+        }
+
+
+class Gateway:
+    """sandport's gateway process, usable from Python as well as from the CLI."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._store: Store | None = None
+        self._pool: AddressPool | None = None
+        self._http: HttpServer | None = None
+        self._lock_file: TextIO | None = None
+        self._backend: NetnsBackend | None = None
+        self._bridge_created = False
+
+    # Registry for the HTTP app ---------------------------------------------------------
+
+    def lookup(self, sandbox_id: str) -> LiveSandbox | None:
+        """The live sandbox with that id."""
+        sb = self._sandboxes.get(sandbox_id)
+        return None if sb is None else sb.live
+
+    def count(self) -> int:
+        """How many sandboxes run."""
+        return len(self._sandboxes)
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    @property
+    def http_port(self) -> int:
+        """The bound HTTP port (useful when the config asked for port 0)."""
+        if self._http is None:
+            raise RuntimeError("gateway not started")
+        return self._http.port
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` as printed for people."""
+        return f"http://{self.config.url_host}:{self.http_port}"
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, progress: Progress = _quiet) -> None:
+        """Check the machine, take the state dir, clean leftovers, open the HTTP port."""
+        cfg = self.config
+        preflight.require_capabilities()
+        programs = preflight.require_programs()
+        novnc = preflight.find_novnc()
+        self._backend = NetnsBackend(programs)
+        self._lock_state_dir()
+        try:
+            self._store = Store(cfg.state_dir / "sandport.db")
+            self._pool = AddressPool(cfg.net.subnet, self._store)
+            await self._remove_leftovers(progress)
+            progress(f"bridge {cfg.net.bridge} {cfg.net.gateway_ip}/{cfg.net.subnet.prefixlen}")
+            gateway_iface = ipaddress.IPv4Interface(
+                f"{cfg.net.gateway_ip}/{cfg.net.subnet.prefixlen}"
+            )
+            self._bridge_created = await asyncio.to_thread(
+                netlink.ensure_bridge, cfg.net.bridge, gateway_iface
+            )
+            app = build_app(self, novnc_dir=novnc)
+            self._http = HttpServer(app, cfg.listen_host, cfg.listen_port)
+            await self._http.start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("gateway up: %s, state %s", self.base_url, cfg.state_dir)
+
+    def _lock_state_dir(self) -> None:
+        state_dir = self.config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
+        lock = open(state_dir / "gateway.lock", "a+")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StateDirBusy(
+                    f"state dir {state_dir} is in use by gateway pid {holder}",
+                    hint="stop that gateway first, or give this one its own --state-dir",
+                ) from None
+            raise
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock_file = lock
+
+    async def _remove_leftovers(self, progress: Progress) -> None:
+        """Destroy every sandbox the store still lists: a previous gateway died with them."""
+        if self._store is None or self._backend is None:
+            return
+        records = self._store.sandboxes()
+        for rec in records:
+            progress(f"removing leftover sandbox {rec.id} from a previous run")
+            log.warning("removing leftover sandbox %s (%s, state %s)", rec.id, rec.ip, rec.state)
+            spec = spec_from_record(sandbox_id=rec.id, profile=rec.profile, ip=rec.ip,
+                                    prefixlen=rec.prefixlen, bridge=rec.bridge,
+                                    state_dir=self.config.state_dir)
+            await self._backend.destroy(spec)
+            self._store.remove_sandbox(rec.id)
+        # Links on our bridge that no record explains (e.g. the store was deleted by hand).
+        for port in await asyncio.to_thread(netlink.bridge_ports, self.config.net.bridge):
+            if port.startswith("sp-"):
+                log.warning("removing stray link %s from bridge %s", port, self.config.net.bridge)
+                await asyncio.to_thread(netlink.delete_link, port)
+
+    async def stop(self) -> None:
+        """Shut down in order; each step runs even if one before it failed."""
+        # 1. The HTTP port first: browsers get a close code, no new sessions arrive.
+        if self._http is not None:
+            with contextlib.suppress(Exception):
+                await self._http.stop()
+            self._http = None
+        # 2. Sandboxes: their forwards, guest processes, namespaces, links, leases.
+        for sandbox_id in list(self._sandboxes):
+            try:
+                await self.destroy_sandbox(sandbox_id)
+            except Exception:
+                log.exception("destroying sandbox %s failed", sandbox_id)
+        # 3. The bridge, once no port is left on it.
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(netlink.delete_link, self.config.net.bridge)
+        # 4. Store and lock last: a crash before here leaves records for the next start.
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # Sandboxes --------------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        while True:
+            sandbox_id = secrets.token_hex(3)
+            if sandbox_id not in self._sandboxes and not netlink.netns_exists(
+                netns_name(sandbox_id)
+            ):
+                return sandbox_id
+
+    def _set_state(self, sb: Sandbox, state: SandboxState, reason: str = "") -> None:
+        sb.live.state = check_transition(sb.live.state, state)
+        sb.live.reason = reason
+        if self._store is not None:
+            self._store.set_state(sb.spec.id, state.value, reason=reason)
+        log.info("sandbox %s: %s%s", sb.spec.id, state.value, f" ({reason})" if reason else "")
+
+    async def create_sandbox(
+        self, *, profile: str = "desktop", vnc_port: int = 0, progress: Progress = _quiet
+    ) -> SandboxInfo:
+        """Create a sandbox, start its services and return once it is proven ready.
+
+        Args:
+            profile: guest profile name.
+            vnc_port: host port of the VNC forward; 0 picks a free one.
+            progress: called with a short line before each step.
+
+        Raises:
+            PortInUseError: ``vnc_port`` is taken (nothing is left behind).
+            SandboxFailed: a step failed or the guest never answered; the reason says
+                which hop and what it answered.
+        """
+        if self._store is None or self._pool is None or self._backend is None:
+            raise RuntimeError("gateway not started")
+        prof = get_profile(profile)
+        t0 = time.perf_counter()
+        sandbox_id = self._new_id()
+        address = self._pool.lease(sandbox_id)
+        token = new_token()
+        spec = SandboxSpec(
+            id=sandbox_id,
+            profile=prof.name,
+            address=ipaddress.IPv4Interface(f"{address}/{self.config.net.subnet.prefixlen}"),
+            gateway=self.config.net.gateway_ip,
+            bridge=self.config.net.bridge,
+            workdir=self.config.state_dir / "sandboxes" / sandbox_id,
+            secrets=prof.new_secrets(),
+        )
+        live = LiveSandbox(id=sandbox_id, ip=str(address), state=SandboxState.CREATING,
+                           token_hash=hash_token(token), ports=prof.ports, secrets=spec.secrets)
+        sb = Sandbox(spec=spec, live=live, token=token)
+        self._store.add_sandbox(sandbox_id=sandbox_id, backend=self._backend.name,
+                                profile=prof.name, state=live.state.value, ip=str(address),
+                                prefixlen=spec.address.network.prefixlen,
+                                bridge=spec.bridge, token_hash=live.token_hash)
+        self._sandboxes[sandbox_id] = sb
+        try:
+            progress(f"sandbox {sandbox_id}: network namespace, {address} on {spec.bridge}")
+            await self._backend.create(spec)
+            self._set_state(sb, SandboxState.STARTING)
+            progress(f"sandbox {sandbox_id}: starting {prof.summary.split(';')[0]}")
+            await self._backend.start(spec)
+            vnc = prof.ports[0]
+            fwd = TcpForward(TcpForwardSpec(
+                listen_host=self.config.forward_host, listen_port=vnc_port,
+                target_host=str(address), target_port=vnc.port, name=f"{sandbox_id}/{vnc.name}",
+            ))
+            try:
+                await fwd.start()
+            except PortInUse:
+                raise PortInUseError(self.config.forward_host, vnc_port, what="VNC port") from None
+            sb.forwards[vnc.name] = fwd
+            await self._await_ready(sb, progress)
+        except BaseException as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            with contextlib.suppress(Exception):
+                self._set_state(sb, SandboxState.FAILED, reason)
+            await self.destroy_sandbox(sandbox_id)
+            raise
+        sb.ready_seconds = round(time.perf_counter() - t0, 3)
+        self._set_state(sb, SandboxState.READY)
+        log.info("sandbox %s ready in %.2f s: %s", sandbox_id, sb.ready_seconds,
+                 "; ".join(f"{p.hop} {p.detail} ({p.elapsed * 1000:.0f} ms)" for p in sb.probes))
+        return self.info(sandbox_id)
+
+    async def _await_ready(self, sb: Sandbox, progress: Progress) -> None:
+        """Probe every path a user takes until each completes the RFB handshake."""
+        if self._backend is None:
+            raise RuntimeError("gateway not started")
+        backend, spec = self._backend, sb.spec
+        password = spec.secrets.get("vnc_password")
+        fwd = sb.forwards["vnc"]
+        host = self.config.forward_host
+        ws_host = "127.0.0.1" if self.config.listen_host in ("0.0.0.0", "") else (
+            self.config.listen_host)
+        ws_url = (f"ws://{ws_host}:{self.http_port}/s/{spec.id}/ports/vnc/ws?token={sb.token}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.ready_timeout
+
+        def give_up() -> str | None:
+            return backend.failure(spec)
+
+        hops = [
+            (f"VNC through the host port {host}:{fwd.bound_port}",
+             lambda: probe_rfb_tcp(host, fwd.bound_port, password=password, timeout=3.0)),
+            ("VNC through the WebSocket bridge",
+             lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0)),
+        ]
+        for label, probe in hops:
+            progress(f"sandbox {spec.id}: waiting for {label}")
+            result, attempts = await wait_until(
+                probe, timeout=max(0.1, deadline - loop.time()), give_up=give_up
+            )
+            sb.probes.append(result)
+            if not result.ok:
+                raise SandboxFailed(
+                    f"sandbox {spec.id} did not become ready: {label}: {result.detail} "
+                    f"(stage {result.stage}, {attempts} attempts)",
+                    hint=f"guest logs are in {spec.workdir / 'logs'}",
+                )
+
+    def info(self, sandbox_id: str) -> SandboxInfo:
+        """The printable facts of a running sandbox."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        fwd = sb.forwards.get("vnc")
+        return SandboxInfo(
+            id=sandbox_id,
+            ip=sb.live.ip,
+            state=sb.live.state.value,
+            profile=sb.spec.profile,
+            token=sb.token,
+            desktop_url=f"{self.base_url}/s/{sandbox_id}/?token={sb.token}",
+            vnc_host=self.config.forward_host,
+            vnc_port=fwd.bound_port if fwd is not None else 0,
+            vnc_password=sb.spec.secrets.get("vnc_password", ""),
+            colour=colour_hex(desktop_colour(sandbox_id)),
+            ready_seconds=sb.ready_seconds,
+        )
+
+    def sandbox_ids(self) -> list[str]:
+        """Ids of the running sandboxes."""
+        return list(self._sandboxes)
+
+    async def destroy_sandbox(self, sandbox_id: str) -> None:
+        """Stop forwards and guest, remove namespace, link, files, record and lease."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        if sb.live.state is not SandboxState.STOPPING:
+            with contextlib.suppress(Exception):
+                self._set_state(sb, SandboxState.STOPPING)
+        for fwd in sb.forwards.values():
+            with contextlib.suppress(Exception):
+                await fwd.stop()
+        if self._backend is not None:
+            await self._backend.destroy(sb.spec)
+        with contextlib.suppress(Exception):
+            self._set_state(sb, SandboxState.STOPPED)
+        del self._sandboxes[sandbox_id]
+        if self._store is not None:
+            self._store.remove_sandbox(sandbox_id)

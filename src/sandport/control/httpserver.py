@@ -1,0 +1,81 @@
+"""uvicorn embedded in the gateway's event loop, on a socket the gateway binds itself.
+
+Binding ourselves turns "address in use" into a clear error (uvicorn would log and call
+sys.exit), and calling startup()/shutdown() directly keeps signal handling with the
+gateway (uvicorn's serve() would install its own handlers).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from sandport.errors import PortInUseError, UsageError
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_SECONDS = 3  # open connections get this long before they are cancelled
+
+
+def bind_tcp(host: str, port: int, *, what: str) -> socket.socket:
+    """A listening TCP socket on ``host:port``.
+
+    Raises:
+        PortInUseError: the port is taken.
+        UsageError: the address is not one of this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(host, port, what=what) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"{host} is not an address of this machine ({what} {host}:{port})",
+                             hint="use 127.0.0.1, 0.0.0.0 or one of `ip -br addr`") from None
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class HttpServer:
+    """An ASGI app served by uvicorn (WebSocket support: websockets' sans-I/O core)."""
+
+    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+        self._sock = bind_tcp(host, port, what="gateway port")
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        self._config = uvicorn.Config(
+            app,
+            ws="websockets-sansio",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        self._server = uvicorn.Server(self._config)
+
+    async def start(self) -> None:
+        """Serve on the bound socket."""
+        self._config.load()
+        self._server.lifespan = self._config.lifespan_class(self._config)
+        await self._server.startup(sockets=[self._sock])
+        log.info("HTTP on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting, close connections (WebSockets get 1012), wait for them."""
+        if self._server.started:
+            await self._server.shutdown(sockets=[self._sock])
+        else:
+            self._sock.close()

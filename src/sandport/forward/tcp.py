@@ -1,0 +1,685 @@
+"""Userspace TCP relay: a host listener whose connections are relayed to a target address.
+
+One :class:`TcpForward` owns one listening socket. Every accepted client gets exactly one
+upstream connection to the current target; two :class:`asyncio.Protocol` objects (one per
+socket) are then paired and move bytes between the transports directly: no streams, no
+per-connection task once the upstream is connected. Works with the default asyncio loop and
+with uvloop.
+
+Semantics of one relayed connection (RFC 9293 terms)::
+
+    client ──► [client half] ──write──► upstream transport ──► target
+    client ◄── client transport ◄──write── [upstream half] ◄── target
+
+* Backpressure: when a transport's write buffer rises above :data:`WRITE_HIGH_WATER`, its
+  protocol's ``pause_writing()`` pauses *reading* on the other half; ``resume_writing()``
+  (buffer below :data:`WRITE_LOW_WATER`) resumes it. Per direction at most one high-water
+  mark plus one socket read is held in user space.
+* Half-close (RFC 9293 §3.6): a FIN from one side is passed on as ``write_eof()``
+  (``shutdown(SHUT_WR)``) once everything before it was sent; the other direction keeps
+  flowing. When both directions have seen FIN, both transports are closed (after flushing).
+* Reset: when one side is lost with an error (RST, write error) the other side is aborted
+  with ``SO_LINGER {on, 0}``, so it sees a RST too instead of a clean FIN. A clean loss
+  closes the other side gracefully after its pending writes.
+* Connect failure (refused, unreachable, timeout): the client is reset and
+  ``failed_connects`` counts it.
+* Nothing sent by either side before the pair exists is lost or reordered: the client is
+  held (reading paused) while the upstream connects. ``pause_reading()`` called from
+  ``connection_made()`` is ignored by uvloop (it starts reading right after
+  ``connection_made`` returns; cf. CPython gh-103607 for the same bug in asyncio), so a
+  half that is not yet paired keeps whatever arrives (at most one read) plus a pending EOF,
+  pauses itself, and hands both over when the pair is formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import cast
+
+__all__ = [
+    "LISTEN_BACKLOG",
+    "WRITE_HIGH_WATER",
+    "WRITE_LOW_WATER",
+    "PortInUse",
+    "TcpForward",
+    "TcpForwardSpec",
+    "TcpForwardStats",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``listen(2)`` backlog of the host listener.
+LISTEN_BACKLOG = 512
+#: Write buffer size of one transport above which the other half stops reading.
+WRITE_HIGH_WATER = 256 * 1024
+#: Write buffer size below which the other half reads again.
+WRITE_LOW_WATER = 64 * 1024
+#: Default time :meth:`TcpForward.stop` lets closing connections flush before resetting them.
+STOP_GRACE = 2.0
+
+#: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST, drops the buffer.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_MAX_PORT = 65535
+
+
+def _format_addr(host: str, port: int) -> str:
+    """Return ``host:port``, with brackets around an IPv6 literal."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class PortInUse(OSError):
+    """The host port of a forward is already bound by someone else (``EADDRINUSE``).
+
+    Attributes:
+        host: The listen address that was requested.
+        port: The port that was requested.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        """Build the error for ``host:port``.
+
+        Args:
+            host: The listen address that was requested.
+            port: The port that was requested.
+        """
+        self.message = f"host port {_format_addr(host, port)} is already in use"
+        super().__init__(errno.EADDRINUSE, self.message)
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        """Return the plain message, without the ``[Errno 98]`` prefix."""
+        return self.message
+
+    def __reduce__(self) -> tuple[type[PortInUse], tuple[str, int]]:
+        """Pickle by constructor arguments (OSError's default would pass errno, strerror)."""
+        return (type(self), (self.host, self.port))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpForwardSpec:
+    """What to listen on and where to relay to.
+
+    Attributes:
+        listen_host: Host address to bind.
+        listen_port: Host port to bind; 0 picks an ephemeral port (see
+            :attr:`TcpForward.bound_port`).
+        target_host: Address (or name) of the target service for new connections.
+        target_port: Port of the target service.
+        connect_timeout: Seconds allowed for the upstream TCP handshake.
+        name: Label used in log lines and connection ids; defaults to ``tcp:<bound port>``.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int
+    target_host: str
+    target_port: int
+    connect_timeout: float = 5.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        """Check ranges once, so bad configuration fails before any socket exists.
+
+        Raises:
+            ValueError: A port is out of range or the timeout is not positive.
+        """
+        if not 0 <= self.listen_port <= _MAX_PORT:
+            raise ValueError(f"listen_port {self.listen_port} is not in 0..{_MAX_PORT}")
+        if not 1 <= self.target_port <= _MAX_PORT:
+            raise ValueError(f"target_port {self.target_port} is not in 1..{_MAX_PORT}")
+        if not self.connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be > 0, not {self.connect_timeout}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpForwardStats:
+    """A snapshot of a forward's counters.
+
+    Attributes:
+        active: Connections accepted and not yet fully closed (including ones still
+            connecting upstream).
+        total: Connections accepted since start.
+        bytes_up: Bytes received from clients and passed to targets.
+        bytes_down: Bytes received from targets and passed to clients.
+        failed_connects: Upstream connects that failed (refused, unreachable, timeout).
+        buffered: Bytes currently held in user space by the relay (write buffers of all
+            live transports plus data held before pairing). Bounded by backpressure.
+    """
+
+    active: int
+    total: int
+    bytes_up: int
+    bytes_down: int
+    failed_connects: int
+    buffered: int
+
+
+class _Half(asyncio.Protocol):
+    """Protocol of one socket of a relayed connection; forwards its input to the peer."""
+
+    __slots__ = (
+        "early",
+        "eof",
+        "link",
+        "lost",
+        "made",
+        "nbytes",
+        "out",
+        "peer",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        #: The peer's transport once paired; what data_received writes to.
+        self.out: asyncio.Transport | None = None
+        #: Data received before pairing (at most one read: the half pauses itself).
+        self.early: list[bytes] = []
+        self.nbytes = 0
+        self.made = False
+        self.lost = False
+        self.eof = False
+        self.write_paused = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        self.made = True
+        # Effective on asyncio; uvloop ignores it here (see module docstring).
+        t.pause_reading()
+        t.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:  # pragma: no cover - the socket vanished under us
+                log.debug("%s: TCP_NODELAY: %s", self.link.cid, exc)
+        self.link.half_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        out = self.out
+        if out is not None:
+            self.nbytes += len(data)
+            out.write(data)
+            return
+        # Not paired yet: hold the data and stop reading until the pair exists.
+        self.early.append(data)
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None:
+            peer.send_eof()
+            if peer.eof:
+                self.link.close("both sides sent FIN")
+        # Keep the transport open: the other direction may still be flowing.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.out = None
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            if exc is not None:
+                log.debug("%s: %s side lost: %r; resetting the other side",
+                          self.link.cid, self.side, exc)
+                peer.reset()
+            else:
+                peer.close()
+        self.link.half_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        # Our transport's buffer is full: stop the half that feeds it.
+        self.write_paused = True
+        peer = self.peer
+        if peer is not None:
+            peer.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        peer = self.peer
+        if peer is not None:
+            peer.resume()
+
+    # -- used by the link and the peer ------------------------------------------------------
+
+    @property
+    def side(self) -> str:
+        """``client`` or ``upstream``, for logs."""
+        return "client" if self is self.link.client else "upstream"
+
+    def pause(self) -> None:
+        """Stop reading from this socket (no-op after its FIN: the transport stopped already)."""
+        t = self.transport
+        if t is not None and not self.eof:
+            t.pause_reading()
+
+    def resume(self) -> None:
+        """Read again, unless this socket sent FIN or the peer's write buffer is full."""
+        t = self.transport
+        peer = self.peer
+        if t is None or peer is None or self.eof or peer.write_paused:
+            return
+        # resume_reading() on a transport after EOF would read the EOF again; eof guards it.
+        t.resume_reading()
+
+    def send_eof(self) -> None:
+        """Half-close the write side of this socket after its buffer drains."""
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return
+        if t.can_write_eof():
+            t.write_eof()
+        else:  # pragma: no cover - TCP transports can always write EOF
+            t.close()
+
+    def close(self) -> None:
+        """Close this socket gracefully: pending writes are sent first, then FIN."""
+        t = self.transport
+        if t is not None and not self.lost:
+            t.close()
+
+    def reset(self) -> None:
+        """Abort this socket with RST (``SO_LINGER {1, 0}``), dropping pending writes."""
+        t = self.transport
+        if t is None or self.lost:
+            return
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError as exc:  # pragma: no cover - the socket vanished under us
+                log.debug("%s: SO_LINGER: %s", self.link.cid, exc)
+        t.abort()
+
+    def buffered(self) -> int:
+        """Bytes this half holds in user space: its transport's write buffer and early data."""
+        n = sum(len(b) for b in self.early)
+        t = self.transport
+        if t is not None and not self.lost:
+            n += t.get_write_buffer_size()
+        return n
+
+
+class _Link:
+    """One relayed connection: the client half, the upstream half and the connect step."""
+
+    __slots__ = ("cid", "client", "connect_task", "finished", "fwd", "started", "upstream")
+
+    def __init__(self, fwd: TcpForward, cid: str) -> None:
+        self.fwd = fwd
+        self.cid = cid
+        self.client = _Half(self)
+        self.upstream: _Half | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.finished = False
+        self.started = time.monotonic()
+
+    def half_made(self, half: _Half) -> None:
+        """A transport was created for ``half``; for the client half, start the connect."""
+        if half is not self.client:
+            return
+        fwd = self.fwd
+        fwd.link_started(self)
+        if fwd.closing:
+            log.debug("%s: forward is stopping; refusing the client", self.cid)
+            half.reset()
+            return
+        host, port = fwd.target
+        peer = half.transport.get_extra_info("peername") if half.transport else None
+        log.debug("%s: accepted from %s, connecting to %s", self.cid, peer,
+                  _format_addr(host, port))
+        self.connect_task = asyncio.get_running_loop().create_task(
+            self._connect(host, port), name=f"{self.cid} connect"
+        )
+
+    async def _connect(self, host: str, port: int) -> None:
+        """Connect upstream (bounded by the spec's timeout), then pair the halves."""
+        loop = asyncio.get_running_loop()
+        timeout = self.fwd.spec.connect_timeout
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await loop.create_connection(self._new_upstream, host, port)
+            except TimeoutError:
+                self._connect_failed(host, port, f"no answer within {timeout:g} s")
+                return
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                self._connect_failed(host, port, reason)
+                return
+            except asyncio.CancelledError:
+                # stop() or the client went away; create_connection closed its transport.
+                self.client.reset()
+                raise
+            self._pair()
+        finally:
+            self.connect_task = None
+            self.maybe_finished()
+
+    def _new_upstream(self) -> _Half:
+        half = _Half(self)
+        self.upstream = half
+        return half
+
+    def _connect_failed(self, host: str, port: int, reason: str) -> None:
+        self.fwd.count_failed_connect()
+        log.warning("%s: connect to %s failed: %s; resetting the client",
+                    self.cid, _format_addr(host, port), reason)
+        self.client.reset()
+
+    def _pair(self) -> None:
+        """Join both halves, hand over anything that arrived early, and start reading."""
+        client, upstream = self.client, self.upstream
+        # create_connection() returns after the factory and connection_made() ran, so
+        # upstream and both transports exist; the check keeps mypy and odd loops honest.
+        ct = client.transport
+        ut = upstream.transport if upstream is not None else None
+        if (
+            upstream is None
+            or ct is None
+            or ut is None
+            or client.lost
+            or upstream.lost
+            or self.fwd.closing
+        ):
+            log.debug("%s: gone before the upstream connection was paired", self.cid)
+            client.reset()
+            if upstream is not None:
+                upstream.close()
+            return
+        client.peer, upstream.peer = upstream, client
+        client.out, upstream.out = ut, ct
+        log.debug("%s: connected to %s", self.cid, ut.get_extra_info("peername"))
+        for half, out in ((client, ut), (upstream, ct)):
+            if half.early or half.eof:
+                log.debug("%s: handing over %d early byte(s)%s from the %s side", self.cid,
+                          sum(map(len, half.early)), " and FIN" if half.eof else "", half.side)
+            for chunk in half.early:
+                half.nbytes += len(chunk)
+                out.write(chunk)
+            half.early.clear()
+        # A FIN that arrived early goes out after the early data, like any other FIN.
+        if client.eof:
+            upstream.send_eof()
+        if upstream.eof:
+            client.send_eof()
+        if client.eof and upstream.eof:
+            self.close("both sides sent FIN before pairing")
+            return
+        client.resume()
+        upstream.resume()
+
+    def close(self, why: str) -> None:
+        """Close both sockets gracefully (each flushes its write buffer first)."""
+        log.debug("%s: closing: %s", self.cid, why)
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def reset(self) -> None:
+        """Abort both sockets with RST and cancel a pending connect."""
+        task = self.connect_task
+        if task is not None:
+            task.cancel()
+        self.client.reset()
+        if self.upstream is not None:
+            self.upstream.reset()
+
+    def half_lost(self, half: _Half, exc: Exception | None) -> None:
+        """Account for a lost socket; a client lost while connecting cancels the connect."""
+        if half is self.client and self.connect_task is not None:
+            self.connect_task.cancel()
+        if exc is not None and half.peer is None:  # a paired half logged it already
+            log.debug("%s: %s side lost: %r", self.cid, half.side, exc)
+        self.maybe_finished()
+
+    def maybe_finished(self) -> None:
+        """Unregister the link once no socket and no connect step is left."""
+        if self.finished or self.connect_task is not None:
+            return
+        if not (self.client.lost or not self.client.made):
+            return
+        up = self.upstream
+        if up is not None and up.made and not up.lost:
+            return
+        self.finished = True
+        self.fwd.link_finished(self)
+        log.debug("%s: closed after %.3f s, up %d B, down %d B", self.cid,
+                  time.monotonic() - self.started, self.client.nbytes,
+                  up.nbytes if up is not None else 0)
+
+    def buffered(self) -> int:
+        """Bytes held in user space for this connection."""
+        n = self.client.buffered()
+        if self.upstream is not None:
+            n += self.upstream.buffered()
+        return n
+
+
+class TcpForward:
+    """A host TCP listener relaying every connection to a target address.
+
+    Lifecycle is ``start() → serve → stop()``; ``async with TcpForward(spec) as fwd`` does
+    both. Everything runs as callbacks on the running loop; the only task per connection is
+    the upstream connect step, and it ends when the pair is formed.
+
+    Example:
+        >>> spec = TcpForwardSpec(listen_port=15901, target_host="10.77.0.2", target_port=5901)
+        >>> async with TcpForward(spec) as fwd:  # doctest: +SKIP
+        ...     await serve_forever()
+    """
+
+    def __init__(self, spec: TcpForwardSpec) -> None:
+        """Prepare a forward; nothing is bound until :meth:`start`.
+
+        Args:
+            spec: Listen and target addresses and timeouts.
+        """
+        self.spec = spec
+        self._target = (spec.target_host, spec.target_port)
+        self._server: asyncio.Server | None = None
+        self._label = spec.name
+        self._seq = itertools.count(1)
+        self._links: set[_Link] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        # Counters of finished connections; live ones are summed in at snapshot time so the
+        # data path only touches one attribute of its own protocol object per chunk.
+        self._total = 0
+        self._failed_connects = 0
+        self._done_up = 0
+        self._done_down = 0
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually bound (the ephemeral one when ``listen_port`` was 0).
+
+        Raises:
+            RuntimeError: The forward is not started.
+        """
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("TcpForward is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def name(self) -> str:
+        """Label used in logs and connection ids."""
+        return self._label
+
+    @property
+    def target(self) -> tuple[str, int]:
+        """``(host, port)`` that new connections are relayed to."""
+        return self._target
+
+    @target.setter
+    def target(self, value: tuple[str, int]) -> None:
+        self.retarget(*value)
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._closing
+
+    @property
+    def stats(self) -> TcpForwardStats:
+        """A consistent snapshot of the counters."""
+        up, down, buffered = self._done_up, self._done_down, 0
+        for link in self._links:
+            up += link.client.nbytes
+            if link.upstream is not None:
+                down += link.upstream.nbytes
+            buffered += link.buffered()
+        return TcpForwardStats(
+            active=len(self._links),
+            total=self._total,
+            bytes_up=up,
+            bytes_down=down,
+            failed_connects=self._failed_connects,
+            buffered=buffered,
+        )
+
+    def retarget(self, host: str, port: int) -> None:
+        """Relay connections accepted from now on to ``host:port``; live ones are kept.
+
+        Args:
+            host: New target address.
+            port: New target port.
+
+        Raises:
+            ValueError: ``port`` is out of range.
+        """
+        if not 1 <= port <= _MAX_PORT:
+            raise ValueError(f"target port {port} is not in 1..{_MAX_PORT}")
+        old, self._target = self._target, (host, port)
+        log.info("%s: target %s -> %s", self._label, _format_addr(*old),
+                 _format_addr(host, port))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the listener (``SO_REUSEADDR``, backlog :data:`LISTEN_BACKLOG`).
+
+        Raises:
+            PortInUse: The host port is taken.
+            OSError: Any other bind failure (address not available, permission).
+            RuntimeError: Already started or stopped.
+        """
+        if self._server is not None or self._closing:
+            raise RuntimeError("TcpForward can be started once")
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        try:
+            self._server = await loop.create_server(
+                self._new_client,
+                host=spec.listen_host,
+                port=spec.listen_port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(spec.listen_host, spec.listen_port) from exc
+            raise
+        if not self._label:
+            self._label = f"tcp:{self.bound_port}"
+        log.info("%s: listening on %s, relaying to %s", self._label,
+                 _format_addr(spec.listen_host, self.bound_port), _format_addr(*self._target))
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Close the listener and every connection, and wait until all are gone.
+
+        Idempotent. Established connections are closed gracefully (pending writes are
+        flushed, then FIN); whatever has not finished after ``grace`` seconds is reset.
+        Pending upstream connects are cancelled and their clients reset.
+
+        Args:
+            grace: Seconds closing connections may take to flush before they are reset.
+        """
+        self._closing = True
+        server = self._server
+        # 1. Stop accepting. Connections accepted before this have their connection_made
+        #    queued with call_soon; one loop pass lets them register (they reset themselves).
+        if server is not None:
+            server.close()
+        await asyncio.sleep(0)
+        # 2. Cancel connects in progress (their clients are reset) and close the rest.
+        for link in list(self._links):
+            if link.connect_task is not None:
+                link.reset()
+            else:
+                link.close("forward stopping")
+        # 3. Give flushing connections a bounded time, then reset what is left.
+        if self._links:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.info("%s: %d connection(s) did not drain in %g s; resetting",
+                         self._label, len(self._links), grace)
+                for link in list(self._links):
+                    link.reset()
+        # 4. Every transport reports connection_lost shortly after abort().
+        await self._idle.wait()
+        # 5. The server object last: on 3.12+ wait_closed() waits for its connections.
+        if server is not None:
+            await server.wait_closed()
+            log.info("%s: stopped", self._label)
+
+    async def __aenter__(self) -> TcpForward:
+        """Start the forward.
+
+        Returns:
+            The started forward.
+        """
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop the forward."""
+        await self.stop()
+
+    # -- callbacks from links ---------------------------------------------------------------
+
+    def _new_client(self) -> _Half:
+        link = _Link(self, f"{self._label}#{next(self._seq)}")
+        return link.client
+
+    def link_started(self, link: _Link) -> None:
+        """Register a link whose client transport exists."""
+        self._links.add(link)
+        self._total += 1
+        self._idle.clear()
+
+    def link_finished(self, link: _Link) -> None:
+        """Unregister a link whose sockets are all closed; fold its byte counts in."""
+        self._links.discard(link)
+        self._done_up += link.client.nbytes
+        if link.upstream is not None:
+            self._done_down += link.upstream.nbytes
+        if not self._links:
+            self._idle.set()
+
+    def count_failed_connect(self) -> None:
+        """Count one failed upstream connect."""
+        self._failed_connects += 1

@@ -1,0 +1,1 @@
+"""Host networking: netlink (pyroute2), the IP pool. Idempotent and reconciled."""

@@ -1,0 +1,223 @@
+"""Readiness probes: prove a guest service answers its protocol through a given hop.
+
+"Ready" means an RFB handshake *through the path a user takes* reached ServerInit (or, with
+no password, the security types), not that a VM booted or that a port accepts. The same
+sans-I/O :class:`sandport.proto.rfb.RFBClient` runs over a TCP connection (host port
+forward) or over a WebSocket (the browser bridge), so each hop is checked by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+
+from sandport.proto.errors import RemoteProtocolError
+from sandport.proto.rfb import (
+    AuthFailed,
+    RFBClient,
+    SecurityTypes,
+    ServerInitReceived,
+    ServerVersion,
+    Stage,
+)
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeResult:
+    """The outcome of one probe.
+
+    Attributes:
+        ok: the handshake reached the requested stage.
+        hop: what was probed, e.g. ``tcp 127.0.0.1:15901``.
+        stage: how far it got: connect, version, security, auth, server-init.
+        detail: what the server said, or why it failed, in words.
+        elapsed: seconds the probe took.
+        desktop: the desktop name from ServerInit, if reached.
+        size: (width, height) from ServerInit, if reached.
+    """
+
+    ok: bool
+    hop: str
+    stage: str
+    detail: str
+    elapsed: float
+    desktop: str = ""
+    size: tuple[int, int] = (0, 0)
+
+
+Recv = Callable[[], Awaitable[bytes]]
+Send = Callable[[bytes], Awaitable[None]]
+
+
+async def run_rfb_handshake(
+    recv: Recv, send: Send, *, hop: str, password: str | None, stop_at: Stage
+) -> ProbeResult:
+    """Drive an RFB client handshake over any byte transport.
+
+    Args:
+        recv: returns the next bytes from the server, b"" at end of stream.
+        send: sends bytes to the server.
+        hop: label for the result.
+        password: the VNC password, or None to stop at the security types.
+        stop_at: how far to go.
+    """
+    t0 = time.perf_counter()
+    client = RFBClient(password=password, stop_at=stop_at)
+    stage, detail, desktop, size = "version", "no RFB banner yet", "", (0, 0)
+    try:
+        while not client.done:
+            data = await recv()
+            if not data:
+                client.receive_eof()
+                break
+            for event in client.receive_data(data):
+                if isinstance(event, ServerVersion):
+                    stage, detail = "security", f"RFB {event.version[0]}.{event.version[1]}"
+                elif isinstance(event, SecurityTypes):
+                    stage = "auth"
+                    detail += f", security types {list(event.types)}"
+                elif isinstance(event, AuthFailed):
+                    return ProbeResult(ok=False, hop=hop, stage="auth",
+                                       detail=f"authentication failed: {event.reason}",
+                                       elapsed=time.perf_counter() - t0)
+                elif isinstance(event, ServerInitReceived):
+                    stage = "server-init"
+                    desktop = event.init.name
+                    size = (event.init.width, event.init.height)
+                    detail += f", desktop {desktop!r} {size[0]}x{size[1]}"
+            out = client.data_to_send()
+            if out:
+                await send(out)
+    except RemoteProtocolError as exc:
+        return ProbeResult(ok=False, hop=hop, stage=stage,
+                           detail=f"{type(exc).__name__}: {exc}",
+                           elapsed=time.perf_counter() - t0)
+    return ProbeResult(ok=True, hop=hop, stage=stage, detail=detail,
+                       elapsed=time.perf_counter() - t0, desktop=desktop, size=size)
+
+
+def _os_error_text(exc: OSError) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens there"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the peer"
+    return exc.strerror or type(exc).__name__
+
+
+async def probe_rfb_tcp(
+    host: str,
+    port: int,
+    *,
+    password: str | None = None,
+    stop_at: Stage = Stage.SERVER_INIT,
+    timeout: float = 5.0,
+) -> ProbeResult:
+    """RFB handshake over a TCP connection to ``host:port``."""
+    hop = f"tcp {host}:{port}"
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+
+                async def send(data: bytes) -> None:
+                    writer.write(data)
+                    await writer.drain()
+
+                async def recv() -> bytes:
+                    return await reader.read(READ_CHUNK)
+
+                return await run_rfb_handshake(recv, send, hop=hop, password=password,
+                                               stop_at=stop_at)
+            finally:
+                writer.close()
+    except TimeoutError:
+        return ProbeResult(ok=False, hop=hop, stage="connect", detail=f"no answer in {timeout} s",
+                           elapsed=time.perf_counter() - t0)
+    except OSError as exc:
+        return ProbeResult(ok=False, hop=hop, stage="connect", detail=_os_error_text(exc),
+                           elapsed=time.perf_counter() - t0)
+
+
+async def probe_rfb_ws(
+    url: str,
+    *,
+    password: str | None = None,
+    stop_at: Stage = Stage.SERVER_INIT,
+    timeout: float = 5.0,
+) -> ProbeResult:
+    """RFB handshake over a WebSocket (``binary`` subprotocol) to ``url``."""
+    hop = f"websocket {url.split('?', 1)[0]}"
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout), ws_connect(
+            url, subprotocols=["binary"], compression=None, open_timeout=timeout  # type: ignore[list-item]
+        ) as ws:
+
+            async def send(data: bytes) -> None:
+                await ws.send(data)
+
+            async def recv() -> bytes:
+                try:
+                    message = await ws.recv()
+                except WebSocketException:
+                    return b""
+                return message if isinstance(message, bytes) else message.encode()
+
+            return await run_rfb_handshake(recv, send, hop=hop, password=password,
+                                           stop_at=stop_at)
+    except InvalidStatus as exc:
+        body = exc.response.body.decode(errors="replace")[:300] if exc.response.body else ""
+        return ProbeResult(ok=False, hop=hop, stage="connect",
+                           detail=f"upgrade refused with HTTP {exc.response.status_code}: {body}",
+                           elapsed=time.perf_counter() - t0)
+    except TimeoutError:
+        return ProbeResult(ok=False, hop=hop, stage="connect", detail=f"no answer in {timeout} s",
+                           elapsed=time.perf_counter() - t0)
+    except (OSError, WebSocketException) as exc:
+        text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+        return ProbeResult(ok=False, hop=hop, stage="connect", detail=text,
+                           elapsed=time.perf_counter() - t0)
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[ProbeResult]],
+    *,
+    timeout: float,
+    give_up: Callable[[], str | None] = lambda: None,
+) -> tuple[ProbeResult, int]:
+    """Repeat ``probe`` until it succeeds, ``timeout`` passes or ``give_up`` says why not.
+
+    The delay between attempts grows from 50 ms to 500 ms. Authentication failures end
+    the wait at once: retrying a wrong password does not make it right.
+
+    Returns:
+        The last result and the number of attempts.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay, attempts = 0.05, 0
+    while True:
+        attempts += 1
+        result = await probe()
+        if result.ok or (result.stage == "auth" and "authentication failed" in result.detail):
+            return result, attempts
+        reason = give_up()
+        if reason is not None:
+            return ProbeResult(ok=False, hop=result.hop, stage=result.stage,
+                               detail=f"{reason} (last probe: {result.detail})",
+                               elapsed=result.elapsed), attempts
+        if loop.time() + delay > deadline:
+            return result, attempts
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)

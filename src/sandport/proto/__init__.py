@@ -1,0 +1,1 @@
+"""Sans-I/O protocol code: no sockets, no asyncio, no clocks."""

@@ -1,0 +1,1 @@
+"""Sandbox backends (netns now; qemu and external later) behind one interface."""

@@ -1,0 +1,113 @@
+"""The interface every sandbox backend implements, and the records it works on.
+
+A backend turns a :class:`SandboxSpec` into a running guest: :meth:`Backend.create` makes
+the isolated network endpoint, :meth:`Backend.start` runs the profile's guest services,
+:meth:`Backend.stop` stops them, :meth:`Backend.destroy` removes everything (also for a
+sandbox a crashed gateway left behind: it needs nothing but the spec), and
+:meth:`Backend.inspect` reports what exists. The gateway, the data plane and readiness
+only ever see this interface, so a QEMU backend slots in beside the netns one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestPort:
+    """A port a guest service listens on.
+
+    Attributes:
+        name: short name users and URLs use (``vnc``).
+        port: the port inside the guest.
+        protocol: what readiness speaks to it: ``rfb``, ``http`` or ``tcp``.
+    """
+
+    name: str
+    port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxSpec:
+    """Everything a backend needs to build, run and later remove one sandbox.
+
+    Attributes:
+        id: short random hex id; every name the backend creates derives from it.
+        profile: the guest profile (``desktop``).
+        address: the guest's address with the pool's prefix length.
+        gateway: the bridge address (the guest's default route).
+        bridge: the host bridge the guest's link joins.
+        workdir: host directory for this sandbox's files and logs.
+        secrets: per-sandbox secrets the profile needs (``vnc_password``).
+    """
+
+    id: str
+    profile: str
+    address: ipaddress.IPv4Interface
+    gateway: ipaddress.IPv4Address
+    bridge: str
+    workdir: Path
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address:
+        """The guest's address."""
+        return self.address.ip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inspection:
+    """What a backend finds of a sandbox on the machine.
+
+    Attributes:
+        exists: the isolation unit (namespace, VM) exists.
+        link_up: the host end of the guest's link exists and is up.
+        services: guest service name -> running.
+        pids: processes that belong to the sandbox.
+    """
+
+    exists: bool
+    link_up: bool
+    services: dict[str, bool]
+    pids: tuple[int, ...]
+
+
+class Backend(Protocol):
+    """A way to run sandboxes (netns, qemu, external)."""
+
+    name: str
+
+    async def create(self, spec: SandboxSpec) -> None:
+        """Create the isolated guest and its network link."""
+        ...
+
+    async def start(self, spec: SandboxSpec) -> None:
+        """Start the profile's guest services."""
+        ...
+
+    async def stop(self, spec: SandboxSpec) -> None:
+        """Stop the guest services; the network stays."""
+        ...
+
+    async def destroy(self, spec: SandboxSpec) -> None:
+        """Remove everything the backend made for ``spec``; idempotent."""
+        ...
+
+    async def inspect(self, spec: SandboxSpec) -> Inspection:
+        """Report what exists of ``spec`` on this machine."""
+        ...
+
+    def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
+        """The guest ports the profile serves."""
+        ...
+
+    def failure(self, spec: SandboxSpec) -> str | None:
+        """Why the guest can no longer become ready (an essential service exited), or None.
+
+        Readiness probes stop waiting as soon as this says something.
+        """
+        ...

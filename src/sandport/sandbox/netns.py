@@ -1,0 +1,221 @@
+"""The netns backend: a sandbox is a network namespace on the sandport bridge.
+
+Names derive from the sandbox id alone, so :meth:`NetnsBackend.destroy` can remove what a
+crashed gateway left behind from the store's record: namespace ``sp-<id>``, host veth end
+``sp-<id>-v`` (an isolated port of the bridge), guest end ``eth0``. Guest programs run
+through :mod:`sandport.sandbox.nsexec` with a private /tmp from the sandbox's workdir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+from pathlib import Path
+
+from sandport.errors import SandboxFailed
+from sandport.net import netlink
+from sandport.proto.rfb import obfuscate_password
+from sandport.sandbox import procs
+from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
+from sandport.sandbox.profiles import (
+    DESKTOP_GEOMETRY,
+    VNC_DISPLAY,
+    VNC_PORT,
+    colour_hex,
+    desktop_colour,
+    desktop_name,
+    get_profile,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "sp-"
+GUEST_TMP = "/tmp"  # where a guest sees its workdir/tmp
+X_SOCKET_TIMEOUT = 15.0
+ONESHOT_TIMEOUT = 10.0
+# Xvnc blacklists an address after 5 failed logins; every client reaches the guest from
+# the gateway's address, so one person's typos would lock out everyone. Access control
+# happens at the gateway (tokens); the VNC password is the second factor.
+XVNC_BLACKLIST_THRESHOLD = 1_000_000
+
+
+def netns_name(sandbox_id: str) -> str:
+    """The sandbox's network namespace: ``sp-<id>``."""
+    return f"{NAME_PREFIX}{sandbox_id}"
+
+
+def host_ifname(sandbox_id: str) -> str:
+    """The host end of the sandbox's veth: ``sp-<id>-v`` (at most 15 bytes)."""
+    return f"{NAME_PREFIX}{sandbox_id}-v"
+
+
+class NetnsBackend:
+    """Sandboxes as network namespaces with host programs running inside them."""
+
+    name = "netns"
+
+    def __init__(self, programs: dict[str, str]) -> None:
+        """Args:
+        programs: resolved paths of the host programs profiles run (see preflight).
+        """
+        self._programs = programs
+        self._procs: dict[str, list[procs.GuestProcess]] = {}
+
+    def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
+        """The guest ports of the sandbox's profile."""
+        return get_profile(spec.profile).ports
+
+    async def create(self, spec: SandboxSpec) -> None:
+        """Create namespace, veth and addresses; the host end joins the bridge isolated."""
+        for sub in ("tmp", "logs", "tmp/home"):
+            (spec.workdir / sub).mkdir(parents=True, exist_ok=True)
+        (spec.workdir / "tmp").chmod(0o1777)
+        await asyncio.to_thread(
+            netlink.create_sandbox_link,
+            netns_name=netns_name(spec.id),
+            host_ifname=host_ifname(spec.id),
+            bridge=spec.bridge,
+            address=spec.address,
+            gateway=spec.gateway,
+        )
+        log.info("sandbox %s: netns %s, %s on %s", spec.id, netns_name(spec.id), spec.address,
+                 spec.bridge)
+
+    async def start(self, spec: SandboxSpec) -> None:
+        """Start the profile's programs inside the namespace."""
+        profile = get_profile(spec.profile)
+        if profile.name == "desktop":
+            await self._start_desktop(spec)
+
+    def failure(self, spec: SandboxSpec) -> str | None:
+        """The first essential guest program that exited, with its last words."""
+        for proc in self._procs.get(spec.id, []):
+            if proc.essential and not proc.running:
+                tail = proc.log_tail(300).replace("\n", " | ")
+                return f"{proc.name} exited with status {proc.process.returncode}: {tail}"
+        return None
+
+    async def _spawn(
+        self, spec: SandboxSpec, name: str, argv: list[str], *, essential: bool = False
+    ) -> procs.GuestProcess:
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/tmp/home",
+            "LANG": "C.UTF-8",
+            "DISPLAY": f":{VNC_DISPLAY}",
+            "SANDPORT_SANDBOX_ID": spec.id,
+        }
+        proc = await procs.spawn(
+            name=name,
+            argv=argv,
+            netns=netns_name(spec.id),
+            tmpdir=spec.workdir / "tmp",
+            log_dir=spec.workdir / "logs",
+            env=env,
+            essential=essential,
+        )
+        self._procs.setdefault(spec.id, []).append(proc)
+        return proc
+
+    async def _start_desktop(self, spec: SandboxSpec) -> None:
+        # Guests see only their own /tmp (workdir/tmp), so their files live below it.
+        secret_dir = spec.workdir / "tmp" / ".sandport"
+        secret_dir.mkdir(mode=0o700, exist_ok=True)
+        password_file = secret_dir / "vncpasswd"
+        password_file.touch(mode=0o600)
+        password_file.write_bytes(obfuscate_password(spec.secrets["vnc_password"]))
+        width, height = DESKTOP_GEOMETRY
+        xvnc = await self._spawn(spec, "Xvnc", [
+            self._programs["Xvnc"], f":{VNC_DISPLAY}",
+            "-rfbport", str(VNC_PORT),
+            "-SecurityTypes", "VncAuth",
+            "-PasswordFile", f"{GUEST_TMP}/.sandport/vncpasswd",
+            "-desktop", desktop_name(spec.id),
+            "-geometry", f"{width}x{height}", "-depth", "24",
+            "-AlwaysShared",  # every viewer shares the desktop; none kicks another out
+            "-BlacklistThreshold", str(XVNC_BLACKLIST_THRESHOLD),
+            "-nolisten", "tcp",
+        ], essential=True)  # fmt: skip
+        socket_path = spec.workdir / "tmp" / ".X11-unix" / f"X{VNC_DISPLAY}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + X_SOCKET_TIMEOUT
+        while not socket_path.exists():
+            if not xvnc.running:
+                raise SandboxFailed(
+                    f"sandbox {spec.id}: Xvnc exited with status {xvnc.process.returncode}: "
+                    f"{xvnc.log_tail()}",
+                    hint=f"see {xvnc.log_path}",
+                )
+            if loop.time() > deadline:
+                raise SandboxFailed(
+                    f"sandbox {spec.id}: Xvnc did not open display :{VNC_DISPLAY} within "
+                    f"{X_SOCKET_TIMEOUT:.0f} s",
+                    hint=f"see {xvnc.log_path}",
+                )
+            await asyncio.sleep(0.02)
+        colour = colour_hex(desktop_colour(spec.id))
+        setroot = await self._spawn(
+            spec, "xsetroot", [self._programs["xsetroot"], "-solid", colour]
+        )
+        try:
+            status = await asyncio.wait_for(setroot.process.wait(), ONESHOT_TIMEOUT)
+        except TimeoutError:
+            status = -1
+        if status != 0:
+            log.warning("sandbox %s: xsetroot failed (%s): %s", spec.id, status,
+                        setroot.log_tail())
+        await self._spawn(spec, "openbox", [self._programs["openbox"]])
+        await self._spawn(spec, "xmessage", [
+            self._programs["xmessage"], "-center", "-buttons", "",
+            "-title", desktop_name(spec.id), "-bg", "white", "-fg", "black",
+            # xmessage speaks Latin-1: ASCII only.
+            f"sandport sandbox {spec.id}\n{spec.ip}  -  background {colour}",
+        ])  # fmt: skip
+
+    async def stop(self, spec: SandboxSpec) -> None:
+        """Stop the guest programs, last started first, then anything left in the netns."""
+        for proc in reversed(self._procs.pop(spec.id, [])):
+            await procs.terminate(proc)
+        await procs.kill_netns_processes(netns_name(spec.id))
+
+    async def destroy(self, spec: SandboxSpec) -> None:
+        """Stop everything and remove namespace, veth and workdir; safe to repeat."""
+        await self.stop(spec)
+        await asyncio.to_thread(netlink.delete_netns, netns_name(spec.id))
+        await asyncio.to_thread(netlink.delete_link, host_ifname(spec.id))
+        await asyncio.to_thread(shutil.rmtree, spec.workdir, True)
+        log.info("sandbox %s: destroyed", spec.id)
+
+    async def inspect(self, spec: SandboxSpec) -> Inspection:
+        """What exists of the sandbox now."""
+        name = netns_name(spec.id)
+        procs_now = self._procs.get(spec.id, [])
+        return Inspection(
+            exists=netlink.netns_exists(name),
+            link_up=await asyncio.to_thread(netlink.link_exists, host_ifname(spec.id)),
+            services={p.name: p.running for p in procs_now if p.name != "xsetroot"},
+            pids=tuple(procs.pids_in_netns(name)),
+        )
+
+
+def spec_from_record(
+    *,
+    sandbox_id: str,
+    profile: str,
+    ip: str,
+    prefixlen: int,
+    bridge: str,
+    state_dir: Path,
+) -> SandboxSpec:
+    """Rebuild enough of a spec from a store record to destroy a leftover sandbox."""
+    address = ipaddress.IPv4Interface(f"{ip}/{prefixlen}")
+    return SandboxSpec(
+        id=sandbox_id,
+        profile=profile,
+        address=address,
+        gateway=address.network.network_address + 1,
+        bridge=bridge,
+        workdir=state_dir / "sandboxes" / sandbox_id,
+    )

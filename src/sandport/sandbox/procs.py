@@ -1,0 +1,142 @@
+"""Guest processes of a netns sandbox: start inside it, stop them, find strays.
+
+Every process is started through :mod:`sandport.sandbox.nsexec` in a session of its own (a
+Ctrl-C at the gateway's terminal does not hit guests directly; the gateway stops them in
+order) with SIGKILL as its parent-death signal. Whatever escapes (a child of a child) is
+still found by its network namespace: :func:`pids_in_netns` reads ``/proc/*/ns/net``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandport.net.netlink import netns_inode
+
+log = logging.getLogger(__name__)
+
+NSEXEC = Path(__file__).with_name("nsexec.py")
+STOP_GRACE = 2.0
+
+
+@dataclass(slots=True)
+class GuestProcess:
+    """A running guest program and where its output goes."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    essential: bool = False
+
+    @property
+    def running(self) -> bool:
+        """True while the program has not exited."""
+        return self.process.returncode is None
+
+    def log_tail(self, limit: int = 800) -> str:
+        """The last ``limit`` characters the program printed, for error messages."""
+        try:
+            data = self.log_path.read_bytes()[-limit:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace").strip()
+
+
+async def spawn(
+    *,
+    name: str,
+    argv: list[str],
+    netns: str,
+    tmpdir: Path,
+    log_dir: Path,
+    env: dict[str, str],
+    essential: bool = False,
+) -> GuestProcess:
+    """Start ``argv`` inside the sandbox; stdout and stderr go to ``log_dir/name.log``."""
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as out:  # noqa: ASYNC230 - opening a local log file is instant
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",
+            "-S",
+            str(NSEXEC),
+            netns,
+            str(tmpdir),
+            "--",
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+        )
+    log.debug("%s: started %s pid %d", netns, name, process.pid)
+    return GuestProcess(name=name, process=process, log_path=log_path, essential=essential)
+
+
+async def terminate(proc: GuestProcess, *, grace: float = STOP_GRACE) -> None:
+    """SIGTERM the program's process group, SIGKILL it after ``grace`` seconds."""
+    if not proc.running:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.process.pid, sig)
+        try:
+            await asyncio.wait_for(proc.process.wait(), grace)
+            return
+        except TimeoutError:
+            log.warning("%s (pid %d) ignored %s", proc.name, proc.process.pid, sig.name)
+    await proc.process.wait()
+
+
+def pids_in_netns(netns: str) -> list[int]:
+    """PIDs of every process whose network namespace is the named one."""
+    target = netns_inode(netns)
+    if target is None:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == target:
+            pids.append(int(entry))
+    return pids
+
+
+async def kill_netns_processes(netns: str, *, timeout: float = 3.0) -> int:
+    """SIGKILL every process inside ``netns`` and wait until they are gone.
+
+    Returns the number of processes killed. Zombies of our own children are reaped by
+    asyncio's child watcher; others by their parents. A process stuck in the kernel
+    (state D) is reported but does not block the caller past ``timeout``.
+    """
+    pids = pids_in_netns(netns)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (alive := [p for p in pids if _alive(p)]) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if alive:
+        log.warning("%s: processes %s did not die after SIGKILL", netns, alive)
+    return len(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")

@@ -1,0 +1,106 @@
+"""noVNC in a real headless Chromium against a real gateway and desktop sandbox."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import require, require_programs
+
+pytestmark = pytest.mark.browser
+
+STATE_JS = """
+const c = document.querySelector('#noVNC_container canvas');
+const st = document.getElementById('noVNC_status');
+let px = [];
+if (c && c.width > 20 && c.height > 20) {
+  px = Array.from(c.getContext('2d').getImageData(c.width - 8, c.height - 8, 1, 1).data);
+}
+return {cls: document.documentElement.className, status: st ? st.textContent : '',
+        w: c ? c.width : 0, h: c ? c.height : 0, px: px, body: document.body ? document.body.innerText : ''};
+"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    require_programs("chromium", "chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        require(False, "selenium", "pip install selenium (make setup does)")
+        raise
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def desktop(gateway_factory: Any, loop_thread: Any) -> Any:
+    gw = gateway_factory()
+    return gw, loop_thread.run(gw.create_sandbox())
+
+
+def poll(driver: Any, until: Any, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        state = driver.execute_script(STATE_JS)
+        if until(state):
+            return state
+        time.sleep(0.1)
+    return state
+
+
+def test_desktop_url_opens_the_desktop(browser: Any, desktop: Any, tmp_path: Path,
+                                       record_property: Any) -> None:
+    _, info = desktop
+    colour = [int(info.colour[i : i + 2], 16) for i in (1, 3, 5)]
+    t0 = time.monotonic()
+    browser.get(info.desktop_url)
+    state = poll(browser, lambda s: "noVNC_connected" in s["cls"] and s["px"][:3] == colour)
+    browser.save_screenshot(str(tmp_path / "desktop.png"))
+    assert "noVNC_connected" in state["cls"], state
+    assert state["status"] == f"Connected (unencrypted) to sandport {info.id}", state
+    assert (state["w"], state["h"]) == (1280, 800), state
+    assert state["px"][:3] == colour, state
+    line = f"noVNC in Chromium: desktop URL -> first frame with the sandbox colour " \
+           f"{time.monotonic() - t0:.2f} s"
+    record_property("measured", line)
+    print(line)
+
+
+def test_wrong_token_shows_a_refusal_not_a_hang(browser: Any, desktop: Any) -> None:
+    _, info = desktop
+    t0 = time.monotonic()
+    browser.get(info.desktop_url.replace(f"token={info.token}", "token=not-the-token"))
+    text = browser.find_element("id", "reason").text
+    assert "not valid" in text
+    assert "403" in browser.find_element("tag name", "h1").text
+    assert time.monotonic() - t0 < 10
+
+
+def test_bad_token_in_the_websocket_path_fails_fast_in_novnc(browser: Any, desktop: Any) -> None:
+    gw, info = desktop
+    url = (f"{gw.base_url}/novnc/vnc.html#autoconnect=1&reconnect=0&host=127.0.0.1"
+           f"&port={gw.http_port}&path=s/{info.id}/ports/vnc/ws%3Ftoken%3Dbad")
+    browser.get("about:blank")
+    browser.get(url)
+    state = poll(browser, lambda s: "noVNC_connected" not in s["cls"]
+                 and ("Failed" in s["status"] or "disconnect" in s["status"].lower()),
+                 timeout=15)
+    assert "noVNC_connected" not in state["cls"]
+    assert "Failed" in state["status"] or "isconnect" in state["status"], state

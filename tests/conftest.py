@@ -1,0 +1,222 @@
+"""Shared fixtures: capability checks, an isolated gateway per test module, measurements.
+
+Every gateway a test starts has its own state dir, bridge (``sp-t<hex>``) and subnet
+(a free /24 inside 10.201.0.0/16), so tests never touch a gateway someone runs on the
+same machine, and test files can run in parallel (pytest-xdist, --dist loadfile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+REQUIRE_ALL = os.environ.get("SANDPORT_REQUIRE") == "all"
+MEASUREMENTS: list[str] = []
+
+
+def require(ok: bool, what: str, install: str) -> None:
+    """Fail (SANDPORT_REQUIRE=all, as in `make test`) or skip when a capability is missing."""
+    if ok:
+        return
+    message = f"{what} is missing: {install}"
+    if REQUIRE_ALL:
+        pytest.fail(f"{message} (SANDPORT_REQUIRE=all: a missing capability is a failure)")
+    pytest.skip(f"{message} (set SANDPORT_REQUIRE=all to make this a failure)")
+
+
+def require_root() -> None:
+    """Namespaces, veth and bridges need root (CAP_NET_ADMIN, CAP_SYS_ADMIN)."""
+    require(os.geteuid() == 0, "root (CAP_NET_ADMIN + CAP_SYS_ADMIN)", "run the tests as root")
+
+
+def require_programs(*names: str) -> None:
+    """Each program must be on PATH; the message names the Debian package."""
+    from sandport.preflight import PROGRAMS
+
+    for name in names:
+        package = PROGRAMS.get(name, {"chromium": "chromium", "chromedriver": "chromium-driver",
+                                      "x11vnc": "x11vnc", "nft": "nftables"}.get(name, name))
+        require(shutil.which(name) is not None, f"program {name}", f"apt-get install {package}")
+
+
+def record(line: str) -> None:
+    """Keep a measured figure for the end-of-run summary."""
+    MEASUREMENTS.append(line)
+    print(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the figures tests measured (ready times, first-frame times)."""
+    lines = list(MEASUREMENTS)
+    # Under xdist the workers' figures come back as user properties.
+    for report in terminalreporter.stats.get("passed", []):
+        lines += [str(v) for k, v in getattr(report, "user_properties", []) if k == "measured"]
+    if lines:
+        terminalreporter.section("measured")
+        for line in sorted(set(lines)):
+            terminalreporter.write_line(line)
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True,
+                         check=False).stdout
+    nets = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            nets.append(ipaddress.IPv4Interface(parts[parts.index("inet") + 1]).network)
+    return nets
+
+
+def free_test_subnet() -> ipaddress.IPv4Network:
+    """A /24 in 10.201.100.0-10.201.250.0 that no interface uses (test pool range)."""
+    used = _used_networks()
+    for _ in range(200):
+        candidate = ipaddress.IPv4Network(f"10.201.{100 + secrets.randbelow(151)}.0/24")
+        if not any(candidate.overlaps(n) for n in used):
+            return candidate
+    raise RuntimeError("no free /24 in 10.201.100.0-10.201.250.0 for a test gateway")
+
+
+def test_net_names() -> tuple[str, ipaddress.IPv4Network]:
+    """A unique bridge name and a free subnet for one test gateway."""
+    return f"sp-t{secrets.token_hex(3)}", free_test_subnet()
+
+
+test_net_names.__test__ = False  # type: ignore[attr-defined]
+
+
+class LoopThread:
+    """An event loop (uvloop) in a background thread, for sync tests of async code."""
+
+    def __init__(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run ``coro`` on the loop and return its result."""
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and join the thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    """A background event loop shared by one test module."""
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def gateway_factory(
+    loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Any]]:
+    """Start isolated gateways on the module's loop; all are stopped at module end."""
+    from sandport.config import GatewayConfig, NetConfig
+    from sandport.control.gateway import Gateway
+    from sandport.errors import NetworkConflict
+
+    require_root()
+    require_programs("Xvnc", "openbox", "xsetroot", "xmessage")
+    started: list[Gateway] = []
+
+    def make(**overrides: Any) -> Gateway:
+        last: Exception | None = None
+        for _ in range(5):  # a parallel worker may take the same random subnet first
+            bridge, subnet = test_net_names()
+            config = GatewayConfig(
+                listen_host="127.0.0.1", listen_port=0,
+                state_dir=tmp_path_factory.mktemp("state"),
+                net=NetConfig(bridge=bridge, subnet=subnet), ready_timeout=60,
+                **overrides,
+            )
+            gw = Gateway(config)
+            try:
+                loop_thread.run(gw.start())
+            except NetworkConflict as exc:
+                last = exc
+                continue
+            started.append(gw)
+            return gw
+        raise RuntimeError(f"could not find a free test subnet: {last}")
+
+    yield make
+    for gw in started:
+        loop_thread.run(gw.stop())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_vncdotool_reactor() -> Iterator[None]:
+    """vncdotool runs one Twisted reactor per process; stop it once at the very end."""
+    yield
+    import sys
+
+    if "vncdotool.api" in sys.modules:
+        sys.modules["vncdotool.api"].shutdown()
+
+
+def sandport_leftovers(
+    *, bridge: str | None, sandbox_ids: list[str], state_dir: Path,
+    ignore_pids: tuple[int, ...] = (),
+) -> list[str]:
+    """Everything of one gateway still on the machine: netns, links, nft table, processes.
+
+    ``bridge=None`` skips the bridge (a running gateway keeps it).
+    """
+    left: list[str] = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           check=False).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True,
+                           check=False).stdout
+    for sid in sandbox_ids:
+        if f"sp-{sid}" in netns:
+            left.append(f"netns sp-{sid}")
+        if f"sp-{sid}-v" in links:
+            left.append(f"link sp-{sid}-v")
+    if bridge is not None and (f" {bridge}:" in links or f" {bridge}@" in links):
+        left.append(f"bridge {bridge}")
+    if shutil.which("nft"):
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                                check=False).stdout
+        if "sandport" in tables:
+            left.append("nft table sandport")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in ignore_pids:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        tags = {f"SANDPORT_SANDBOX_ID={sid}".encode() for sid in sandbox_ids}
+        if str(state_dir) in cmdline or tags.intersection(environ):
+            left.append(f"process {pid}: {cmdline[:120]}")
+    return left
+
+
+@pytest.fixture
+def leftovers() -> Callable[..., list[str]]:
+    """The leftover check: ``leftovers(bridge=..., sandbox_ids=..., state_dir=...)``."""
+    return sandport_leftovers

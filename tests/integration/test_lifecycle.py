@@ -1,0 +1,258 @@
+"""`sandport up` as a user runs it: a subprocess, signals, crashes and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import require_programs, require_root, test_net_names
+from sandport.probe import probe_rfb_tcp, probe_rfb_ws
+
+pytestmark = pytest.mark.integration
+
+SANDPORT = [sys.executable, "-m", "sandport"]
+READY_TIMEOUT = 60
+
+
+class Up:
+    """A `sandport up` subprocess with its own state dir, bridge and subnet."""
+
+    def __init__(self, state_dir: Path, *extra: str, bridge: str | None = None,
+                 subnet: str | None = None, env: dict[str, str] | None = None) -> None:
+        names = test_net_names()
+        self.bridge = bridge or names[0]
+        self.subnet = subnet or str(names[1])
+        self.state_dir = state_dir
+        self.argv = [*SANDPORT, "up", "--listen", "127.0.0.1:0", "--vnc-port", "0",
+                     "--state-dir", str(state_dir), "--bridge", self.bridge,
+                     "--subnet", self.subnet, *extra]
+        self.seen_stderr = ""
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def wait_ready(self) -> dict[str, Any]:
+        """Read stdout until the SANDPORT-READY line; fail with stderr if it never comes."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("SANDPORT-READY "):
+                return dict(json.loads(line.split(" ", 1)[1]))
+            if not line and self.proc.poll() is not None:
+                break
+        self.proc.kill()
+        _, stderr = self.proc.communicate(timeout=10)
+        raise AssertionError(f"no SANDPORT-READY line; stderr:\n{stderr}")
+
+    def wait_http(self) -> None:
+        """Wait until the gateway logs that its HTTP port is up (no --demo)."""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            self.seen_stderr += line
+            if "Press Ctrl-C" in line:
+                return
+            if not line and self.proc.poll() is not None:
+                break
+        raise AssertionError("gateway did not come up")
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        try:
+            _, stderr = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, stderr = self.proc.communicate()
+            raise AssertionError(f"gateway did not stop within 30 s:\n{stderr}") from None
+        return self.proc.returncode, self.seen_stderr + stderr
+
+
+@pytest.fixture
+def up_factory(tmp_path: Path) -> Iterator[Any]:
+    require_root()
+    require_programs("Xvnc", "openbox", "xsetroot", "xmessage")
+    started: list[Up] = []
+
+    def make(*extra: str, **kw: Any) -> Up:
+        up = Up(kw.pop("state_dir", tmp_path / "state"), *extra, **kw)
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:  # a failed test must not leave a gateway running
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.communicate()
+
+
+def test_up_demo_then_sigint_leaves_nothing(up_factory: Any, leftovers: Any) -> None:
+    up = up_factory("--demo")
+    ready = up.wait_ready()
+    for key in ("id", "ip", "state", "desktop_url", "vnc", "vnc_password"):
+        assert key in ready
+    assert ready["state"] == "ready"
+    assert ready["desktop_url"].startswith("http://127.0.0.1:")
+    print(f"demo sandbox ready in {ready['ready_seconds']:.2f} s")
+    # The printed addresses work: VNC through the host port, and the bridge.
+    vnc = ready["vnc"]
+    r = asyncio.run(probe_rfb_tcp(vnc["host"], vnc["port"], password=ready["vnc_password"]))
+    assert r.ok and r.desktop == f"sandport {ready['id']}", r.detail
+    base = ready["desktop_url"].split("/s/")[0].replace("http://", "ws://")
+    r = asyncio.run(probe_rfb_ws(f"{base}/s/{ready['id']}/ports/vnc/ws?token={ready['token']}",
+                                 password=ready["vnc_password"]))
+    assert r.ok, r.detail
+    assert leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=up.state_dir) != []
+    code, stderr = up.stop(signal.SIGINT)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert leftovers(bridge=up.bridge, sandbox_ids=[ready["id"]], state_dir=up.state_dir) == []
+    with socket.socket() as s:
+        assert s.connect_ex((vnc["host"], vnc["port"])) != 0
+
+
+def test_sigterm_also_stops_cleanly(up_factory: Any, leftovers: Any) -> None:
+    up = up_factory("--demo")
+    ready = up.wait_ready()
+    code, stderr = up.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert leftovers(bridge=up.bridge, sandbox_ids=[ready["id"]], state_dir=up.state_dir) == []
+
+
+def test_kill_9_then_restart_removes_the_leftovers(up_factory: Any, leftovers: Any,
+                                                   tmp_path: Path) -> None:
+    state = tmp_path / "crash-state"
+    first = up_factory("--demo", state_dir=state)
+    ready = first.wait_ready()
+    first.proc.kill()  # SIGKILL: no cleanup at all
+    first.proc.communicate(timeout=10)
+    # Guest processes die with the gateway (parent-death signal) ...
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=state)
+        if not [x for x in left if x.startswith("process")]:
+            break
+        time.sleep(0.1)
+    # ... but namespace and link stay until the next start.
+    left = leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=state)
+    assert f"netns sp-{ready['id']}" in left, left
+    assert not [x for x in left if x.startswith("process")], left
+    second = up_factory(state_dir=state, bridge=first.bridge, subnet=first.subnet)
+    second.wait_http()
+    assert leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=state,
+                     ignore_pids=(second.proc.pid,)) == []
+    code, stderr = second.stop()
+    assert code == 0, stderr
+    assert "removing leftover sandbox" in stderr
+    assert leftovers(bridge=first.bridge, sandbox_ids=[ready["id"]], state_dir=state) == []
+
+
+def test_second_gateway_on_the_same_state_dir_is_refused(up_factory: Any) -> None:
+    first = up_factory()
+    first.wait_http()
+    second = up_factory(bridge=first.bridge, subnet=first.subnet)
+    second.proc.wait(timeout=30)
+    stderr = second.proc.stderr.read() if second.proc.stderr else ""
+    assert second.proc.returncode == 2, stderr
+    assert "in use by gateway pid" in stderr and str(first.proc.pid) in stderr
+    code, _ = first.stop()
+    assert code == 0
+
+
+def _run_cli(*args: str, env: dict[str, str] | None = None,
+             drop_caps: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [*SANDPORT, *args]
+    if drop_caps:  # root without CAP_NET_ADMIN/CAP_SYS_ADMIN, as in an unprivileged container
+        cmd = ["setpriv", "--bounding-set=-net_admin,-sys_admin", "--inh-caps=-all", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env,
+                          check=False)
+
+
+def test_gateway_port_in_use_exits_2_naming_the_port(tmp_path: Path) -> None:
+    require_root()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        bridge, subnet = test_net_names()
+        r = _run_cli("up", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
+                     "--bridge", bridge, "--subnet", str(subnet))
+    assert r.returncode == 2, r.stderr
+    assert f"127.0.0.1:{port} is already in use" in r.stderr
+    assert "Traceback" not in r.stderr
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert bridge not in links  # the bridge made before the bind failed is gone again
+
+
+def test_vnc_port_in_use_exits_2_and_leaves_nothing(tmp_path: Path, leftovers: Any) -> None:
+    require_root()
+    require_programs("Xvnc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        bridge, subnet = test_net_names()
+        r = _run_cli("up", "--demo", "--listen", "127.0.0.1:0", "--vnc-port", str(port),
+                     "--state-dir", str(tmp_path), "--bridge", bridge, "--subnet", str(subnet))
+    assert r.returncode == 2, r.stderr
+    assert f"VNC port 127.0.0.1:{port} is already in use" in r.stderr
+    assert leftovers(bridge=bridge, sandbox_ids=[], state_dir=tmp_path) == []
+    assert not list((tmp_path / "sandboxes").iterdir())
+
+
+def test_missing_capabilities_are_named(tmp_path: Path) -> None:
+    require_root()  # to drop capabilities one must have them
+    require_programs("setpriv")
+    r = _run_cli("up", "--state-dir", str(tmp_path / "s"), drop_caps=True)
+    assert r.returncode == 2, r.stderr
+    assert "without CAP_NET_ADMIN and CAP_SYS_ADMIN" in r.stderr
+    assert "--privileged" in r.stderr  # the hint fits root in a container
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_package_is_named(tmp_path: Path) -> None:
+    require_root()
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    r = _run_cli("up", "--state-dir", str(tmp_path / "s"),
+                 env={**os.environ, "PATH": str(empty)})
+    assert r.returncode == 2, r.stderr
+    assert "tigervnc-standalone-server" in r.stderr and "openbox" in r.stderr
+    assert "apt-get install" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--subnet", "10.201.0.0/33"], "--subnet"),
+        (["--subnet", "10.201.0.7/24"], "--subnet"),
+        (["--bridge", "br0"], "must start with 'sp-'"),
+        (["--listen", "localhost:http"], "is not an address"),
+        (["--listen", "127.0.0.1:70000"], "outside 0-65535"),
+        (["--log-level", "loud"], "unknown log level"),
+        (["--vnc-port", "-1"], "vnc-port"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(args: list[str], needle: str) -> None:
+    r = _run_cli("up", *args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_help_teaches() -> None:
+    r = _run_cli("up", "--help")
+    assert r.returncode == 0
+    for word in ("--demo", "--listen", "--state-dir", "SANDPORT-READY", "Examples"):
+        assert word in r.stdout
