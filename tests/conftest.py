@@ -8,6 +8,7 @@ same machine, and test files can run in parallel (pytest-xdist, --dist loadfile)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -220,3 +221,27 @@ def sandport_leftovers(
 def leftovers() -> Callable[..., list[str]]:
     """The leftover check: ``leftovers(bridge=..., sandbox_ids=..., state_dir=...)``."""
     return sandport_leftovers
+
+
+def remove_gateway_leftovers(*, bridge: str, state_dir: Path) -> None:
+    """Remove what a SIGKILLed test gateway left: its sandboxes' processes, netns, bridge.
+
+    A crashed gateway's leftovers are normally removed by the next start on the same
+    state dir; a test that gives up on a gateway has no next start, so it cleans here.
+    """
+    import signal
+    import sqlite3
+
+    ids: list[str] = []
+    db = state_dir / "sandport.db"
+    if db.exists():
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            ids = [row[0] for row in conn.execute("SELECT id FROM sandboxes")]
+    for pid_line in sandport_leftovers(bridge=None, sandbox_ids=ids, state_dir=state_dir):
+        if pid_line.startswith("process "):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_line.split()[1].rstrip(":")), signal.SIGKILL)
+    for sid in ids:
+        subprocess.run(["ip", "netns", "del", f"sp-{sid}"], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", f"sp-{sid}-v"], capture_output=True, check=False)
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)

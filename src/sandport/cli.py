@@ -10,8 +10,10 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -89,12 +91,42 @@ def _print_sandbox(info: SandboxInfo) -> None:
     sys.stdout.flush()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_fork_hook_installed = False
+
+
+def _forget_signals_in_child() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None]) -> None:
+    """Call ``on_stop`` on SIGINT or SIGTERM, and only for signals sent to this process.
+
+    A child forked without exec (pyroute2 forks one for every namespace operation and
+    ends it with SIGTERM) inherits the loop's signal handler *and* its wakeup fd: a
+    signal sent to the child would reach this process's loop and stop the gateway.
+    So every forked child drops both right after fork.
+    """
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_forget_signals_in_child)
+        _fork_hook_installed = True
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s: shutting down", sig.name)
+        on_stop()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
 async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int) -> None:
     """Run the gateway until SIGINT or SIGTERM; always stop it cleanly."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(loop, stop.set)
     gateway = Gateway(config)
 
     async def main() -> None:
@@ -126,7 +158,7 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int) -> None:
         results = await asyncio.gather(task, stopper, return_exceptions=True)
         err.print("stopping: removing sandboxes, links and processes ...")
         await gateway.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):

@@ -22,7 +22,7 @@ if (c && c.width > 20 && c.height > 20) {
   px = Array.from(c.getContext('2d').getImageData(c.width - 8, c.height - 8, 1, 1).data);
 }
 return {cls: document.documentElement.className, status: st ? st.textContent : '',
-        w: c ? c.width : 0, h: c ? c.height : 0, px: px, body: document.body ? document.body.innerText : ''};
+        w: c ? c.width : 0, h: c ? c.height : 0, px: px};
 """
 
 

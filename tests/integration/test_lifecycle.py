@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import require_programs, require_root, test_net_names
+from conftest import remove_gateway_leftovers, require_programs, require_root, test_net_names
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
 
 pytestmark = pytest.mark.integration
@@ -91,10 +91,11 @@ def up_factory(tmp_path: Path) -> Iterator[Any]:
         return up
 
     yield make
-    for up in started:  # a failed test must not leave a gateway running
+    for up in started:  # a failed test must not leave a gateway or its sandboxes behind
         if up.proc.poll() is None:
             up.proc.kill()
             up.proc.communicate()
+        remove_gateway_leftovers(bridge=up.bridge, state_dir=up.state_dir)
 
 
 def test_up_demo_then_sigint_leaves_nothing(up_factory: Any, leftovers: Any) -> None:

@@ -237,8 +237,9 @@ class _Half(asyncio.Protocol):
         peer = self.peer
         if peer is not None and not peer.lost:
             if exc is not None:
-                log.debug("%s: %s side lost: %r; resetting the other side",
-                          self.link.cid, self.side, exc)
+                log.debug(
+                    "%s: %s side lost: %r; resetting the other side", self.link.cid, self.side, exc
+                )
                 peer.reset()
             else:
                 peer.close()
@@ -343,8 +344,9 @@ class _Link:
             return
         host, port = fwd.target
         peer = half.transport.get_extra_info("peername") if half.transport else None
-        log.debug("%s: accepted from %s, connecting to %s", self.cid, peer,
-                  _format_addr(host, port))
+        log.debug(
+            "%s: accepted from %s, connecting to %s", self.cid, peer, _format_addr(host, port)
+        )
         self.connect_task = asyncio.get_running_loop().create_task(
             self._connect(host, port), name=f"{self.cid} connect"
         )
@@ -380,8 +382,12 @@ class _Link:
 
     def _connect_failed(self, host: str, port: int, reason: str) -> None:
         self.fwd.count_failed_connect()
-        log.warning("%s: connect to %s failed: %s; resetting the client",
-                    self.cid, _format_addr(host, port), reason)
+        log.warning(
+            "%s: connect to %s failed: %s; resetting the client",
+            self.cid,
+            _format_addr(host, port),
+            reason,
+        )
         self.client.reset()
 
     def _pair(self) -> None:
@@ -409,8 +415,13 @@ class _Link:
         log.debug("%s: connected to %s", self.cid, ut.get_extra_info("peername"))
         for half, out in ((client, ut), (upstream, ct)):
             if half.early or half.eof:
-                log.debug("%s: handing over %d early byte(s)%s from the %s side", self.cid,
-                          sum(map(len, half.early)), " and FIN" if half.eof else "", half.side)
+                log.debug(
+                    "%s: handing over %d early byte(s)%s from the %s side",
+                    self.cid,
+                    sum(map(len, half.early)),
+                    " and FIN" if half.eof else "",
+                    half.side,
+                )
             for chunk in half.early:
                 half.nbytes += len(chunk)
                 out.write(chunk)
@@ -461,9 +472,13 @@ class _Link:
             return
         self.finished = True
         self.fwd.link_finished(self)
-        log.debug("%s: closed after %.3f s, up %d B, down %d B", self.cid,
-                  time.monotonic() - self.started, self.client.nbytes,
-                  up.nbytes if up is not None else 0)
+        log.debug(
+            "%s: closed after %.3f s, up %d B, down %d B",
+            self.cid,
+            time.monotonic() - self.started,
+            self.client.nbytes,
+            up.nbytes if up is not None else 0,
+        )
 
     def buffered(self) -> int:
         """Bytes held in user space for this connection."""
@@ -572,8 +587,7 @@ class TcpForward:
         if not 1 <= port <= _MAX_PORT:
             raise ValueError(f"target port {port} is not in 1..{_MAX_PORT}")
         old, self._target = self._target, (host, port)
-        log.info("%s: target %s -> %s", self._label, _format_addr(*old),
-                 _format_addr(host, port))
+        log.info("%s: target %s -> %s", self._label, _format_addr(*old), _format_addr(host, port))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -603,8 +617,12 @@ class TcpForward:
             raise
         if not self._label:
             self._label = f"tcp:{self.bound_port}"
-        log.info("%s: listening on %s, relaying to %s", self._label,
-                 _format_addr(spec.listen_host, self.bound_port), _format_addr(*self._target))
+        log.info(
+            "%s: listening on %s, relaying to %s",
+            self._label,
+            _format_addr(spec.listen_host, self.bound_port),
+            _format_addr(*self._target),
+        )
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Close the listener and every connection, and wait until all are gone.
@@ -635,8 +653,12 @@ class TcpForward:
                 async with asyncio.timeout(grace):
                     await self._idle.wait()
             except TimeoutError:
-                log.info("%s: %d connection(s) did not drain in %g s; resetting",
-                         self._label, len(self._links), grace)
+                log.info(
+                    "%s: %d connection(s) did not drain in %g s; resetting",
+                    self._label,
+                    len(self._links),
+                    grace,
+                )
                 for link in list(self._links):
                     link.reset()
         # 4. Every transport reports connection_lost shortly after abort().

@@ -1,0 +1,158 @@
+"""Pool, store, tokens, state table, config: pure logic with a real SQLite file."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from sandport.config import GatewayConfig, NetConfig, parse_hostport
+from sandport.control.store import MIGRATIONS, Store
+from sandport.control.tokens import TokenCheck, check_token, hash_token, new_token
+from sandport.errors import UsageError
+from sandport.net.pool import AddressPool, PoolExhausted
+from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
+from sandport.sandbox.state import TRANSITIONS, IllegalTransition, SandboxState, check_transition
+
+pytestmark = pytest.mark.unit
+
+
+def test_pool_hands_out_round_robin_and_never_an_address_in_use(tmp_path: Path) -> None:
+    subnet = ipaddress.IPv4Network("10.201.7.0/29")  # gateway .1, sandboxes .2 - .6
+    store = Store(tmp_path / "db")
+    pool = AddressPool(subnet, store)
+    assert pool.size == 5
+    a, b = pool.lease("a"), pool.lease("b")
+    assert (str(a), str(b)) == ("10.201.7.2", "10.201.7.3")
+    pool.release(a)
+    # A freed address is the last to come back: the cursor moves on.
+    assert str(pool.lease("c")) == "10.201.7.4"
+    store.close()
+    # A restart (new Store on the same file) keeps leases and cursor.
+    store = Store(tmp_path / "db")
+    pool = AddressPool(subnet, store)
+    assert store.leased_addresses() == {"10.201.7.3", "10.201.7.4"}
+    got = [str(pool.lease(x)) for x in "def"]
+    assert got == ["10.201.7.5", "10.201.7.6", "10.201.7.2"]  # wraps, skipping .3 and .4
+    assert "10.201.7.3" not in got and "10.201.7.4" not in got
+    with pytest.raises(PoolExhausted, match="all 5 addresses"):
+        pool.lease("g")
+    store.close()
+
+
+def test_pool_never_leases_network_gateway_or_broadcast(tmp_path: Path) -> None:
+    subnet = ipaddress.IPv4Network("10.201.8.0/29")
+    store = Store(tmp_path / "db")
+    pool = AddressPool(subnet, store)
+    got = {str(pool.lease(str(i))) for i in range(pool.size)}
+    assert got == {f"10.201.8.{i}" for i in range(2, 7)}
+    store.close()
+
+
+def test_double_lease_of_one_address_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.add_lease("10.201.9.2", "a", "10.201.9.2")
+    with pytest.raises(KeyError):
+        store.add_lease("10.201.9.2", "b", "10.201.9.2")
+    store.close()
+
+
+def test_store_migrates_records_and_removes_with_lease(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    assert sqlite3.connect(tmp_path / "db").execute("PRAGMA user_version").fetchone()[0] == len(
+        MIGRATIONS
+    )
+    assert sqlite3.connect(tmp_path / "db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.add_lease("10.201.9.2", "abc123", "10.201.9.2")
+    store.add_sandbox(sandbox_id="abc123", backend="netns", profile="desktop", state="creating",
+                      ip="10.201.9.2", prefixlen=24, bridge="sp-x", token_hash="h")
+    store.set_state("abc123", "failed", reason="Xvnc exited")
+    (rec,) = store.sandboxes()
+    assert (rec.state, rec.reason, rec.ip) == ("failed", "Xvnc exited", "10.201.9.2")
+    store.remove_sandbox("abc123")
+    assert store.sandboxes() == [] and store.leased_addresses() == set()
+    store.close()
+
+
+def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer than this sandport"):
+        Store(tmp_path / "db")
+
+
+@pytest.mark.parametrize(
+    ("presented", "expected"),
+    [(None, TokenCheck.MISSING), ("", TokenCheck.MISSING), ("wrong", TokenCheck.INVALID),
+     ("x" * 10_000, TokenCheck.INVALID)],
+)
+def test_token_checks(presented: str | None, expected: TokenCheck) -> None:
+    token = new_token()
+    assert check_token(presented, hash_token(token)) is expected
+    assert check_token(token, hash_token(token)) is TokenCheck.OK
+    assert expected.value in (401, 403)
+
+
+def test_tokens_are_random_and_stored_hashed() -> None:
+    tokens = {new_token() for _ in range(100)}
+    assert len(tokens) == 100 and all(len(t) >= 32 for t in tokens)
+    t = tokens.pop()
+    assert t not in hash_token(t) and len(hash_token(t)) == 64
+
+
+def test_state_table_allows_the_lifecycle_and_refuses_the_rest() -> None:
+    s = SandboxState
+    path = [s.CREATING, s.STARTING, s.READY, s.DEGRADED, s.READY, s.STOPPING, s.STOPPED]
+    for a, b in itertools.pairwise(path):
+        assert check_transition(a, b) is b
+    for state in s:
+        if state is not s.STOPPED:
+            assert s.FAILED in TRANSITIONS[state] or state is s.FAILED
+    with pytest.raises(IllegalTransition, match="from stopped to ready"):
+        check_transition(s.STOPPED, s.READY)
+    with pytest.raises(IllegalTransition):
+        check_transition(s.CREATING, s.READY)  # readiness must be proven while starting
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:8700", ("127.0.0.1", 8700)), ("8700", ("127.0.0.1", 8700)),
+     ("[::1]:80", ("::1", 80)), ("0.0.0.0:0", ("0.0.0.0", 0))],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize("text", ["localhost:80", "1.2.3.4:x", "1.2.3.4:65536", ":", "a:b:c"])
+def test_parse_hostport_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_hostport(text)
+
+
+def test_net_config_checks_names_and_sizes() -> None:
+    with pytest.raises(UsageError, match="start with 'sp-'"):
+        NetConfig(bridge="br0")
+    with pytest.raises(UsageError, match="at most 15"):
+        NetConfig(bridge="sp-" + "x" * 13)
+    with pytest.raises(UsageError, match="between /16 and /29"):
+        NetConfig(subnet=ipaddress.IPv4Network("10.201.0.0/30"))
+    assert str(NetConfig().gateway_ip) == "10.201.0.1"
+    assert GatewayConfig(listen_host="0.0.0.0").url_host == "127.0.0.1"
+
+
+def test_desktop_colour_is_stable_distinct_and_never_dark() -> None:
+    assert desktop_colour("abc123") == desktop_colour("abc123")
+    colours = {desktop_colour(f"{i:06x}") for i in range(200)}
+    assert len(colours) > 150
+    for r, g, b in colours:
+        assert max(r, g, b) >= 200  # value 0.8: bright enough to tell from black
+    assert colour_hex((30, 144, 255)) == "#1e90ff"
+
+
+def test_unknown_profile_lists_the_known_ones() -> None:
+    with pytest.raises(UsageError, match="known profiles: desktop"):
+        get_profile("nope")
