@@ -7,6 +7,7 @@ Flags map onto :class:`sandport.config.GatewayConfig`; the work is done by
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -92,13 +93,18 @@ def _print_sandbox(info: SandboxInfo) -> None:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_fork_hook_installed = False
 
 
 def _forget_signals_in_child() -> None:
     signal.set_wakeup_fd(-1)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+
+
+@functools.cache
+def _install_fork_hook() -> None:
+    """Register :func:`_forget_signals_in_child` once per process."""
+    os.register_at_fork(after_in_child=_forget_signals_in_child)
 
 
 def install_stop_signals(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None]) -> None:
@@ -109,10 +115,7 @@ def install_stop_signals(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], 
     signal sent to the child would reach this process's loop and stop the gateway.
     So every forked child drops both right after fork.
     """
-    global _fork_hook_installed
-    if not _fork_hook_installed:
-        os.register_at_fork(after_in_child=_forget_signals_in_child)
-        _fork_hook_installed = True
+    _install_fork_hook()
 
     def on_signal(sig: signal.Signals) -> None:
         log.info("received %s: shutting down", sig.name)

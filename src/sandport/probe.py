@@ -87,9 +87,7 @@ async def run_rfb_handshake(
                     stage = "auth"
                     detail += f", security types {list(event.types)}"
                 elif isinstance(event, AuthFailed):
-                    return ProbeResult(ok=False, hop=hop, stage="auth",
-                                       detail=f"authentication failed: {event.reason}",
-                                       elapsed=time.perf_counter() - t0)
+                    return _failed(hop, f"authentication failed: {event.reason}", t0, "auth")
                 elif isinstance(event, ServerInitReceived):
                     stage = "server-init"
                     desktop = event.init.name
@@ -99,11 +97,14 @@ async def run_rfb_handshake(
             if out:
                 await send(out)
     except RemoteProtocolError as exc:
-        return ProbeResult(ok=False, hop=hop, stage=stage,
-                           detail=f"{type(exc).__name__}: {exc}",
-                           elapsed=time.perf_counter() - t0)
+        return _failed(hop, f"{type(exc).__name__}: {exc}", t0, stage)
     return ProbeResult(ok=True, hop=hop, stage=stage, detail=detail,
                        elapsed=time.perf_counter() - t0, desktop=desktop, size=size)
+
+
+def _failed(hop: str, detail: str, t0: float, stage: str = "connect") -> ProbeResult:
+    return ProbeResult(ok=False, hop=hop, stage=stage, detail=detail,
+                       elapsed=time.perf_counter() - t0)
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -142,11 +143,9 @@ async def probe_rfb_tcp(
             finally:
                 writer.close()
     except TimeoutError:
-        return ProbeResult(ok=False, hop=hop, stage="connect", detail=f"no answer in {timeout} s",
-                           elapsed=time.perf_counter() - t0)
+        return _failed(hop, f"no answer in {timeout} s", t0)
     except OSError as exc:
-        return ProbeResult(ok=False, hop=hop, stage="connect", detail=_os_error_text(exc),
-                           elapsed=time.perf_counter() - t0)
+        return _failed(hop, _os_error_text(exc), t0)
 
 
 async def probe_rfb_ws(
@@ -178,16 +177,11 @@ async def probe_rfb_ws(
                                            stop_at=stop_at)
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace")[:300] if exc.response.body else ""
-        return ProbeResult(ok=False, hop=hop, stage="connect",
-                           detail=f"upgrade refused with HTTP {exc.response.status_code}: {body}",
-                           elapsed=time.perf_counter() - t0)
+        return _failed(hop, f"upgrade refused with HTTP {exc.response.status_code}: {body}", t0)
     except TimeoutError:
-        return ProbeResult(ok=False, hop=hop, stage="connect", detail=f"no answer in {timeout} s",
-                           elapsed=time.perf_counter() - t0)
+        return _failed(hop, f"no answer in {timeout} s", t0)
     except (OSError, WebSocketException) as exc:
-        text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
-        return ProbeResult(ok=False, hop=hop, stage="connect", detail=text,
-                           elapsed=time.perf_counter() - t0)
+        return _failed(hop, _os_error_text(exc) if isinstance(exc, OSError) else str(exc), t0)
 
 
 async def wait_until(
