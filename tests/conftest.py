@@ -198,11 +198,12 @@ def sandport_leftovers(
             left.append(f"link sp-{sid}-v")
     if bridge is not None and (f" {bridge}:" in links or f" {bridge}@" in links):
         left.append(f"bridge {bridge}")
-    if shutil.which("nft"):
-        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
-                                check=False).stdout
-        if "sandport" in tables:
-            left.append("nft table sandport")
+    if bridge is not None and shutil.which("nft"):
+        # The table is shared by every gateway on the host (tests run in parallel):
+        # what this gateway leaves are the chains named after its bridge.
+        from sandport.net.nft import own_chains
+
+        left += [f"nft chain {c}" for c in own_chains(bridge)]
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in ignore_pids:
             continue
