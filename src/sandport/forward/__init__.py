@@ -1,9 +1,7 @@
-"""Data plane for raw ports: relays that move bytes from a host port to a guest service.
+"""Data plane for raw ports.
 
-Each forward binds a host listener and relays every accepted connection to a target
-address. The modules here only move bytes and apply backpressure; they do not parse
-what they carry.
-
-Modules:
-    tcp: userspace TCP relay on asyncio Protocols/Transports (runs under uvloop).
+- ``tcp``: userspace TCP relay (asyncio Protocols, backpressure, half-close, RST).
+- ``udp``: userspace UDP relay (a flow per client address, idle expiry, a cap on flows).
+- ``spec``: ``-p`` port-forward specs in the docker/podman syntax.
+Kernel forwards (nftables DNAT) live in :mod:`sandport.net.nft`.
 """
