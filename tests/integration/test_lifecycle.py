@@ -171,6 +171,23 @@ def test_second_gateway_on_the_same_state_dir_is_refused(up_factory: Any) -> Non
     assert code == 0
 
 
+def test_second_gateway_on_the_same_bridge_is_refused(up_factory: Any, tmp_path: Path) -> None:
+    first = up_factory()
+    first.wait_http()
+    second = up_factory(state_dir=tmp_path / "other-state", bridge=first.bridge,
+                        subnet=str(test_net_names()[1]))
+    second.proc.wait(timeout=30)
+    stderr = second.proc.stderr.read() if second.proc.stderr else ""
+    assert second.proc.returncode == 2, stderr
+    assert f"bridge {first.bridge} is in use by gateway pid {first.proc.pid}" in stderr
+    # The first gateway's bridge was neither re-addressed nor deleted.
+    out = subprocess.run(["ip", "-br", "addr", "show", "dev", first.bridge],
+                         capture_output=True, text=True, check=False).stdout
+    assert first.subnet.rsplit(".", 1)[0] in out, out
+    code, _ = first.stop()
+    assert code == 0
+
+
 def _run_cli(*args: str, env: dict[str, str] | None = None,
              drop_caps: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = [*SANDPORT, *args]

@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from sandport import preflight
@@ -42,6 +43,30 @@ from sandport.sandbox.state import SandboxState, check_transition
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+RUN_DIR = Path("/run/sandport")  # per-boot locks shared by every gateway on this host
+
+
+def _take_lock(path: Path, what: str, hint: str) -> TextIO:
+    """flock ``path`` for this process (released when the file closes, also on a crash).
+
+    Raises:
+        StateDirBusy: another live gateway holds it; the message names its pid.
+    """
+    lock = open(path, "a+")  # noqa: SIM115 - held until Gateway.stop()
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise StateDirBusy(f"{what} is in use by gateway pid {holder}", hint=hint) from None
+        raise
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def _quiet(_: str) -> None:
@@ -102,6 +127,7 @@ class Gateway:
         self._pool: AddressPool | None = None
         self._http: HttpServer | None = None
         self._lock_file: TextIO | None = None
+        self._bridge_lock: TextIO | None = None
         self._backend: NetnsBackend | None = None
         self._bridge_created = False
 
@@ -165,27 +191,27 @@ class Gateway:
         log.info("gateway up: %s, state %s", self.base_url, cfg.state_dir)
 
     def _lock_state_dir(self) -> None:
+        """Take the state dir and the bridge: one gateway each, or a clear refusal.
+
+        Two gateways on one state dir would remove each other's sandboxes as leftovers;
+        two on one bridge would re-address it and delete it under each other.
+        """
         state_dir = self.config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
-        lock = open(state_dir / "gateway.lock", "a+")  # noqa: SIM115 - held until stop()
+        self._lock_file = _take_lock(
+            state_dir / "gateway.lock", f"state dir {state_dir}",
+            "stop that gateway first, or give this one its own --state-dir")
+        RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
+        bridge = self.config.net.bridge
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            lock.close()
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StateDirBusy(
-                    f"state dir {state_dir} is in use by gateway pid {holder}",
-                    hint="stop that gateway first, or give this one its own --state-dir",
-                ) from None
+            self._bridge_lock = _take_lock(
+                RUN_DIR / f"bridge-{bridge}.lock", f"bridge {bridge}",
+                "give this gateway its own --bridge and --subnet")
+        except BaseException:
+            self._lock_file.close()
+            self._lock_file = None
             raise
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        self._lock_file = lock
 
     async def _remove_leftovers(self, progress: Progress) -> None:
         """Destroy every sandbox the store still lists: a previous gateway died with them."""
@@ -227,9 +253,10 @@ class Gateway:
         if self._store is not None:
             self._store.close()
             self._store = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        for lock in (self._bridge_lock, self._lock_file):
+            if lock is not None:
+                lock.close()
+        self._lock_file = self._bridge_lock = None
 
     # Sandboxes --------------------------------------------------------------------------
 
