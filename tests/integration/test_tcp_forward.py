@@ -22,11 +22,15 @@ import pytest
 import uvloop
 
 from sandport.forward.tcp import (
+    IDLE_SWEEP_MAX,
     WRITE_HIGH_WATER,
+    FailureReason,
     PortInUse,
     TcpForward,
     TcpForwardSpec,
 )
+from sandport.proto.errors import RemoteProtocolError
+from sandport.proto.proxyproto import ProxyHeader, ProxyHeaderParser
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +108,45 @@ class Echo(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # close after flushing
+
+
+class WatchedEcho(Echo):
+    """Echo target that resolves ``lost`` when its connection is gone."""
+
+    def __init__(self, lost: asyncio.Future[Exception | None]) -> None:
+        self.lost = lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class ProxyEcho(asyncio.Protocol):
+    """Target behind a PROXY-protocol sender: parses the header, then echoes the rest."""
+
+    def __init__(self, headers: asyncio.Queue[ProxyHeader]) -> None:
+        self.headers = headers
+        self.parser = ProxyHeaderParser()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser.header is None:
+            try:
+                header = self.parser.receive_data(data)
+            except RemoteProtocolError:
+                self.transport.abort()
+                raise
+            if header is None:
+                return
+            self.headers.put_nowait(header)
+            data = self.parser.trailing_data()
+        if data:
+            self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False
 
 
 class Sink(asyncio.Protocol):
@@ -388,6 +431,7 @@ def test_connect_timeout_resets_client(run: Callable[..., Any]) -> None:
                 await close_writer(writer)
                 await eventually(lambda: fwd.stats.active == 0)
                 assert fwd.stats.failed_connects == 1
+                assert fwd.stats.failures["timeout"] == 1
 
     run(main)
 
@@ -418,6 +462,7 @@ def test_target_reset_is_passed_on(run: Callable[..., Any]) -> None:
                     await read_until_eof(reader)
                 await close_writer(writer)
                 await eventually(lambda: fwd.stats.active == 0)
+                assert fwd.stats.failures["reset"] == 1  # once, though both sides went down
         finally:
             target.close()
 
@@ -606,3 +651,202 @@ def test_spec_validation() -> None:
         TcpForwardSpec(listen_port=70000, target_host=LOOPBACK, target_port=1)
     with pytest.raises(ValueError, match="connect_timeout"):
         TcpForwardSpec(listen_port=0, target_host=LOOPBACK, target_port=1, connect_timeout=0)
+
+
+def test_spec_validation_of_limits() -> None:
+    def spec(**kw: Any) -> TcpForwardSpec:
+        return TcpForwardSpec(listen_port=0, target_host=LOOPBACK, target_port=1, **kw)
+
+    with pytest.raises(ValueError, match="idle_timeout"):
+        spec(idle_timeout=0)
+    with pytest.raises(ValueError, match="max_connections"):
+        spec(max_connections=0)
+    with pytest.raises(ValueError, match="proxy_protocol"):
+        spec(proxy_protocol=3)
+    assert spec().idle_sweep_interval is None
+    assert spec(idle_timeout=0.4).idle_sweep_interval == pytest.approx(0.1)
+    assert spec(idle_timeout=60).idle_sweep_interval == IDLE_SWEEP_MAX
+
+
+def test_idle_timeout_closes_silent_connection(run: Callable[..., Any]) -> None:
+    idle = 0.4
+    sweep = idle / 4
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[Exception | None] = loop.create_future()
+        target = await loop.create_server(lambda: WatchedEcho(lost), LOOPBACK, 0)
+        try:
+            port = target.sockets[0].getsockname()[1]
+            async with TcpForward(spec_for(port, idle_timeout=idle)) as fwd:
+                reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+                t0 = time.monotonic()  # last byte moved; now stay silent
+                assert await reader.read() == b""  # the relay closed us (FIN, not RST)
+                waited = time.monotonic() - t0
+                assert idle * 0.9 < waited < idle + sweep + 0.5, f"closed after {waited:.3f} s"
+                assert await lost is None  # the target side was closed too
+                await close_writer(writer)
+                await eventually(lambda: fwd.stats.active == 0)
+                st = fwd.stats
+                assert st.failures["idle"] == 1
+                assert st.failed_connects == 0
+                assert (st.bytes_up, st.bytes_down) == (4, 4)
+        finally:
+            target.close()
+
+    run(main)
+
+
+def test_active_connection_outlives_idle_timeout(run: Callable[..., Any]) -> None:
+    idle = 0.4
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        target = await loop.create_server(Echo, LOOPBACK, 0)
+        try:
+            port = target.sockets[0].getsockname()[1]
+            async with TcpForward(spec_for(port, idle_timeout=idle)) as fwd:
+                reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                t0 = time.monotonic()
+                i = 0
+                while time.monotonic() - t0 < 4 * idle:  # one byte every idle / 4
+                    writer.write(b"%d" % (i % 10))
+                    assert await reader.readexactly(1) == b"%d" % (i % 10)
+                    i += 1
+                    await asyncio.sleep(idle / 4)
+                assert fwd.stats.active == 1
+                assert fwd.stats.failures["idle"] == 0
+                writer.write_eof()
+                assert await reader.read() == b""
+                await close_writer(writer)
+                await eventually(lambda: fwd.stats.active == 0)
+                assert fwd.stats.failures["idle"] == 0
+        finally:
+            target.close()
+
+    run(main)
+
+
+def test_max_connections_resets_the_extra_client(run: Callable[..., Any]) -> None:
+    limit = 3
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        target = await loop.create_server(Echo, LOOPBACK, 0)
+        try:
+            port = target.sockets[0].getsockname()[1]
+            async with TcpForward(spec_for(port, max_connections=limit)) as fwd:
+                clients = []
+                for i in range(limit):
+                    reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                    writer.write(b"hi %d" % i)
+                    assert await reader.readexactly(4) == b"hi %d" % i
+                    clients.append((reader, writer))
+                assert fwd.stats.active == limit
+                # One more: the kernel completes the handshake, then the relay sends RST.
+                extra_r, extra_w = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                with pytest.raises(ConnectionResetError):
+                    await read_until_eof(extra_r)
+                extra_w.transport.abort()
+                await eventually(lambda: fwd.stats.failures["limit"] == 1)
+                st = fwd.stats
+                assert (st.active, st.total, st.failed_connects) == (limit, limit + 1, 0)
+                # The first ones are untouched.
+                for i, (reader, writer) in enumerate(clients):
+                    writer.write(b"ok %d" % i)
+                    assert await reader.readexactly(4) == b"ok %d" % i
+                # A slot that frees up is usable again.
+                reader, writer = clients.pop()
+                writer.write_eof()
+                assert await reader.read() == b""
+                await close_writer(writer)
+                await eventually(lambda: fwd.stats.active == limit - 1)
+                reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                writer.write(b"again")
+                assert await reader.readexactly(5) == b"again"
+                clients.append((reader, writer))
+                assert fwd.stats.failures["limit"] == 1
+                for _, writer in clients:
+                    await close_writer(writer)
+        finally:
+            target.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_proxy_protocol_header_carries_the_client(run: Callable[..., Any], version: int) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        headers: asyncio.Queue[ProxyHeader] = asyncio.Queue()
+        target = await loop.create_server(lambda: ProxyEcho(headers), LOOPBACK, 0)
+        try:
+            port = target.sockets[0].getsockname()[1]
+            async with TcpForward(spec_for(port, proxy_protocol=version)) as fwd:
+                for i in range(3):
+                    reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                    client_port = writer.get_extra_info("sockname")[1]
+                    # Sent at once, most likely before the upstream is connected: the header
+                    # must still come first.
+                    data = payload(i, 100 * KiB)
+                    writer.write(data)
+                    writer.write_eof()
+                    assert await reader.read() == data
+                    header = await asyncio.wait_for(headers.get(), 5)
+                    assert header == ProxyHeader.for_stream(
+                        (LOOPBACK, client_port), (LOOPBACK, fwd.bound_port), version=version
+                    )
+                    await close_writer(writer)
+                await eventually(lambda: fwd.stats.active == 0)
+                assert fwd.stats.bytes_up == sum(len(payload(i, 100 * KiB)) for i in range(3))
+        finally:
+            target.close()
+
+    run(main)
+
+
+def test_failure_reasons_refused(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        with unused_port() as port:
+            async with TcpForward(spec_for(port)) as fwd:
+                for _ in range(2):
+                    reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await reader.read() == b""
+                    await close_writer(writer)
+                await eventually(lambda: fwd.stats.active == 0)
+                st = fwd.stats
+                assert st.failures == {
+                    FailureReason.REFUSED.value: 2,
+                    "unreachable": 0,
+                    "timeout": 0,
+                    "limit": 0,
+                    "idle": 0,
+                    "reset": 0,
+                }
+                assert st.failed_connects == 2
+                assert st.total == 2
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "refused"),
+        (OSError(errno.EHOSTUNREACH, "no route"), "unreachable"),
+        (OSError(errno.ENETUNREACH, "network unreachable"), "unreachable"),
+        (OSError(errno.ETIMEDOUT, "timed out"), "timeout"),
+        (OSError(errno.EADDRNOTAVAIL, "cannot assign"), "unreachable"),
+        (socket.gaierror(socket.EAI_NONAME, "unknown name"), "unreachable"),
+        # asyncio's "several addresses failed" error has no errno, only text.
+        (OSError("Multiple exceptions: [Errno 111] a, [Errno 111] b"), "refused"),
+        (OSError("Multiple exceptions: [Errno 111] a, [Errno 113] b"), "unreachable"),
+    ],
+)
+def test_connect_failure_reason_mapping(exc: OSError, reason: str) -> None:
+    from sandport.forward.tcp import _connect_failure_reason
+
+    assert _connect_failure_reason(exc) == reason

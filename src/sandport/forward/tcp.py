@@ -21,8 +21,32 @@ Semantics of one relayed connection (RFC 9293 terms)::
 * Reset: when one side is lost with an error (RST, write error) the other side is aborted
   with ``SO_LINGER {on, 0}``, so it sees a RST too instead of a clean FIN. A clean loss
   closes the other side gracefully after its pending writes.
-* Connect failure (refused, unreachable, timeout): the client is reset and
-  ``failed_connects`` counts it.
+* Connect failure (refused, unreachable, timeout): the client is reset and counted under
+  its reason in ``failures`` (``ECONNREFUSED`` → ``refused``; ``EHOSTUNREACH``,
+  ``ENETUNREACH`` and any other connect error → ``unreachable``; no handshake within
+  ``connect_timeout`` or ``ETIMEDOUT`` → ``timeout``). ``failed_connects`` is their sum.
+* Failure counters (``TcpForwardStats.failures``, keys from :class:`FailureReason`): the
+  three connect reasons above, plus ``limit`` (rejected by ``max_connections``), ``idle``
+  (closed by ``idle_timeout``) and ``reset`` (a relayed connection that ended because one
+  side was lost with an error: RST, write error; counted once per connection).
+* Idle timeout (``TcpForwardSpec.idle_timeout``): a paired connection that moved no byte in
+  either direction for that long is closed on both sides (gracefully; reset instead when
+  bytes are still stuck in a write buffer, since a peer that does not read would hold the
+  close forever) and counted as ``idle``. Cheap by design: ``data_received`` only stores a
+  monotonic timestamp on the link; one timer per forward sweeps all links every
+  ``min(`` :data:`IDLE_SWEEP_MAX` ``, idle_timeout / 4)`` seconds, so a silent connection is
+  closed between ``idle_timeout`` and ``idle_timeout + sweep`` after its last byte.
+* Connection limit (``TcpForwardSpec.max_connections``): a client accepted while that many
+  connections are active (connecting or relaying) is reset at once (``SO_LINGER {1, 0}``,
+  so it sees RST), never connected upstream, and counted as ``limit``; existing connections
+  are untouched. ``total`` still counts it.
+* PROXY protocol (``TcpForwardSpec.proxy_protocol`` = 1 or 2; HAProxy spec, built with
+  :mod:`sandport.proto.proxyproto`): the first bytes written to the upstream are a PROXY
+  header with the client's address and port as source and the listener's address and port
+  (``getsockname()`` of the accepted socket) as destination, before any client byte. An
+  IPv4-mapped IPv6 pair (dual-stack listener) is sent as TCP4. Should the endpoints not be
+  IP addresses, the header says UNKNOWN (v1) / UNSPEC (v2). The header is not counted in
+  ``bytes_up``.
 * Nothing sent by either side before the pair exists is lost or reordered: the client is
   held (reading paused) while the upstream connects. ``pause_reading()`` called from
   ``connection_made()`` is ignored by uvloop (it starts reading right after
@@ -34,20 +58,27 @@ Semantics of one relayed connection (RFC 9293 terms)::
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
+import ipaddress
 import itertools
 import logging
 import os
+import re
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Final, cast
+
+from sandport.proto.proxyproto import ProxyHeader
 
 __all__ = [
+    "IDLE_SWEEP_MAX",
     "LISTEN_BACKLOG",
     "WRITE_HIGH_WATER",
     "WRITE_LOW_WATER",
+    "FailureReason",
     "PortInUse",
     "TcpForward",
     "TcpForwardSpec",
@@ -64,10 +95,58 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 #: Default time :meth:`TcpForward.stop` lets closing connections flush before resetting them.
 STOP_GRACE = 2.0
+#: Longest interval between two idle sweeps (shorter for short idle timeouts: ``idle / 4``).
+IDLE_SWEEP_MAX = 1.0
 
 #: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST, drops the buffer.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _MAX_PORT = 65535
+_PROXY_VERSIONS: Final = (1, 2)
+
+
+class FailureReason(enum.StrEnum):
+    """Why a connection failed or was ended by the relay: the keys of ``failures``."""
+
+    #: Upstream connect answered with RST (``ECONNREFUSED``).
+    REFUSED = "refused"
+    #: Upstream connect failed otherwise (``EHOSTUNREACH``, ``ENETUNREACH``, name lookup...).
+    UNREACHABLE = "unreachable"
+    #: No upstream handshake within ``connect_timeout`` (or ``ETIMEDOUT``).
+    TIMEOUT = "timeout"
+    #: Rejected because ``max_connections`` connections were active.
+    LIMIT = "limit"
+    #: Closed after ``idle_timeout`` seconds without a byte in either direction.
+    IDLE = "idle"
+    #: A relayed connection ended because one side was lost with an error (RST).
+    RESET = "reset"
+
+
+#: Reasons that count as a failed upstream connect (``failed_connects``).
+CONNECT_FAILURES: Final = (FailureReason.REFUSED, FailureReason.UNREACHABLE, FailureReason.TIMEOUT)
+_ERRNO_REASONS: Final = {
+    errno.ECONNREFUSED: FailureReason.REFUSED,
+    errno.EHOSTUNREACH: FailureReason.UNREACHABLE,
+    errno.ENETUNREACH: FailureReason.UNREACHABLE,
+    errno.ETIMEDOUT: FailureReason.TIMEOUT,
+}
+#: asyncio reports several failed addresses of one name as a single OSError without errno
+#: ("Multiple exceptions: [Errno 111] ..., [Errno 111] ..."); the errnos are in its text.
+_ERRNO_IN_TEXT: Final = re.compile(r"\[Errno (\d+)\]")
+
+
+def _connect_failure_reason(exc: OSError) -> FailureReason:
+    """Map a failed ``create_connection`` to a :class:`FailureReason`."""
+    if exc.errno is not None:
+        return _ERRNO_REASONS.get(exc.errno, FailureReason.UNREACHABLE)
+    reasons = {
+        _ERRNO_REASONS.get(int(n), FailureReason.UNREACHABLE)
+        for n in _ERRNO_IN_TEXT.findall(str(exc))
+    }
+    return reasons.pop() if len(reasons) == 1 else FailureReason.UNREACHABLE
+
+
+def _zero_failures() -> dict[str, int]:
+    return dict.fromkeys((r.value for r in FailureReason), 0)
 
 
 def _format_addr(host: str, port: int) -> str:
@@ -116,6 +195,12 @@ class TcpForwardSpec:
         target_port: Port of the target service.
         connect_timeout: Seconds allowed for the upstream TCP handshake.
         name: Label used in log lines and connection ids; defaults to ``tcp:<bound port>``.
+        idle_timeout: Seconds without a byte in either direction after which a relayed
+            connection is closed (counted as ``idle``); ``None``: never.
+        max_connections: Most connections active at once; further clients are reset at
+            accept (counted as ``limit``); ``None``: no limit.
+        proxy_protocol: Send a PROXY protocol header of this version (1 or 2) to the
+            upstream before any client byte; ``None``: send none.
     """
 
     listen_host: str = "127.0.0.1"
@@ -124,12 +209,16 @@ class TcpForwardSpec:
     target_port: int
     connect_timeout: float = 5.0
     name: str = ""
+    idle_timeout: float | None = None
+    max_connections: int | None = None
+    proxy_protocol: int | None = None
 
     def __post_init__(self) -> None:
         """Check ranges once, so bad configuration fails before any socket exists.
 
         Raises:
-            ValueError: A port is out of range or the timeout is not positive.
+            ValueError: A port is out of range, a timeout is not positive, the connection
+                limit is below 1 or the PROXY protocol version is not 1 or 2.
         """
         if not 0 <= self.listen_port <= _MAX_PORT:
             raise ValueError(f"listen_port {self.listen_port} is not in 0..{_MAX_PORT}")
@@ -137,6 +226,19 @@ class TcpForwardSpec:
             raise ValueError(f"target_port {self.target_port} is not in 1..{_MAX_PORT}")
         if not self.connect_timeout > 0:
             raise ValueError(f"connect_timeout must be > 0, not {self.connect_timeout}")
+        if self.idle_timeout is not None and not self.idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be > 0 or None, not {self.idle_timeout}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1 or None, not {self.max_connections}")
+        if self.proxy_protocol is not None and self.proxy_protocol not in _PROXY_VERSIONS:
+            raise ValueError(f"proxy_protocol must be 1, 2 or None, not {self.proxy_protocol}")
+
+    @property
+    def idle_sweep_interval(self) -> float | None:
+        """Seconds between idle sweeps: ``min(IDLE_SWEEP_MAX, idle_timeout / 4)``, or None."""
+        if self.idle_timeout is None:
+            return None
+        return min(IDLE_SWEEP_MAX, self.idle_timeout / 4)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,9 +251,11 @@ class TcpForwardStats:
         total: Connections accepted since start.
         bytes_up: Bytes received from clients and passed to targets.
         bytes_down: Bytes received from targets and passed to clients.
-        failed_connects: Upstream connects that failed (refused, unreachable, timeout).
+        failed_connects: Upstream connects that failed: the sum of ``failures`` for
+            ``refused``, ``unreachable`` and ``timeout``.
         buffered: Bytes currently held in user space by the relay (write buffers of all
             live transports plus data held before pairing). Bounded by backpressure.
+        failures: Count per :class:`FailureReason` value (every key present).
     """
 
     active: int
@@ -160,6 +264,7 @@ class TcpForwardStats:
     bytes_down: int
     failed_connects: int
     buffered: int
+    failures: dict[str, int] = field(default_factory=_zero_failures)
 
 
 class _Half(asyncio.Protocol):
@@ -213,6 +318,7 @@ class _Half(asyncio.Protocol):
         out = self.out
         if out is not None:
             self.nbytes += len(data)
+            self.link.last_activity = _monotonic()
             out.write(data)
             return
         # Not paired yet: hold the data and stop reading until the pair exists.
@@ -234,6 +340,8 @@ class _Half(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.out = None
+        if exc is not None:
+            self.link.count_reset()
         peer = self.peer
         if peer is not None and not peer.lost:
             if exc is not None:
@@ -318,10 +426,24 @@ class _Half(asyncio.Protocol):
         return n
 
 
+_monotonic = time.monotonic
+
+
 class _Link:
     """One relayed connection: the client half, the upstream half and the connect step."""
 
-    __slots__ = ("cid", "client", "connect_task", "finished", "fwd", "started", "upstream")
+    __slots__ = (
+        "cid",
+        "client",
+        "connect_task",
+        "counted_reset",
+        "finished",
+        "fwd",
+        "idled",
+        "last_activity",
+        "started",
+        "upstream",
+    )
 
     def __init__(self, fwd: TcpForward, cid: str) -> None:
         self.fwd = fwd
@@ -330,13 +452,22 @@ class _Link:
         self.upstream: _Half | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.finished = False
-        self.started = time.monotonic()
+        self.started = _monotonic()
+        #: When a byte last moved in either direction (set at pairing, then per read).
+        self.last_activity = self.started
+        #: The idle sweep closed this link (so it is counted once).
+        self.idled = False
+        self.counted_reset = False
 
     def half_made(self, half: _Half) -> None:
         """A transport was created for ``half``; for the client half, start the connect."""
         if half is not self.client:
             return
         fwd = self.fwd
+        limit = fwd.spec.max_connections
+        if limit is not None and fwd.active_count >= limit and not fwd.closing:
+            fwd.reject(self, limit)
+            return
         fwd.link_started(self)
         if fwd.closing:
             log.debug("%s: forward is stopping; refusing the client", self.cid)
@@ -360,11 +491,13 @@ class _Link:
                 async with asyncio.timeout(timeout):
                     await loop.create_connection(self._new_upstream, host, port)
             except TimeoutError:
-                self._connect_failed(host, port, f"no answer within {timeout:g} s")
+                self._connect_failed(
+                    host, port, f"no answer within {timeout:g} s", FailureReason.TIMEOUT
+                )
                 return
             except OSError as exc:
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                self._connect_failed(host, port, reason)
+                text = os.strerror(exc.errno) if exc.errno else str(exc)
+                self._connect_failed(host, port, text, _connect_failure_reason(exc))
                 return
             except asyncio.CancelledError:
                 # stop() or the client went away; create_connection closed its transport.
@@ -380,13 +513,14 @@ class _Link:
         self.upstream = half
         return half
 
-    def _connect_failed(self, host: str, port: int, reason: str) -> None:
-        self.fwd.count_failed_connect()
+    def _connect_failed(self, host: str, port: int, text: str, reason: FailureReason) -> None:
+        self.fwd.count_failure(reason)
         log.warning(
-            "%s: connect to %s failed: %s; resetting the client",
+            "%s: connect to %s failed (%s): %s; resetting the client",
             self.cid,
             _format_addr(host, port),
             reason,
+            text,
         )
         self.client.reset()
 
@@ -412,7 +546,14 @@ class _Link:
             return
         client.peer, upstream.peer = upstream, client
         client.out, upstream.out = ut, ct
+        self.last_activity = _monotonic()
         log.debug("%s: connected to %s", self.cid, ut.get_extra_info("peername"))
+        version = self.fwd.spec.proxy_protocol
+        if version is not None:
+            # Before anything the client sent: the upstream reads the header first.
+            header = _proxy_header(version, ct)
+            log.debug("%s: PROXY header %r", self.cid, header)
+            ut.write(bytes(header))
         for half, out in ((client, ut), (upstream, ct)):
             if half.early or half.eof:
                 log.debug(
@@ -443,6 +584,28 @@ class _Link:
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
+
+    def idle_out(self, idle_for: float) -> None:
+        """Close a link the idle sweep found silent; reset it if bytes are stuck in a buffer."""
+        self.idled = True
+        self.fwd.count_failure(FailureReason.IDLE)
+        stuck = self.buffered()
+        log.info(
+            "%s: no data for %.1f s; %s",
+            self.cid,
+            idle_for,
+            f"resetting ({stuck} B unsent)" if stuck else "closing",
+        )
+        if stuck:
+            self.reset()
+        else:
+            self.close("idle")
+
+    def count_reset(self) -> None:
+        """Count a socket of this link lost with an error, once per link."""
+        if not self.counted_reset:
+            self.counted_reset = True
+            self.fwd.count_failure(FailureReason.RESET)
 
     def reset(self) -> None:
         """Abort both sockets with RST and cancel a pending connect."""
@@ -475,7 +638,7 @@ class _Link:
         log.debug(
             "%s: closed after %.3f s, up %d B, down %d B",
             self.cid,
-            time.monotonic() - self.started,
+            _monotonic() - self.started,
             self.client.nbytes,
             up.nbytes if up is not None else 0,
         )
@@ -486,6 +649,33 @@ class _Link:
         if self.upstream is not None:
             n += self.upstream.buffered()
         return n
+
+
+def _proxy_endpoint(sockaddr: object) -> tuple[str, int] | None:
+    """``(host, port)`` of an IP socket address (2- or 4-tuple), else ``None``."""
+    if not isinstance(sockaddr, tuple) or len(sockaddr) < 2:
+        return None
+    host, port = sockaddr[0], sockaddr[1]
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    return host, port
+
+
+def _proxy_header(version: int, client: asyncio.Transport) -> ProxyHeader:
+    """The PROXY header for a client transport: its peer as source, its local end as dest."""
+    source = _proxy_endpoint(client.get_extra_info("peername"))
+    destination = _proxy_endpoint(client.get_extra_info("sockname"))
+    if source is None or destination is None:
+        return ProxyHeader(version=version)  # UNKNOWN / UNSPEC: endpoints not IP
+    try:
+        src_ip, dst_ip = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    except ValueError:
+        return ProxyHeader(version=version)
+    if isinstance(src_ip, ipaddress.IPv6Address) and isinstance(dst_ip, ipaddress.IPv6Address):
+        src4, dst4 = src_ip.ipv4_mapped, dst_ip.ipv4_mapped
+        if src4 is not None and dst4 is not None:  # dual-stack listener, IPv4 client
+            source, destination = (str(src4), source[1]), (str(dst4), destination[1])
+    return ProxyHeader.for_stream(source, destination, version=version)
 
 
 class TcpForward:
@@ -516,10 +706,11 @@ class TcpForward:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._sweep_handle: asyncio.TimerHandle | None = None
         # Counters of finished connections; live ones are summed in at snapshot time so the
         # data path only touches one attribute of its own protocol object per chunk.
         self._total = 0
-        self._failed_connects = 0
+        self._failures = _zero_failures()
         self._done_up = 0
         self._done_down = 0
 
@@ -557,6 +748,11 @@ class TcpForward:
         return self._closing
 
     @property
+    def active_count(self) -> int:
+        """Connections accepted and not yet fully closed (what ``max_connections`` bounds)."""
+        return len(self._links)
+
+    @property
     def stats(self) -> TcpForwardStats:
         """A consistent snapshot of the counters."""
         up, down, buffered = self._done_up, self._done_down, 0
@@ -570,8 +766,9 @@ class TcpForward:
             total=self._total,
             bytes_up=up,
             bytes_down=down,
-            failed_connects=self._failed_connects,
+            failed_connects=sum(self._failures[r] for r in CONNECT_FAILURES),
             buffered=buffered,
+            failures=dict(self._failures),
         )
 
     def retarget(self, host: str, port: int) -> None:
@@ -623,6 +820,7 @@ class TcpForward:
             _format_addr(spec.listen_host, self.bound_port),
             _format_addr(*self._target),
         )
+        self._schedule_sweep()
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Close the listener and every connection, and wait until all are gone.
@@ -636,8 +834,12 @@ class TcpForward:
         """
         self._closing = True
         server = self._server
-        # 1. Stop accepting. Connections accepted before this have their connection_made
-        #    queued with call_soon; one loop pass lets them register (they reset themselves).
+        # 1. Stop accepting and sweeping. Connections accepted before this have their
+        #    connection_made queued with call_soon; one loop pass lets them register (they
+        #    reset themselves).
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         if server is not None:
             server.close()
         await asyncio.sleep(0)
@@ -687,6 +889,13 @@ class TcpForward:
         link = _Link(self, f"{self._label}#{next(self._seq)}")
         return link.client
 
+    def reject(self, link: _Link, limit: int) -> None:
+        """Reset a client accepted over ``max_connections``; it never goes upstream."""
+        self._total += 1
+        self.count_failure(FailureReason.LIMIT)
+        log.info("%s: %d connections active (limit); resetting the client", link.cid, limit)
+        link.client.reset()
+
     def link_started(self, link: _Link) -> None:
         """Register a link whose client transport exists."""
         self._links.add(link)
@@ -702,6 +911,32 @@ class TcpForward:
         if not self._links:
             self._idle.set()
 
-    def count_failed_connect(self) -> None:
-        """Count one failed upstream connect."""
-        self._failed_connects += 1
+    def count_failure(self, reason: FailureReason) -> None:
+        """Count one failure under ``reason``."""
+        self._failures[reason.value] += 1
+
+    # -- idle sweep -------------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        interval = self.spec.idle_sweep_interval
+        if interval is None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        self._sweep_handle = loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close every paired link that has been silent for ``idle_timeout``; re-arm."""
+        self._sweep_handle = None
+        idle = self.spec.idle_timeout
+        if idle is None or self._closing:
+            return
+        now = _monotonic()
+        for link in list(self._links):
+            # Only relaying links: a connecting one is bounded by connect_timeout.
+            ct = link.client.transport
+            if link.idled or link.client.peer is None or ct is None or ct.is_closing():
+                continue
+            silent = now - link.last_activity
+            if silent >= idle:
+                link.idle_out(silent)
+        self._schedule_sweep()
