@@ -51,7 +51,7 @@ tcp()
 
 
 def in_netns(netns: str, tmp: Path, code: str, *args: str, **kw: Any) -> Any:
-    return subprocess.run([sys.executable, "-I", "-S", str(NSEXEC), netns, str(tmp), "--",
+    return subprocess.run([sys.executable, "-I", "-S", str(NSEXEC), netns, "/tmp", "--",
                            sys.executable, "-I", "-c", code, *args],
                           capture_output=True, text=True, timeout=30, check=False, **kw)
 
@@ -103,9 +103,10 @@ def topology(tmp_path: Path) -> Iterator[dict[str, Any]]:
         # Remote clients' packets are forwarded from this link to the bridge (the test's
         # own link; the gateway enables forwarding on its bridge).
         nft.set_sysctl(f"net/ipv4/conf/{remote_link}/forwarding", "1")
-        server = subprocess.Popen([sys.executable, "-I", "-S", str(NSEXEC), guest_ns,
-                                   str(tmp_path), "--", sys.executable, "-I", "-c",
-                                   ECHO_SERVER, "/tmp/echo.log"],  # tmp_path is its /tmp
+        # The guest keeps the host's /tmp (bound onto itself): this interpreter may live
+        # under /tmp (a CI clone), and a private /tmp would hide it.
+        server = subprocess.Popen([sys.executable, "-I", "-S", str(NSEXEC), guest_ns, "/tmp",
+                                   "--", sys.executable, "-I", "-c", ECHO_SERVER, str(log)],
                                   stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         yield {"bridge": bridge, "guest_ip": str(guest_ip), "remote_ns": remote_ns,
