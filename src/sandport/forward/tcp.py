@@ -71,6 +71,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Final, cast
 
+from sandport.forward.base import Forward, PortInUse, check_ports, format_addr
 from sandport.proto.proxyproto import ProxyHeader
 
 __all__ = [
@@ -100,7 +101,6 @@ IDLE_SWEEP_MAX = 1.0
 
 #: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST, drops the buffer.
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_MAX_PORT = 65535
 _PROXY_VERSIONS: Final = (1, 2)
 
 
@@ -149,39 +149,6 @@ def _zero_failures() -> dict[str, int]:
     return dict.fromkeys((r.value for r in FailureReason), 0)
 
 
-def _format_addr(host: str, port: int) -> str:
-    """Return ``host:port``, with brackets around an IPv6 literal."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class PortInUse(OSError):
-    """The host port of a forward is already bound by someone else (``EADDRINUSE``).
-
-    Attributes:
-        host: The listen address that was requested.
-        port: The port that was requested.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        """Build the error for ``host:port``.
-
-        Args:
-            host: The listen address that was requested.
-            port: The port that was requested.
-        """
-        self.message = f"host port {_format_addr(host, port)} is already in use"
-        super().__init__(errno.EADDRINUSE, self.message)
-        self.host = host
-        self.port = port
-
-    def __str__(self) -> str:
-        """Return the plain message, without the ``[Errno 98]`` prefix."""
-        return self.message
-
-    def __reduce__(self) -> tuple[type[PortInUse], tuple[str, int]]:
-        """Pickle by constructor arguments (OSError's default would pass errno, strerror)."""
-        return (type(self), (self.host, self.port))
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TcpForwardSpec:
@@ -220,10 +187,7 @@ class TcpForwardSpec:
             ValueError: A port is out of range, a timeout is not positive, the connection
                 limit is below 1 or the PROXY protocol version is not 1 or 2.
         """
-        if not 0 <= self.listen_port <= _MAX_PORT:
-            raise ValueError(f"listen_port {self.listen_port} is not in 0..{_MAX_PORT}")
-        if not 1 <= self.target_port <= _MAX_PORT:
-            raise ValueError(f"target_port {self.target_port} is not in 1..{_MAX_PORT}")
+        check_ports(self.listen_port, self.target_port)
         if not self.connect_timeout > 0:
             raise ValueError(f"connect_timeout must be > 0, not {self.connect_timeout}")
         if self.idle_timeout is not None and not self.idle_timeout > 0:
@@ -476,7 +440,7 @@ class _Link:
         host, port = fwd.target
         peer = half.transport.get_extra_info("peername") if half.transport else None
         log.debug(
-            "%s: accepted from %s, connecting to %s", self.cid, peer, _format_addr(host, port)
+            "%s: accepted from %s, connecting to %s", self.cid, peer, format_addr(host, port)
         )
         self.connect_task = asyncio.get_running_loop().create_task(
             self._connect(host, port), name=f"{self.cid} connect"
@@ -518,7 +482,7 @@ class _Link:
         log.warning(
             "%s: connect to %s failed (%s): %s; resetting the client",
             self.cid,
-            _format_addr(host, port),
+            format_addr(host, port),
             reason,
             text,
         )
@@ -678,7 +642,7 @@ def _proxy_header(version: int, client: asyncio.Transport) -> ProxyHeader:
     return ProxyHeader.for_stream(source, destination, version=version)
 
 
-class TcpForward:
+class TcpForward(Forward):
     """A host TCP listener relaying every connection to a target address.
 
     Lifecycle is ``start() → serve → stop()``; ``async with TcpForward(spec) as fwd`` does
@@ -697,15 +661,13 @@ class TcpForward:
         Args:
             spec: Listen and target addresses and timeouts.
         """
+        super().__init__(name=spec.name, target=(spec.target_host, spec.target_port))
         self.spec = spec
-        self._target = (spec.target_host, spec.target_port)
         self._server: asyncio.Server | None = None
-        self._label = spec.name
         self._seq = itertools.count(1)
         self._links: set[_Link] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._closing = False
         self._sweep_handle: asyncio.TimerHandle | None = None
         # Counters of finished connections; live ones are summed in at snapshot time so the
         # data path only touches one attribute of its own protocol object per chunk.
@@ -727,25 +689,6 @@ class TcpForward:
             raise RuntimeError("TcpForward is not started")
         port: int = self._server.sockets[0].getsockname()[1]
         return port
-
-    @property
-    def name(self) -> str:
-        """Label used in logs and connection ids."""
-        return self._label
-
-    @property
-    def target(self) -> tuple[str, int]:
-        """``(host, port)`` that new connections are relayed to."""
-        return self._target
-
-    @target.setter
-    def target(self, value: tuple[str, int]) -> None:
-        self.retarget(*value)
-
-    @property
-    def closing(self) -> bool:
-        """True once :meth:`stop` was called."""
-        return self._closing
 
     @property
     def active_count(self) -> int:
@@ -770,21 +713,6 @@ class TcpForward:
             buffered=buffered,
             failures=dict(self._failures),
         )
-
-    def retarget(self, host: str, port: int) -> None:
-        """Relay connections accepted from now on to ``host:port``; live ones are kept.
-
-        Args:
-            host: New target address.
-            port: New target port.
-
-        Raises:
-            ValueError: ``port`` is out of range.
-        """
-        if not 1 <= port <= _MAX_PORT:
-            raise ValueError(f"target port {port} is not in 1..{_MAX_PORT}")
-        old, self._target = self._target, (host, port)
-        log.info("%s: target %s -> %s", self._label, _format_addr(*old), _format_addr(host, port))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -817,8 +745,8 @@ class TcpForward:
         log.info(
             "%s: listening on %s, relaying to %s",
             self._label,
-            _format_addr(spec.listen_host, self.bound_port),
-            _format_addr(*self._target),
+            format_addr(spec.listen_host, self.bound_port),
+            format_addr(*self._target),
         )
         self._schedule_sweep()
 
@@ -869,19 +797,6 @@ class TcpForward:
         if server is not None:
             await server.wait_closed()
             log.info("%s: stopped", self._label)
-
-    async def __aenter__(self) -> TcpForward:
-        """Start the forward.
-
-        Returns:
-            The started forward.
-        """
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Stop the forward."""
-        await self.stop()
 
     # -- callbacks from links ---------------------------------------------------------------
 

@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sandport.forward.tcp import PortInUse
+from sandport.forward.base import Forward, PortInUse, check_ports, format_addr
 
 __all__ = [
     "LISTEN_RCVBUF",
@@ -81,15 +81,10 @@ WRITE_LOW_WATER = 64 * 1024
 #: Default time :meth:`UdpForward.stop` waits for flow sockets still being created.
 STOP_GRACE = 2.0
 
-_MAX_PORT = 65535
 
 #: A socket address as asyncio reports it: ``(host, port)`` or ``(host, port, flow, scope)``.
 _Addr = tuple[Any, ...]
 
-
-def _format_addr(host: str, port: int) -> str:
-    """Return ``host:port``, with brackets around an IPv6 literal."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _bind(host: str, port: int) -> socket.socket:
@@ -118,9 +113,9 @@ async def _bind(host: str, port: int) -> socket.socket:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
         except OSError as exc:  # pragma: no cover - best effort
-            log.debug("%s: SO_RCVBUF: %s", _format_addr(host, port), exc)
+            log.debug("%s: SO_RCVBUF: %s", format_addr(host, port), exc)
         return sock
-    raise first or OSError(f"no address to bind for {_format_addr(host, port)}")
+    raise first or OSError(f"no address to bind for {format_addr(host, port)}")
 
 
 def _limit_write_buffer(transport: asyncio.BaseTransport) -> None:
@@ -167,10 +162,7 @@ class UdpForwardSpec:
             ValueError: A port is out of range, the timeout is not positive or the flow
                 limit is below 1.
         """
-        if not 0 <= self.listen_port <= _MAX_PORT:
-            raise ValueError(f"listen_port {self.listen_port} is not in 0..{_MAX_PORT}")
-        if not 1 <= self.target_port <= _MAX_PORT:
-            raise ValueError(f"target_port {self.target_port} is not in 1..{_MAX_PORT}")
+        check_ports(self.listen_port, self.target_port)
         if not self.idle_timeout > 0:  # also refuses NaN
             raise ValueError(f"idle_timeout must be > 0, not {self.idle_timeout}")
         if self.max_flows < 1:
@@ -353,7 +345,7 @@ class _Flow(asyncio.DatagramProtocol):
         )
 
 
-class UdpForward:
+class UdpForward(Forward):
     """A host UDP socket relaying every client's datagrams to a target address.
 
     Lifecycle is ``start() → serve → stop()``; ``async with UdpForward(spec) as fwd`` does
@@ -372,9 +364,8 @@ class UdpForward:
         Args:
             spec: Listen and target addresses, idle timeout and flow limit.
         """
+        super().__init__(name=spec.name, target=(spec.target_host, spec.target_port))
         self.spec = spec
-        self._target = (spec.target_host, spec.target_port)
-        self._label = spec.name
         self._seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: _Listener | None = None
@@ -388,7 +379,6 @@ class UdpForward:
         self._idle.set()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._sweep_interval = min(spec.idle_timeout / 4, SWEEP_INTERVAL_MAX)
-        self._closing = False
         self._limit_warned = False
         # Counters of closed flows; active ones are summed in at snapshot time so the
         # data path only touches attributes of its own flow per datagram.
@@ -413,25 +403,6 @@ class UdpForward:
         return self._port
 
     @property
-    def name(self) -> str:
-        """Label used in logs and flow ids."""
-        return self._label
-
-    @property
-    def target(self) -> tuple[str, int]:
-        """``(host, port)`` that new flows are relayed to."""
-        return self._target
-
-    @target.setter
-    def target(self, value: tuple[str, int]) -> None:
-        self.retarget(*value)
-
-    @property
-    def closing(self) -> bool:
-        """True once :meth:`stop` was called."""
-        return self._closing
-
-    @property
     def stats(self) -> UdpForwardStats:
         """A consistent snapshot of the counters."""
         up, down = self._done_up, self._done_down
@@ -453,21 +424,6 @@ class UdpForward:
             expired=self._expired,
             dropped_buffer=self._dropped_buffer,
         )
-
-    def retarget(self, host: str, port: int) -> None:
-        """Relay flows created from now on to ``host:port``; active flows are kept.
-
-        Args:
-            host: New target address.
-            port: New target port.
-
-        Raises:
-            ValueError: ``port`` is out of range.
-        """
-        if not 1 <= port <= _MAX_PORT:
-            raise ValueError(f"target port {port} is not in 1..{_MAX_PORT}")
-        old, self._target = self._target, (host, port)
-        log.info("%s: target %s -> %s", self._label, _format_addr(*old), _format_addr(host, port))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -503,8 +459,8 @@ class UdpForward:
         log.info(
             "%s: listening on %s/udp, relaying to %s",
             self._label,
-            _format_addr(spec.listen_host, self._port),
-            _format_addr(*self._target),
+            format_addr(spec.listen_host, self._port),
+            format_addr(*self._target),
         )
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
@@ -546,19 +502,6 @@ class UdpForward:
             self._listener = None
             log.info("%s: stopped", self._label)
 
-    async def __aenter__(self) -> UdpForward:
-        """Start the forward.
-
-        Returns:
-            The started forward.
-        """
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Stop the forward."""
-        await self.stop()
-
     # -- data path (callbacks from the protocols) -------------------------------------------
 
     def from_client(self, data: bytes, addr: _Addr) -> None:
@@ -578,7 +521,7 @@ class UdpForward:
                         "clients such as %s",
                         self._label,
                         len(self._flows),
-                        _format_addr(addr[0], addr[1]),
+                        format_addr(addr[0], addr[1]),
                     )
                 return
             flow = self._new_flow(addr)
@@ -612,9 +555,9 @@ class UdpForward:
         log.warning(
             "%s: target %s unreachable: %s; closing the flow of %s",
             flow.cid,
-            _format_addr(*self._target),
+            format_addr(*self._target),
             reason,
-            _format_addr(flow.client[0], flow.client[1]),
+            format_addr(flow.client[0], flow.client[1]),
         )
         self._close_flow(flow, "target unreachable")
 
@@ -647,8 +590,8 @@ class UdpForward:
         log.debug(
             "%s: new flow from %s to %s",
             flow.cid,
-            _format_addr(addr[0], addr[1]),
-            _format_addr(host, port),
+            format_addr(addr[0], addr[1]),
+            format_addr(host, port),
         )
         flow.connect_task = loop.create_task(
             self._connect(flow, host, port), name=f"{flow.cid} connect"
