@@ -15,7 +15,8 @@ import secrets
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,6 +121,45 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": lambda: __import__("uvloop").new_event_loop(),
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOP_FACTORIES))
+def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Run a coroutine function on a fresh loop of each kind (uvloop, asyncio), bounded.
+
+    The two loops differ where it matters to a relay (uvloop ignores pause_reading() in
+    connection_made()), so data-plane tests run on both.
+    """
+    factory = LOOP_FACTORIES[request.param]
+
+    def _run(fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+        async def main() -> T:
+            async with asyncio.timeout(timeout):
+                return await fn()
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(main())
+
+    return _run
+
+
+async def eventually(cond: Callable[[], bool], within: float = 3.0) -> None:
+    """Wait (bounded) until ``cond()`` holds."""
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def fd_count() -> int:
+    """Open file descriptors of this process."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,16 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import os
 import random
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-import uvloop
 
+from conftest import eventually, fd_count
 from sandport.forward.tcp import (
     IDLE_SWEEP_MAX,
     WRITE_HIGH_WATER,
@@ -39,28 +38,6 @@ LOOPBACK = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * KiB
 
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "uvloop": uvloop.new_event_loop,
-    "asyncio": asyncio.new_event_loop,
-}
-
-
-@pytest.fixture(params=sorted(LOOP_FACTORIES))
-def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """Run a coroutine function on a fresh loop of the parametrized kind, bounded in time."""
-    factory = LOOP_FACTORIES[request.param]
-
-    def _run(fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-        async def main() -> T:
-            async with asyncio.timeout(timeout):
-                return await fn()
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(main())
-
-    return _run
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 
@@ -74,14 +51,6 @@ def payload(seed: int, n: int) -> bytes:
 
 def set_linger_reset(sock: Any) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-async def eventually(cond: Callable[[], bool], within: float = 3.0) -> None:
-    """Wait (bounded) until ``cond()`` holds."""
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def read_until_eof(reader: asyncio.StreamReader) -> bytes:
@@ -513,8 +482,6 @@ def test_port_in_use(run: Callable[..., Any]) -> None:
 
 
 def test_no_fd_or_task_leak(run: Callable[..., Any]) -> None:
-    def fd_count() -> int:
-        return len(os.listdir("/proc/self/fd"))
 
     async def one(port: int, i: int) -> None:
         reader, writer = await asyncio.open_connection(LOOPBACK, port)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-import uvloop
 
+from conftest import eventually, fd_count
 from sandport.forward.tcp import PortInUse as TcpPortInUse
 from sandport.forward.udp import (
     MAX_DATAGRAM,
@@ -35,41 +34,11 @@ PREFIX = b"echo:"
 #: Datagrams a client keeps in flight in the three-client test.
 WINDOW = 8
 
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "uvloop": uvloop.new_event_loop,
-    "asyncio": asyncio.new_event_loop,
-}
-
-
-@pytest.fixture(params=sorted(LOOP_FACTORIES))
-def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """Run a coroutine function on a fresh loop of the parametrized kind, bounded in time."""
-    factory = LOOP_FACTORIES[request.param]
-
-    def _run(fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-        async def main() -> T:
-            async with asyncio.timeout(timeout):
-                return await fn()
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(main())
-
-    return _run
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 
 def spec_for(port: int, **kw: Any) -> UdpForwardSpec:
     return UdpForwardSpec(listen_port=0, target_host=LOOPBACK, target_port=port, **kw)
-
-
-async def eventually(cond: Callable[[], bool], within: float = 3.0) -> None:
-    """Wait (bounded) until ``cond()`` holds."""
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class Target(asyncio.DatagramProtocol):
@@ -148,9 +117,6 @@ def dead_udp_port() -> Iterator[int]:
         port = s.getsockname()[1]
     yield port
 
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # -- tests -----------------------------------------------------------------------------------
