@@ -14,9 +14,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvloop
@@ -169,10 +169,10 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int) -> None:
     err.print("stopped; nothing left behind.")
 
 
-def _run(coro_factory: object) -> None:
+def _run(coro: Coroutine[Any, Any, None]) -> None:
     """Run a coroutine under uvloop, mapping errors to messages and exit codes."""
     try:
-        uvloop.run(coro_factory)  # type: ignore[arg-type]
+        uvloop.run(coro)
     except SandportError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True)
         raise typer.Exit(exc.exit_code) from None

@@ -75,10 +75,16 @@ class GatewayConfig:
     @property
     def url_host(self) -> str:
         """The host part used in URLs printed for people."""
-        host = self.public_host or self.listen_host
-        if host in ("0.0.0.0", ""):
-            return "127.0.0.1"
+        host = connect_host(self.public_host or self.listen_host)
         return f"[{host}]" if ":" in host else host
+
+
+def connect_host(bind_host: str) -> str:
+    """An address this host can connect to for a listener bound to ``bind_host``.
+
+    A wildcard bind (``0.0.0.0``, ``::``) is reached through loopback; others as they are.
+    """
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind_host, bind_host)
 
 
 def parse_hostport(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:

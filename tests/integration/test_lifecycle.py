@@ -123,6 +123,20 @@ def test_up_demo_then_sigint_leaves_nothing(up_factory: Any, leftovers: Any) -> 
         assert s.connect_ex((vnc["host"], vnc["port"])) != 0
 
 
+def test_wildcard_binds_print_addresses_that_connect(up_factory: Any, leftovers: Any) -> None:
+    # The last --listen wins (the factory's own is 127.0.0.1:0).
+    up = up_factory("--demo", "--forward-host", "0.0.0.0", "--listen", "0.0.0.0:0")
+    ready = up.wait_ready()
+    assert ready["vnc"]["host"] == "127.0.0.1"
+    assert ready["desktop_url"].startswith("http://127.0.0.1:")
+    r = asyncio.run(probe_rfb_tcp("127.0.0.1", ready["vnc"]["port"],
+                                  password=ready["vnc_password"]))
+    assert r.ok, r.detail
+    code, stderr = up.stop()
+    assert code == 0, stderr
+    assert leftovers(bridge=up.bridge, sandbox_ids=[ready["id"]], state_dir=up.state_dir) == []
+
+
 def test_sigterm_also_stops_cleanly(up_factory: Any, leftovers: Any) -> None:
     up = up_factory("--demo")
     ready = up.wait_ready()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandport.config import GatewayConfig, NetConfig, parse_hostport
+from sandport.config import GatewayConfig, NetConfig, connect_host, parse_hostport
 from sandport.control.store import MIGRATIONS, Store
 from sandport.control.tokens import TokenCheck, check_token, hash_token, new_token
 from sandport.errors import UsageError
@@ -142,6 +142,9 @@ def test_net_config_checks_names_and_sizes() -> None:
         NetConfig(subnet=ipaddress.IPv4Network("10.201.0.0/30"))
     assert str(NetConfig().gateway_ip) == "10.201.0.1"
     assert GatewayConfig(listen_host="0.0.0.0").url_host == "127.0.0.1"
+    assert GatewayConfig(listen_host="::").url_host == "[::1]"
+    assert GatewayConfig(listen_host="10.9.8.7", public_host="sb.example").url_host == "sb.example"
+    assert connect_host("0.0.0.0") == "127.0.0.1" and connect_host("10.1.2.3") == "10.1.2.3"
 
 
 def test_desktop_colour_is_stable_distinct_and_never_dark() -> None:

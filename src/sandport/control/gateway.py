@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sandport import preflight
-from sandport.config import GatewayConfig
+from sandport.config import GatewayConfig, connect_host
 from sandport.control.app import LiveSandbox, build_app
 from sandport.control.httpserver import HttpServer
 from sandport.control.store import Store
@@ -350,10 +350,10 @@ class Gateway:
         backend, spec = self._backend, sb.spec
         password = spec.secrets.get("vnc_password")
         fwd = sb.forwards["vnc"]
-        host = self.config.forward_host
-        ws_host = "127.0.0.1" if self.config.listen_host in ("0.0.0.0", "") else (
-            self.config.listen_host)
-        ws_url = (f"ws://{ws_host}:{self.http_port}/s/{spec.id}/ports/vnc/ws?token={sb.token}")
+        host = connect_host(self.config.forward_host)
+        ws_host = connect_host(self.config.listen_host)
+        ws_host = f"[{ws_host}]" if ":" in ws_host else ws_host
+        ws_url = f"ws://{ws_host}:{self.http_port}/s/{spec.id}/ports/vnc/ws?token={sb.token}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ready_timeout
 
@@ -392,7 +392,7 @@ class Gateway:
             profile=sb.spec.profile,
             token=sb.token,
             desktop_url=f"{self.base_url}/s/{sandbox_id}/?token={sb.token}",
-            vnc_host=self.config.forward_host,
+            vnc_host=connect_host(self.config.forward_host),
             vnc_port=fwd.bound_port if fwd is not None else 0,
             vnc_password=sb.spec.secrets.get("vnc_password", ""),
             colour=colour_hex(desktop_colour(sandbox_id)),

@@ -166,6 +166,8 @@ class NetnsBackend:
         if status != 0:
             log.warning("sandbox %s: xsetroot failed (%s): %s", spec.id, status,
                         setroot.log_tail())
+        if not setroot.running:  # a one-shot that ran is not a service; a hung one is stopped
+            self._procs[spec.id].remove(setroot)
         await self._spawn(spec, "openbox", [self._programs["openbox"]])
         await self._spawn(spec, "xmessage", [
             self._programs["xmessage"], "-center", "-buttons", "",
@@ -195,7 +197,7 @@ class NetnsBackend:
         return Inspection(
             exists=netlink.netns_exists(name),
             link_up=await asyncio.to_thread(netlink.link_exists, host_ifname(spec.id)),
-            services={p.name: p.running for p in procs_now if p.name != "xsetroot"},
+            services={p.name: p.running for p in procs_now},
             pids=tuple(procs.pids_in_netns(name)),
         )
 
