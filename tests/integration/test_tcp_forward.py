@@ -15,14 +15,16 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
 
 from conftest import eventually, fd_count
 from sandport.forward.tcp import (
+    COPY_CHUNK,
     IDLE_SWEEP_MAX,
-    WRITE_HIGH_WATER,
+    PIPE_SIZE,
     FailureReason,
     PortInUse,
     TcpForward,
@@ -306,7 +308,8 @@ def test_data_and_fin_before_upstream_connects(run: Callable[..., Any]) -> None:
 def test_backpressure_bounds_relay_buffers(run: Callable[..., Any]) -> None:
     """A target that does not read stalls the client; the relay holds little in user space."""
     total, chunk_size = 64 * MiB, 1 * MiB
-    limit = 4 * WRITE_HIGH_WATER  # 1 MiB: one high-water mark + one read per direction, slack
+    # One pipe (splice) or one buffer (copy) per direction holds the most the relay keeps.
+    limit = 2 * max(PIPE_SIZE, COPY_CHUNK)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -569,8 +572,14 @@ def test_stop_resets_connections_that_cannot_drain(run: Callable[..., Any]) -> N
             _, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
             writer.transport.pause_reading()  # never read the echo
             blob = payload(9, 32 * MiB)
-            writer.write(blob)  # the echo fills the relay's client-side buffer
-            await eventually(lambda: fwd.stats.buffered >= WRITE_HIGH_WATER // 2, within=5)
+            writer.write(blob)  # the echo fills the client's socket, then the relay's pipe
+            # Stalled: the relay holds bytes and no more reach the client for a while.
+            deadline, last, since = time.monotonic() + 10, -1, time.monotonic()
+            while not (fwd.stats.buffered > 0 and time.monotonic() - since > 0.3):
+                assert time.monotonic() < deadline, "the client side never stalled"
+                if fwd.stats.bytes_down != last:
+                    last, since = fwd.stats.bytes_down, time.monotonic()
+                await asyncio.sleep(0.02)
             t0 = time.monotonic()
             await fwd.stop(grace=0.3)
             assert 0.25 < time.monotonic() - t0 < 2.0
@@ -713,10 +722,16 @@ def test_max_connections_resets_the_extra_client(run: Callable[..., Any]) -> Non
                     clients.append((reader, writer))
                 assert fwd.stats.active == limit
                 # One more: the kernel completes the handshake, then the relay sends RST.
-                extra_r, extra_w = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                # The RST may beat the client's own connect completion (same loop here).
+                async def extra_client() -> None:
+                    extra_r, extra_w = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                    try:
+                        await read_until_eof(extra_r)
+                    finally:
+                        extra_w.transport.abort()
+
                 with pytest.raises(ConnectionResetError):
-                    await read_until_eof(extra_r)
-                extra_w.transport.abort()
+                    await extra_client()
                 await eventually(lambda: fwd.stats.failures["limit"] == 1)
                 st = fwd.stats
                 assert (st.active, st.total, st.failed_connects) == (limit, limit + 1, 0)
@@ -817,3 +832,155 @@ def test_connect_failure_reason_mapping(exc: OSError, reason: str) -> None:
     from sandport.forward.tcp import _connect_failure_reason
 
     assert _connect_failure_reason(exc) == reason
+
+
+# -- data paths at the issue's sizes ---------------------------------------------------------
+
+
+@pytest.fixture(params=["splice", "copy"])
+def data_path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def stream_chunks(seed: int, total: int, size: int = MiB) -> Iterator[bytes]:
+    """``total`` bytes in ``size`` chunks; each chunk starts with its index (reordering shows)."""
+    block = random.Random(seed).randbytes(size)
+    for i in range(total // size):
+        yield struct.pack("<Q", i) + block[8:]
+
+
+def send_and_hash(sock: socket.socket, seed: int, total: int) -> str:
+    """Send the stream, then FIN; return the sha256 of what was sent."""
+    digest = hashlib.sha256()
+    for chunk in stream_chunks(seed, total):
+        digest.update(chunk)
+        sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)
+    return digest.hexdigest()
+
+
+def recv_and_hash(sock: socket.socket) -> tuple[int, str]:
+    """Read to EOF; return (bytes, sha256)."""
+    digest, n = hashlib.sha256(), 0
+    buf = bytearray(MiB)
+    while k := sock.recv_into(buf):
+        digest.update(memoryview(buf)[:k])
+        n += k
+    return n, digest.hexdigest()
+
+
+def both_ways(sock: socket.socket, seed: int, total: int) -> tuple[str, tuple[int, str]]:
+    """Send ``total`` bytes and read everything the peer sends, at the same time."""
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(send_and_hash, sock, seed, total)
+        got = recv_and_hash(sock)
+        return sent.result(timeout=120), got
+
+
+def test_256_mib_each_way_sha256(run: Callable[..., Any], data_path: str) -> None:
+    """256 MiB up and 256 MiB down at once through one connection; both digests match."""
+    total = 256 * MiB
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.socket() as srv:
+            srv.bind((LOOPBACK, 0))
+            srv.listen(1)
+            srv.settimeout(30)
+
+            def target() -> tuple[str, tuple[int, str]]:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.settimeout(60)
+                    return both_ways(conn, seed=2, total=total)
+
+            def client(port: int) -> tuple[str, tuple[int, str]]:
+                with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+                    sock.settimeout(60)
+                    return both_ways(sock, seed=1, total=total)
+
+            spec = spec_for(srv.getsockname()[1], data_path=data_path)
+            async with TcpForward(spec) as fwd:
+                t_side = loop.run_in_executor(None, target)
+                c_side = loop.run_in_executor(None, client, fwd.bound_port)
+                (c_sent, c_got), (t_sent, t_got) = await asyncio.gather(c_side, t_side)
+                assert t_got == (total, c_sent), "client → target stream differs"
+                assert c_got == (total, t_sent), "target → client stream differs"
+                await eventually(lambda: fwd.stats.active == 0)
+                st = fwd.stats
+                assert (st.bytes_up, st.bytes_down) == (total, total)
+                assert st.fallbacks == 0
+                assert st.buffered == 0
+
+    run(main, timeout=120)
+
+
+def test_200_concurrent_connections(run: Callable[..., Any], data_path: str) -> None:
+    """200 clients at once, each echoing its own 64 KiB; every byte comes back to its owner."""
+    n_clients, size = 200, 64 * KiB
+
+    async def client(port: int, i: int, start: asyncio.Event) -> None:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        await start.wait()  # all 200 are connected before any sends
+        data = payload(1000 + i, size)
+        writer.write(data)
+        writer.write_eof()
+        got = await reader.read()
+        await close_writer(writer)
+        assert got == data, f"client {i}: echoed bytes differ"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        target = await loop.create_server(Echo, LOOPBACK, 0, backlog=512)
+        try:
+            port = target.sockets[0].getsockname()[1]
+            async with TcpForward(spec_for(port, data_path=data_path)) as fwd:
+                start = asyncio.Event()
+                tasks = [asyncio.create_task(client(fwd.bound_port, i, start))
+                         for i in range(n_clients)]
+                await eventually(lambda: fwd.stats.active == n_clients, within=10)
+                start.set()
+                await asyncio.gather(*tasks)
+                await eventually(lambda: fwd.stats.active == 0)
+                st = fwd.stats
+                assert (st.total, st.failed_connects) == (n_clients, 0)
+                assert st.bytes_up == st.bytes_down == n_clients * size
+        finally:
+            target.close()
+
+    run(main, timeout=60)
+
+
+def test_splice_refused_falls_back_to_copy(
+    run: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel refuses splice (EINVAL), the connection relays with recv/send."""
+
+    def refuse(*_: Any, **__: Any) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr("os.splice", refuse)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        target = await loop.create_server(Echo, LOOPBACK, 0)
+        try:
+            spec = spec_for(target.sockets[0].getsockname()[1], data_path="splice")
+            async with TcpForward(spec) as fwd:
+                data = payload(11, 3 * MiB)
+                reader, writer = await asyncio.open_connection(LOOPBACK, fwd.bound_port)
+                writer.write(data)
+                writer.write_eof()
+                assert await reader.read() == data
+                await close_writer(writer)
+                await eventually(lambda: fwd.stats.active == 0)
+                assert fwd.stats.fallbacks == 2  # both directions
+        finally:
+            target.close()
+
+    run(main)
+
+
+def test_data_path_validation() -> None:
+    with pytest.raises(ValueError, match="data_path"):
+        TcpForwardSpec(listen_port=0, target_host=LOOPBACK, target_port=1, data_path="zero")
