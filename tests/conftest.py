@@ -82,14 +82,30 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     return nets
 
 
+_TEST_OCTETS = range(100, 251)  # 10.201.100.0/24 - 10.201.250.0/24
+_handed_out: list[int] = []  # this process's recent subnets, newest last
+
+
 def free_test_subnet() -> ipaddress.IPv4Network:
-    """A /24 in 10.201.100.0-10.201.250.0 that no interface uses (test pool range)."""
+    """A /24 in 10.201.100.0-10.201.250.0 that no interface uses (test pool range).
+
+    A subnet only shows as used once its bridge exists, which is after the gateway
+    started: each xdist worker therefore draws from its own slice of the range, and a
+    process never hands out a subnet it handed out recently (a test may pick two before
+    it starts either gateway).
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    mine = [o for o in _TEST_OCTETS if o % count == index % count]
     used = _used_networks()
-    for _ in range(200):
-        candidate = ipaddress.IPv4Network(f"10.201.{100 + secrets.randbelow(151)}.0/24")
-        if not any(candidate.overlaps(n) for n in used):
-            return candidate
-    raise RuntimeError("no free /24 in 10.201.100.0-10.201.250.0 for a test gateway")
+    free = [o for o in mine if o not in _handed_out[-8:] and not any(
+        ipaddress.IPv4Network(f"10.201.{o}.0/24").overlaps(n) for n in used)]
+    if not free:
+        raise RuntimeError(f"no free /24 in 10.201.100.0-10.201.250.0 for {worker}")
+    octet = free[secrets.randbelow(len(free))]
+    _handed_out.append(octet)
+    return ipaddress.IPv4Network(f"10.201.{octet}.0/24")
 
 
 def test_net_names() -> tuple[str, ipaddress.IPv4Network]:
@@ -187,12 +203,12 @@ def gateway_factory(
         last: Exception | None = None
         for _ in range(5):  # a parallel worker may take the same random subnet first
             bridge, subnet = test_net_names()
-            config = GatewayConfig(
-                listen_host="127.0.0.1", listen_port=0,
-                state_dir=tmp_path_factory.mktemp("state"),
-                net=NetConfig(bridge=bridge, subnet=subnet), ready_timeout=60,
-                **overrides,
-            )
+            settings: dict[str, Any] = {
+                "listen_host": "127.0.0.1", "listen_port": 0,
+                "state_dir": tmp_path_factory.mktemp("state"),
+                "net": NetConfig(bridge=bridge, subnet=subnet), "ready_timeout": 60,
+            }
+            config = GatewayConfig(**{**settings, **overrides})
             gw = Gateway(config)
             try:
                 loop_thread.run(gw.start())
@@ -286,3 +302,8 @@ def remove_gateway_leftovers(*, bridge: str, state_dir: Path) -> None:
         subprocess.run(["ip", "netns", "del", f"sp-{sid}"], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", f"sp-{sid}-v"], capture_output=True, check=False)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+    if shutil.which("nft"):
+        from sandport.net import nft
+
+        with contextlib.suppress(Exception):
+            nft.remove(bridge)

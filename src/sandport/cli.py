@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +24,7 @@ import typer
 import uvloop
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from sandport import __version__
 from sandport.config import (
@@ -32,8 +35,11 @@ from sandport.config import (
     NetConfig,
     parse_hostport,
 )
-from sandport.control.gateway import Gateway, SandboxInfo
+from sandport.control.forwards import ForwardOptions
+from sandport.control.gateway import GATEWAY_FILE, Gateway, SandboxInfo
 from sandport.errors import SandportError, UsageError
+from sandport.forward.spec import SYNTAX as SPEC_SYNTAX
+from sandport.forward.spec import PortMapping, check_overlaps, parse_port_spec
 
 log = logging.getLogger("sandport")
 
@@ -79,6 +85,11 @@ def _parse_subnet(text: str) -> ipaddress.IPv4Network:
             from None
 
 
+def _error(exc: BaseException) -> None:
+    """One error line on stderr; the message is text, never rich markup."""
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+
+
 def _print_sandbox(info: SandboxInfo) -> None:
     err.print(
         f"\n[bold green]Desktop sandbox {info.id} is ready[/] in {info.ready_seconds:.1f} s "
@@ -87,6 +98,9 @@ def _print_sandbox(info: SandboxInfo) -> None:
         f"  VNC:      [bold]vncviewer {info.vnc_host}::{info.vnc_port}[/]"
         f"   password [bold]{info.vnc_password}[/]\n"
     )
+    for f in info.forwards:
+        err.print(escape(f"  Forward:  {f['protocol']} {f['host']} -> {f['guest']}  ")
+                  + f"[bold]{f['mode']}[/] " + escape(f"({f['why']})"))
     out.print(f"{READY_PREFIX} {json.dumps(info.as_json(), separators=(',', ':'))}",
               markup=False)
     sys.stdout.flush()
@@ -125,7 +139,8 @@ def install_stop_signals(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], 
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int) -> None:
+async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
+                 publish: list[PortMapping], options: ForwardOptions) -> None:
     """Run the gateway until SIGINT or SIGTERM; always stop it cleanly."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -142,9 +157,10 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int) -> None:
             await gateway.start(progress)
             err.print(f"sandport {__version__} gateway on [bold]{gateway.base_url}[/] "
                       f"(bridge {config.net.bridge}, subnet {config.net.subnet}, "
-                      f"state {config.state_dir})")
+                      f"state {escape(str(config.state_dir))})")
             if demo:
-                info = await gateway.create_sandbox(vnc_port=vnc_port, progress=progress)
+                info = await gateway.create_sandbox(vnc_port=vnc_port, publish=publish,
+                                                    options=options, progress=progress)
         if demo:
             _print_sandbox(info)
         err.print("Press Ctrl-C to stop: every sandbox, link and process sandport made is "
@@ -174,11 +190,11 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         uvloop.run(coro)
     except SandportError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True)
+        _error(exc)
         raise typer.Exit(exc.exit_code) from None
     except Exception as exc:  # never a traceback to a user
         log.debug("internal error", exc_info=True)
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                   "  run again with --log-level debug for the traceback, and report it")
         raise typer.Exit(1) from None
 
@@ -199,8 +215,23 @@ def up(
     vnc_port: Annotated[int, typer.Option(
         help="Host port of the demo sandbox's VNC forward (0: any free port).",
         min=0, max=65535)] = DEMO_VNC_PORT,
+    publish: Annotated[list[str] | None, typer.Option(
+        "--publish", "-p", metavar="SPEC",
+        help=f"Forward more ports of the demo sandbox: {escape(SPEC_SYNTAX)}. Repeatable.")] = None,
+    forward_mode: Annotated[str, typer.Option(
+        help="auto (kernel DNAT where it can serve, else the relay, and says why), kernel "
+        "(nftables DNAT) or proxy (userspace relay on splice).")] = "auto",
+    proxy_protocol: Annotated[int | None, typer.Option(
+        help="Send a PROXY protocol header (1 or 2) to the guest on -p forwards, so it "
+        "sees the real client address (userspace relay).", min=1, max=2)] = None,
+    max_connections: Annotated[int | None, typer.Option(
+        help="Most connections at once per -p TCP forward (userspace relay).", min=1)] = None,
+    idle_timeout: Annotated[float | None, typer.Option(
+        help="Close -p TCP connections silent for this many seconds (userspace relay).",
+        min=0.001)] = None,
     forward_host: Annotated[str, typer.Option(
-        help="Address host port forwards bind to.")] = "127.0.0.1",
+        help="Address host port forwards bind to when a -p spec names none.")]
+        = "127.0.0.1",
     ready_timeout: Annotated[float, typer.Option(
         help="Seconds a sandbox may take to answer VNC through every path.", min=1)] = 60.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
@@ -217,10 +248,20 @@ def up(
       sudo sandport up --demo
 
       sudo sandport up --listen 0.0.0.0:8700 --subnet 10.201.5.0/24 --bridge sp-br5
+
+      sudo sandport up --demo -p 18080:8080 -p 15353:53/udp --forward-mode proxy
     """
     try:
         _setup_logging(log_level)
         host, port = parse_hostport(listen)
+        mappings = [m for spec in publish or []
+                    for m in parse_port_spec(spec, default_host_ip=forward_host)]
+        if mappings and not demo:
+            raise UsageError("-p forwards ports of a sandbox: add --demo to create one",
+                             hint="sandboxes created through the API take their own specs")
+        check_overlaps(mappings, {})
+        options = ForwardOptions(mode=forward_mode, proxy_protocol=proxy_protocol,
+                                 max_connections=max_connections, idle_timeout=idle_timeout)
         config = GatewayConfig(
             listen_host=host,
             listen_port=port,
@@ -228,11 +269,96 @@ def up(
             net=NetConfig(bridge=bridge, subnet=_parse_subnet(subnet)),
             forward_host=forward_host,
             ready_timeout=ready_timeout,
+            forward_mode=forward_mode,
         )
     except SandportError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        _error(exc)
         raise typer.Exit(exc.exit_code) from None
-    _run(_serve(config, demo=demo, vnc_port=vnc_port))
+    _run(_serve(config, demo=demo, vnc_port=vnc_port, publish=mappings, options=options))
+
+
+forward_app = typer.Typer(help="Inspect the host port forwards of a running gateway.",
+                          no_args_is_help=True)
+app.add_typer(forward_app, name="forward")
+
+
+def _gateway_doc(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / GATEWAY_FILE
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no gateway runs with state dir {state_dir} ({path} is missing)",
+                         hint="start one with `sandport up`, or pass its --state-dir") from None
+    except PermissionError:
+        raise UsageError(f"cannot read {path}: it is the gateway's admin secret",
+                         hint="run as root (the user that runs the gateway)") from None
+    except ValueError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc}") from None
+    return doc
+
+
+def _fetch_forwards(state_dir: Path) -> list[dict[str, Any]]:
+    doc = _gateway_doc(state_dir)
+    url = f"{doc['url']}/api/forwards"
+    if not url.startswith("http://"):
+        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http:// URL: {doc['url']!r}")
+    req = urllib.request.Request(  # noqa: S310 - http:// checked above
+        url, headers={"Authorization": f"Bearer {doc['admin_token']}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5.0) as r:  # noqa: S310 - our own http URL
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise SandportError(f"gateway answered {exc.code}: {exc.read()[:200]!r}") from None
+    except (OSError, ValueError) as exc:
+        raise SandportError(f"gateway pid {doc.get('pid')} at {doc['url']} does not answer: "
+                            f"{exc}", hint="is it still running? `sandport up` starts one")\
+            from None
+    forwards: list[dict[str, Any]] = body["forwards"]
+    return forwards
+
+
+def _count(value: object) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+@forward_app.command("list")
+def forward_list(
+    state_dir: Annotated[Path, typer.Option(
+        help="State dir of the gateway to ask.")] = DEFAULT_STATE_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+        = False,
+) -> None:
+    """Show every host port forward: mode and why, state, connections, bytes, failures.
+
+    Kernel forwards count the connections their DNAT rule translated; bytes and active
+    connections are known only for the userspace relay ("-").
+    """
+    try:
+        forwards = _fetch_forwards(state_dir.absolute())
+    except SandportError as exc:
+        _error(exc)
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        out.print(json.dumps(forwards, indent=2), markup=False)
+        return
+    if not forwards:
+        err.print("no forwards")
+        return
+    header = ("ID", "SANDBOX", "NAME", "PROTO", "HOST", "GUEST", "MODE", "STATE", "ACTIVE",
+              "TOTAL", "BYTES UP", "BYTES DOWN", "FAILURES", "WHY")
+    rows = [header]
+    for f in forwards:
+        failures = ",".join(f"{k}={v}" for k, v in sorted((f.get("failures") or {}).items())
+                            if v) or "-"
+        rows.append((f["id"], f["sandbox"], f["name"], f["protocol"], f["host"], f["guest"],
+                     f"{f['mode']}/{f['data_path']}", f["state"], _count(f.get("active")),
+                     _count(f.get("total")), _count(f.get("bytes_up")),
+                     _count(f.get("bytes_down")), failures, f["why"]))
+    # Plain aligned columns, never truncated: the output is grepped as often as read.
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
+        out.print("  ".join([*cells, r[-1]]), markup=False, crop=False, overflow="ignore")
 
 
 @app.command()

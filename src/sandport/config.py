@@ -62,6 +62,7 @@ class GatewayConfig:
         forward_host: address that host port forwards bind to.
         public_host: host name written into URLs; defaults to ``listen_host``.
         ready_timeout: seconds a sandbox may take to answer its protocol.
+        forward_mode: ``auto``, ``kernel`` or ``proxy`` for host port forwards.
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -71,6 +72,7 @@ class GatewayConfig:
     forward_host: str = "127.0.0.1"
     public_host: str | None = None
     ready_timeout: float = 60.0
+    forward_mode: str = "auto"
 
     @property
     def url_host(self) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from conftest import remove_gateway_leftovers, require_programs, require_root, test_net_names
+from nethelpers import free_port
+from sandport.net import nft
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
 
 pytestmark = pytest.mark.integration
@@ -66,7 +68,8 @@ class Up:
                 return
             if not line and self.proc.poll() is not None:
                 break
-        raise AssertionError("gateway did not come up")
+        raise AssertionError(f"gateway did not come up (exit {self.proc.poll()}); "
+                             f"stderr:\n{self.seen_stderr}")
 
     def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
         self.proc.send_signal(sig)
@@ -124,8 +127,10 @@ def test_up_demo_then_sigint_leaves_nothing(up_factory: Any, leftovers: Any) -> 
 
 
 def test_wildcard_binds_print_addresses_that_connect(up_factory: Any, leftovers: Any) -> None:
-    # The last --listen wins (the factory's own is 127.0.0.1:0).
-    up = up_factory("--demo", "--forward-host", "0.0.0.0", "--listen", "0.0.0.0:0")
+    # The last --listen wins (the factory's own is 127.0.0.1:0). Proxy mode: a wildcard
+    # kernel forward would turn forwarding on for this machine's own eth0.
+    up = up_factory("--demo", "--forward-host", "0.0.0.0", "--listen", "0.0.0.0:0",
+                    "--forward-mode", "proxy")
     ready = up.wait_ready()
     assert ready["vnc"]["host"] == "127.0.0.1"
     assert ready["desktop_url"].startswith("http://127.0.0.1:")
@@ -171,6 +176,56 @@ def test_kill_9_then_restart_removes_the_leftovers(up_factory: Any, leftovers: A
     assert code == 0, stderr
     assert "removing leftover sandbox" in stderr
     assert leftovers(bridge=first.bridge, sandbox_ids=[ready["id"]], state_dir=state) == []
+
+
+def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
+    up_factory: Any, tmp_path: Path
+) -> None:
+    """The restart reconciles nft: the killed gateway's rules go, no duplicates, no strays."""
+    state = tmp_path / "nft-state"
+    p1, p2 = free_port(), free_port(socket.SOCK_DGRAM)
+    first = up_factory("--demo", "-p", f"{p1}:7", "-p", f"{p2}:7/udp", state_dir=state)
+    first.wait_ready()
+    bridge = first.bridge
+    assert len(nft.rules_of(bridge)) == 4  # vnc, tcp, udp (output hook) + masquerade
+    first.proc.kill()  # SIGKILL: the rules stay behind
+    first.proc.communicate(timeout=10)
+    assert len(nft.rules_of(bridge)) == 4
+    p3 = free_port()
+    second = up_factory("--demo", "-p", f"{p3}:7", state_dir=state, bridge=bridge,
+                        subnet=first.subnet)
+    ready = second.wait_ready()
+    vnc = ready["vnc"]["port"]
+    assert sorted(nft.rules_of(bridge)) == sorted([
+        (f"out-{bridge}", f"sandport tcp 127.0.0.1:{vnc} -> {ready['ip']}:5901"),
+        (f"out-{bridge}", f"sandport tcp 127.0.0.1:{p3} -> {ready['ip']}:7"),
+        (f"post-{bridge}", "sandport: replies to 127.0.0.1"),
+    ])
+    assert sorted(nft.own_chains(bridge)) == sorted(nft.chain_names(bridge))
+    # `sandport forward list` asks the running gateway: mode, why, counters.
+    table = _run_cli("forward", "list", "--state-dir", str(state))
+    assert table.returncode == 0, table.stderr
+    assert f"127.0.0.1:{p3}" in table.stdout and "kernel/kernel" in table.stdout
+    listed = json.loads(_run_cli("forward", "list", "--state-dir", str(state), "--json").stdout)
+    assert [(f["name"], f["mode"]) for f in listed] == [("vnc", "kernel"), ("7/tcp", "kernel")]
+    assert listed[0]["total"] >= 1  # the readiness probe went through the DNAT rule
+    code, stderr = second.stop()
+    assert code == 0, stderr
+    assert nft.own_chains(bridge) == []
+    gone = _run_cli("forward", "list", "--state-dir", str(state))
+    assert gone.returncode == 2 and "no gateway runs" in gone.stderr
+
+
+def test_publish_needs_a_sandbox_and_a_valid_spec(tmp_path: Path) -> None:
+    r = _run_cli("up", "-p", "8080:80", "--state-dir", str(tmp_path))
+    assert r.returncode == 2 and "add --demo" in r.stderr
+    r = _run_cli("up", "--demo", "-p", "80:8080:x", "--state-dir", str(tmp_path))
+    assert r.returncode == 2 and "invalid port spec" in r.stderr
+    assert "HOSTPORT:GUESTPORT" in r.stderr
+    r = _run_cli("up", "--demo", "-p", "9000:80", "-p", "9000:81", "--state-dir", str(tmp_path))
+    assert r.returncode == 2 and "already forwarded" in r.stderr
+    r = _run_cli("up", "--demo", "--forward-mode", "fast", "--state-dir", str(tmp_path))
+    assert r.returncode == 2 and "not one of auto, kernel, proxy" in r.stderr
 
 
 def test_second_gateway_on_the_same_state_dir_is_refused(up_factory: Any) -> None:

@@ -22,120 +22,37 @@ from typing import Any
 
 import pytest
 
-from conftest import free_test_subnet, require_programs, require_root, test_net_names
+from conftest import require_programs, require_root, test_net_names
+from nethelpers import ECHO_SERVER, client, free_port, guest_server, remote_host
 from sandport.net import netlink, nft
-from sandport.sandbox.procs import NSEXEC
 
 pytestmark = pytest.mark.integration
-
-ECHO_SERVER = r"""
-import socket, sys, threading
-log = open(sys.argv[1], "a", buffering=1)
-def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 7)); s.listen(64)
-    while True:
-        c, peer = s.accept(); log.write(f"tcp {peer[0]}\n")
-        def serve(c=c):
-            while data := c.recv(65536): c.sendall(data)
-            c.close()
-        threading.Thread(target=serve, daemon=True).start()
-def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 7))
-    while True:
-        data, peer = u.recvfrom(65535); log.write(f"udp {peer[0]}\n"); u.sendto(data, peer)
-threading.Thread(target=udp, daemon=True).start()
-print("ready", flush=True)
-tcp()
-"""
-
-
-def in_netns(netns: str, tmp: Path, code: str, *args: str, **kw: Any) -> Any:
-    return subprocess.run([sys.executable, "-I", "-S", str(NSEXEC), netns, "/tmp", "--",
-                           sys.executable, "-I", "-c", code, *args],
-                          capture_output=True, text=True, timeout=30, check=False, **kw)
-
-
-CLIENT = r"""
-import socket, sys
-host, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-payload = b"x" * 5000 + proto.encode()
-if proto == "tcp":
-    s = socket.create_connection((host, port), timeout=5); s.sendall(payload); s.shutdown(1)
-    got = b""
-    while chunk := s.recv(65536): got += chunk
-else:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
-    s.sendto(payload, (host, port)); got = s.recvfrom(65535)[0]
-print("OK" if got == payload else f"BAD {len(got)}")
-"""
-
 
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[dict[str, Any]]:
     require_root()
     require_programs("nft")
     bridge, guest_net = test_net_names()
-    remote_net = free_test_subnet()
-    tag = secrets.token_hex(3)
-    guest_ns, remote_ns, remote_link = f"sp-{tag}", f"sp-{tag}r", f"sp-{tag}-r"
+    guest_ns, guest_link = f"sp-{secrets.token_hex(3)}", ""
     gw = ipaddress.IPv4Interface(f"{guest_net.network_address + 1}/24")
     guest_ip = gw.ip + 1
-    r_host = ipaddress.IPv4Interface(f"{remote_net.network_address + 1}/24")
-    r_remote = ipaddress.IPv4Interface(f"{r_host.ip + 1}/24")
     log = tmp_path / "echo.log"
-    server = None
     try:
         netlink.ensure_bridge(bridge, gw)
-        netlink.create_sandbox_link(netns_name=guest_ns, host_ifname=f"sp-{tag}-v",
+        guest_link = f"{guest_ns}-v"
+        netlink.create_sandbox_link(netns_name=guest_ns, host_ifname=guest_link,
                                     bridge=bridge, address=ipaddress.IPv4Interface(
                                         f"{guest_ip}/24"), gateway=gw.ip)
-        # The "remote" host: its own netns on its own link to the host, routed via R.1.
-        subprocess.run(["ip", "netns", "add", remote_ns], check=True)
-        subprocess.run(["ip", "link", "add", remote_link, "type", "veth", "peer", "name",
-                        "eth0", "netns", remote_ns], check=True)
-        subprocess.run(["ip", "addr", "add", str(r_host), "dev", remote_link], check=True)
-        subprocess.run(["ip", "link", "set", remote_link, "up"], check=True)
-        for cmd in (["addr", "add", str(r_remote), "dev", "eth0"],
-                    ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"],
-                    ["route", "add", "default", "via", str(r_host.ip)]):
-            subprocess.run(["ip", "-n", remote_ns, *cmd], check=True)
-        # Remote clients' packets are forwarded from this link to the bridge (the test's
-        # own link; the gateway enables forwarding on its bridge).
-        nft.set_sysctl(f"net/ipv4/conf/{remote_link}/forwarding", "1")
-        # The guest keeps the host's /tmp (bound onto itself): this interpreter may live
-        # under /tmp (a CI clone), and a private /tmp would hide it.
-        server = subprocess.Popen([sys.executable, "-I", "-S", str(NSEXEC), guest_ns, "/tmp",
-                                   "--", sys.executable, "-I", "-c", ECHO_SERVER, str(log)],
-                                  stdout=subprocess.PIPE, text=True)
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        yield {"bridge": bridge, "guest_ip": str(guest_ip), "remote_ns": remote_ns,
-               "host_addr": str(r_host.ip), "remote_ip": str(r_remote.ip), "log": log,
-               "tmp": tmp_path}
+        with remote_host() as remote, guest_server(guest_ns, ECHO_SERVER, str(log)):
+            yield {"bridge": bridge, "guest_ip": str(guest_ip), "remote_ns": remote.netns,
+                   "remote_link": remote.link, "host_addr": remote.host_ip,
+                   "remote_ip": remote.ip, "log": log, "tmp": tmp_path}
     finally:
-        if server is not None:
-            server.kill()
-            server.wait()
         nft.remove(bridge)
-        for ns in (guest_ns, remote_ns):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        for link in (remote_link, f"sp-{tag}-v", bridge):
-            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
-
-
-def client(netns: str | None, tmp: Path, host: str, port: int, proto: str) -> str:
-    if netns is None:
-        r = subprocess.run([sys.executable, "-I", "-c", CLIENT, host, str(port), proto],
-                           capture_output=True, text=True, timeout=30, check=False)
-    else:
-        r = in_netns(netns, tmp, CLIENT, host, str(port), proto)
-    return (r.stdout + r.stderr).strip()
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        subprocess.run(["ip", "netns", "del", guest_ns], capture_output=True, check=False)
+        for link in (guest_link, bridge):
+            if link:
+                subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
 
 
 def test_local_and_remote_clients_reach_the_guest(topology: dict[str, Any]) -> None:
@@ -145,7 +62,11 @@ def test_local_and_remote_clients_reach_the_guest(topology: dict[str, Any]) -> N
                           guest_port=7),
              nft.DnatRule(host_ip="0.0.0.0", host_port=uport, guest_ip=t["guest_ip"],
                           guest_port=7, protocol="udp")]
-    nft.apply(t["bridge"], rules)
+    # Remote clients arrive on the test's link: apply() turns forwarding on for exactly it.
+    assert nft.ingress_interfaces(rules, {"lo": ["127.0.0.1"], t["remote_link"]: [
+        t["host_addr"]]}) == [t["remote_link"]]
+    nft.apply(t["bridge"], rules, ingress=[t["remote_link"]])
+    assert Path(f"/proc/sys/net/ipv4/conf/{t['remote_link']}/forwarding").read_text() == "1\n"
     for proto, port in (("tcp", tport), ("udp", uport)):
         # On the host: 127.0.0.1 (output hook + route_localnet + masquerade) ...
         assert client(None, t["tmp"], "127.0.0.1", port, proto) == "OK", proto
@@ -162,7 +83,7 @@ def test_without_the_output_rule_local_clients_fail(topology: dict[str, Any]) ->
     t = topology
     port = free_port()
     rule = nft.DnatRule(host_ip="0.0.0.0", host_port=port, guest_ip=t["guest_ip"], guest_port=7)
-    nft.apply(t["bridge"], [rule])
+    nft.apply(t["bridge"], [rule], ingress=[t["remote_link"]])
     assert client(None, t["tmp"], "127.0.0.1", port, "tcp") == "OK"
     subprocess.run(["nft", "flush", "chain", "ip", "sandport", f"out-{t['bridge']}"], check=True)
     assert "refused" in client(None, t["tmp"], "127.0.0.1", port, "tcp").lower()

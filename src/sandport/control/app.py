@@ -5,6 +5,12 @@ Routes:
     GET  /novnc/...                   the noVNC client (Debian's /usr/share/novnc)
     GET  /s/{id}/?token=T             the desktop: checks T, redirects into noVNC
     WS   /s/{id}/ports/{port}/ws?token=T   WebSocket <-> TCP to a guest port (name or number)
+    GET  /api/forwards                every host port forward: mode, why, counters (admin)
+    GET  /metrics                     Prometheus text format (admin)
+
+Admin routes take the gateway's admin token (``Authorization: Bearer T``); the gateway
+writes it to ``<state dir>/gateway.json`` (mode 0600), where ``sandport forward list``
+reads it.
 
 Access is refused *before* any upgrade, with a status and a JSON body (HTML for
 browsers) saying why: 401 no token, 403 wrong token, 404 unknown sandbox or port,
@@ -32,6 +38,8 @@ from starlette.websockets import WebSocket
 
 from sandport import __version__
 from sandport.bridge.ws import choose_subprotocol, pump
+from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sandport.control.metrics import render as render_metrics
 from sandport.control.tokens import TokenCheck, check_token
 from sandport.sandbox.base import GuestPort
 from sandport.sandbox.state import SandboxState
@@ -72,6 +80,15 @@ class Registry(Protocol):
 
     def count(self) -> int:
         """How many sandboxes the gateway runs."""
+        ...
+
+    @property
+    def admin_token_hash(self) -> str:
+        """Stored form of the admin token (see :mod:`sandport.control.tokens`)."""
+        ...
+
+    async def forward_listing(self) -> list[dict[str, Any]]:
+        """Every forward with its counters."""
         ...
 
 
@@ -241,8 +258,37 @@ def build_app(registry: Registry, *, novnc_dir: Path,
             on_session(sb.id, port.port)
         await pump(websocket, reader, writer, conn_id=conn_id)
 
+    def admin_refusal(request: Request) -> Response | None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, presented = auth.partition(" ")
+        check = check_token(presented.strip() if scheme.lower() == "bearer" else None,
+                            registry.admin_token_hash)
+        if check is TokenCheck.OK:
+            return None
+        status = check.value
+        return JSONResponse(
+            {"error": "unauthorized" if status == 401 else "forbidden",
+             "message": "admin routes need 'Authorization: Bearer <admin token>' (the token "
+                        "is in the gateway's state dir, gateway.json)"},
+            status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else {})
+
+    async def api_forwards(request: Request) -> Response:
+        refusal = admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        return JSONResponse({"forwards": await registry.forward_listing()})
+
+    async def metrics(request: Request) -> Response:
+        refusal = admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        text = render_metrics(await registry.forward_listing(), sandboxes=registry.count())
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
+
     routes = [
         Route("/", index),
+        Route("/api/forwards", api_forwards),
+        Route("/metrics", metrics),
         Route("/healthz", healthz),
         Route("/s/{sandbox}/", desktop),
         Route("/s/{sandbox}", desktop),

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -27,11 +28,12 @@ from typing import Any, TextIO
 from sandport import preflight
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.app import LiveSandbox, build_app
+from sandport.control.forwards import Forward, ForwardOptions, ForwardTable
 from sandport.control.httpserver import HttpServer
 from sandport.control.store import Store
 from sandport.control.tokens import hash_token, new_token
 from sandport.errors import PortInUseError, SandboxFailed, SandboxNotFound, StateDirBusy
-from sandport.forward.tcp import PortInUse, TcpForward, TcpForwardSpec
+from sandport.forward.spec import PortMapping
 from sandport.net import netlink
 from sandport.net.pool import AddressPool
 from sandport.probe import ProbeResult, probe_rfb_tcp, probe_rfb_ws, wait_until
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 RUN_DIR = Path("/run/sandport")  # per-boot locks shared by every gateway on this host
+GATEWAY_FILE = "gateway.json"  # in the state dir: pid, URL and admin token of the gateway
 
 
 def _take_lock(path: Path, what: str, hint: str) -> TextIO:
@@ -80,7 +83,6 @@ class Sandbox:
     spec: SandboxSpec
     live: LiveSandbox
     token: str
-    forwards: dict[str, TcpForward] = field(default_factory=dict)
     probes: list[ProbeResult] = field(default_factory=list)
     ready_seconds: float | None = None
 
@@ -100,6 +102,7 @@ class SandboxInfo:
     vnc_password: str
     colour: str
     ready_seconds: float | None
+    forwards: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """The SANDPORT-READY document."""
@@ -114,6 +117,7 @@ class SandboxInfo:
             "token": self.token,
             "colour": self.colour,
             "ready_seconds": self.ready_seconds,
+            "forwards": self.forwards,
         }
 
 
@@ -130,6 +134,10 @@ class Gateway:
         self._bridge_lock: TextIO | None = None
         self._backend: NetnsBackend | None = None
         self._bridge_created = False
+        self.forwards = ForwardTable(config.net.bridge)
+        #: For the admin routes (/api/forwards, /metrics); new on every start.
+        self.admin_token = new_token()
+        self._admin_hash = hash_token(self.admin_token)
 
     # Registry for the HTTP app ---------------------------------------------------------
 
@@ -141,6 +149,15 @@ class Gateway:
     def count(self) -> int:
         """How many sandboxes run."""
         return len(self._sandboxes)
+
+    @property
+    def admin_token_hash(self) -> str:
+        """Stored form of this run's admin token."""
+        return self._admin_hash
+
+    async def forward_listing(self) -> list[dict[str, Any]]:
+        """Every forward with its counters (``/api/forwards``, ``/metrics``)."""
+        return await self.forwards.listing()
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -182,13 +199,30 @@ class Gateway:
             self._bridge_created = await asyncio.to_thread(
                 netlink.ensure_bridge, cfg.net.bridge, gateway_iface
             )
+            # Kernel forwards: exactly this gateway's (none yet); a killed one's are gone.
+            await self.forwards.reconcile()
             app = build_app(self, novnc_dir=novnc)
             self._http = HttpServer(app, cfg.listen_host, cfg.listen_port)
             await self._http.start()
+            self._write_gateway_file()
         except BaseException:
             await self.stop()
             raise
         log.info("gateway up: %s, state %s", self.base_url, cfg.state_dir)
+
+    @property
+    def gateway_file(self) -> Path:
+        """``<state dir>/gateway.json``: how local tools reach this gateway (mode 0600)."""
+        return self.config.state_dir / GATEWAY_FILE
+
+    def _write_gateway_file(self) -> None:
+        doc = {"pid": os.getpid(), "url": self.base_url, "admin_token": self.admin_token,
+               "bridge": self.config.net.bridge}
+        tmp = self.gateway_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        tmp.replace(self.gateway_file)
 
     def _lock_state_dir(self) -> None:
         """Take the state dir and the bridge: one gateway each, or a clear refusal.
@@ -245,11 +279,19 @@ class Gateway:
                 await self.destroy_sandbox(sandbox_id)
             except Exception:
                 log.exception("destroying sandbox %s failed", sandbox_id)
-        # 3. The bridge, once no port is left on it.
+        # 3. Forwards left without a sandbox (none, normally) and this gateway's nft chains;
+        #    only with the bridge lock held, or they would be another gateway's.
+        if self._bridge_lock is not None:
+            with contextlib.suppress(Exception):
+                await self.forwards.close()
+        # 4. The bridge, once no port is left on it.
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(netlink.delete_link, self.config.net.bridge)
-        # 4. Store and lock last: a crash before here leaves records for the next start.
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                self.gateway_file.unlink()
+        # 5. Store and lock last: a crash before here leaves records for the next start.
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -276,17 +318,24 @@ class Gateway:
         log.info("sandbox %s: %s%s", sb.spec.id, state.value, f" ({reason})" if reason else "")
 
     async def create_sandbox(
-        self, *, profile: str = "desktop", vnc_port: int = 0, progress: Progress = _quiet
+        self, *, profile: str = "desktop", vnc_port: int = 0,
+        publish: list[PortMapping] | None = None, options: ForwardOptions | None = None,
+        progress: Progress = _quiet,
     ) -> SandboxInfo:
         """Create a sandbox, start its services and return once it is proven ready.
 
         Args:
             profile: guest profile name.
             vnc_port: host port of the VNC forward; 0 picks a free one.
+            publish: more guest ports to forward (``-p`` specs, parsed).
+            options: mode and limits of the ``publish`` forwards; default: the
+                gateway's forward mode.
             progress: called with a short line before each step.
 
         Raises:
-            PortInUseError: ``vnc_port`` is taken (nothing is left behind).
+            PortInUseError: ``vnc_port`` or a published port is taken (nothing is left
+                behind).
+            UsageError: published ports overlap each other or another sandbox's.
             SandboxFailed: a step failed or the guest never answered; the reason says
                 which hop and what it answered.
         """
@@ -320,16 +369,7 @@ class Gateway:
             self._set_state(sb, SandboxState.STARTING)
             progress(f"sandbox {sandbox_id}: starting {prof.summary.split(';')[0]}")
             await self._backend.start(spec)
-            vnc = prof.ports[0]
-            fwd = TcpForward(TcpForwardSpec(
-                listen_host=self.config.forward_host, listen_port=vnc_port,
-                target_host=str(address), target_port=vnc.port, name=f"{sandbox_id}/{vnc.name}",
-            ))
-            try:
-                await fwd.start()
-            except PortInUse:
-                raise PortInUseError(self.config.forward_host, vnc_port, what="VNC port") from None
-            sb.forwards[vnc.name] = fwd
+            await self._publish(sb, vnc_port, publish or [], options, progress)
             await self._await_ready(sb, progress)
         except BaseException as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -343,13 +383,38 @@ class Gateway:
                  "; ".join(f"{p.hop} {p.detail} ({p.elapsed * 1000:.0f} ms)" for p in sb.probes))
         return self.info(sandbox_id)
 
+    async def _publish(self, sb: Sandbox, vnc_port: int, publish: list[PortMapping],
+                       options: ForwardOptions | None, progress: Progress) -> None:
+        """Forward the profile's VNC port and the ``publish`` ports to the host."""
+        vnc = sb.live.ports[0]
+        mode = self.config.forward_mode
+        progress(f"sandbox {sb.spec.id}: forwarding ports ({mode} mode)")
+        vnc_mapping = PortMapping(host_ip=self.config.forward_host, host_port=vnc_port,
+                                  guest_port=vnc.port)
+        try:
+            await self.forwards.add(sandbox=sb.spec.id, guest_ip=sb.live.ip,
+                                    mappings=[(vnc.name, vnc_mapping)],
+                                    options=ForwardOptions(mode=mode))
+        except PortInUseError as exc:
+            raise PortInUseError(exc.host, exc.port, what="VNC port") from None
+        if publish:
+            await self.forwards.add(
+                sandbox=sb.spec.id, guest_ip=sb.live.ip,
+                mappings=[(f"{m.guest_port}/{m.protocol}", m) for m in publish],
+                options=options or ForwardOptions(mode=mode))
+
+    def _forward(self, sandbox_id: str, name: str) -> Forward | None:
+        return next((f for f in self.forwards.of(sandbox_id) if f.name == name), None)
+
     async def _await_ready(self, sb: Sandbox, progress: Progress) -> None:
         """Probe every path a user takes until each completes the RFB handshake."""
         if self._backend is None:
             raise RuntimeError("gateway not started")
         backend, spec = self._backend, sb.spec
         password = spec.secrets.get("vnc_password")
-        fwd = sb.forwards["vnc"]
+        fwd = self._forward(spec.id, "vnc")
+        if fwd is None:
+            raise RuntimeError(f"sandbox {spec.id} has no VNC forward")
         host = connect_host(self.config.forward_host)
         ws_host = connect_host(self.config.listen_host)
         ws_host = f"[{ws_host}]" if ":" in ws_host else ws_host
@@ -361,8 +426,8 @@ class Gateway:
             return backend.failure(spec)
 
         hops = [
-            (f"VNC through the host port {host}:{fwd.bound_port}",
-             lambda: probe_rfb_tcp(host, fwd.bound_port, password=password, timeout=3.0)),
+            (f"VNC through the host port {host}:{fwd.host_port} ({fwd.mode} forward)",
+             lambda: probe_rfb_tcp(host, fwd.host_port, password=password, timeout=3.0)),
             ("VNC through the WebSocket bridge",
              lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0)),
         ]
@@ -384,7 +449,7 @@ class Gateway:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
-        fwd = sb.forwards.get("vnc")
+        fwd = self._forward(sandbox_id, "vnc")
         return SandboxInfo(
             id=sandbox_id,
             ip=sb.live.ip,
@@ -393,10 +458,11 @@ class Gateway:
             token=sb.token,
             desktop_url=f"{self.base_url}/s/{sandbox_id}/?token={sb.token}",
             vnc_host=connect_host(self.config.forward_host),
-            vnc_port=fwd.bound_port if fwd is not None else 0,
+            vnc_port=fwd.host_port if fwd is not None else 0,
             vnc_password=sb.spec.secrets.get("vnc_password", ""),
             colour=colour_hex(desktop_colour(sandbox_id)),
             ready_seconds=sb.ready_seconds,
+            forwards=[f.summary() for f in self.forwards.of(sandbox_id)],
         )
 
     def sandbox_ids(self) -> list[str]:
@@ -411,9 +477,8 @@ class Gateway:
         if sb.live.state is not SandboxState.STOPPING:
             with contextlib.suppress(Exception):
                 self._set_state(sb, SandboxState.STOPPING)
-        for fwd in sb.forwards.values():
-            with contextlib.suppress(Exception):
-                await fwd.stop()
+        with contextlib.suppress(Exception):
+            await self.forwards.remove_sandbox(sandbox_id)
         if self._backend is not None:
             await self._backend.destroy(sb.spec)
         with contextlib.suppress(Exception):

@@ -207,3 +207,15 @@ def delete_netns(name: str) -> bool:
         return False
     netns.remove(name)
     return True
+
+
+def ipv4_interfaces() -> dict[str, list[str]]:
+    """Every interface with an IPv4 address: ``{ifname: [address, ...]}`` (``lo`` included)."""
+    out: dict[str, list[str]] = {}
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=2):
+            name = msg.get_attr("IFA_LABEL")
+            if name is None:
+                continue
+            out.setdefault(str(name).split(":")[0], []).append(str(msg.get_attr("IFA_ADDRESS")))
+    return out

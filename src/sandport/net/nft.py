@@ -13,7 +13,14 @@ Locally originated packets never pass prerouting: a DNAT rule only there is the 
 "connection refused on localhost" (incident 000), so every forward is written to both hooks.
 A client on 127.0.0.1 additionally needs ``route_localnet`` on the bridge (or the kernel
 drops the packet as a martian once it leaves ``lo``) and a masquerade so the guest can
-answer; :func:`apply` sets both.
+answer; :func:`apply` sets both. A remote client's packets are routed from the interface
+they arrive on to the bridge, so :func:`apply` turns on IPv4 ``forwarding`` for the bridge
+and for exactly the interfaces that hold the forwarded host addresses (every addressed
+interface for a wildcard rule), never the global ``ip_forward``. Remote clients need no
+SNAT: the guest's default route is the bridge, and it sees their real address.
+
+Every DNAT rule has a counter. NAT chains only see the first packet of a connection, so
+the counter is the number of connections (TCP) or flows (UDP) the rule has translated.
 
 :func:`apply` replaces this gateway's rules atomically (one ``nft -f`` transaction: flush
 and re-add), so running it at start after a ``kill -9`` leaves exactly the expected set,
@@ -108,8 +115,8 @@ def render(bridge: str, rules: list[DnatRule]) -> str:
         for prefix in ("pre", "out"):
             if prefix == "pre" and rule.host_ip.startswith("127."):
                 continue  # loopback is never the destination of a packet from outside
-            lines.append(f'add rule {FAMILY} {TABLE} {prefix}-{bridge} {rule.match()} {dnat} '
-                         f'comment "{rule.comment}"')
+            lines.append(f'add rule {FAMILY} {TABLE} {prefix}-{bridge} {rule.match()} '
+                         f'counter {dnat} comment "{rule.comment}"')
     if rules:
         lines.append(f'add rule {FAMILY} {TABLE} post-{bridge} oifname "{bridge}" '
                      'ip saddr 127.0.0.0/8 masquerade comment "sandport: replies to 127.0.0.1"')
@@ -163,6 +170,43 @@ def rules_of(bridge: str) -> list[tuple[str, str]]:
     return out
 
 
+def connection_counts(bridge: str) -> dict[str, int]:
+    """Connections each rule translated (its counter, summed over prerouting and output).
+
+    Keyed by :attr:`DnatRule.comment`; a rule not in the table is absent.
+    """
+    mine = set(chain_names(bridge))
+    counts: dict[str, int] = {}
+    for item in _table_json():
+        rule = item.get("rule")
+        if not isinstance(rule, dict) or rule.get("chain") not in mine:
+            continue
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+                key = str(rule.get("comment", ""))
+                counts[key] = counts.get(key, 0) + int(expr["counter"].get("packets", 0))
+    return counts
+
+
+def ingress_interfaces(rules: list[DnatRule], interfaces: dict[str, list[str]]) -> list[str]:
+    """Interfaces remote clients of ``rules`` arrive on: those holding a forwarded address.
+
+    Args:
+        rules: the kernel forwards.
+        interfaces: ``{ifname: [IPv4 address, ...]}`` of the host.
+    """
+    names: set[str] = set()
+    for rule in rules:
+        if rule.host_ip.startswith("127."):
+            continue
+        for ifname, addrs in interfaces.items():
+            if ifname == "lo":
+                continue
+            if rule.host_ip in WILDCARD or rule.host_ip in addrs:
+                names.add(ifname)
+    return sorted(names)
+
+
 def set_sysctl(path: str, value: str) -> None:
     """Write a /proc/sys value, logging a change."""
     p = Path("/proc/sys") / path
@@ -171,11 +215,12 @@ def set_sysctl(path: str, value: str) -> None:
         log.info("sysctl %s = %s", path.replace("/", "."), value)
 
 
-def apply(bridge: str, rules: list[DnatRule]) -> None:
+def apply(bridge: str, rules: list[DnatRule], ingress: list[str] | None = None) -> None:
     """Make this gateway's chains hold exactly ``rules``, atomically; delete stray chains.
 
-    Also enables what the rules need on the bridge: ``route_localnet`` (127.0.0.1
-    clients) and ``forwarding`` (replies to remote clients are routed through it).
+    Also enables what the rules need: on the bridge ``route_localnet`` (127.0.0.1
+    clients) and ``forwarding`` (replies to remote clients are routed through it), and
+    ``forwarding`` on each interface in ``ingress`` (see :func:`ingress_interfaces`).
     """
     if rules and not (Path("/proc/sys/net/ipv4/conf") / bridge).exists():
         raise NftError(f"bridge {bridge} does not exist: kernel forwards go through it",
@@ -189,6 +234,8 @@ def apply(bridge: str, rules: list[DnatRule]) -> None:
     if rules:
         set_sysctl(f"net/ipv4/conf/{bridge}/route_localnet", "1")
         set_sysctl(f"net/ipv4/conf/{bridge}/forwarding", "1")
+    for ifname in ingress or []:
+        set_sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")
     log.debug("nft: %d forward(s) for %s", len(rules), bridge)
 
 

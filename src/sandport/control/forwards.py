@@ -1,0 +1,328 @@
+"""The gateway's port forwards: one table of every host port it publishes, in any mode.
+
+A forward publishes one guest port of one sandbox on one host address, port and protocol
+(a :class:`~sandport.forward.spec.PortMapping`). It runs in one of two modes:
+
+``kernel``  nftables DNAT (:mod:`sandport.net.nft`): the kernel translates, nothing runs
+            in user space; local clients (127.0.0.1 too) and remote ones are served and
+            the guest sees a remote client's real address. The host port is *reserved* with
+            a bound socket, so no other program can take it and ``ss`` names the owner.
+``proxy``   the userspace relay (:mod:`sandport.forward.tcp` on splice,
+            :mod:`sandport.forward.udp`): PROXY protocol, connection limits, idle timeouts
+            and byte counters.
+
+``auto`` picks ``kernel`` where it can serve what was asked and otherwise ``proxy``, and
+every forward records why (:attr:`Forward.why`). Adding forwards is all or nothing: a
+conflict or a bind failure leaves the table as it was. The kernel ruleset is rewritten
+atomically after every change, and once at gateway start with an empty set: that removes
+whatever a gateway killed with ``kill -9`` left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandport.errors import PortInUseError, UsageError
+from sandport.forward.base import PortInUse, format_addr
+from sandport.forward.spec import PortMapping, check_overlaps
+from sandport.forward.tcp import TcpForward, TcpForwardSpec
+from sandport.forward.udp import UdpForward, UdpForwardSpec
+from sandport.net import netlink, nft
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "kernel", "proxy")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardOptions:
+    """How a forward should run.
+
+    Attributes:
+        mode: ``auto``, ``kernel`` or ``proxy``.
+        proxy_protocol: PROXY protocol version (1, 2) sent to the guest; proxy mode only.
+        idle_timeout: Seconds of silence after which a TCP connection is closed; proxy only.
+        max_connections: Most TCP connections at once; proxy only.
+    """
+
+    mode: str = "auto"
+    proxy_protocol: int | None = None
+    idle_timeout: float | None = None
+    max_connections: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"forward mode {self.mode!r} is not one of {', '.join(MODES)}")
+
+    def proxy_only(self) -> str | None:
+        """Why these options need the userspace relay, or None."""
+        if self.proxy_protocol is not None:
+            return "PROXY protocol headers need the userspace relay"
+        if self.max_connections is not None:
+            return "a connection limit needs the userspace relay"
+        if self.idle_timeout is not None:
+            return "an idle timeout needs the userspace relay"
+        return None
+
+
+def choose_mode(mapping: PortMapping, options: ForwardOptions, *,
+                nft_available: bool) -> tuple[str, str]:
+    """``(mode, why)`` for one mapping.
+
+    Raises:
+        UsageError: ``kernel`` was asked for and cannot serve this mapping.
+    """
+    against = options.proxy_only()
+    if against is None and not is_ipv4(mapping.host_ip):
+        against = "kernel forwards are IPv4 only (nft table ip sandport)"
+    if against is None and not nft_available:
+        against = "nft is not installed (apt-get install nftables)"
+    if options.mode == "proxy":
+        return "proxy", "asked for"
+    if options.mode == "kernel":
+        if against is not None:
+            raise UsageError(f"cannot forward {mapping} in kernel mode: {against}",
+                             hint="use --forward-mode proxy or auto")
+        return "kernel", "asked for"
+    if against is not None:
+        return "proxy", against
+    return "kernel", "auto: nft DNAT serves this (local and remote clients)"
+
+
+@dataclass(slots=True, kw_only=True)
+class Forward:
+    """One published port of a sandbox."""
+
+    id: str
+    sandbox: str
+    name: str
+    mapping: PortMapping
+    guest_ip: str
+    options: ForwardOptions
+    mode: str
+    why: str
+    relay: TcpForward | UdpForward | None = None
+    reservation: socket.socket | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def host_port(self) -> int:
+        """The bound host port (the chosen one when the mapping asked for 0)."""
+        return self.mapping.host_port
+
+    def rule(self) -> nft.DnatRule:
+        """The DNAT rule of a kernel forward."""
+        return nft.DnatRule(host_ip=self.mapping.host_ip, host_port=self.mapping.host_port,
+                            guest_ip=self.guest_ip, guest_port=self.mapping.guest_port,
+                            protocol=self.mapping.protocol)
+
+    def summary(self) -> dict[str, Any]:
+        """What the forward is: addresses, mode and why."""
+        m = self.mapping
+        return {
+            "id": self.id, "sandbox": self.sandbox, "name": self.name,
+            "protocol": m.protocol, "host": format_addr(m.host_ip, m.host_port),
+            "guest": format_addr(self.guest_ip, m.guest_port), "mode": self.mode,
+            "why": self.why,
+        }
+
+    def as_json(self, kernel_counts: dict[str, int]) -> dict[str, Any]:
+        """Mode, addresses, state and counters, as ``forward list`` and the API show them."""
+        doc = self.summary()
+        doc["state"] = "active"
+        relay = self.relay
+        if isinstance(relay, TcpForward):
+            st = relay.stats
+            doc.update(data_path=relay.data_path, active=st.active, total=st.total,
+                       bytes_up=st.bytes_up, bytes_down=st.bytes_down,
+                       failures=st.failures, buffered=st.buffered)
+        elif isinstance(relay, UdpForward):
+            us = relay.stats
+            doc.update(data_path="datagram", active=us.flows_active, total=us.flows_total,
+                       bytes_up=us.bytes_up, bytes_down=us.bytes_down,
+                       failures={"limit": us.dropped_limit,
+                                 "unreachable": us.target_unreachable,
+                                 "idle": us.expired, "buffer": us.dropped_buffer})
+        else:
+            doc.update(data_path="kernel", active=None,
+                       total=kernel_counts.get(self.rule().comment, 0),
+                       bytes_up=None, bytes_down=None, failures={})
+        return doc
+
+
+def _reserve(mapping: PortMapping) -> socket.socket:
+    """Bind (not listen) the host port of a kernel forward so nobody else can take it.
+
+    Raises:
+        PortInUseError: The port is taken.
+    """
+    kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET, kind)
+    host = "0.0.0.0" if mapping.host_ip in nft.WILDCARD else mapping.host_ip
+    try:
+        sock.bind((host, mapping.host_port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(mapping.host_ip, mapping.host_port,
+                                 what=f"{mapping.protocol} port") from None
+        raise
+    return sock
+
+
+class ForwardTable:
+    """Every forward of one gateway; the kernel ones share its nft chains."""
+
+    def __init__(self, bridge: str) -> None:
+        self.bridge = bridge
+        self._forwards: dict[str, Forward] = {}
+        self._seq = 0
+        self._lock = asyncio.Lock()
+        self.nft_available = shutil.which("nft") is not None
+
+    def __iter__(self) -> Any:
+        return iter(list(self._forwards.values()))
+
+    def of(self, sandbox: str) -> list[Forward]:
+        """The forwards of one sandbox, in the order they were added."""
+        return [f for f in self._forwards.values() if f.sandbox == sandbox]
+
+    async def reconcile(self) -> None:
+        """Write the kernel ruleset for the current forwards (at start: none)."""
+        if self.nft_available:
+            await self._apply_kernel()
+
+    async def add(self, *, sandbox: str, guest_ip: str,
+                  mappings: list[tuple[str, PortMapping]],
+                  options: ForwardOptions) -> list[Forward]:
+        """Publish ``(name, mapping)`` pairs of a sandbox; all or nothing.
+
+        Raises:
+            UsageError: overlapping host ports (the message names the owner), or a mode
+                that cannot serve a mapping.
+            PortInUseError: a host port is taken by another program.
+        """
+        async with self._lock:
+            existing = {f.mapping: f"sandbox {f.sandbox} ({f.name})"
+                        for f in self._forwards.values()}
+            check_overlaps([m for _, m in mappings], existing)
+            plans = [(name, m, *choose_mode(m, options, nft_available=self.nft_available))
+                     for name, m in mappings]
+            added: list[Forward] = []
+            try:
+                for name, mapping, mode, why in plans:
+                    added.append(await self._start(sandbox, name, mapping, guest_ip,
+                                                   options, mode, why))
+                if any(f.mode == "kernel" for f in added):
+                    await self._apply_kernel()
+            except BaseException:
+                for fwd in added:
+                    self._forwards.pop(fwd.id, None)
+                    await _stop(fwd)
+                with contextlib.suppress(Exception):
+                    await self._apply_kernel()
+                raise
+            for fwd in added:
+                log.info("forward %s: %s %s -> %s:%d (%s: %s)", fwd.id, fwd.mapping.protocol,
+                         format_addr(fwd.mapping.host_ip, fwd.host_port), guest_ip,
+                         fwd.mapping.guest_port, fwd.mode, fwd.why)
+            return added
+
+    async def _start(self, sandbox: str, name: str, mapping: PortMapping, guest_ip: str,
+                     options: ForwardOptions, mode: str, why: str) -> Forward:
+        self._seq += 1
+        fwd = Forward(id=f"f{self._seq}", sandbox=sandbox, name=name, mapping=mapping,
+                      guest_ip=guest_ip, options=options, mode=mode, why=why)
+        label = f"{sandbox}/{name}"
+        if mode == "kernel":
+            fwd.reservation = _reserve(mapping)
+            port = int(fwd.reservation.getsockname()[1])
+        elif mapping.protocol == "tcp":
+            relay: TcpForward | UdpForward = TcpForward(TcpForwardSpec(
+                listen_host=mapping.host_ip, listen_port=mapping.host_port,
+                target_host=guest_ip, target_port=mapping.guest_port, name=label,
+                proxy_protocol=options.proxy_protocol, idle_timeout=options.idle_timeout,
+                max_connections=options.max_connections))
+            port = await _start_relay(relay, mapping)
+            fwd.relay = relay
+        else:
+            relay = UdpForward(UdpForwardSpec(
+                listen_host=mapping.host_ip, listen_port=mapping.host_port,
+                target_host=guest_ip, target_port=mapping.guest_port, name=label))
+            port = await _start_relay(relay, mapping)
+            fwd.relay = relay
+        fwd.mapping = PortMapping(host_ip=mapping.host_ip, host_port=port,
+                                  guest_port=mapping.guest_port, protocol=mapping.protocol)
+        self._forwards[fwd.id] = fwd
+        return fwd
+
+    async def remove_sandbox(self, sandbox: str) -> None:
+        """Stop and forget every forward of a sandbox."""
+        async with self._lock:
+            gone = self.of(sandbox)
+            for fwd in gone:
+                del self._forwards[fwd.id]
+            if any(f.mode == "kernel" for f in gone):
+                await self._apply_kernel()
+            for fwd in gone:
+                await _stop(fwd)
+
+    async def close(self) -> None:
+        """Stop every forward and delete this gateway's nft chains."""
+        async with self._lock:
+            gone, self._forwards = list(self._forwards.values()), {}
+            for fwd in gone:
+                await _stop(fwd)
+            if self.nft_available:
+                await asyncio.to_thread(nft.remove, self.bridge)
+
+    async def listing(self) -> list[dict[str, Any]]:
+        """Every forward as JSON, with counters (kernel ones read from nft)."""
+        counts: dict[str, int] = {}
+        if self.nft_available and any(f.mode == "kernel" for f in self._forwards.values()):
+            counts = await asyncio.to_thread(nft.connection_counts, self.bridge)
+        return [f.as_json(counts) for f in self._forwards.values()]
+
+    async def _apply_kernel(self) -> None:
+        rules = [f.rule() for f in self._forwards.values() if f.mode == "kernel"]
+
+        def apply() -> None:
+            ingress = nft.ingress_interfaces(rules, netlink.ipv4_interfaces()) if rules else []
+            nft.apply(self.bridge, rules, ingress=[i for i in ingress if i != self.bridge])
+
+        await asyncio.to_thread(apply)
+
+
+async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> int:
+    try:
+        await relay.start()
+    except PortInUse:
+        raise PortInUseError(mapping.host_ip, mapping.host_port,
+                             what=f"{mapping.protocol} port") from None
+    return relay.bound_port
+
+
+async def _stop(fwd: Forward) -> None:
+    if fwd.relay is not None:
+        with contextlib.suppress(Exception):
+            await fwd.relay.stop()
+    if fwd.reservation is not None:
+        fwd.reservation.close()
+        fwd.reservation = None
+
+
+def is_ipv4(host: str) -> bool:
+    """True for an IPv4 literal (the wildcard included)."""
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False

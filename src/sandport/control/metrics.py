@@ -1,0 +1,61 @@
+"""Prometheus text exposition (format 0.0.4) of the gateway's forwards.
+
+Kept dependency-free: the format is a few lines per sample. Kernel forwards report the
+connections their DNAT rule translated (nft counter); bytes and active connections are
+only known for userspace relays, so those samples are absent for kernel forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_FAMILIES = (
+    ("sandport_forward_bytes_total", "counter",
+     "Bytes a userspace forward relayed, by direction (up: client to guest)."),
+    ("sandport_forward_connections_active", "gauge",
+     "Connections (TCP) or flows (UDP) a userspace forward relays now."),
+    ("sandport_forward_connections_total", "counter",
+     "Connections (TCP) or flows (UDP) a forward accepted; kernel: DNAT translations."),
+    ("sandport_forward_failures_total", "counter",
+     "Connections a forward failed or ended, by reason (refused, unreachable, timeout, "
+     "limit, idle, reset)."),
+    ("sandport_sandboxes", "gauge", "Sandboxes the gateway runs."),
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def render(forwards: list[dict[str, Any]], *, sandboxes: int) -> str:
+    """The exposition text for ``forwards`` (as :meth:`ForwardTable.listing` gives them)."""
+    samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
+    for f in forwards:
+        base = [("forward", f["id"]), ("sandbox", f["sandbox"]), ("name", f["name"]),
+                ("protocol", f["protocol"]), ("host", f["host"]), ("mode", f["mode"])]
+        if f.get("bytes_up") is not None:
+            for direction in ("up", "down"):
+                samples["sandport_forward_bytes_total"].append(
+                    f"sandport_forward_bytes_total{_labels([*base, ('direction', direction)])} "
+                    f"{int(f[f'bytes_{direction}'])}")
+        if f.get("active") is not None:
+            samples["sandport_forward_connections_active"].append(
+                f"sandport_forward_connections_active{_labels(base)} {int(f['active'])}")
+        samples["sandport_forward_connections_total"].append(
+            f"sandport_forward_connections_total{_labels(base)} {int(f['total'] or 0)}")
+        for reason, count in sorted((f.get("failures") or {}).items()):
+            samples["sandport_forward_failures_total"].append(
+                f"sandport_forward_failures_total{_labels([*base, ('reason', reason)])} "
+                f"{int(count)}")
+    samples["sandport_sandboxes"].append(f"sandport_sandboxes {sandboxes}")
+    lines = []
+    for name, kind, text in _FAMILIES:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
+    return "\n".join(lines) + "\n"
