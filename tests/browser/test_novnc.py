@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import signal
+import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +17,11 @@ from typing import Any
 import pytest
 
 from conftest import require, require_programs
+from nethelpers import RemoteHost, remote_host
 
 pytestmark = pytest.mark.browser
+
+CHROMEDRIVER_PORT = 9515  # inside the browser's own namespace
 
 STATE_JS = """
 const c = document.querySelector('#noVNC_container canvas');
@@ -27,11 +36,22 @@ return {cls: document.documentElement.className, status: st ? st.textContent : '
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def remote() -> Iterator[RemoteHost]:
+    with remote_host() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory, remote: RemoteHost) -> Iterator[Any]:
+    """Headless Chromium on a "remote host" namespace, as a user's browser would be.
+
+    Chromium aborts in-flight requests with ERR_NETWORK_CHANGED whenever an interface
+    of its network namespace changes; on the host, every sandbox another test creates is
+    such a change. In its own namespace it sees only its own link.
+    """
     require_programs("chromium", "chromedriver")
     try:
         from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
     except ImportError:
         require(False, "selenium", "pip install selenium (make setup does)")
         raise
@@ -42,15 +62,40 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    # Console messages and network events, shown when a test fails (see diagnose()).
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    log = (tmp_path_factory.mktemp("chromedriver") / "chromedriver.log").open("w")
+    driver_proc = subprocess.Popen(
+        ["ip", "netns", "exec", remote.netns, shutil.which("chromedriver") or "chromedriver",
+         f"--port={CHROMEDRIVER_PORT}", f"--allowed-ips={remote.host_ip}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{remote.ip}:{CHROMEDRIVER_PORT}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/status", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or driver_proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        driver = webdriver.Remote(command_executor=url, options=options)
+        driver.set_page_load_timeout(30)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver_proc.pid, signal.SIGKILL)
+        driver_proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def desktop(gateway_factory: Any, loop_thread: Any) -> Any:
-    gw = gateway_factory()
+def desktop(gateway_factory: Any, loop_thread: Any, remote: RemoteHost) -> Any:
+    gw = gateway_factory(listen_host=remote.host_ip)
     return gw, loop_thread.run(gw.create_sandbox())
 
 
@@ -65,6 +110,25 @@ def poll(driver: Any, until: Any, timeout: float = 30) -> dict[str, Any]:
     return state
 
 
+def diagnose(driver: Any) -> str:
+    """What the browser logged and which requests failed or stayed open."""
+    lines = [f"url {driver.current_url}"]
+    lines += [f"console {e['level']}: {e['message']}" for e in driver.get_log("browser")]
+    requests: dict[str, str] = {}
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        params = msg.get("params", {})
+        rid = params.get("requestId")
+        if msg["method"] == "Network.requestWillBeSent":
+            requests[rid] = params["request"]["url"]
+        elif msg["method"] == "Network.responseReceived" and rid in requests:
+            lines.append(f"{params['response']['status']} {requests.pop(rid)}")
+        elif msg["method"] == "Network.loadingFailed" and rid in requests:
+            lines.append(f"FAILED {requests.pop(rid)}: {params.get('errorText')}")
+    lines += [f"NO RESPONSE {url}" for url in requests.values()]
+    return "\n".join(lines)
+
+
 def test_desktop_url_opens_the_desktop(browser: Any, desktop: Any, tmp_path: Path,
                                        record_property: Any) -> None:
     _, info = desktop
@@ -73,7 +137,8 @@ def test_desktop_url_opens_the_desktop(browser: Any, desktop: Any, tmp_path: Pat
     browser.get(info.desktop_url)
     state = poll(browser, lambda s: "noVNC_connected" in s["cls"] and s["px"][:3] == colour)
     browser.save_screenshot(str(tmp_path / "desktop.png"))
-    assert "noVNC_connected" in state["cls"], state
+    if "noVNC_connected" not in state["cls"]:
+        pytest.fail(f"noVNC did not connect: {state}\n{diagnose(browser)}")
     assert state["status"] == f"Connected (unencrypted) to sandport {info.id}", state
     assert (state["w"], state["h"]) == (1280, 800), state
     assert state["px"][:3] == colour, state
@@ -95,7 +160,7 @@ def test_wrong_token_shows_a_refusal_not_a_hang(browser: Any, desktop: Any) -> N
 
 def test_bad_token_in_the_websocket_path_fails_fast_in_novnc(browser: Any, desktop: Any) -> None:
     gw, info = desktop
-    url = (f"{gw.base_url}/novnc/vnc.html#autoconnect=1&reconnect=0&host=127.0.0.1"
+    url = (f"{gw.base_url}/novnc/vnc.html#autoconnect=1&reconnect=0&host={gw.config.url_host}"
            f"&port={gw.http_port}&path=s/{info.id}/ports/vnc/ws%3Ftoken%3Dbad")
     browser.get("about:blank")
     browser.get(url)
