@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 # Runtime: Xvnc + openbox desktop, xsetroot/xmessage for the sandbox's face, noVNC.
 # Tests: x11vnc (-storepasswd cross-check), chromium + chromedriver (browser tier),
 # websockify (the peer the bridge is compared with), nftables/iproute2 (hygiene checks).
+# Bench (`make bench`): iperf3 (load), socat and passt (pasta: the forwarders compared with).
 PACKAGES=(
   tigervnc-standalone-server openbox x11-xserver-utils x11-utils fonts-dejavu-core
   novnc x11vnc chromium chromium-driver websockify
   iproute2 nftables procps python3-venv
+  iperf3 socat passt
 )
 
 if [ "$(id -u)" -ne 0 ]; then
