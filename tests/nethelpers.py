@@ -23,9 +23,10 @@ from sandport.sandbox.procs import NSEXEC
 ECHO_SERVER = r"""
 import socket, sys, threading
 log = open(sys.argv[1], "a", buffering=1)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7)); s.listen(64)  # bound before "ready"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 7))
 def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 7)); s.listen(64)
     while True:
         c, peer = s.accept(); log.write(f"tcp {peer[0]}\n")
         def serve(c=c):
@@ -33,7 +34,6 @@ def tcp():
             c.close()
         threading.Thread(target=serve, daemon=True).start()
 def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 7))
     while True:
         data, peer = u.recvfrom(65535); log.write(f"udp {peer[0]}\n"); u.sendto(data, peer)
 threading.Thread(target=udp, daemon=True).start()

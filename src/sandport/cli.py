@@ -27,6 +27,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from sandport import __version__
+from sandport.bridge.server import WsBridge
+from sandport.bridge.standalone import UNSUPPORTED, WsOptions, build_config
+from sandport.bridge.standalone import serve as serve_ws
 from sandport.config import (
     DEFAULT_BRIDGE,
     DEFAULT_STATE_DIR,
@@ -359,6 +362,159 @@ def forward_list(
     for r in rows:
         cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
         out.print("  ".join([*cells, r[-1]]), markup=False, crop=False, overflow="ignore")
+
+
+WS_HELP = """WebSocket-to-TCP bridge with websockify's command line: swap the binary name.
+
+    sandport ws \\[options] \\[SOURCE_ADDR:]SOURCE_PORT \\[TARGET_ADDR:TARGET_PORT]
+
+Serves WebSocket clients (subprotocol binary, base64 or none) and, with --web, plain
+HTTP files on the same port; TLS (wss://, https://) on the same port too, detected from
+the first byte, once --cert is given (or ./self.pem exists). Before the upgrade it answers
+401/403/429/502/503/504 with a JSON body saying why; after it, every close has a code and
+a reason.
+
+Examples:
+
+  sandport ws --web /usr/share/novnc 6080 localhost:5901
+
+  sandport ws --token-plugin TokenFile --token-source /etc/sandport/tokens 6080
+
+  sandport ws --cert self.pem --ssl-only 127.0.0.1:6443 --unix-target /run/app.sock
+
+Token files hold lines `token: host:port` (or `token: unix_socket:/path`), one file or a
+directory of files; edits take effect for the next connection.
+"""
+
+
+def _unsupported(name: str) -> Any:
+    return typer.Option(hidden=True, help=name)
+
+
+@app.command("ws", help=WS_HELP)
+def ws_command(
+    args: Annotated[list[str], typer.Argument(
+        metavar="[SOURCE_ADDR:]SOURCE_PORT [TARGET_ADDR:TARGET_PORT]",
+        help="Where to listen, and the fixed target (unless a token plugin or "
+             "--unix-target gives it).", show_default=False)],
+    web: Annotated[str | None, typer.Option(
+        help="Serve files from DIR on the same port (e.g. /usr/share/novnc).",
+        metavar="DIR")] = None,
+    token_plugin: Annotated[str | None, typer.Option(
+        help="TokenFile (alias ReadOnlyTokenFile) or UnixDomainSocketDirectory.",
+        metavar="CLASS")] = None,
+    token_source: Annotated[str | None, typer.Option(
+        help="The token file or directory of the token plugin.", metavar="PATH")] = None,
+    target_config: Annotated[str | None, typer.Option(
+        help="Deprecated websockify spelling of --token-plugin TokenFile --token-source.",
+        metavar="FILE")] = None,
+    host_token: Annotated[bool, typer.Option(
+        help="Take the token from the Host header's name instead of the URL.")] = False,
+    unix_target: Annotated[str | None, typer.Option(
+        help="Connect to this Unix socket.", metavar="FILE")] = None,
+    cert: Annotated[str | None, typer.Option(
+        help="PEM certificate chain (and key, unless --key); re-read when it changes. "
+             "Default: ./self.pem if it exists.", metavar="CERT")] = None,
+    key: Annotated[str | None, typer.Option(help="PEM key file.", metavar="KEY")] = None,
+    key_password: Annotated[str | None, typer.Option(help="Password of the key.")] = None,
+    ssl_only: Annotated[bool, typer.Option(help="Refuse unencrypted clients.")] = False,
+    ssl_target: Annotated[bool, typer.Option(help="Connect to the target with TLS.")] = False,
+    verify_client: Annotated[bool, typer.Option(
+        help="Require a client certificate (see --cafile).")] = False,
+    cafile: Annotated[str | None, typer.Option(
+        help="CAs trusted for client certificates.", metavar="FILE")] = None,
+    ssl_version: Annotated[str, typer.Option(
+        help="Minimum TLS version: default (1.2), tlsv1_1, tlsv1_2, tlsv1_3.")] = "default",
+    ssl_ciphers: Annotated[str | None, typer.Option(
+        help="OpenSSL cipher list.", metavar="CIPHERS")] = None,
+    heartbeat: Annotated[float | None, typer.Option(
+        help="Ping clients every INTERVAL seconds; no pong by the next ping closes (1011).",
+        metavar="INTERVAL", min=0.1)] = None,
+    run_once: Annotated[bool, typer.Option(help="Exit after the first session.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        help="Exit TIMEOUT seconds after start.", metavar="TIMEOUT", min=0.1)] = None,
+    idle_timeout: Annotated[float | None, typer.Option(
+        help="Exit after TIMEOUT seconds without any session.", metavar="TIMEOUT",
+        min=0.1)] = None,
+    prefer_ipv6: Annotated[bool, typer.Option(
+        "--prefer-ipv6", "-6", help="Listen on :: when no SOURCE_ADDR is given.")] = False,
+    origin: Annotated[list[str] | None, typer.Option(
+        help="Allowed Origin (repeatable; e.g. https://app.example.com). Default: any.",
+        metavar="ORIGIN")] = None,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        help="Address or network whose X-Forwarded-For and PROXY protocol header name "
+             "the real client (repeatable).", metavar="CIDR")] = None,
+    max_connections: Annotated[int | None, typer.Option(
+        help="Most sessions at once (503 beyond).", min=1)] = None,
+    max_per_client: Annotated[int | None, typer.Option(
+        help="Most sessions at once from one client address (429 beyond).", min=1)] = None,
+    max_message: Annotated[int, typer.Option(
+        help="Largest client message in bytes (close 1009 beyond).", min=1)] = 16 * 1024 * 1024,
+    connect_timeout: Annotated[float, typer.Option(
+        help="Seconds to connect to the target (504 beyond).", min=0.1)] = 10.0,
+    session_idle_timeout: Annotated[float | None, typer.Option(
+        help="Close a session silent for this many seconds (1000 'idle').", min=0.1)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    traffic: Annotated[bool, typer.Option(help="Accepted for websockify; same as -v.")] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Also log to FILE.",
+                                                  metavar="FILE")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    daemon: Annotated[bool, typer.Option("--daemon", "-D", hidden=True)] = False,
+    record: Annotated[str | None, _unsupported("record")] = None,
+    inetd: Annotated[bool, _unsupported("inetd")] = False,
+    wrap_mode: Annotated[str | None, _unsupported("wrap-mode")] = None,
+    libserver: Annotated[bool, _unsupported("libserver")] = False,
+    auth_plugin: Annotated[str | None, _unsupported("auth-plugin")] = None,
+    auth_source: Annotated[str | None, _unsupported("auth-source")] = None,
+    web_auth: Annotated[bool, _unsupported("web-auth")] = False,
+    syslog: Annotated[str | None, _unsupported("syslog")] = None,
+    legacy_syslog: Annotated[bool, _unsupported("legacy-syslog")] = False,
+) -> None:
+    try:
+        _setup_logging("debug" if verbose or traffic else log_level)
+        if log_file is not None:
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(handler)
+        given = {"daemon": daemon, "record": record, "inetd": inetd, "wrap_mode": wrap_mode,
+                 "libserver": libserver, "auth_plugin": auth_plugin or auth_source,
+                 "web_auth": web_auth, "syslog": syslog or legacy_syslog}
+        for name, value in given.items():
+            if value:
+                raise UsageError(f"--{name.replace('_', '-')}: {UNSUPPORTED[name]}")
+        if not args:
+            raise UsageError("give [SOURCE_ADDR:]SOURCE_PORT (e.g. 6080)")
+        config = build_config(WsOptions(
+            source=args[0], target=args[1] if len(args) > 1 else None, extra=tuple(args[2:]),
+            cert=cert, key=key, key_password=key_password, ssl_only=ssl_only,
+            ssl_target=ssl_target, verify_client=verify_client, cafile=cafile,
+            ssl_version=ssl_version, ssl_ciphers=ssl_ciphers, unix_target=unix_target,
+            web=web, target_config=target_config, token_plugin=token_plugin,
+            token_source=token_source, host_token=host_token, heartbeat=heartbeat,
+            prefer_ipv6=prefer_ipv6, origins=tuple(origin or ()),
+            trusted_proxies=tuple(trusted_proxy or ()), max_connections=max_connections,
+            max_per_client=max_per_client, max_message=max_message,
+            connect_timeout=connect_timeout, session_idle_timeout=session_idle_timeout))
+    except SandportError as exc:
+        _error(exc)
+        raise typer.Exit(exc.exit_code) from None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(asyncio.get_running_loop(), stop.set)
+
+        def ready(bridge: WsBridge) -> None:
+            scheme = "ws and wss" if config.tls else "ws"
+            err.print(escape(f"sandport ws on {config.listen_host}:{bridge.bound_port} "
+                             f"({scheme}) -> "
+                             f"{config.target or 'targets by token'}"
+                             + (f", web {config.web_dir}" if config.web_dir else "")))
+
+        await serve_ws(config, stop, run_once=run_once, timeout=timeout,
+                       idle_timeout=idle_timeout, on_ready=ready)
+
+    _run(main())
 
 
 @app.command()

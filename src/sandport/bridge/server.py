@@ -1,0 +1,904 @@
+"""A WebSocket-to-TCP bridge server, websockify-compatible, on uvloop and sans-I/O websockets.
+
+One listening port serves, like websockify does:
+
+* WebSocket upgrades, bridged to a TCP or Unix-socket target (fixed, or by token: see
+  :mod:`sandport.bridge.targets`), with subprotocol ``binary``, ``base64`` or none;
+* plain HTTP GETs from ``web_dir`` (``--web``), e.g. the noVNC client;
+* TLS on the same port, detected from the first byte (``0x16``: a TLS ClientHello), with
+  the certificate re-read when its file changes (:mod:`sandport.bridge.tls`).
+
+Where websockify is weak, this server says why. Before the upgrade it answers with a
+status and a JSON body: 401 (no token), 403 (unknown token, Origin not allowed), 429 /
+503 with ``Retry-After`` (per-client and global connection limits), 502 (the target
+refused or is unreachable), 504 (the target did not answer in time). The target is
+connected *before* the upgrade is accepted, so a dead target is a 502, not a WebSocket
+that opens and dies with 1006. After the upgrade every close carries a code and a reason:
+1000 target closed / idle, 1008 limit, 1009 message too big, 1011 target error or
+keepalive timeout, 1001 server shutting down.
+
+Data path: each side is an asyncio Protocol. A client frame's payload is written to the
+target as it arrives (fragments are not reassembled, so a 1 MiB message costs no 1 MiB
+buffer); target bytes become one binary message per read. Backpressure: when one side's
+transport buffers more than :data:`WRITE_HIGH`, the other side stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import errno
+import ipaddress
+import itertools
+import json
+import logging
+import mimetypes
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from sandport.bridge.targets import Target, TokenPlugin, token_from
+from sandport.bridge.tls import TlsConfig, TlsContexts
+from sandport.errors import PortInUseError, UsageError
+from sandport.proto.errors import RemoteProtocolError
+from sandport.proto.proxyproto import ProxyHeaderParser
+
+log = logging.getLogger(__name__)
+#: websockets' own per-connection lines ("connection open"); ours carry the session id.
+_protocol_log = logging.getLogger(f"{__name__}.protocol")
+_protocol_log.setLevel(logging.WARNING)
+
+SUBPROTOCOLS = ("binary", "base64")
+READ_LIMIT = 256 * 1024  # bytes per target read become one message at most this big
+WRITE_HIGH = 1024 * 1024  # stop reading the other side above this many buffered bytes
+WRITE_LOW = 256 * 1024
+CLOSE_TIMEOUT = 5.0  # after our close frame, wait this long for the client's
+PEEK_MAX = 536  # enough for a PROXY v1 line and a v2 header with small TLVs
+TLS_FIRST_BYTES = (0x16, 0x80)  # TLS handshake record; SSLv2-style ClientHello
+WEB_FILE_MAX = 64 * 1024 * 1024
+
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009  # sent by websockets' protocol when a message exceeds max_size
+CLOSE_INTERNAL = 1011
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BridgeLimits:
+    """Limits of one bridge server; ``None`` means unlimited.
+
+    Attributes:
+        max_connections: WebSocket sessions at once, over all clients (503 beyond).
+        max_per_client: sessions at once from one client address (429 beyond).
+        max_message: largest message a client may send, in bytes (close 1009 beyond).
+        connect_timeout: seconds to connect to the target (504 beyond).
+        handshake_timeout: seconds for the TLS handshake and the HTTP request.
+        idle_timeout: close a session after this many seconds without data either way.
+        heartbeat: send a ping every this many seconds; no pong by the next one closes
+            the session with 1011.
+    """
+
+    max_connections: int | None = None
+    max_per_client: int | None = None
+    max_message: int = 16 * 1024 * 1024
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float | None = None
+    heartbeat: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BridgeConfig:
+    """What a :class:`WsBridge` serves.
+
+    Attributes:
+        listen_host, listen_port: where to listen (port 0: any free port).
+        target: the fixed target, when there is no token plugin.
+        tokens: the token plugin, when targets are looked up by token.
+        host_token: take the token from the Host header instead of the URL.
+        web_dir: serve plain GETs from this directory (``--web``).
+        tls: certificate and TLS settings, or None for plain ws only.
+        target_tls: connect to the target with TLS (``--ssl-target``).
+        origins: allowed ``Origin`` header values; empty allows any.
+        trusted_proxies: peers whose ``X-Forwarded-For`` and PROXY protocol header
+            name the real client.
+        limits: see :class:`BridgeLimits`.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    target: Target | None = None
+    tokens: TokenPlugin | None = None
+    host_token: bool = False
+    web_dir: Path | None = None
+    tls: TlsConfig | None = None
+    target_tls: bool = False
+    origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limits: BridgeLimits = field(default_factory=BridgeLimits)
+
+    def __post_init__(self) -> None:
+        if (self.target is None) == (self.tokens is None):
+            raise UsageError("give either a target or a token plugin")
+
+
+@dataclass(slots=True)
+class BridgeStats:
+    """Counters of one bridge server (all sessions since start)."""
+
+    sessions_active: int = 0
+    sessions_total: int = 0
+    bytes_to_target: int = 0
+    bytes_to_client: int = 0
+    web_requests: int = 0
+    refused: Counter[int] = field(default_factory=Counter)  # by HTTP status
+    closed: Counter[str] = field(default_factory=Counter)  # by reason
+
+
+class Refusal(Exception):
+    """A pre-upgrade refusal: HTTP status, a short error name and a message."""
+
+    def __init__(self, status: int, error: str, message: str,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.headers = tuple(headers)
+
+
+def json_response(status: int, doc: dict[str, Any],
+                  headers: Sequence[tuple[str, str]] = ()) -> Response:
+    """A complete HTTP response with a JSON body; the connection closes after it."""
+    body = (json.dumps(doc) + "\n").encode()
+    h = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                 ("Connection", "close"), ("Cache-Control", "no-store"), *headers])
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return Response(status, phrase, h, body)
+
+
+def _select_subprotocol(protocol: ServerProtocol,
+                        offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    for name in SUBPROTOCOLS:
+        if name in offered:
+            return Subprotocol(name)
+    return None
+
+
+def _in_networks(addr: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                 ) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
+class WsBridge:
+    """The server: ``await start()``, then ``await stop()`` (or ``async with``)."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self.stats = BridgeStats()
+        self._tls = TlsContexts(config.tls) if config.tls is not None else None
+        self._target_ssl: ssl.SSLContext | None = None
+        if config.target_tls:
+            self._target_ssl = ssl.create_default_context()
+            self._target_ssl.check_hostname = False
+            self._target_ssl.verify_mode = ssl.CERT_NONE
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seq = itertools.count(1)
+        self._sessions: set[_Session] = set()
+        self._per_client: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        #: Client addresses from PROXY headers of sockets still waiting for their first byte.
+        self._proxied: dict[int, tuple[str, int]] = {}
+        self._closing = False
+        #: Called with no arguments whenever a session ends (for --run-once and friends).
+        self.on_session_end: Callable[[], None] | None = None
+        self.bound_port = 0
+
+    async def __aenter__(self) -> WsBridge:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def label(self) -> str:
+        """``ws:PORT`` for logs."""
+        return f"ws:{self.bound_port}"
+
+    async def start(self) -> None:
+        """Bind and start accepting.
+
+        Raises:
+            PortInUseError: the port is taken.
+            UsageError: the address is not one of this machine's.
+        """
+        self._loop = asyncio.get_running_loop()
+        host = self.config.listen_host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, self.config.listen_port))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(host, self.config.listen_port,
+                                     what="WebSocket port") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(f"{host} is not an address of this machine") from None
+            raise
+        sock.setblocking(False)
+        self._sock = sock
+        self.bound_port = sock.getsockname()[1]
+        self._loop.add_reader(sock.fileno(), self._accept)
+        cfg = self.config
+        log.info("%s: listening on %s:%d%s, %s%s", self.label, host, self.bound_port,
+                 " (ws and wss)" if cfg.tls else "",
+                 f"target {cfg.target}" if cfg.target else "targets by token",
+                 f", web {cfg.web_dir}" if cfg.web_dir else "")
+
+    async def stop(self) -> None:
+        """Stop accepting, close every session with 1001 and wait for them (bounded)."""
+        self._closing = True
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for fd, (sock, timer) in list(self._pending.items()):
+            timer.cancel()
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
+            sock.close()
+        self._pending.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in list(self._sessions):
+            session.close(CLOSE_GOING_AWAY, "the bridge is shutting down")
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        while self._sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self._sessions):
+            session.abort()
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        assert self._loop is not None
+        for _ in range(64):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("%s: accept: %s", self.label, exc)
+                return
+            conn.setblocking(False)
+            fd = conn.fileno()
+            timer = self._loop.call_later(self.config.limits.handshake_timeout,
+                                          self._first_bytes_timeout, fd)
+            self._pending[fd] = (conn, timer)
+            self._loop.add_reader(fd, self._on_first_bytes, fd)
+
+    def _drop_pending(self, fd: int) -> socket.socket | None:
+        self._proxied.pop(fd, None)
+        entry = self._pending.pop(fd, None)
+        if entry is None:
+            return None
+        sock, timer = entry
+        timer.cancel()
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        return sock
+
+    def _first_bytes_timeout(self, fd: int) -> None:
+        sock = self._drop_pending(fd)
+        if sock is not None:
+            log.info("%s: a client sent nothing for %.0f s: closed", self.label,
+                     self.config.limits.handshake_timeout)
+            sock.close()
+
+    def _on_first_bytes(self, fd: int) -> None:
+        """Peek: a PROXY header from a trusted proxy, then TLS or plain HTTP."""
+        entry = self._pending.get(fd)
+        if entry is None:
+            return
+        sock = entry[0]
+        try:
+            head = sock.recv(PEEK_MAX, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop_pending(fd)
+            sock.close()
+            return
+        if not head:
+            self._drop_pending(fd)
+            sock.close()
+            return
+        peer = sock.getpeername()
+        client = (str(peer[0]), int(peer[1]))
+        if self.config.trusted_proxies and _in_networks(client[0], self.config.trusted_proxies) \
+                and head[:1] in (b"P", b"\r"):
+            parser = ProxyHeaderParser()
+            try:
+                header = parser.receive_data(bytes(head))
+            except RemoteProtocolError as exc:
+                log.info("%s: bad PROXY header from %s: %s", self.label, client[0], exc)
+                self._drop_pending(fd)
+                sock.close()
+                return
+            if header is None:
+                if len(head) >= PEEK_MAX:
+                    self._drop_pending(fd)
+                    sock.close()
+                return  # wait for the rest of the header
+            used = len(head) - len(parser.trailing_data())
+            sock.recv(used)  # consume exactly the header
+            if header.source is not None:
+                client = header.source
+            if not parser.trailing_data():
+                self._proxied[fd] = client  # wait for the first byte of the real stream
+                return
+            head = parser.trailing_data()
+        client = self._proxied.pop(fd, client)
+        self._drop_pending(fd)
+        tls = head[0] in TLS_FIRST_BYTES
+        if tls and self._tls is None:
+            log.info("%s: %s sent a TLS ClientHello but this bridge has no certificate "
+                     "(--cert): closed", self.label, client[0])
+            sock.close()
+            return
+        if not tls and self._tls is not None and self._tls.config.ssl_only:
+            body = json.dumps({"error": "tls_required",
+                               "message": "this port takes only TLS: use wss:// or https://"})
+            with contextlib.suppress(OSError):
+                sock.send(f"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                          f"{body}".encode())
+            sock.close()
+            return
+        session = _Session(self, f"{self.label}#{next(self._seq)}", client, tls)
+        assert self._loop is not None
+        ctx = self._tls.context() if tls and self._tls is not None else None
+        self._spawn(self._connect_client(session, sock, ctx), session.cid)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_client(self, session: _Session, sock: socket.socket,
+                              ctx: ssl.SSLContext | None) -> None:
+        assert self._loop is not None
+        try:
+            if ctx is not None:
+                await self._loop.connect_accepted_socket(
+                    lambda: session, sock, ssl=ctx,
+                    ssl_handshake_timeout=self.config.limits.handshake_timeout)
+            else:
+                await self._loop.connect_accepted_socket(lambda: session, sock)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            log.info("%s: TLS handshake with %s failed: %s", session.cid, session.client[0],
+                     exc)
+            sock.close()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def admit(self, session: _Session) -> None:
+        """Count a session that is about to connect its target, or refuse it.
+
+        Raises:
+            Refusal: 503 over the global limit, 429 over the per-client limit.
+        """
+        lim = self.config.limits
+        if self._closing:
+            raise Refusal(503, "shutting_down", "the bridge is shutting down",
+                          [("Retry-After", "5")])
+        if lim.max_connections is not None and len(self._sessions) >= lim.max_connections:
+            raise Refusal(503, "too_many_sessions",
+                          f"the bridge has its limit of {lim.max_connections} sessions open",
+                          [("Retry-After", "5")])
+        ip = session.client[0]
+        if lim.max_per_client is not None and self._per_client[ip] >= lim.max_per_client:
+            raise Refusal(429, "too_many_sessions_from_client",
+                          f"{ip} has its limit of {lim.max_per_client} sessions open",
+                          [("Retry-After", "5")])
+        self._sessions.add(session)
+        self._per_client[ip] += 1
+        self.stats.sessions_active = len(self._sessions)
+
+    def release(self, session: _Session) -> None:
+        """Forget a session (idempotent)."""
+        if session in self._sessions:
+            self._sessions.discard(session)
+            ip = session.client[0]
+            self._per_client[ip] -= 1
+            if self._per_client[ip] <= 0:
+                del self._per_client[ip]
+            self.stats.sessions_active = len(self._sessions)
+            if self.on_session_end is not None:
+                self.on_session_end()
+
+    def resolve(self, request: Request) -> Target:
+        """The target of a request (fixed, or by token).
+
+        Raises:
+            Refusal: 401 without a token, 403 for an unknown token.
+        """
+        if self.config.target is not None:
+            return self.config.target
+        assert self.config.tokens is not None
+        token = token_from(request.path, request.headers.get("Host"),
+                           host_token=self.config.host_token)
+        if token is None:
+            where = "the Host header" if self.config.host_token else \
+                "?token=T or the last path segment"
+            raise Refusal(401, "token_missing", f"no token: this bridge needs one in {where}")
+        target = self.config.tokens.lookup(token)
+        if target is None:
+            raise Refusal(403, "token_unknown", "the token is not valid here")
+        return target
+
+    async def connect_target(self, session: _Session, target: Target) -> None:
+        """Connect the session's target.
+
+        Raises:
+            Refusal: 502 refused or unreachable, 504 timed out.
+        """
+        assert self._loop is not None
+        loop = self._loop
+        proto = _TargetSide(session)
+        try:
+            async with asyncio.timeout(self.config.limits.connect_timeout):
+                if target.path:
+                    await loop.create_unix_connection(lambda: proto, target.path,
+                                                      ssl=self._target_ssl,
+                                                      server_hostname="" if self._target_ssl
+                                                      else None)
+                else:
+                    await loop.create_connection(lambda: proto, target.host, target.port,
+                                                 ssl=self._target_ssl)
+        except TimeoutError:
+            raise Refusal(504, "target_timeout",
+                          f"the target {target} did not answer within "
+                          f"{self.config.limits.connect_timeout:g} s") from None
+        except ConnectionRefusedError:
+            raise Refusal(502, "target_refused",
+                          f"the target {target} refused the connection "
+                          "(nothing listens there)") from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise Refusal(502, "target_unreachable",
+                          f"the target {target} is unreachable: {reason}") from None
+        session.target = proto
+
+    def web_response(self, request: Request) -> Response:
+        """A plain GET: a file of ``web_dir``, or why not."""
+        self.stats.web_requests += 1
+        root = self.config.web_dir
+        if root is None:
+            return json_response(426, {
+                "error": "upgrade_required",
+                "message": "this is a WebSocket bridge: connect with a WebSocket client "
+                           "(or start it with --web DIR to serve files)"},
+                [("Upgrade", "websocket")])
+        rel = unquote(urlsplit(request.path).path).lstrip("/")
+        path = (root / rel).resolve()
+        base = root.resolve()
+        if path != base and base not in path.parents:
+            return json_response(404, {"error": "not_found", "message": "no such file"})
+        if path.is_dir():
+            path = path / "index.html"
+        try:
+            size = path.stat().st_size
+            if size > WEB_FILE_MAX or not path.is_file():
+                raise FileNotFoundError
+            body = path.read_bytes()
+        except OSError:
+            return json_response(404, {"error": "not_found",
+                                       "message": f"no file {'/' + rel!r} here"})
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript",
+                                                  "application/json"):
+            ctype += "; charset=utf-8"
+        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
+                           ("Connection", "close"), ("Cache-Control", "no-cache")])
+        return Response(200, "OK", headers, body)
+
+
+class _TargetSide(asyncio.Protocol):
+    """The target connection of a session."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's too
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        transport.pause_reading()  # until the upgrade is answered
+
+    def data_received(self, data: bytes) -> None:
+        self.session.from_target(data)
+
+    def eof_received(self) -> bool:
+        self.session.close(CLOSE_NORMAL, "the target closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is None:
+            self.session.close(CLOSE_NORMAL, "the target closed the connection")
+        else:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            self.session.close(CLOSE_INTERNAL, f"the target connection failed: {reason}")
+
+    def pause_writing(self) -> None:
+        self.session.pause_client()
+
+    def resume_writing(self) -> None:
+        self.session.resume_client()
+
+
+class _Session(asyncio.Protocol):
+    """One client connection: the HTTP request, then (after the upgrade) the bridge."""
+
+    def __init__(self, bridge: WsBridge, cid: str, client: tuple[str, int], tls: bool) -> None:
+        self.bridge = bridge
+        self.cid = cid
+        self.client = client
+        self.tls = tls
+        lim = bridge.config.limits
+        self.ws = ServerProtocol(subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
+                                 select_subprotocol=_select_subprotocol,
+                                 max_size=lim.max_message, logger=_protocol_log)
+        self.transport: asyncio.Transport | None = None
+        self.target: _TargetSide | None = None
+        self.subprotocol: str | None = None
+        self.admitted = False
+        self.upgraded = False
+        self.closed = False
+        self.close_reason = ""
+        self.b64_carry = b""
+        self.last_activity = time.monotonic()
+        self.ping_outstanding = False
+        self._timers: list[asyncio.TimerHandle] = []
+        self.to_target = 0
+        self.to_client = 0
+        self.started = time.monotonic()
+
+    # -- client transport callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's too
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.bridge.config.limits.handshake_timeout,
+                                            self._handshake_timeout))
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.ws.receive_eof()
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = self.close_reason or (
+                "the client went away" if exc is None else f"the client connection failed: "
+                f"{getattr(exc, 'strerror', None) or exc}")
+        self._finish()
+
+    def pause_writing(self) -> None:
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.target is not None and self.target.transport is not None and self.upgraded:
+            self.target.transport.resume_reading()
+
+    def pause_client(self) -> None:
+        """The target's buffer is full: stop reading the client."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_client(self) -> None:
+        """The target drained: read the client again."""
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        for event in self.ws.events_received():
+            if isinstance(event, Request):
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                self.bridge._spawn(self._handle_request(event), f"{self.cid} handshake")
+            elif isinstance(event, Frame):
+                self._on_frame(event)
+        self._flush()
+        if self.ws.state is State.CLOSED or self.ws.close_expected():
+            if self.ws.state is State.CLOSED and self.ws.close_rcvd is not None:
+                rcvd = self.ws.close_rcvd
+                self.close_reason = self.close_reason or (
+                    f"the client closed ({rcvd.code}{' ' + rcvd.reason if rcvd.reason else ''})")
+            self._close_target()
+            if self.ws.state is State.CLOSED and self.transport is not None:
+                self.transport.close()
+            elif self.transport is not None:
+                loop = asyncio.get_running_loop()
+                self._timers.append(loop.call_later(CLOSE_TIMEOUT, self.abort))
+
+    def _on_frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op is Opcode.PONG:
+            self.ping_outstanding = False
+            return
+        if op not in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+            return  # ping (answered by the protocol) and close (handled there)
+        data = bytes(frame.data)  # max_message is enforced by the protocol (close 1009)
+        if self.subprotocol == "base64":  # text messages; binary ones holding base64 too
+            decoded = self._b64_decode(data, final=frame.fin)
+            if decoded is None:
+                return
+            data = decoded
+        elif op is Opcode.TEXT or (op is Opcode.CONT and self._text_message):
+            self._text_message = True
+            self.close(CLOSE_UNSUPPORTED, "text messages are not accepted: send binary "
+                                          "(or ask for the base64 subprotocol)")
+            return
+        if op is not Opcode.CONT:
+            self._text_message = op is Opcode.TEXT
+        self.last_activity = time.monotonic()
+        if data and self.target is not None and self.target.transport is not None:
+            self.target.transport.write(data)
+            self.to_target += len(data)
+            self.bridge.stats.bytes_to_target += len(data)
+
+    _text_message = False
+
+    def _b64_decode(self, chunk: bytes, *, final: bool) -> bytes | None:
+        data = self.b64_carry + chunk
+        cut = len(data) if final else len(data) - len(data) % 4
+        self.b64_carry = data[cut:]
+        try:
+            return base64.b64decode(data[:cut], validate=True)
+        except (binascii.Error, ValueError):
+            self.close(CLOSE_UNSUPPORTED, "base64 subprotocol: the message is not base64")
+            return None
+
+    def from_target(self, data: bytes) -> None:
+        """Bytes from the target: one message to the client."""
+        if self.closed or self.ws.state is not State.OPEN:
+            return
+        self.last_activity = time.monotonic()
+        self.to_client += len(data)
+        self.bridge.stats.bytes_to_client += len(data)
+        if self.subprotocol == "base64":
+            self.ws.send_text(base64.b64encode(data))
+        else:
+            self.ws.send_binary(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.transport is None:
+            return
+        out = self.ws.data_to_send()
+        if out:
+            for chunk in out:
+                if chunk:
+                    self.transport.write(chunk)
+                elif self.transport.can_write_eof() and not self.tls:  # EOF from the protocol
+                    with contextlib.suppress(OSError, RuntimeError):
+                        self.transport.write_eof()
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _handshake_timeout(self) -> None:
+        if not self.upgraded and not self.closed and not self.admitted:
+            log.info("%s: no complete request from %s within %.0f s: closed", self.cid,
+                     self.client[0], self.bridge.config.limits.handshake_timeout)
+            self.abort()
+
+    def _real_client(self, request: Request) -> None:
+        trusted = self.bridge.config.trusted_proxies
+        if not trusted or not _in_networks(self.client[0], trusted):
+            return
+        hops = [h.strip() for h in ",".join(request.headers.get_all("X-Forwarded-For"))
+                .split(",") if h.strip()]
+        for hop in reversed(hops):  # rightmost first: the closest proxy appended it
+            if not _in_networks(hop, trusted):
+                with contextlib.suppress(ValueError):
+                    self.client = (str(ipaddress.ip_address(hop)), 0)
+                return
+
+    async def _handle_request(self, request: Request) -> None:
+        bridge = self.bridge
+        try:
+            for name in ("Host", "Upgrade", "Origin", "Sec-WebSocket-Key"):
+                if len(request.headers.get_all(name)) > 1:
+                    raise Refusal(400, "bad_request", f"the request has more than one {name} "
+                                                      "header")
+            self._real_client(request)
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                self._respond(bridge.web_response(request))
+                return
+            origins = bridge.config.origins
+            origin = request.headers.get("Origin")
+            if origins and origin not in origins:
+                raise Refusal(403, "origin_not_allowed",
+                              f"Origin {origin!r} is not allowed (cross-site WebSocket "
+                              f"requests are refused; allowed: {', '.join(origins)})")
+            target = bridge.resolve(request)
+            response = self.ws.accept(request)
+            if response.status_code != 101:  # not a valid WebSocket handshake
+                self._respond(response)
+                return
+            bridge.admit(self)
+            self.admitted = True
+            try:
+                await bridge.connect_target(self, target)
+            except BaseException:
+                bridge.release(self)
+                self.admitted = False
+                raise
+            if self.closed:  # the client went away while we connected
+                self._close_target()
+                return
+            self.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
+            self.ws.send_response(response)
+            self.upgraded = True
+            bridge.stats.sessions_total += 1
+            self._flush()
+            log.info("%s: %s%s -> %s (%s%s)", self.cid, self.client[0],
+                     f":{self.client[1]}" if self.client[1] else "", target,
+                     self.subprotocol or "no subprotocol", ", TLS" if self.tls else "")
+            self._start_timers()
+            assert self.target is not None
+            assert self.target.transport is not None
+            self.target.transport.resume_reading()
+            if self.transport is not None:
+                self.transport.resume_reading()
+        except Refusal as r:
+            bridge.stats.refused[r.status] += 1
+            log.info("%s: %s refused: %d %s", self.cid, self.client[0], r.status, r.message)
+            self._respond(json_response(r.status, {"error": r.error, "message": r.message},
+                                        r.headers))
+        except Exception:  # a bug must not leave the client waiting for an answer
+            log.exception("%s: handling the request from %s failed", self.cid, self.client[0])
+            if self.upgraded:
+                self.close(CLOSE_INTERNAL, "internal error in the bridge")
+            else:
+                bridge.stats.refused[500] += 1
+                self._respond(json_response(500, {
+                    "error": "internal", "message": "the bridge failed to handle this request; "
+                    "its log has the details"}))
+
+    def _respond(self, response: Response) -> None:
+        self.ws.send_response(response)
+        self._flush()
+        self.closed = True
+        self.close_reason = f"HTTP {response.status_code}"
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _start_timers(self) -> None:
+        lim = self.bridge.config.limits
+        loop = asyncio.get_running_loop()
+        if lim.idle_timeout:
+            self._timers.append(loop.call_later(lim.idle_timeout, self._check_idle))
+        if lim.heartbeat:
+            self._timers.append(loop.call_later(lim.heartbeat, self._heartbeat))
+
+    def _check_idle(self) -> None:
+        lim = self.bridge.config.limits
+        assert lim.idle_timeout is not None
+        left = self.last_activity + lim.idle_timeout - time.monotonic()
+        if self.closed:
+            return
+        if left <= 0:
+            self.close(CLOSE_NORMAL, f"idle for {lim.idle_timeout:g} s")
+            return
+        self._timers.append(asyncio.get_running_loop().call_later(left, self._check_idle))
+
+    def _heartbeat(self) -> None:
+        lim = self.bridge.config.limits
+        assert lim.heartbeat is not None
+        if self.closed or self.ws.state is not State.OPEN:
+            return
+        if self.ping_outstanding:
+            self.close(CLOSE_INTERNAL, f"keepalive: no pong within {lim.heartbeat:g} s")
+            return
+        self.ping_outstanding = True
+        self.ws.send_ping(b"sandport")
+        self._flush()
+        self._timers.append(asyncio.get_running_loop().call_later(lim.heartbeat,
+                                                                  self._heartbeat))
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the WebSocket with ``code`` and ``reason`` (once), and the target."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self.upgraded and self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason[:120])
+            self._flush()
+            if self.transport is not None:
+                loop = asyncio.get_running_loop()
+                self._timers.append(loop.call_later(CLOSE_TIMEOUT, self.abort))
+        elif self.transport is not None:
+            self.transport.close()
+        self._close_target()
+
+    def abort(self) -> None:
+        """Drop both connections now."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.abort()
+        self._finish()
+
+    def _close_target(self) -> None:
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.close()
+
+    _finished = False
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            return
+        self._finished = True
+        for t in self._timers:
+            t.cancel()
+        self._close_target()
+        if self.admitted:
+            self.bridge.release(self)
+            self.bridge.stats.closed[self.close_reason or "closed"] += 1
+            log.info("%s: closed: %s (to target %d B, to client %d B, %.1f s)", self.cid,
+                     self.close_reason or "closed", self.to_target, self.to_client,
+                     time.monotonic() - self.started)

@@ -1,0 +1,217 @@
+"""Where a WebSocket session goes: a fixed target, or one looked up by token.
+
+websockify's shapes, so existing set-ups keep working:
+
+* a fixed ``TARGET_ADDR:TARGET_PORT``, or ``--unix-target PATH``;
+* ``--token-plugin TokenFile --token-source PATH``: ``PATH`` is a file of lines
+  ``token: host:port`` (``#`` starts a comment) or a directory of such files. Unlike
+  websockify's ``ReadOnlyTokenFile``, every plugin here notices edits: the files are
+  re-read when their size, mtime or inode changes, so a token added or removed takes
+  effect for the next connection without a restart. A target may also be
+  ``unix_socket:/path``;
+* ``--token-plugin UnixDomainSocketDirectory --token-source DIR``: the token names a
+  Unix socket inside ``DIR``.
+
+The token comes from the ``token`` query parameter, else from the last path segment
+(``/websockify/T`` or ``/T``), or with ``--host-token`` from the Host header's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from sandport.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+UNIX_PREFIX = "unix_socket:"
+#: The path noVNC asks for by default; never a token.
+DEFAULT_PATH_SEGMENT = "websockify"
+_TOKEN_LINE = re.compile(r"^(?P<token>[^:\s][^:]*?):\s+(?P<target>\S+)\s*$")
+MAX_TOKEN_FILE_BYTES = 16 * 1024 * 1024  # a token file larger than this is refused
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """A TCP ``host:port`` or a Unix socket ``path``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"{UNIX_PREFIX}{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_target(text: str, *, what: str = "target") -> Target:
+    """``host:port``, ``[v6]:port`` or ``unix_socket:/path`` to a :class:`Target`.
+
+    Raises:
+        UsageError: the text is none of these.
+    """
+    text = text.strip()
+    if text.startswith(UNIX_PREFIX):
+        path = text[len(UNIX_PREFIX):]
+        if not path:
+            raise UsageError(f"{what} {text!r} names no socket path")
+        return Target(path=path)
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"{what} {text!r} is not HOST:PORT (port 1-65535) or "
+                         f"{UNIX_PREFIX}/path")
+    return Target(host=host, port=int(port_text))
+
+
+def token_from(path: str, host_header: str | None, *, host_token: bool) -> str | None:
+    """The token a request carries, websockify's way (see the module docstring)."""
+    if host_token:
+        if not host_header:
+            return None
+        name = host_header.strip()
+        if name.startswith("["):
+            return name[1:name.find("]")] or None
+        return name.partition(":")[0] or None
+    parts = urlsplit(path)
+    values = parse_qs(parts.query).get("token")
+    if values and values[0].rstrip("\n"):
+        return values[0].rstrip("\n")
+    segment = unquote(parts.path.rstrip("/").rpartition("/")[2])
+    if segment and segment != DEFAULT_PATH_SEGMENT:
+        return segment
+    return None
+
+
+class TokenPlugin(Protocol):
+    """Maps a token to a target; ``None`` when the token is unknown."""
+
+    def lookup(self, token: str) -> Target | None:
+        """The target of ``token``, or ``None``."""
+        ...
+
+
+def _file_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class TokenFile:
+    """websockify's ``TokenFile``: a file or a directory of ``token: host:port`` lines.
+
+    Re-reads whenever a file changes (checked with ``stat`` at each lookup: cheap, and an
+    edit is seen by the very next connection). A line that does not parse is logged with
+    its file and line number and skipped, as websockify does; the other lines still work.
+    """
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = Path(source)
+        if not self.source.exists():
+            raise UsageError(f"token source {self.source} does not exist",
+                             hint="give a file of 'token: host:port' lines or a directory "
+                                  "of such files")
+        self._keys: dict[Path, tuple[int, int, int, int]] = {}
+        self._targets: dict[str, Target] = {}
+        self.loads = 0
+
+    def _files(self) -> dict[Path, tuple[int, int, int, int]]:
+        try:
+            if self.source.is_dir():
+                out = {}
+                for entry in sorted(os.scandir(self.source), key=lambda e: e.name):
+                    if entry.name.startswith(".") or not entry.is_file():
+                        continue
+                    out[Path(entry.path)] = _file_key(entry.stat())
+                return out
+            return {self.source: _file_key(self.source.stat())}
+        except OSError as exc:
+            log.warning("token source %s: %s", self.source, exc)
+            return {}
+
+    def _reload_if_changed(self) -> None:
+        files = self._files()
+        if files == self._keys:
+            return
+        targets: dict[str, Target] = {}
+        for path in files:
+            try:
+                if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
+                    log.warning("token file %s is larger than %d bytes: skipped", path,
+                                MAX_TOKEN_FILE_BYTES)
+                    continue
+                text = path.read_text(errors="replace")
+            except OSError as exc:
+                log.warning("token file %s: %s", path, exc)
+                continue
+            for number, raw in enumerate(text.splitlines(), 1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                m = _TOKEN_LINE.match(line)
+                try:
+                    if m is None:
+                        raise UsageError("expected 'token: host:port'")
+                    targets[m["token"]] = parse_target(m["target"])
+                except UsageError as exc:
+                    log.warning("token file %s line %d: %s (skipped)", path, number,
+                                str(exc).splitlines()[0])
+        self._keys, self._targets = files, targets
+        self.loads += 1
+        log.info("token source %s: %d token(s)", self.source, len(targets))
+
+    def lookup(self, token: str) -> Target | None:
+        """The target of ``token`` as the files say now."""
+        self._reload_if_changed()
+        return self._targets.get(token)
+
+
+class UnixDomainSocketDirectory:
+    """websockify's ``UnixDomainSocketDirectory``: the token names a socket in a directory."""
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = Path(source).resolve()
+        if not self.source.is_dir():
+            raise UsageError(f"token source {self.source} is not a directory")
+
+    def lookup(self, token: str) -> Target | None:
+        """The socket ``<dir>/<token>``, if it is one and stays inside the directory."""
+        path = (self.source / token).resolve()
+        if path.parent != self.source:
+            return None
+        try:
+            if not stat.S_ISSOCK(path.stat().st_mode):
+                return None
+        except OSError:
+            return None
+        return Target(path=str(path))
+
+
+PLUGINS: dict[str, Callable[[str], TokenPlugin]] = {
+    "TokenFile": TokenFile,
+    "ReadOnlyTokenFile": TokenFile,
+    "UnixDomainSocketDirectory": UnixDomainSocketDirectory,
+}
+
+
+def load_plugin(name: str, source: str | None) -> TokenPlugin:
+    """A token plugin by websockify's class name (``websockify.token_plugins.X`` works too).
+
+    Raises:
+        UsageError: an unknown plugin, or no source.
+    """
+    short = name.rpartition(".")[2]
+    cls = PLUGINS.get(short)
+    if cls is None:
+        raise UsageError(f"token plugin {name!r} is not supported; sandport ws has "
+                         f"{', '.join(PLUGINS)}")
+    if not source:
+        raise UsageError(f"--token-plugin {short} needs --token-source")
+    return cls(source)
