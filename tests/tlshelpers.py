@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import ssl
@@ -22,8 +23,10 @@ class TestCA:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 
-    def issue(self, out: Path, *, cn: str = "127.0.0.1", serial: int | None = None) -> Path:
-        """Write a server certificate for 127.0.0.1/localhost plus its key to one PEM file."""
+    def issue(self, out: Path, *, cn: str = "127.0.0.1", serial: int | None = None,
+              ips: tuple[str, ...] = ()) -> Path:
+        """Write a server certificate for 127.0.0.1/localhost (and ``ips``) plus its key to
+        one PEM file."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         cert = (
@@ -35,7 +38,8 @@ class TestCA:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.DNSName("localhost"),
+                *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *ips))]),
                 critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -77,3 +81,14 @@ def make_ca(tmp: Path) -> TestCA:
     path = tmp / "ca.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return TestCA(ca_pem=path, key=key, cert=cert)
+
+
+def spki_sha256(pem: Path) -> str:
+    """base64 SHA-256 of a certificate's public key, for Chromium's
+    ``--ignore-certificate-errors-spki-list`` (trusts exactly that key)."""
+    cert = x509.load_pem_x509_certificate(pem.read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return base64.b64encode(digest.finalize()).decode()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from sandport import __version__
 from sandport.bridge.server import WsBridge
 from sandport.bridge.standalone import UNSUPPORTED, WsOptions, build_config
 from sandport.bridge.standalone import serve as serve_ws
+from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.config import (
     DEFAULT_BRIDGE,
     DEFAULT_STATE_DIR,
@@ -86,6 +88,20 @@ def _parse_subnet(text: str) -> ipaddress.IPv4Network:
     except ValueError as exc:
         raise UsageError(f"--subnet {text!r} is not an IPv4 network like 10.201.0.0/24: {exc}")\
             from None
+
+
+def _tls_config(cert: Path | None, key: Path | None, ssl_only: bool) -> TlsConfig | None:
+    if cert is None:
+        if key is not None or ssl_only:
+            raise UsageError("--key and --ssl-only need --cert")
+        return None
+    for what, path in (("--cert", cert), ("--key", key)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{what} {path}: no such file")
+    config = TlsConfig(cert=cert.absolute(), key=key.absolute() if key else None,
+                       ssl_only=ssl_only)
+    TlsContexts(config)  # loads now: a bad certificate is an error before anything starts
+    return config
 
 
 def _error(exc: BaseException) -> None:
@@ -237,6 +253,13 @@ def up(
         = "127.0.0.1",
     ready_timeout: Annotated[float, typer.Option(
         help="Seconds a sandbox may take to answer VNC through every path.", min=1)] = 60.0,
+    cert: Annotated[Path | None, typer.Option(
+        help="PEM certificate chain (and key, unless --key) for https:// and wss:// on the "
+             "HTTP port; http and ws stay served on the same port. Re-read when it "
+             "changes.")] = None,
+    key: Annotated[Path | None, typer.Option(help="PEM key of --cert.")] = None,
+    ssl_only: Annotated[bool, typer.Option(
+        help="With --cert: refuse plain http and ws clients.")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway in the foreground until Ctrl-C or SIGTERM.
@@ -273,6 +296,7 @@ def up(
             forward_host=forward_host,
             ready_timeout=ready_timeout,
             forward_mode=forward_mode,
+            tls=_tls_config(cert, key, ssl_only),
         )
     except SandportError as exc:
         _error(exc)
@@ -303,12 +327,15 @@ def _gateway_doc(state_dir: Path) -> dict[str, Any]:
 def _fetch_forwards(state_dir: Path) -> list[dict[str, Any]]:
     doc = _gateway_doc(state_dir)
     url = f"{doc['url']}/api/forwards"
-    if not url.startswith("http://"):
-        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http:// URL: {doc['url']!r}")
-    req = urllib.request.Request(  # noqa: S310 - http:// checked above
+    # Our own gateway, found through its root-only state file: its certificate may be
+    # self-signed and name another host, so it is not verified.
+    context = ssl._create_unverified_context() if url.startswith("https://") else None  # noqa: S323
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http(s):// URL: {doc['url']!r}")
+    req = urllib.request.Request(  # noqa: S310 - http(s):// checked above
         url, headers={"Authorization": f"Bearer {doc['admin_token']}"})
     try:
-        with urllib.request.urlopen(req, timeout=5.0) as r:  # noqa: S310 - our own http URL
+        with urllib.request.urlopen(req, timeout=5.0, context=context) as r:  # noqa: S310
             body = json.loads(r.read())
     except urllib.error.HTTPError as exc:
         raise SandportError(f"gateway answered {exc.code}: {exc.read()[:200]!r}") from None

@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandport.bridge.tls import TlsConfig
 from sandport.errors import UsageError
 
 DEFAULT_STATE_DIR = Path("/var/lib/sandport")
@@ -63,6 +64,8 @@ class GatewayConfig:
         public_host: host name written into URLs; defaults to ``listen_host``.
         ready_timeout: seconds a sandbox may take to answer its protocol.
         forward_mode: ``auto``, ``kernel`` or ``proxy`` for host port forwards.
+        tls: certificate for https:// and wss:// on the HTTP port (plain http and ws stay
+            served on the same port unless ``tls.ssl_only``).
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -73,6 +76,12 @@ class GatewayConfig:
     public_host: str | None = None
     ready_timeout: float = 60.0
     forward_mode: str = "auto"
+    tls: TlsConfig | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the HTTP port has a certificate."""
+        return "https" if self.tls is not None else "http"
 
     @property
     def url_host(self) -> str:

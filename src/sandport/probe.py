@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
@@ -154,13 +156,16 @@ async def probe_rfb_ws(
     password: str | None = None,
     stop_at: Stage = Stage.SERVER_INIT,
     timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ProbeResult:
-    """RFB handshake over a WebSocket (``binary`` subprotocol) to ``url``."""
+    """RFB handshake over a WebSocket (``binary`` subprotocol) to ``url`` (ws or wss)."""
     hop = f"websocket {url.split('?', 1)[0]}"
     t0 = time.perf_counter()
     try:
+        extra: dict[str, Any] = {"ssl": ssl_context} if ssl_context is not None else {}
         async with asyncio.timeout(timeout), ws_connect(
-            url, subprotocols=["binary"], compression=None, open_timeout=timeout  # type: ignore[list-item]
+            url, subprotocols=["binary"], compression=None, open_timeout=timeout,  # type: ignore[list-item]
+            **extra,
         ) as ws:
 
             async def send(data: bytes) -> None:

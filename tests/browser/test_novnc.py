@@ -18,6 +18,8 @@ import pytest
 
 from conftest import require, require_programs
 from nethelpers import RemoteHost, remote_host
+from sandport.bridge.tls import TlsConfig
+from tlshelpers import make_ca, spki_sha256
 
 pytestmark = pytest.mark.browser
 
@@ -42,7 +44,15 @@ def remote() -> Iterator[RemoteHost]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory, remote: RemoteHost) -> Iterator[Any]:
+def gateway_cert(tmp_path_factory: pytest.TempPathFactory, remote: RemoteHost) -> Path:
+    """A certificate for the TLS gateway, for the address the browser connects to."""
+    tmp = tmp_path_factory.mktemp("tls")
+    return make_ca(tmp).issue(tmp / "gateway.pem", ips=(remote.host_ip,))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory, remote: RemoteHost,
+            gateway_cert: Path) -> Iterator[Any]:
     """Headless Chromium on a "remote host" namespace, as a user's browser would be.
 
     Chromium aborts in-flight requests with ERR_NETWORK_CHANGED whenever an interface
@@ -60,7 +70,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory, remote: RemoteHost) -> Ite
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+                # Trust exactly the test gateway's key (as a user installs their CA).
+                f"--ignore-certificate-errors-spki-list={spki_sha256(gateway_cert)}"):
         options.add_argument(arg)
     # Console messages and network events, shown when a test fails (see diagnose()).
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
@@ -97,6 +109,23 @@ def browser(tmp_path_factory: pytest.TempPathFactory, remote: RemoteHost) -> Ite
 def desktop(gateway_factory: Any, loop_thread: Any, remote: RemoteHost) -> Any:
     gw = gateway_factory(listen_host=remote.host_ip)
     return gw, loop_thread.run(gw.create_sandbox())
+
+
+@pytest.fixture(scope="module")
+def tls_desktop(gateway_factory: Any, loop_thread: Any, remote: RemoteHost,
+                gateway_cert: Path) -> Any:
+    gw = gateway_factory(listen_host=remote.host_ip, tls=TlsConfig(cert=gateway_cert))
+    return gw, loop_thread.run(gw.create_sandbox())
+
+
+def open_desktop(browser: Any, url: str, colour: str) -> dict[str, Any]:
+    """Load ``url`` and wait for a connected noVNC showing the sandbox colour."""
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    browser.get(url)
+    state = poll(browser, lambda s: "noVNC_connected" in s["cls"] and s["px"][:3] == rgb)
+    if "noVNC_connected" not in state["cls"] or state["px"][:3] != rgb:
+        pytest.fail(f"noVNC did not show the desktop: {state}\n{diagnose(browser)}")
+    return state
 
 
 def poll(driver: Any, until: Any, timeout: float = 30) -> dict[str, Any]:
@@ -169,3 +198,51 @@ def test_bad_token_in_the_websocket_path_fails_fast_in_novnc(browser: Any, deskt
                  timeout=15)
     assert "noVNC_connected" not in state["cls"]
     assert "Failed" in state["status"] or "isconnect" in state["status"], state
+
+
+def test_desktop_over_https_and_wss(browser: Any, tls_desktop: Any) -> None:
+    gw, info = tls_desktop
+    assert info.desktop_url.startswith("https://")
+    state = open_desktop(browser, info.desktop_url, info.colour)
+    assert state["status"] == f"Connected (encrypted) to sandport {info.id}", state
+    assert browser.current_url.startswith(f"https://{gw.config.url_host}:")
+
+
+def test_three_viewers_of_one_sandbox_at_once(browser: Any, desktop: Any) -> None:
+    gw, info = desktop
+    first = browser.current_window_handle
+    handles = [first]
+    try:
+        for _ in range(2):
+            browser.switch_to.new_window("tab")
+            handles.append(browser.current_window_handle)
+        for handle in handles:
+            browser.switch_to.window(handle)
+            open_desktop(browser, info.desktop_url, info.colour)
+        # All three still connected once the last one is.
+        for handle in handles:
+            browser.switch_to.window(handle)
+            state = browser.execute_script(STATE_JS)
+            assert "noVNC_connected" in state["cls"], state
+        stats = gw.bridge_stats.routes[(info.id, "vnc")]
+        assert stats.sessions_active >= 3, stats
+    finally:
+        for handle in handles[1:]:
+            browser.switch_to.window(handle)
+            browser.close()
+        browser.switch_to.window(first)
+        browser.get("about:blank")
+
+
+def test_wrong_vnc_password_shows_the_servers_reason(browser: Any, desktop: Any) -> None:
+    _, info = desktop
+    url = info.desktop_url
+    browser.get("about:blank")
+    browser.get(url)  # follows the redirect into noVNC with the right password
+    poll(browser, lambda s: "noVNC_connected" in s["cls"])
+    wrong = browser.current_url.replace(f"password={info.vnc_password}", "password=wrongpw1")
+    assert wrong != browser.current_url
+    browser.get("about:blank")
+    browser.get(wrong)
+    state = poll(browser, lambda s: "Authentication failure" in s["status"], timeout=15)
+    assert "Authentication failure" in state["status"], (state, diagnose(browser))

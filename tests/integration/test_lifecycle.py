@@ -329,6 +329,8 @@ def test_missing_package_is_named(tmp_path: Path) -> None:
         (["--listen", "127.0.0.1:70000"], "outside 0-65535"),
         (["--log-level", "loud"], "unknown log level"),
         (["--vnc-port", "-1"], "vnc-port"),
+        (["--cert", "/nonexistent.pem"], "no such file"),
+        (["--ssl-only"], "need --cert"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(args: list[str], needle: str) -> None:

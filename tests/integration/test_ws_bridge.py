@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,48 @@ def test_no_subprotocol_works_and_text_is_refused_with_a_reason(
             assert "send binary" in closed.value.rcvd.reason
 
     bridge_run(run, BridgeConfig(target=echo_target(guest)), body)
+
+
+BANNER_SERVER = r"""
+import socket
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"RFB 003.008\n")  # at once, as an RFB server does
+    c.close()
+"""
+
+
+def test_a_target_that_speaks_first_loses_nothing(run: Callable[..., Any]) -> None:
+    """The banner a guest sends on connect arrives before the 101: it is kept for after.
+
+    The target is another process (no GIL in common with the bridge), so its banner is
+    in the socket by the time the bridge's connect completes.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", BANNER_SERVER], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+
+        class SlowBridge(WsBridge):
+            async def connect_target(self, session: Any, target: Target) -> None:
+                await super().connect_target(session, target)
+                await asyncio.sleep(0.1)  # the banner arrives before the 101 is sent
+
+        async def main() -> None:
+            target = Target(host="127.0.0.1", port=port)
+            async with SlowBridge(BridgeConfig(target=target)) as bridge:
+                for _ in range(3):
+                    async with connect(url(bridge), subprotocols=["binary"]) as ws:
+                        assert await ws.recv() == b"RFB 003.008\n"
+                        assert await closes(ws) == (1000, "the target closed the connection")
+
+        run(main)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_unix_socket_target(run: Callable[..., Any], tmp_path: Path) -> None:

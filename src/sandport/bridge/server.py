@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 from websockets.datastructures import Headers
@@ -72,6 +72,8 @@ CLOSE_TIMEOUT = 5.0  # after our close frame, wait this long for the client's
 PEEK_MAX = 536  # enough for a PROXY v1 line and a v2 header with small TLVs
 TLS_FIRST_BYTES = (0x16, 0x80)  # TLS handshake record; SSLv2-style ClientHello
 WEB_FILE_MAX = 64 * 1024 * 1024
+MAX_HEAD = 16 * 1024  # request head (request line and headers) limit
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded")
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -107,6 +109,38 @@ class BridgeLimits:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Where a claimed WebSocket request goes.
+
+    Attributes:
+        target: the guest service.
+        labels: ``(sandbox, port)`` for logs and per-route counters.
+        starting: the sandbox is still booting: a refused connect answers 503 with
+            ``Retry-After`` (try the same URL again), not 502.
+    """
+
+    target: Target
+    labels: tuple[str, str] = ("", "")
+    starting: bool = False
+
+
+class Router(Protocol):
+    """Routes WebSocket requests of a front door (the gateway's port)."""
+
+    def claims(self, path: str) -> bool:
+        """True when a WebSocket upgrade to ``path`` (no query) is the bridge's to serve."""
+        ...
+
+    def route(self, request: Request) -> Route:
+        """The route of a claimed request.
+
+        Raises:
+            Refusal: with the status and reason to answer.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BridgeConfig:
     """What a :class:`WsBridge` serves.
 
@@ -122,6 +156,10 @@ class BridgeConfig:
         trusted_proxies: peers whose ``X-Forwarded-For`` and PROXY protocol header
             name the real client.
         limits: see :class:`BridgeLimits`.
+        router: front-door mode: WebSocket upgrades to the paths it claims are bridged,
+            everything else goes to ``app_socket``.
+        app_socket: a Unix socket where an HTTP server (the gateway's app) answers the
+            requests the bridge does not serve itself.
     """
 
     listen_host: str = "127.0.0.1"
@@ -135,16 +173,31 @@ class BridgeConfig:
     origins: tuple[str, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limits: BridgeLimits = field(default_factory=BridgeLimits)
+    router: Router | None = None
+    app_socket: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.target is None) == (self.tokens is None):
-            raise UsageError("give either a target or a token plugin")
+        if sum(x is not None for x in (self.target, self.tokens, self.router)) != 1:
+            raise UsageError("give exactly one of a target, a token plugin or a router")
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """Counters of one route (a sandbox's port) or of a whole bridge."""
+
+    sessions_active: int = 0
+    sessions_total: int = 0
+    bytes_to_target: int = 0
+    bytes_to_client: int = 0
+    closed: Counter[str] = field(default_factory=Counter)  # by reason
 
 
 @dataclass(slots=True)
 class BridgeStats:
     """Counters of one bridge server (all sessions since start)."""
 
+    routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
+    passthrough: int = 0  # connections handed to the HTTP app
     sessions_active: int = 0
     sessions_total: int = 0
     bytes_to_target: int = 0
@@ -437,6 +490,10 @@ class WsBridge:
         self._sessions.add(session)
         self._per_client[ip] += 1
         self.stats.sessions_active = len(self._sessions)
+        if session.route is not None and session.route.labels != ("", ""):
+            rs = self.stats.routes.setdefault(session.route.labels, RouteStats())
+            rs.sessions_active += 1
+            session.route_stats = rs
 
     def release(self, session: _Session) -> None:
         """Forget a session (idempotent)."""
@@ -447,17 +504,21 @@ class WsBridge:
             if self._per_client[ip] <= 0:
                 del self._per_client[ip]
             self.stats.sessions_active = len(self._sessions)
+            if session.route_stats is not None:
+                session.route_stats.sessions_active -= 1
             if self.on_session_end is not None:
                 self.on_session_end()
 
-    def resolve(self, request: Request) -> Target:
-        """The target of a request (fixed, or by token).
+    def resolve(self, request: Request) -> Route:
+        """The route of a request (fixed, by token, or by the router).
 
         Raises:
-            Refusal: 401 without a token, 403 for an unknown token.
+            Refusal: 401 without a token, 403 for an unknown token, or the router's.
         """
+        if self.config.router is not None:
+            return self.config.router.route(request)
         if self.config.target is not None:
-            return self.config.target
+            return Route(target=self.config.target)
         assert self.config.tokens is not None
         token = token_from(request.path, request.headers.get("Host"),
                            host_token=self.config.host_token)
@@ -468,7 +529,7 @@ class WsBridge:
         target = self.config.tokens.lookup(token)
         if target is None:
             raise Refusal(403, "token_unknown", "the token is not valid here")
-        return target
+        return Route(target=target)
 
     async def connect_target(self, session: _Session, target: Target) -> None:
         """Connect the session's target.
@@ -544,6 +605,7 @@ class _TargetSide(asyncio.Protocol):
         self.session = session
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's too
@@ -551,6 +613,13 @@ class _TargetSide(asyncio.Protocol):
         transport.pause_reading()  # until the upgrade is answered
 
     def data_received(self, data: bytes) -> None:
+        if not self.session.upgraded:
+            # Before the 101 (uvloop ignores pause_reading() in connection_made()): keep
+            # what the guest said first (an RFB banner) for after the upgrade.
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         self.session.from_target(data)
 
     def eof_received(self) -> bool:
@@ -586,6 +655,11 @@ class _Session(asyncio.Protocol):
                                  max_size=lim.max_message, logger=_protocol_log)
         self.transport: asyncio.Transport | None = None
         self.target: _TargetSide | None = None
+        self.route: Route | None = None
+        self.route_stats: RouteStats | None = None
+        #: Front-door mode: collect the request head to decide: bridge or HTTP app.
+        self._sniffing = bridge.config.app_socket is not None
+        self._head = bytearray()
         self.subprotocol: str | None = None
         self.admitted = False
         self.upgraded = False
@@ -609,10 +683,55 @@ class _Session(asyncio.Protocol):
                                             self._handshake_timeout))
 
     def data_received(self, data: bytes) -> None:
+        if self._sniffing:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._head) > MAX_HEAD:
+                    self._respond(json_response(431, {
+                        "error": "request_too_large",
+                        "message": f"the request head is over {MAX_HEAD} bytes"}))
+                return
+            self._sniffing = False
+            data, self._head = bytes(self._head), bytearray()
+            if not self._claimed_upgrade(data[:end]):
+                self._pass_through(data)
+                return
         self.ws.receive_data(data)
         self._process()
 
+    def _claimed_upgrade(self, head: bytes) -> bool:
+        router = self.bridge.config.router
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if router is None or len(parts) != 3 or parts[0] != b"GET":
+            return False
+        upgrade = any(line.lower().startswith(b"upgrade:") and b"websocket" in line.lower()
+                      for line in lines[1:])
+        path = parts[1].split(b"?", 1)[0].decode("latin-1")
+        return upgrade and router.claims(path)
+
+    def _pass_through(self, data: bytes) -> None:
+        """Hand this connection to the HTTP app (the requests are not the bridge's)."""
+        for t in self._timers:
+            t.cancel()
+        self.closed = True
+        self._finished = True
+        assert self.transport is not None
+        assert self.bridge.config.app_socket is not None
+        self.bridge.stats.passthrough += 1
+        trusted = _in_networks(self.client[0], self.bridge.config.trusted_proxies)
+        relay = _HttpPassthrough(self.cid, self.transport, self.bridge.config.app_socket,
+                                 _RequestRewriter(self.client[0], "https" if self.tls else
+                                                  "http", trusted=trusted))
+        self.transport.set_protocol(relay)
+        self.bridge._spawn(relay.start(data), f"{self.cid} http")
+
     def eof_received(self) -> bool:
+        if self._sniffing:
+            if self.transport is not None:
+                self.transport.close()
+            return False
         self.ws.receive_eof()
         self._process()
         return False
@@ -655,12 +774,16 @@ class _Session(asyncio.Protocol):
                 self._on_frame(event)
         self._flush()
         if self.ws.state is State.CLOSED or self.ws.close_expected():
-            if self.ws.state is State.CLOSED and self.ws.close_rcvd is not None:
+            if not self.closed:  # the client ended it (we had not closed)
+                self.closed = True
                 rcvd = self.ws.close_rcvd
-                self.close_reason = self.close_reason or (
+                self.close_reason = "the client went away" if rcvd is None else (
                     f"the client closed ({rcvd.code}{' ' + rcvd.reason if rcvd.reason else ''})")
             self._close_target()
-            if self.ws.state is State.CLOSED and self.transport is not None:
+            done = self.ws.close_sent is not None and self.ws.close_rcvd is not None
+            if (self.ws.state is State.CLOSED or done) and self.transport is not None:
+                # Close handshake complete: the server closes the TCP connection first
+                # (RFC 6455 section 7.1.1); close() flushes what is buffered.
                 self.transport.close()
             elif self.transport is not None:
                 loop = asyncio.get_running_loop()
@@ -691,6 +814,8 @@ class _Session(asyncio.Protocol):
             self.target.transport.write(data)
             self.to_target += len(data)
             self.bridge.stats.bytes_to_target += len(data)
+            if self.route_stats is not None:
+                self.route_stats.bytes_to_target += len(data)
 
     _text_message = False
 
@@ -711,6 +836,8 @@ class _Session(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.to_client += len(data)
         self.bridge.stats.bytes_to_client += len(data)
+        if self.route_stats is not None:
+            self.route_stats.bytes_to_client += len(data)
         if self.subprotocol == "base64":
             self.ws.send_text(base64.b64encode(data))
         else:
@@ -766,7 +893,9 @@ class _Session(asyncio.Protocol):
                 raise Refusal(403, "origin_not_allowed",
                               f"Origin {origin!r} is not allowed (cross-site WebSocket "
                               f"requests are refused; allowed: {', '.join(origins)})")
-            target = bridge.resolve(request)
+            route = bridge.resolve(request)
+            target = route.target
+            self.route = route
             response = self.ws.accept(request)
             if response.status_code != 101:  # not a valid WebSocket handshake
                 self._respond(response)
@@ -775,6 +904,13 @@ class _Session(asyncio.Protocol):
             self.admitted = True
             try:
                 await bridge.connect_target(self, target)
+            except Refusal as r:
+                bridge.release(self)
+                self.admitted = False
+                if route.starting and r.status in (502, 504):
+                    raise Refusal(503, "not_ready", f"the sandbox is starting: {r.message}; "
+                                  "try the same URL again", [("Retry-After", "2")]) from None
+                raise
             except BaseException:
                 bridge.release(self)
                 self.admitted = False
@@ -786,6 +922,8 @@ class _Session(asyncio.Protocol):
             self.ws.send_response(response)
             self.upgraded = True
             bridge.stats.sessions_total += 1
+            if self.route_stats is not None:
+                self.route_stats.sessions_total += 1
             self._flush()
             log.info("%s: %s%s -> %s (%s%s)", self.cid, self.client[0],
                      f":{self.client[1]}" if self.client[1] else "", target,
@@ -793,6 +931,9 @@ class _Session(asyncio.Protocol):
             self._start_timers()
             assert self.target is not None
             assert self.target.transport is not None
+            early, self.target.early = self.target.early, []
+            for chunk in early:
+                self.from_target(chunk)
             self.target.transport.resume_reading()
             if self.transport is not None:
                 self.transport.resume_reading()
@@ -899,6 +1040,171 @@ class _Session(asyncio.Protocol):
         if self.admitted:
             self.bridge.release(self)
             self.bridge.stats.closed[self.close_reason or "closed"] += 1
+            if self.route_stats is not None:
+                self.route_stats.closed[_reason_kind(self.close_reason)] += 1
             log.info("%s: closed: %s (to target %d B, to client %d B, %.1f s)", self.cid,
                      self.close_reason or "closed", self.to_target, self.to_client,
                      time.monotonic() - self.started)
+
+
+def _reason_kind(reason: str) -> str:
+    """A close reason as a short label for counters (the text without its numbers)."""
+    if not reason:
+        return "closed"
+    for kind in ("target closed", "idle", "keepalive", "shutting down", "client closed",
+                 "client went away", "target connection failed", "not base64",
+                 "text messages", "HTTP"):
+        if kind in reason:
+            return kind.replace(" ", "_")
+    return "other"
+
+
+class _RequestRewriter:
+    """Marks every request head of a passed-through connection with the real client.
+
+    Request heads are found by their framing: a head, then ``Content-Length`` bytes of
+    body. Incoming ``X-Forwarded-*``/``Forwarded`` headers are dropped unless the peer is a
+    trusted proxy, then ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are added. A chunked
+    body or an upgrade ends the parsing: from there the bytes pass unchanged.
+    """
+
+    def __init__(self, client_ip: str, scheme: str, *, trusted: bool) -> None:
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.trusted = trusted
+        self._head = b""
+        self._body_left = 0
+        self._raw = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes to send upstream for ``data`` from the client."""
+        out: list[bytes] = []
+        while data:
+            if self._raw:
+                out.append(data)
+                break
+            if self._body_left:
+                n = min(len(data), self._body_left)
+                out.append(data[:n])
+                data, self._body_left = data[n:], self._body_left - n
+                continue
+            buf = self._head + data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:  # the app answers 431; stop parsing
+                    self._raw = True
+                    out.append(buf)
+                    self._head = b""
+                else:
+                    self._head = buf
+                break
+            self._head, data = b"", buf[end + 4:]
+            out.append(self._rewrite(buf[:end]))
+        return b"".join(out)
+
+    def _rewrite(self, head: bytes) -> bytes:
+        lines = head.split(b"\r\n")
+        kept = [lines[0]]
+        forwarded_for = b""
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            key = name.strip().lower()
+            if key in _FORWARDED:  # replaced by ours; a trusted proxy's client list is kept
+                if self.trusted and key == b"x-forwarded-for":
+                    forwarded_for = value.strip() + b", "
+                continue
+            if key == b"content-length" and value.strip().isdigit():
+                self._body_left = int(value.strip())
+            elif key in {b"transfer-encoding", b"upgrade"}:
+                self._raw = True
+            kept.append(line)
+        kept.append(b"X-Forwarded-For: " + forwarded_for + self.client_ip.encode())
+        kept.append(b"X-Forwarded-Proto: " + self.scheme.encode())
+        return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+class _Upstream(asyncio.Protocol):
+    """The HTTP app's side of a passed-through connection."""
+
+    def __init__(self, relay: _HttpPassthrough) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.client.write(data)
+
+    def eof_received(self) -> bool:
+        self.relay.client.close()  # after what is buffered
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.client.close()
+
+    def pause_writing(self) -> None:
+        self.relay.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.client.resume_reading()
+
+
+class _HttpPassthrough(asyncio.Protocol):
+    """A client connection relayed to the HTTP app's Unix socket."""
+
+    def __init__(self, cid: str, client: asyncio.Transport, app_socket: str,
+                 rewriter: _RequestRewriter) -> None:
+        self.cid = cid
+        self.client = client
+        self.app_socket = app_socket
+        self.rewriter = rewriter
+        self.upstream = _Upstream(self)
+
+    async def start(self, first: bytes) -> None:
+        """Connect the app, send what the client sent so far, then relay."""
+        self.client.pause_reading()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_unix_connection(lambda: self.upstream, self.app_socket)
+        except OSError as exc:
+            log.error("%s: the HTTP app at %s is unreachable: %s", self.cid, self.app_socket,
+                      exc)
+            body = json.dumps({"error": "app_unreachable",
+                               "message": "the gateway's HTTP app does not answer"}).encode()
+            self.client.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\n"
+                              b"Connection: close\r\nContent-Length: "
+                              + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.client.close()
+            return
+        assert self.upstream.transport is not None
+        if self.client.is_closing():
+            self.upstream.transport.close()
+            return
+        self.upstream.transport.write(self.rewriter.feed(first))
+        self.client.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        up = self.upstream.transport
+        if up is not None:
+            up.write(self.rewriter.feed(data))
+
+    def eof_received(self) -> bool:
+        up = self.upstream.transport
+        if up is not None and up.can_write_eof():
+            up.write_eof()
+            return True  # keep the client open for the response
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()

@@ -23,11 +23,12 @@ import asyncio
 import html
 import itertools
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
@@ -35,8 +36,13 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
+from websockets.http11 import Request as WsRequest
 
 from sandport import __version__
+from sandport.bridge.server import BridgeStats
+from sandport.bridge.server import Refusal as BridgeRefusal
+from sandport.bridge.server import Route as BridgeRoute
+from sandport.bridge.targets import Target
 from sandport.bridge.ws import choose_subprotocol, pump
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
@@ -91,6 +97,11 @@ class Registry(Protocol):
         """Every forward with its counters."""
         ...
 
+    @property
+    def bridge_stats(self) -> BridgeStats | None:
+        """The WebSocket bridge's counters (None before it runs)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Refusal:
@@ -129,14 +140,14 @@ def presented_token(conn: HTTPConnection) -> str | None:
 
 
 def authorise(
-    registry: Registry, conn: HTTPConnection, sandbox_id: str, port_key: str | None
+    registry: Registry, token: str | None, sandbox_id: str, port_key: str | None
 ) -> tuple[LiveSandbox, GuestPort | None] | Refusal:
     """Check sandbox, token, readiness and port, in that order."""
     sb = registry.lookup(sandbox_id)
     if sb is None:
         return Refusal(status=404, error="unknown_sandbox",
                        message=f"no sandbox {sandbox_id!r} on this gateway", sandbox=sandbox_id)
-    verdict = check_token(presented_token(conn), sb.token_hash)
+    verdict = check_token(token, sb.token_hash)
     if verdict is TokenCheck.MISSING:
         return Refusal(status=401, error="missing_token",
                        message="this sandbox needs an access token: add ?token=... to the URL",
@@ -209,7 +220,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
 
     async def desktop(request: Request) -> Response:
         sandbox_id = request.path_params["sandbox"]
-        verdict = authorise(registry, request, sandbox_id, "vnc")
+        verdict = authorise(registry, presented_token(request), sandbox_id, "vnc")
         if isinstance(verdict, Refusal):
             return verdict.response(wants_html=_wants_html(request))
         sb, _ = verdict
@@ -222,7 +233,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         port_key = websocket.path_params["port"]
         conn_id = f"ws#{next(_conn_ids)}"
         client = websocket.client.host if websocket.client else "?"
-        verdict = authorise(registry, websocket, sandbox_id, port_key)
+        verdict = authorise(registry, presented_token(websocket), sandbox_id, port_key)
         if isinstance(verdict, Refusal):
             log.info("%s %s -> %s/%s refused %d %s", conn_id, client, sandbox_id, port_key,
                      verdict.status, verdict.error)
@@ -282,7 +293,8 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         refusal = admin_refusal(request)
         if refusal is not None:
             return refusal
-        text = render_metrics(await registry.forward_listing(), sandboxes=registry.count())
+        text = render_metrics(await registry.forward_listing(), sandboxes=registry.count(),
+                              bridge=registry.bridge_stats)
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     routes = [
@@ -296,3 +308,46 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         Mount("/novnc", app=StaticFiles(directory=novnc_dir, html=True, follow_symlink=True)),
     ]
     return Starlette(routes=routes)
+
+
+class GatewayRouter:
+    """The gateway's WebSocket routes for the bridge's front door (:mod:`sandport.bridge`).
+
+    ``/s/{sandbox}/ports/{port}/ws`` (port by name or number) is bridged by
+    :class:`~sandport.bridge.server.WsBridge` itself; every other request reaches the
+    Starlette app. The checks are :func:`authorise`'s, so both answer alike.
+    """
+
+    PATH = re.compile(r"^/s/(?P<sandbox>[^/]+)/ports/(?P<port>[^/]+)/ws/?$")
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def claims(self, path: str) -> bool:
+        """True for the bridge path."""
+        return self.PATH.match(unquote(path)) is not None
+
+    def route(self, request: WsRequest) -> BridgeRoute:
+        """The guest port of a bridge request.
+
+        Raises:
+            BridgeRefusal: 401, 403, 404 or 503, as :func:`authorise` decides.
+        """
+        parts = urlsplit(request.path)
+        m = self.PATH.match(unquote(parts.path))
+        if m is None:
+            raise BridgeRefusal(404, "not_found", f"no route {parts.path!r}")
+        token: str | None = (parse_qs(parts.query).get("token") or [""])[0] or None
+        if not token:
+            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+            token = value.strip() if scheme.lower() == "bearer" and value.strip() else None
+        verdict = authorise(self.registry, token, m["sandbox"], m["port"])
+        if isinstance(verdict, Refusal):
+            headers = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
+            raise BridgeRefusal(verdict.status, verdict.error, verdict.message, headers)
+        sb, port = verdict
+        if port is None:  # authorise() returns a port whenever it is asked for one
+            raise RuntimeError("authorise() returned no port")
+        return BridgeRoute(target=Target(host=sb.ip, port=port.port),
+                           labels=(sb.id, port.name),
+                           starting=sb.state is SandboxState.STARTING)

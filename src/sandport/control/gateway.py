@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sandport import preflight
+from sandport.bridge.server import BridgeConfig, BridgeLimits, BridgeStats, WsBridge
 from sandport.config import GatewayConfig, connect_host
-from sandport.control.app import LiveSandbox, build_app
+from sandport.control.app import CONNECT_TIMEOUT, GatewayRouter, LiveSandbox, build_app
 from sandport.control.forwards import Forward, ForwardOptions, ForwardTable
 from sandport.control.httpserver import HttpServer
 from sandport.control.store import Store
@@ -47,6 +49,13 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 RUN_DIR = Path("/run/sandport")  # per-boot locks shared by every gateway on this host
 GATEWAY_FILE = "gateway.json"  # in the state dir: pid, URL and admin token of the gateway
+
+
+def _insecure_client_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def _take_lock(path: Path, what: str, hint: str) -> TextIO:
@@ -130,6 +139,8 @@ class Gateway:
         self._store: Store | None = None
         self._pool: AddressPool | None = None
         self._http: HttpServer | None = None
+        #: The gateway's port: WebSocket bridge, TLS detection; other requests go to _http.
+        self._front: WsBridge | None = None
         self._lock_file: TextIO | None = None
         self._bridge_lock: TextIO | None = None
         self._backend: NetnsBackend | None = None
@@ -155,6 +166,11 @@ class Gateway:
         """Stored form of this run's admin token."""
         return self._admin_hash
 
+    @property
+    def bridge_stats(self) -> BridgeStats | None:
+        """The WebSocket bridge's counters, per sandbox and port (``/metrics``)."""
+        return self._front.stats if self._front is not None else None
+
     async def forward_listing(self) -> list[dict[str, Any]]:
         """Every forward with its counters (``/api/forwards``, ``/metrics``)."""
         return await self.forwards.listing()
@@ -164,14 +180,14 @@ class Gateway:
     @property
     def http_port(self) -> int:
         """The bound HTTP port (useful when the config asked for port 0)."""
-        if self._http is None:
+        if self._front is None:
             raise RuntimeError("gateway not started")
-        return self._http.port
+        return self._front.bound_port
 
     @property
     def base_url(self) -> str:
         """``http://host:port`` as printed for people."""
-        return f"http://{self.config.url_host}:{self.http_port}"
+        return f"{self.config.scheme}://{self.config.url_host}:{self.http_port}"
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -202,8 +218,17 @@ class Gateway:
             # Kernel forwards: exactly this gateway's (none yet); a killed one's are gone.
             await self.forwards.reconcile()
             app = build_app(self, novnc_dir=novnc)
-            self._http = HttpServer(app, cfg.listen_host, cfg.listen_port)
+            # The app listens on a Unix socket next to the bridge lock (one gateway per
+            # bridge); the front door below passes it what is not a bridge request.
+            app_socket = RUN_DIR / f"bridge-{cfg.net.bridge}.http.sock"
+            self._http = HttpServer(app, cfg.listen_host, cfg.listen_port,
+                                    unix_path=app_socket)
             await self._http.start()
+            self._front = WsBridge(BridgeConfig(
+                listen_host=cfg.listen_host, listen_port=cfg.listen_port,
+                router=GatewayRouter(self), app_socket=str(app_socket), tls=cfg.tls,
+                limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT)))
+            await self._front.start()
             self._write_gateway_file()
         except BaseException:
             await self.stop()
@@ -269,6 +294,10 @@ class Gateway:
     async def stop(self) -> None:
         """Shut down in order; each step runs even if one before it failed."""
         # 1. The HTTP port first: browsers get a close code, no new sessions arrive.
+        if self._front is not None:
+            with contextlib.suppress(Exception):
+                await self._front.stop()
+            self._front = None
         if self._http is not None:
             with contextlib.suppress(Exception):
                 await self._http.stop()
@@ -418,7 +447,10 @@ class Gateway:
         host = connect_host(self.config.forward_host)
         ws_host = connect_host(self.config.listen_host)
         ws_host = f"[{ws_host}]" if ":" in ws_host else ws_host
-        ws_url = f"ws://{ws_host}:{self.http_port}/s/{spec.id}/ports/vnc/ws?token={sb.token}"
+        ws_scheme = "wss" if self.config.tls is not None else "ws"
+        ws_url = f"{ws_scheme}://{ws_host}:{self.http_port}/s/{spec.id}/ports/vnc/ws?token={sb.token}"
+        # Our own certificate, probed by address: the path is what is proven, not the name.
+        probe_ssl = _insecure_client_context() if self.config.tls is not None else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ready_timeout
 
@@ -429,7 +461,8 @@ class Gateway:
             (f"VNC through the host port {host}:{fwd.host_port} ({fwd.mode} forward)",
              lambda: probe_rfb_tcp(host, fwd.host_port, password=password, timeout=3.0)),
             ("VNC through the WebSocket bridge",
-             lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0)),
+             lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0,
+                                  ssl_context=probe_ssl)),
         ]
         for label, probe in hops:
             progress(f"sandbox {spec.id}: waiting for {label}")

@@ -7,9 +7,12 @@ gateway (uvicorn's serve() would install its own handlers).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import socket
+from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -46,13 +49,36 @@ def bind_tcp(host: str, port: int, *, what: str) -> socket.socket:
     return sock
 
 
-class HttpServer:
-    """An ASGI app served by uvicorn (WebSocket support: websockets' sans-I/O core)."""
+def bind_unix(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` (mode 0600: only root talks to the app)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a killed gateway's
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
 
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
-        self._sock = bind_tcp(host, port, what="gateway port")
-        self.host = host
-        self.port: int = self._sock.getsockname()[1]
+
+class HttpServer:
+    """An ASGI app served by uvicorn (WebSocket support: websockets' sans-I/O core).
+
+    On a TCP port, or on a Unix socket behind the bridge's front door
+    (:class:`~sandport.bridge.server.WsBridge` with ``app_socket``), which marks every
+    request with ``X-Forwarded-For``/``-Proto``; only then are those headers trusted.
+    """
+
+    def __init__(self, app: ASGIApp, host: str, port: int, *,
+                 unix_path: Path | None = None) -> None:
+        self.unix_path = unix_path
+        if unix_path is not None:
+            self._sock = bind_unix(unix_path)
+            self.host, self.port = str(unix_path), 0
+        else:
+            self._sock = bind_tcp(host, port, what="gateway port")
+            self.host = host
+            self.port = self._sock.getsockname()[1]
         self._config = uvicorn.Config(
             app,
             ws="websockets-sansio",
@@ -61,7 +87,8 @@ class HttpServer:
             access_log=False,
             server_header=False,
             date_header=False,
-            proxy_headers=False,
+            proxy_headers=unix_path is not None,
+            forwarded_allow_ips="*" if unix_path is not None else None,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
         self._server = uvicorn.Server(self._config)
@@ -79,3 +106,6 @@ class HttpServer:
             await self._server.shutdown(sockets=[self._sock])
         else:
             self._sock.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_path.unlink()

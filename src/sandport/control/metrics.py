@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from sandport.bridge.server import BridgeStats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _FAMILIES = (
@@ -23,6 +25,17 @@ _FAMILIES = (
      "Connections a forward failed or ended, by reason (refused, unreachable, timeout, "
      "limit, idle, reset)."),
     ("sandport_sandboxes", "gauge", "Sandboxes the gateway runs."),
+    ("sandport_ws_sessions_active", "gauge",
+     "WebSocket bridge sessions open now, by sandbox and guest port."),
+    ("sandport_ws_sessions_total", "counter",
+     "WebSocket bridge sessions opened (upgraded), by sandbox and guest port."),
+    ("sandport_ws_bytes_total", "counter",
+     "Bytes the WebSocket bridge moved, by direction (to_guest, to_client)."),
+    ("sandport_ws_closes_total", "counter",
+     "WebSocket bridge sessions ended, by reason (target_closed, idle, keepalive, "
+     "client_closed, client_went_away, ...)."),
+    ("sandport_ws_refusals_total", "counter",
+     "WebSocket upgrades refused before the upgrade, by HTTP status."),
 )
 
 
@@ -34,9 +47,13 @@ def _labels(pairs: Iterable[tuple[str, str]]) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 
-def render(forwards: list[dict[str, Any]], *, sandboxes: int) -> str:
-    """The exposition text for ``forwards`` (as :meth:`ForwardTable.listing` gives them)."""
+def render(forwards: list[dict[str, Any]], *, sandboxes: int,
+           bridge: BridgeStats | None = None) -> str:
+    """The exposition text for ``forwards`` (as :meth:`ForwardTable.listing` gives them)
+    and the WebSocket bridge's per-route counters."""
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
+    if bridge is not None:
+        _bridge_samples(samples, bridge)
     for f in forwards:
         base = [("forward", f["id"]), ("sandbox", f["sandbox"]), ("name", f["name"]),
                 ("protocol", f["protocol"]), ("host", f["host"]), ("mode", f["mode"])]
@@ -59,3 +76,22 @@ def render(forwards: list[dict[str, Any]], *, sandboxes: int) -> str:
     for name, kind, text in _FAMILIES:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
     return "\n".join(lines) + "\n"
+
+
+def _bridge_samples(samples: dict[str, list[str]], stats: BridgeStats) -> None:
+    for (sandbox, port), rs in sorted(stats.routes.items()):
+        base = [("sandbox", sandbox), ("port", port)]
+        samples["sandport_ws_sessions_active"].append(
+            f"sandport_ws_sessions_active{_labels(base)} {rs.sessions_active}")
+        samples["sandport_ws_sessions_total"].append(
+            f"sandport_ws_sessions_total{_labels(base)} {rs.sessions_total}")
+        for direction, value in (("to_guest", rs.bytes_to_target),
+                                 ("to_client", rs.bytes_to_client)):
+            samples["sandport_ws_bytes_total"].append(
+                f"sandport_ws_bytes_total{_labels([*base, ('direction', direction)])} {value}")
+        for reason, count in sorted(rs.closed.items()):
+            samples["sandport_ws_closes_total"].append(
+                f"sandport_ws_closes_total{_labels([*base, ('reason', reason)])} {count}")
+    for status, count in sorted(stats.refused.items()):
+        samples["sandport_ws_refusals_total"].append(
+            f"sandport_ws_refusals_total{_labels([('status', str(status))])} {count}")

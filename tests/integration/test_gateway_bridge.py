@@ -1,0 +1,169 @@
+"""The gateway's port: bridge routes, refusals that say why, TLS, metrics.
+
+Real gateways and desktop sandboxes; a websockets client and plain HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from sandport.bridge.tls import TlsConfig
+from sandport.control.gateway import Gateway
+from sandport.probe import probe_rfb_ws
+from tlshelpers import make_ca
+
+pytestmark = pytest.mark.integration
+
+
+def ws_url(gw: Gateway, sandbox: str, token: str, port: str = "vnc") -> str:
+    scheme = "wss" if gw.config.tls is not None else "ws"
+    return f"{scheme}://127.0.0.1:{gw.http_port}/s/{sandbox}/ports/{port}/ws?token={token}"
+
+
+async def status_of(url: str, **kw: Any) -> tuple[int, dict[str, Any], Any]:
+    """The refusal of an upgrade: status, JSON body, headers."""
+    try:
+        async with connect(url, open_timeout=10, **kw):
+            return 101, {}, {}
+    except InvalidStatus as exc:
+        r = exc.response
+        return r.status_code, json.loads(r.body or b"{}"), r.headers
+
+
+def test_503_while_the_sandbox_boots_then_the_same_url_works(
+    gateway_factory: Any, loop_thread: Any
+) -> None:
+    gw: Gateway = gateway_factory()
+    assert gw._backend is not None
+    backend = gw._backend
+    real_start = backend.start
+
+    async def slow_start(spec: Any) -> None:  # the guest boots for a second longer
+        await asyncio.sleep(1.0)
+        await real_start(spec)
+
+    backend.start = slow_start  # type: ignore[method-assign]
+    creating = asyncio.run_coroutine_threadsafe(gw.create_sandbox(), loop_thread.loop)
+    deadline = time.monotonic() + 10
+    while not gw.sandbox_ids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sandbox = gw.sandbox_ids()[0]
+    token = gw.info(sandbox).token
+    url = ws_url(gw, sandbox, token)
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        status, doc, headers = asyncio.run(status_of(url, subprotocols=["binary"]))
+        seen.append(status)
+        if status == 101:
+            break
+        assert status == 503, (status, doc)
+        assert doc["error"] == "not_ready" and headers["Retry-After"] == "2", doc
+        time.sleep(0.1)
+    info = creating.result(60)
+    assert seen[0] == 503 and seen[-1] == 101, seen
+    # The URL handed out while it booted works now, unchanged.
+    r = asyncio.run(probe_rfb_ws(url, password=info.vnc_password))
+    assert r.ok, r.detail
+    backend.start = real_start  # type: ignore[method-assign]
+
+
+def test_guest_refusing_is_a_502_that_names_the_service(gateway_factory: Any,
+                                                        loop_thread: Any) -> None:
+    gw: Gateway = gateway_factory()
+    info = loop_thread.run(gw.create_sandbox())
+    # Xvnc dies inside the sandbox: nothing listens on 5901 any more. Only this
+    # sandbox's Xvnc: `ip netns pids` lists the processes of its namespace.
+    pids = subprocess.run(["ip", "netns", "pids", f"sp-{info.id}"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    xvnc = [int(p) for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "Xvnc"]
+    assert len(xvnc) == 1, pids
+    os.kill(xvnc[0], signal.SIGKILL)
+    time.sleep(0.2)
+    status, doc, _ = asyncio.run(status_of(ws_url(gw, info.id, info.token)))
+    assert status in (502, 503), doc  # 503 once the supervisor marks it failed
+    if status == 502:
+        assert doc["error"] == "target_refused" and "5901" in doc["message"], doc
+    else:
+        assert doc["error"] == "not_ready", doc
+
+
+def test_metrics_count_sessions_bytes_and_close_reasons_per_sandbox_port(
+    gateway_factory: Any, loop_thread: Any
+) -> None:
+    gw: Gateway = gateway_factory()
+    info = loop_thread.run(gw.create_sandbox())
+    r = asyncio.run(probe_rfb_ws(ws_url(gw, info.id, info.token), password=info.vnc_password))
+    assert r.ok, r.detail
+    asyncio.run(status_of(ws_url(gw, info.id, "wrong")))
+    req = urllib.request.Request(f"{gw.base_url}/metrics",
+                                 headers={"Authorization": f"Bearer {gw.admin_token}"})
+    deadline = time.monotonic() + 5
+    while True:  # the probe's session is counted once the bridge has seen it close
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            text = resp.read().decode()
+        if "sandport_ws_closes_total{" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    labels = f'sandbox="{info.id}",port="vnc"'
+    # Two sessions: the readiness probe and ours.
+    assert f"sandport_ws_sessions_total{{{labels}}} 2" in text, text
+    assert f"sandport_ws_sessions_active{{{labels}}} 0" in text, text
+    to_client = [line for line in text.splitlines()
+                 if line.startswith(f'sandport_ws_bytes_total{{{labels},direction="to_client"}}')]
+    assert to_client and int(to_client[0].rsplit(" ", 1)[1]) > 24, to_client  # banners+init
+    assert f'sandport_ws_closes_total{{{labels},reason="client_closed"}}' in text, text
+    assert 'sandport_ws_refusals_total{status="403"} 1' in text, text
+
+
+def test_tls_on_the_gateway_port_https_wss_and_plain_http(
+    gateway_factory: Any, loop_thread: Any, tmp_path: Path
+) -> None:
+    ca = make_ca(tmp_path)
+    pem = ca.issue(tmp_path / "gateway.pem")
+    gw: Gateway = gateway_factory(tls=TlsConfig(cert=pem))
+    assert gw.base_url.startswith("https://")
+    info = loop_thread.run(gw.create_sandbox())  # readiness probed over wss
+    assert info.desktop_url.startswith("https://")
+    ctx = ca.client_context()
+    r = asyncio.run(probe_rfb_ws(ws_url(gw, info.id, info.token), password=info.vnc_password,
+                                 ssl_context=ctx))
+    assert r.ok, r.detail
+    with urllib.request.urlopen(f"https://127.0.0.1:{gw.http_port}/healthz", context=ctx,
+                                timeout=5) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
+    # The desktop link, over https, sends noVNC to wss (encrypt=1).
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx),
+                                         NoRedirect())
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open(f"https://127.0.0.1:{gw.http_port}/s/{info.id}/?token={info.token}",
+                    timeout=5)
+    assert redirect.value.code == 302
+    assert "encrypt=1" in redirect.value.headers["Location"]
+    # Plain http on the same port still answers.
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.http_port}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(probe_rfb_ws_strict(ws_url(gw, info.id, info.token)))
+
+
+async def probe_rfb_ws_strict(url: str) -> None:
+    async with connect(url, ssl=ssl.create_default_context(), open_timeout=5):
+        pass
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
