@@ -47,7 +47,6 @@ from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 from websockets.datastructures import Headers
-from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -58,6 +57,15 @@ from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.errors import PortInUseError, UsageError
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
+from sandport.proto.wsframes import (
+    Event,
+    FrameError,
+    FrameReader,
+    Opcode,
+    close_payload,
+    frame_header,
+    parse_close,
+)
 
 log = logging.getLogger(__name__)
 #: websockets' own per-connection lines ("connection open"); ours carry the session id.
@@ -666,6 +674,9 @@ class _Session(asyncio.Protocol):
         self.closed = False
         self.close_reason = ""
         self.b64_carry = b""
+        #: After the 101: the client's frames (websockets' protocol did the handshake).
+        self.frames = FrameReader(lim.max_message)
+        self.close_sent = False
         self.last_activity = time.monotonic()
         self.ping_outstanding = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -697,8 +708,73 @@ class _Session(asyncio.Protocol):
             if not self._claimed_upgrade(data[:end]):
                 self._pass_through(data)
                 return
+        if self.upgraded:
+            self._receive_frames(data)
+            return
         self.ws.receive_data(data)
         self._process()
+
+    def _receive_frames(self, data: bytes) -> None:
+        """The hot path: client frames to the target, control frames answered."""
+        try:
+            events = self.frames.receive_data(data)
+        except FrameError as exc:
+            self.close(exc.code, exc.reason)
+            return
+        target = self.target.transport if self.target is not None else None
+        pieces: list[bytes] = []
+        for kind, op, payload, last in events:
+            if kind is Event.DATA:
+                if self.closed:
+                    continue
+                piece: bytes | None = payload
+                if self.subprotocol == "base64":  # text; binary messages holding base64 too
+                    piece = self._b64_decode(payload, final=last)
+                    if piece is None:
+                        return
+                elif op is Opcode.TEXT:
+                    self.close(CLOSE_UNSUPPORTED, "text messages are not accepted: send "
+                               "binary (or ask for the base64 subprotocol)")
+                    return
+                if piece:
+                    pieces.append(piece)
+            elif kind is Event.PING:
+                if not self.close_sent:
+                    self._send_frame(Opcode.PONG, payload)
+            elif kind is Event.PONG:
+                self.ping_outstanding = False
+            else:
+                self._on_client_close(payload)
+                return
+        if pieces and target is not None:
+            n = sum(map(len, pieces))
+            target.writelines(pieces)
+            self.last_activity = time.monotonic()
+            self.to_target += n
+            self.bridge.stats.bytes_to_target += n
+            if self.route_stats is not None:
+                self.route_stats.bytes_to_target += n
+
+    def _on_client_close(self, payload: bytes) -> None:
+        try:
+            code, reason = parse_close(payload)
+        except FrameError as exc:
+            self.close(exc.code, exc.reason)
+            return
+        if not self.closed:
+            self.closed = True
+            detail = "" if code is None else f" ({code} {reason})".replace(" )", ")")
+            self.close_reason = f"the client closed{detail}"
+        if not self.close_sent:  # echo the close (section 5.5.1), then end the TCP side
+            self.close_sent = True
+            self._send_frame(Opcode.CLOSE, b"" if code is None else close_payload(code, ""))
+        self._close_target()
+        if self.transport is not None:
+            self.transport.close()  # the server closes TCP first (section 7.1.1)
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None:
+            self.transport.writelines((frame_header(opcode, len(payload)), payload))
 
     def _claimed_upgrade(self, head: bytes) -> bool:
         router = self.bridge.config.router
@@ -731,6 +807,12 @@ class _Session(asyncio.Protocol):
         if self._sniffing:
             if self.transport is not None:
                 self.transport.close()
+            return False
+        if self.upgraded:  # the client's TCP side ended without a close frame
+            if not self.closed:
+                self.closed = True
+                self.close_reason = "the client went away"
+            self._close_target()
             return False
         self.ws.receive_eof()
         self._process()
@@ -765,59 +847,19 @@ class _Session(asyncio.Protocol):
     # -- events -------------------------------------------------------------------------------
 
     def _process(self) -> None:
+        """Before the upgrade: the request, or websockets' own answer to a bad one."""
         for event in self.ws.events_received():
             if isinstance(event, Request):
                 if self.transport is not None:
                     self.transport.pause_reading()
                 self.bridge._spawn(self._handle_request(event), f"{self.cid} handshake")
-            elif isinstance(event, Frame):
-                self._on_frame(event)
         self._flush()
         if self.ws.state is State.CLOSED or self.ws.close_expected():
-            if not self.closed:  # the client ended it (we had not closed)
-                self.closed = True
-                rcvd = self.ws.close_rcvd
-                self.close_reason = "the client went away" if rcvd is None else (
-                    f"the client closed ({rcvd.code}{' ' + rcvd.reason if rcvd.reason else ''})")
-            self._close_target()
-            done = self.ws.close_sent is not None and self.ws.close_rcvd is not None
-            if (self.ws.state is State.CLOSED or done) and self.transport is not None:
-                # Close handshake complete: the server closes the TCP connection first
-                # (RFC 6455 section 7.1.1); close() flushes what is buffered.
+            # Not an HTTP request websockets could parse: it answered (or not); end.
+            self.closed = True
+            self.close_reason = self.close_reason or "not a valid request"
+            if self.transport is not None:
                 self.transport.close()
-            elif self.transport is not None:
-                loop = asyncio.get_running_loop()
-                self._timers.append(loop.call_later(CLOSE_TIMEOUT, self.abort))
-
-    def _on_frame(self, frame: Frame) -> None:
-        op = frame.opcode
-        if op is Opcode.PONG:
-            self.ping_outstanding = False
-            return
-        if op not in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
-            return  # ping (answered by the protocol) and close (handled there)
-        data = bytes(frame.data)  # max_message is enforced by the protocol (close 1009)
-        if self.subprotocol == "base64":  # text messages; binary ones holding base64 too
-            decoded = self._b64_decode(data, final=frame.fin)
-            if decoded is None:
-                return
-            data = decoded
-        elif op is Opcode.TEXT or (op is Opcode.CONT and self._text_message):
-            self._text_message = True
-            self.close(CLOSE_UNSUPPORTED, "text messages are not accepted: send binary "
-                                          "(or ask for the base64 subprotocol)")
-            return
-        if op is not Opcode.CONT:
-            self._text_message = op is Opcode.TEXT
-        self.last_activity = time.monotonic()
-        if data and self.target is not None and self.target.transport is not None:
-            self.target.transport.write(data)
-            self.to_target += len(data)
-            self.bridge.stats.bytes_to_target += len(data)
-            if self.route_stats is not None:
-                self.route_stats.bytes_to_target += len(data)
-
-    _text_message = False
 
     def _b64_decode(self, chunk: bytes, *, final: bool) -> bytes | None:
         data = self.b64_carry + chunk
@@ -831,7 +873,7 @@ class _Session(asyncio.Protocol):
 
     def from_target(self, data: bytes) -> None:
         """Bytes from the target: one message to the client."""
-        if self.closed or self.ws.state is not State.OPEN:
+        if self.closed or not self.upgraded:
             return
         self.last_activity = time.monotonic()
         self.to_client += len(data)
@@ -839,10 +881,9 @@ class _Session(asyncio.Protocol):
         if self.route_stats is not None:
             self.route_stats.bytes_to_client += len(data)
         if self.subprotocol == "base64":
-            self.ws.send_text(base64.b64encode(data))
+            self._send_frame(Opcode.TEXT, base64.b64encode(data))
         else:
-            self.ws.send_binary(data)
-        self._flush()
+            self._send_frame(Opcode.BINARY, data)
 
     def _flush(self) -> None:
         if self.transport is None:
@@ -921,6 +962,11 @@ class _Session(asyncio.Protocol):
             self.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
             self.ws.send_response(response)
             self.upgraded = True
+            if self.ws.events_received() or self.ws.reader.buffer:
+                # Frames before our 101: RFC 6455 section 4.1 forbids them.
+                self._flush()
+                self.close(1002, "data sent before the handshake response")
+                return
             bridge.stats.sessions_total += 1
             if self.route_stats is not None:
                 self.route_stats.sessions_total += 1
@@ -984,14 +1030,13 @@ class _Session(asyncio.Protocol):
     def _heartbeat(self) -> None:
         lim = self.bridge.config.limits
         assert lim.heartbeat is not None
-        if self.closed or self.ws.state is not State.OPEN:
+        if self.closed or not self.upgraded:
             return
         if self.ping_outstanding:
             self.close(CLOSE_INTERNAL, f"keepalive: no pong within {lim.heartbeat:g} s")
             return
         self.ping_outstanding = True
-        self.ws.send_ping(b"sandport")
-        self._flush()
+        self._send_frame(Opcode.PING, b"sandport")
         self._timers.append(asyncio.get_running_loop().call_later(lim.heartbeat,
                                                                   self._heartbeat))
 
@@ -1003,9 +1048,9 @@ class _Session(asyncio.Protocol):
             return
         self.closed = True
         self.close_reason = reason
-        if self.upgraded and self.ws.state is State.OPEN:
-            self.ws.send_close(code, reason[:120])
-            self._flush()
+        if self.upgraded and not self.close_sent:
+            self.close_sent = True
+            self._send_frame(Opcode.CLOSE, close_payload(code, reason))
             if self.transport is not None:
                 loop = asyncio.get_running_loop()
                 self._timers.append(loop.call_later(CLOSE_TIMEOUT, self.abort))
