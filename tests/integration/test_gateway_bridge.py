@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sandport.bridge.tls import TlsConfig
 from sandport.control.gateway import Gateway
@@ -126,6 +126,18 @@ def test_metrics_count_sessions_bytes_and_close_reasons_per_sandbox_port(
     assert to_client and int(to_client[0].rsplit(" ", 1)[1]) > 24, to_client  # banners+init
     assert f'sandport_ws_closes_total{{{labels},reason="client_closed"}}' in text, text
     assert 'sandport_ws_refusals_total{status="403"} 1' in text, text
+    # Both sessions reached the desktop's ServerInit; the time is measured per route.
+    assert f"sandport_ws_rfb_ready_seconds_count{{{labels}}} 2" in text, text
+    wrong = asyncio.run(probe_rfb_ws(ws_url(gw, info.id, info.token), password="wrongpw1"))
+    assert not wrong.ok and "Authentication failure" in wrong.detail
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            text = resp.read().decode()
+        if f"sandport_ws_rfb_failed_total{{{labels}}} 1" in text:
+            break
+        time.sleep(0.1)
+    assert f"sandport_ws_rfb_failed_total{{{labels}}} 1" in text, text
 
 
 def test_tls_on_the_gateway_port_https_wss_and_plain_http(
@@ -167,3 +179,29 @@ async def probe_rfb_ws_strict(url: str) -> None:
 class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+
+def test_destroying_a_sandbox_closes_its_sessions_with_a_reason(
+    gateway_factory: Any, loop_thread: Any
+) -> None:
+    gw: Gateway = gateway_factory()
+    info = loop_thread.run(gw.create_sandbox())
+
+    async def watch() -> tuple[int, str]:
+        async with connect(ws_url(gw, info.id, info.token), subprotocols=["binary"]) as ws:
+            assert (await ws.recv())[:4] == b"RFB "
+            destroyed = asyncio.get_running_loop().run_in_executor(
+                None, loop_thread.run, gw.destroy_sandbox(info.id))
+            with pytest.raises(ConnectionClosed) as closed:
+                await read_forever(ws)
+            await destroyed
+            frame = closed.value.rcvd
+            assert frame is not None, "closed without a close frame (1006)"
+            return frame.code, frame.reason
+
+    assert asyncio.run(watch()) == (1001, "the sandbox was destroyed")
+
+
+async def read_forever(ws: Any) -> None:
+    while True:
+        await ws.recv()

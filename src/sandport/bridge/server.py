@@ -57,6 +57,7 @@ from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.errors import PortInUseError, UsageError
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
+from sandport.proto.rfbwatch import RfbWatch, Watch
 from sandport.proto.wsframes import (
     Event,
     FrameError,
@@ -198,6 +199,11 @@ class RouteStats:
     bytes_to_target: int = 0
     bytes_to_client: int = 0
     closed: Counter[str] = field(default_factory=Counter)  # by reason
+    #: RFB targets: seconds from the 101 to the server's ServerInit (sum and count), and
+    #: handshakes the server refused (a wrong VNC password, mostly).
+    rfb_ready_seconds: float = 0.0
+    rfb_ready_count: int = 0
+    rfb_failed: int = 0
 
 
 @dataclass(slots=True)
@@ -349,6 +355,14 @@ class WsBridge:
             await asyncio.sleep(0.02)
         for session in list(self._sessions):
             session.abort()
+
+    def close_sessions(self, sandbox: str, code: int, reason: str) -> int:
+        """Close every session to ``sandbox`` (its route's first label) with a reason."""
+        closing = [x for x in self._sessions
+                   if x.route is not None and x.route.labels[0] == sandbox]
+        for session in closing:
+            session.close(code, reason)
+        return len(closing)
 
     # -- accepting ----------------------------------------------------------------------------
 
@@ -677,6 +691,9 @@ class _Session(asyncio.Protocol):
         #: After the 101: the client's frames (websockets' protocol did the handshake).
         self.frames = FrameReader(lim.max_message)
         self.close_sent = False
+        #: Watches an RFB handshake go by (VNC targets) until ServerInit; then None.
+        self.rfb: RfbWatch | None = RfbWatch()
+        self.upgraded_at = 0.0
         self.last_activity = time.monotonic()
         self.ping_outstanding = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -747,6 +764,9 @@ class _Session(asyncio.Protocol):
                 self._on_client_close(payload)
                 return
         if pieces and target is not None:
+            if self.rfb is not None:
+                for piece in pieces:
+                    self._watch(self.rfb.from_client(piece))
             n = sum(map(len, pieces))
             target.writelines(pieces)
             self.last_activity = time.monotonic()
@@ -884,6 +904,24 @@ class _Session(asyncio.Protocol):
             self._send_frame(Opcode.TEXT, base64.b64encode(data))
         else:
             self._send_frame(Opcode.BINARY, data)
+        if self.rfb is not None:
+            self._watch(self.rfb.from_server(data))
+
+    def _watch(self, state: Watch) -> None:
+        if state is Watch.WATCHING:
+            return
+        self.rfb = None
+        rs = self.route_stats
+        if state is Watch.SERVER_INIT:
+            took = time.monotonic() - self.upgraded_at
+            log.info("%s: RFB ServerInit %.0f ms after the upgrade", self.cid, took * 1000)
+            if rs is not None:
+                rs.rfb_ready_seconds += took
+                rs.rfb_ready_count += 1
+        elif state is Watch.FAILED:
+            log.info("%s: the RFB server refused the handshake (wrong password?)", self.cid)
+            if rs is not None:
+                rs.rfb_failed += 1
 
     def _flush(self) -> None:
         if self.transport is None:
@@ -962,6 +1000,7 @@ class _Session(asyncio.Protocol):
             self.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
             self.ws.send_response(response)
             self.upgraded = True
+            self.upgraded_at = time.monotonic()
             if self.ws.events_received() or self.ws.reader.buffer:
                 # Frames before our 101: RFC 6455 section 4.1 forbids them.
                 self._flush()

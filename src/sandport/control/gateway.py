@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 RUN_DIR = Path("/run/sandport")  # per-boot locks shared by every gateway on this host
+HEARTBEAT_SECONDS = 30.0  # bridge pings; a browser that stops answering is closed (1011)
 GATEWAY_FILE = "gateway.json"  # in the state dir: pid, URL and admin token of the gateway
 
 
@@ -227,7 +228,8 @@ class Gateway:
             self._front = WsBridge(BridgeConfig(
                 listen_host=cfg.listen_host, listen_port=cfg.listen_port,
                 router=GatewayRouter(self), app_socket=str(app_socket), tls=cfg.tls,
-                limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT)))
+                limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT,
+                                    heartbeat=HEARTBEAT_SECONDS)))
             await self._front.start()
             self._write_gateway_file()
         except BaseException:
@@ -512,6 +514,8 @@ class Gateway:
                 self._set_state(sb, SandboxState.STOPPING)
         with contextlib.suppress(Exception):
             await self.forwards.remove_sandbox(sandbox_id)
+        if self._front is not None:  # browsers see why, not a session that hangs
+            self._front.close_sessions(sandbox_id, 1001, "the sandbox was destroyed")
         if self._backend is not None:
             await self._backend.destroy(sb.spec)
         with contextlib.suppress(Exception):

@@ -34,6 +34,10 @@ _FAMILIES = (
     ("sandport_ws_closes_total", "counter",
      "WebSocket bridge sessions ended, by reason (target_closed, idle, keepalive, "
      "client_closed, client_went_away, ...)."),
+    ("sandport_ws_rfb_ready_seconds", "summary",
+     "VNC targets: seconds from the WebSocket upgrade to the server's ServerInit."),
+    ("sandport_ws_rfb_failed_total", "counter",
+     "VNC targets: handshakes the server refused (a wrong password, mostly)."),
     ("sandport_ws_refusals_total", "counter",
      "WebSocket upgrades refused before the upgrade, by HTTP status."),
 )
@@ -89,6 +93,13 @@ def _bridge_samples(samples: dict[str, list[str]], stats: BridgeStats) -> None:
                                  ("to_client", rs.bytes_to_client)):
             samples["sandport_ws_bytes_total"].append(
                 f"sandport_ws_bytes_total{_labels([*base, ('direction', direction)])} {value}")
+        if rs.rfb_ready_count:
+            samples["sandport_ws_rfb_ready_seconds"] += [
+                f"sandport_ws_rfb_ready_seconds_sum{_labels(base)} {rs.rfb_ready_seconds:.6f}",
+                f"sandport_ws_rfb_ready_seconds_count{_labels(base)} {rs.rfb_ready_count}"]
+        if rs.rfb_failed:
+            samples["sandport_ws_rfb_failed_total"].append(
+                f"sandport_ws_rfb_failed_total{_labels(base)} {rs.rfb_failed}")
         for reason, count in sorted(rs.closed.items()):
             samples["sandport_ws_closes_total"].append(
                 f"sandport_ws_closes_total{_labels([*base, ('reason', reason)])} {count}")
