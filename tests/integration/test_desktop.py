@@ -206,7 +206,9 @@ def test_desktop_link_and_websocket_check_tokens_before_the_upgrade(desktops: An
         (f"{ws}/s/{a.id}/ports/vnc/ws", 401, "missing_token"),
         (f"{ws}/s/{a.id}/ports/vnc/ws?token=nope", 403, "invalid_token"),
         (f"{ws}/s/ffffff/ports/vnc/ws?token={a.token}", 404, "unknown_sandbox"),
-        (f"{ws}/s/{a.id}/ports/22/ws?token={a.token}", 404, "unknown_port"),
+        (f"{ws}/s/{a.id}/ports/ssh/ws?token={a.token}", 404, "unknown_port"),
+        (f"{ws}/s/{a.id}/ports/70000/ws?token={a.token}", 404, "unknown_port"),
+        (f"{ws}/s/{a.id}/ports/22/ws?token={a.token}", 502, "target_refused"),
     ]
     for url, status, error in cases:
         r = asyncio.run(probe_rfb_ws(url, stop_at=Stage.SECURITY_TYPES))

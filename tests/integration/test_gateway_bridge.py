@@ -20,6 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from nethelpers import ECHO_SERVER, guest_server
 from sandport.bridge.tls import TlsConfig
 from sandport.control.gateway import Gateway
 from sandport.probe import probe_rfb_ws
@@ -205,3 +206,24 @@ def test_destroying_a_sandbox_closes_its_sessions_with_a_reason(
 async def read_forever(ws: Any) -> None:
     while True:
         await ws.recv()
+
+
+def test_any_tcp_port_of_a_sandbox_by_number(gateway_factory: Any, loop_thread: Any,
+                                             tmp_path: Path) -> None:
+    """An app's own TCP service (an echo server on port 7) through the bridge."""
+    gw: Gateway = gateway_factory()
+    info = loop_thread.run(gw.create_sandbox())
+
+    async def echo() -> bool:
+        async with connect(ws_url(gw, info.id, info.token, port="7"),
+                           subprotocols=["binary"]) as ws:
+            payload = os.urandom(200_000)
+            await ws.send(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += await ws.recv()  # type: ignore[operator]
+            return got == payload
+
+    with guest_server(f"sp-{info.id}", ECHO_SERVER, str(tmp_path / "echo.log")):
+        assert asyncio.run(echo())
+    assert (info.id, "7") in gw.bridge_stats.routes  # type: ignore[union-attr]

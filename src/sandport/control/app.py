@@ -70,10 +70,16 @@ class LiveSandbox:
     reason: str = ""
 
     def port(self, key: str) -> GuestPort | None:
-        """The guest port named ``key`` or numbered ``key``."""
+        """The guest port named ``key`` or numbered ``key``.
+
+        A number the profile does not declare is any TCP port of the guest (an app's
+        own service): the sandbox's token already grants the whole sandbox.
+        """
         for p in self.ports:
             if key in (p.name, str(p.port)):
                 return p
+        if key.isdigit() and 0 < int(key) < 65536 and key == str(int(key)):
+            return GuestPort(name=key, port=int(key))
         return None
 
 
