@@ -6,6 +6,7 @@ Real gateways and desktop sandboxes; a websockets client and plain HTTP.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -215,15 +216,28 @@ def test_any_tcp_port_of_a_sandbox_by_number(gateway_factory: Any, loop_thread: 
     info = loop_thread.run(gw.create_sandbox())
 
     async def echo() -> bool:
-        async with connect(ws_url(gw, info.id, info.token, port="7"),
-                           subprotocols=["binary"]) as ws:
-            payload = os.urandom(200_000)
-            await ws.send(payload)
-            got = b""
-            while len(got) < len(payload):
-                got += await ws.recv()  # type: ignore[operator]
-            return got == payload
+        url = ws_url(gw, info.id, info.token, port="7")
+        async with connect(url, subprotocols=["binary"], max_size=None) as ws:
+            for payload in (os.urandom(1 << 20), os.urandom(1 << 20)):  # 1 MiB messages
+                await ws.send(payload)
+                assert await received(ws, len(payload)) == payload
+            payload = os.urandom(70_001)  # one message in odd-sized fragments
+            await ws.send([payload[:3], payload[3:65_539], payload[65_539:]])
+            assert await received(ws, len(payload)) == payload
+        async with connect(url, subprotocols=["base64"], max_size=None) as ws:
+            payload = os.urandom(100_000)
+            await ws.send(base64.b64encode(payload).decode())
+            assert await received(ws, len(payload)) == payload
+        return True
 
     with guest_server(f"sp-{info.id}", ECHO_SERVER, str(tmp_path / "echo.log")):
         assert asyncio.run(echo())
     assert (info.id, "7") in gw.bridge_stats.routes  # type: ignore[union-attr]
+
+
+async def received(ws: Any, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        msg = await ws.recv()
+        got += msg if isinstance(msg, bytes) else base64.b64decode(msg)
+    return got

@@ -460,6 +460,25 @@ def test_wss_and_ws_on_one_port_and_a_renewed_certificate(
     bridge_run(run, BridgeConfig(target=echo_target(guest), tls=TlsConfig(cert=pem)), body)
 
 
+def test_minimum_tls_version(run: Callable[..., Any], guest: RemoteHost,
+                             tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    pem = ca.issue(tmp_path / "server.pem")
+
+    async def body(bridge: WsBridge) -> None:
+        old = ca.client_context()
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(OSError):  # an alert, or a reset: never a session
+            async with connect(f"wss://127.0.0.1:{bridge.bound_port}/", ssl=old):
+                pass
+        async with connect(f"wss://127.0.0.1:{bridge.bound_port}/",
+                           ssl=ca.client_context()) as ws:
+            assert ws.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
+
+    bridge_run(run, BridgeConfig(target=echo_target(guest),
+                                 tls=TlsConfig(cert=pem, min_version="tlsv1_3")), body)
+
+
 def test_ssl_only_answers_plain_clients_with_a_reason(
     run: Callable[..., Any], guest: RemoteHost, tmp_path: Path
 ) -> None:
