@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Opcode
 from websockets.uri import parse_uri
 
-from conftest import require_root
+from conftest import eventually, require_root
 from nethelpers import ECHO_SERVER, RemoteHost, guest_server, remote_host
 from sandport.bridge.server import BridgeConfig, BridgeLimits, WsBridge
 from sandport.bridge.targets import Target, TokenFile
@@ -136,6 +136,45 @@ def test_writes_split_at_odd_sizes(run: Callable[..., Any], guest: RemoteHost) -
         writer.close()
 
     bridge_run(run, BridgeConfig(target=echo_target(guest)), body)
+
+
+def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
+    run: Callable[..., Any]
+) -> None:
+    """Messages, then a close frame, in one TCP write: every byte reaches the target."""
+    received: list[int] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        total = 0
+        while data := await reader.read(1 << 20):
+            total += len(data)
+        received.append(total)
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with server, WsBridge(BridgeConfig(target=target)) as bridge:
+            proto = ClientProtocol(parse_uri(url(bridge)), max_size=None)
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.bound_port)
+            proto.send_request(proto.connect())
+            writer.write(b"".join(proto.data_to_send()))
+            while proto.state.name != "OPEN":
+                data = await reader.read(4096)
+                assert data, "the bridge closed during the handshake"
+                proto.receive_data(data)
+            for _ in range(8):
+                proto.send_binary(b"x" * 100_000)
+            proto.send_close(1000)
+            writer.write(b"".join(proto.data_to_send()))  # one write: data, then close
+            await writer.drain()
+            while await reader.read(4096):  # until the bridge closes
+                pass
+            writer.close()
+            await eventually(lambda: bool(received), within=5)
+        assert received == [800_000]
+
+    run(main)
 
 
 def test_base64_subprotocol_round_trip(run: Callable[..., Any], guest: RemoteHost) -> None:

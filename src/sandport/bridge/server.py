@@ -738,20 +738,23 @@ class _Session(asyncio.Protocol):
         except FrameError as exc:
             self.close(exc.code, exc.reason)
             return
-        target = self.target.transport if self.target is not None else None
         pieces: list[bytes] = []
         for kind, op, payload, last in events:
             if kind is Event.DATA:
                 if self.closed:
                     continue
                 piece: bytes | None = payload
+                error = ""
                 if self.subprotocol == "base64":  # text; binary messages holding base64 too
                     piece = self._b64_decode(payload, final=last)
                     if piece is None:
-                        return
+                        error = "base64 subprotocol: the message is not base64"
                 elif op is Opcode.TEXT:
-                    self.close(CLOSE_UNSUPPORTED, "text messages are not accepted: send "
-                               "binary (or ask for the base64 subprotocol)")
+                    error = ("text messages are not accepted: send binary (or ask for the "
+                             "base64 subprotocol)")
+                if error:  # what came before still reaches the target
+                    self._to_target(pieces)
+                    self.close(CLOSE_UNSUPPORTED, error)
                     return
                 if piece:
                     pieces.append(piece)
@@ -761,19 +764,27 @@ class _Session(asyncio.Protocol):
             elif kind is Event.PONG:
                 self.ping_outstanding = False
             else:
+                # What came before the close frame goes to the target first.
+                self._to_target(pieces)
+                pieces = []
                 self._on_client_close(payload)
                 return
-        if pieces and target is not None:
-            if self.rfb is not None:
-                for piece in pieces:
-                    self._watch(self.rfb.from_client(piece))
-            n = sum(map(len, pieces))
-            target.writelines(pieces)
-            self.last_activity = time.monotonic()
-            self.to_target += n
-            self.bridge.stats.bytes_to_target += n
-            if self.route_stats is not None:
-                self.route_stats.bytes_to_target += n
+        self._to_target(pieces)
+
+    def _to_target(self, pieces: list[bytes]) -> None:
+        target = self.target.transport if self.target is not None else None
+        if not pieces or target is None or target.is_closing():
+            return
+        if self.rfb is not None:
+            for piece in pieces:
+                self._watch(self.rfb.from_client(piece))
+        n = sum(map(len, pieces))
+        target.writelines(pieces)
+        self.last_activity = time.monotonic()
+        self.to_target += n
+        self.bridge.stats.bytes_to_target += n
+        if self.route_stats is not None:
+            self.route_stats.bytes_to_target += n
 
     def _on_client_close(self, payload: bytes) -> None:
         try:
@@ -888,7 +899,6 @@ class _Session(asyncio.Protocol):
         try:
             return base64.b64decode(data[:cut], validate=True)
         except (binascii.Error, ValueError):
-            self.close(CLOSE_UNSUPPORTED, "base64 subprotocol: the message is not base64")
             return None
 
     def from_target(self, data: bytes) -> None:
