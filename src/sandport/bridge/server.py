@@ -6,7 +6,9 @@ One listening port serves, like websockify does:
   :mod:`sandport.bridge.targets`), with subprotocol ``binary``, ``base64`` or none;
 * plain HTTP GETs from ``web_dir`` (``--web``), e.g. the noVNC client;
 * TLS on the same port, detected from the first byte (``0x16``: a TLS ClientHello), with
-  the certificate re-read when its file changes (:mod:`sandport.bridge.tls`).
+  the certificate re-read when its file changes (:mod:`sandport.bridge.tls`);
+* as the gateway's front door (``router`` and ``app_socket``): upgrades to the paths the
+  router claims are bridged here, every other request is relayed to the HTTP app.
 
 Where websockify is weak, this server says why. Before the upgrade it answers with a
 status and a JSON body: 401 (no token), 403 (unknown token, Origin not allowed), 429 /
@@ -14,12 +16,15 @@ status and a JSON body: 401 (no token), 403 (unknown token, Origin not allowed),
 refused or is unreachable), 504 (the target did not answer in time). The target is
 connected *before* the upgrade is accepted, so a dead target is a 502, not a WebSocket
 that opens and dies with 1006. After the upgrade every close carries a code and a reason:
-1000 target closed / idle, 1008 limit, 1009 message too big, 1011 target error or
-keepalive timeout, 1001 server shutting down.
+1000 target closed / idle, 1001 shutting down or sandbox destroyed, 1002 protocol error,
+1003 text without the base64 subprotocol, 1009 message too big, 1011 target error or
+keepalive timeout.
 
-Data path: each side is an asyncio Protocol. A client frame's payload is written to the
-target as it arrives (fragments are not reassembled, so a 1 MiB message costs no 1 MiB
-buffer); target bytes become one binary message per read. Backpressure: when one side's
+Data path: each side is an asyncio Protocol. websockets' sans-I/O protocol answers the
+opening handshake; after the 101, :class:`~sandport.proto.wsframes.FrameReader` streams
+client payload to the target as it arrives, unmasked in one pass (fragments are not
+reassembled, so a 1 MiB message costs no 1 MiB buffer); target bytes become one binary
+message per read, a header written ahead of them. Backpressure: when one side's
 transport buffers more than :data:`WRITE_HIGH`, the other side stops reading.
 """
 
@@ -52,6 +57,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from sandport.bridge.passthrough import MAX_HEAD, HttpPassthrough, RequestRewriter
 from sandport.bridge.targets import Target, TokenPlugin, token_from
 from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.errors import PortInUseError, UsageError
@@ -74,22 +80,17 @@ _protocol_log = logging.getLogger(f"{__name__}.protocol")
 _protocol_log.setLevel(logging.WARNING)
 
 SUBPROTOCOLS = ("binary", "base64")
-READ_LIMIT = 256 * 1024  # bytes per target read become one message at most this big
 WRITE_HIGH = 1024 * 1024  # stop reading the other side above this many buffered bytes
 WRITE_LOW = 256 * 1024
 CLOSE_TIMEOUT = 5.0  # after our close frame, wait this long for the client's
 PEEK_MAX = 536  # enough for a PROXY v1 line and a v2 header with small TLVs
 TLS_FIRST_BYTES = (0x16, 0x80)  # TLS handshake record; SSLv2-style ClientHello
 WEB_FILE_MAX = 64 * 1024 * 1024
-MAX_HEAD = 16 * 1024  # request head (request line and headers) limit
-_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded")
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009  # sent by websockets' protocol when a message exceeds max_size
 CLOSE_INTERNAL = 1011
 
 
@@ -626,7 +627,6 @@ class _TargetSide(asyncio.Protocol):
     def __init__(self, session: _Session) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
-        self.lost = False
         self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -649,7 +649,6 @@ class _TargetSide(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         if exc is None:
             self.session.close(CLOSE_NORMAL, "the target closed the connection")
         else:
@@ -828,9 +827,9 @@ class _Session(asyncio.Protocol):
         assert self.bridge.config.app_socket is not None
         self.bridge.stats.passthrough += 1
         trusted = _in_networks(self.client[0], self.bridge.config.trusted_proxies)
-        relay = _HttpPassthrough(self.cid, self.transport, self.bridge.config.app_socket,
-                                 _RequestRewriter(self.client[0], "https" if self.tls else
-                                                  "http", trusted=trusted))
+        relay = HttpPassthrough(self.cid, self.transport, self.bridge.config.app_socket,
+                                RequestRewriter(self.client[0], "https" if self.tls else
+                                                "http", trusted=trusted))
         self.transport.set_protocol(relay)
         self.bridge._spawn(relay.start(data), f"{self.cid} http")
 
@@ -1151,154 +1150,3 @@ def _reason_kind(reason: str) -> str:
         if kind in reason:
             return kind.replace(" ", "_")
     return "other"
-
-
-class _RequestRewriter:
-    """Marks every request head of a passed-through connection with the real client.
-
-    Request heads are found by their framing: a head, then ``Content-Length`` bytes of
-    body. Incoming ``X-Forwarded-*``/``Forwarded`` headers are dropped unless the peer is a
-    trusted proxy, then ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are added. A chunked
-    body or an upgrade ends the parsing: from there the bytes pass unchanged.
-    """
-
-    def __init__(self, client_ip: str, scheme: str, *, trusted: bool) -> None:
-        self.client_ip = client_ip
-        self.scheme = scheme
-        self.trusted = trusted
-        self._head = b""
-        self._body_left = 0
-        self._raw = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Bytes to send upstream for ``data`` from the client."""
-        out: list[bytes] = []
-        while data:
-            if self._raw:
-                out.append(data)
-                break
-            if self._body_left:
-                n = min(len(data), self._body_left)
-                out.append(data[:n])
-                data, self._body_left = data[n:], self._body_left - n
-                continue
-            buf = self._head + data
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:  # the app answers 431; stop parsing
-                    self._raw = True
-                    out.append(buf)
-                    self._head = b""
-                else:
-                    self._head = buf
-                break
-            self._head, data = b"", buf[end + 4:]
-            out.append(self._rewrite(buf[:end]))
-        return b"".join(out)
-
-    def _rewrite(self, head: bytes) -> bytes:
-        lines = head.split(b"\r\n")
-        kept = [lines[0]]
-        forwarded_for = b""
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            key = name.strip().lower()
-            if key in _FORWARDED:  # replaced by ours; a trusted proxy's client list is kept
-                if self.trusted and key == b"x-forwarded-for":
-                    forwarded_for = value.strip() + b", "
-                continue
-            if key == b"content-length" and value.strip().isdigit():
-                self._body_left = int(value.strip())
-            elif key in {b"transfer-encoding", b"upgrade"}:
-                self._raw = True
-            kept.append(line)
-        kept.append(b"X-Forwarded-For: " + forwarded_for + self.client_ip.encode())
-        kept.append(b"X-Forwarded-Proto: " + self.scheme.encode())
-        return b"\r\n".join(kept) + b"\r\n\r\n"
-
-
-class _Upstream(asyncio.Protocol):
-    """The HTTP app's side of a passed-through connection."""
-
-    def __init__(self, relay: _HttpPassthrough) -> None:
-        self.relay = relay
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-
-    def data_received(self, data: bytes) -> None:
-        self.relay.client.write(data)
-
-    def eof_received(self) -> bool:
-        self.relay.client.close()  # after what is buffered
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.client.close()
-
-    def pause_writing(self) -> None:
-        self.relay.client.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.relay.client.resume_reading()
-
-
-class _HttpPassthrough(asyncio.Protocol):
-    """A client connection relayed to the HTTP app's Unix socket."""
-
-    def __init__(self, cid: str, client: asyncio.Transport, app_socket: str,
-                 rewriter: _RequestRewriter) -> None:
-        self.cid = cid
-        self.client = client
-        self.app_socket = app_socket
-        self.rewriter = rewriter
-        self.upstream = _Upstream(self)
-
-    async def start(self, first: bytes) -> None:
-        """Connect the app, send what the client sent so far, then relay."""
-        self.client.pause_reading()
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.create_unix_connection(lambda: self.upstream, self.app_socket)
-        except OSError as exc:
-            log.error("%s: the HTTP app at %s is unreachable: %s", self.cid, self.app_socket,
-                      exc)
-            body = json.dumps({"error": "app_unreachable",
-                               "message": "the gateway's HTTP app does not answer"}).encode()
-            self.client.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\n"
-                              b"Connection: close\r\nContent-Length: "
-                              + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.client.close()
-            return
-        assert self.upstream.transport is not None
-        if self.client.is_closing():
-            self.upstream.transport.close()
-            return
-        self.upstream.transport.write(self.rewriter.feed(first))
-        self.client.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        up = self.upstream.transport
-        if up is not None:
-            up.write(self.rewriter.feed(data))
-
-    def eof_received(self) -> bool:
-        up = self.upstream.transport
-        if up is not None and up.can_write_eof():
-            up.write_eof()
-            return True  # keep the client open for the response
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.upstream.transport is not None:
-            self.upstream.transport.close()
-
-    def pause_writing(self) -> None:
-        if self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
