@@ -90,6 +90,17 @@ def _parse_subnet(text: str) -> ipaddress.IPv4Network:
             from None
 
 
+def _networks(texts: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for text in texts:
+        try:
+            out.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise UsageError(f"--trusted-proxy {text!r} is not an address or network "
+                             "(e.g. 10.0.0.0/8)") from None
+    return tuple(out)
+
+
 def _tls_config(cert: Path | None, key: Path | None, ssl_only: bool) -> TlsConfig | None:
     if cert is None:
         if key is not None or ssl_only:
@@ -260,6 +271,13 @@ def up(
     key: Annotated[Path | None, typer.Option(help="PEM key of --cert.")] = None,
     ssl_only: Annotated[bool, typer.Option(
         help="With --cert: refuse plain http and ws clients.")] = False,
+    origin: Annotated[list[str] | None, typer.Option(
+        help="Origin allowed to open desktop WebSockets (repeatable, e.g. "
+             "https://app.example.com); default: any.", metavar="ORIGIN")] = None,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        help="Address or network of a reverse proxy in front of the gateway whose "
+             "X-Forwarded-For / PROXY protocol header names the client (repeatable).",
+        metavar="CIDR")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway in the foreground until Ctrl-C or SIGTERM.
@@ -297,6 +315,8 @@ def up(
             ready_timeout=ready_timeout,
             forward_mode=forward_mode,
             tls=_tls_config(cert, key, ssl_only),
+            origins=tuple(origin or ()),
+            trusted_proxies=_networks(trusted_proxy or []),
         )
     except SandportError as exc:
         _error(exc)
@@ -466,7 +486,8 @@ def ws_command(
     prefer_ipv6: Annotated[bool, typer.Option(
         "--prefer-ipv6", "-6", help="Listen on :: when no SOURCE_ADDR is given.")] = False,
     origin: Annotated[list[str] | None, typer.Option(
-        help="Allowed Origin (repeatable; e.g. https://app.example.com). Default: any.",
+        help="Allowed Origin (repeatable; e.g. https://app.example.com). Default: any; "
+             "clients that send no Origin (not browsers) are not checked.",
         metavar="ORIGIN")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(
         help="Address or network whose X-Forwarded-For and PROXY protocol header name "

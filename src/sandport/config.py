@@ -66,6 +66,8 @@ class GatewayConfig:
         forward_mode: ``auto``, ``kernel`` or ``proxy`` for host port forwards.
         tls: certificate for https:// and wss:// on the HTTP port (plain http and ws stay
             served on the same port unless ``tls.ssl_only``).
+        origins: ``Origin`` values allowed to open bridge WebSockets; empty allows any.
+        trusted_proxies: networks whose X-Forwarded-For / PROXY header names the client.
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -77,6 +79,8 @@ class GatewayConfig:
     ready_timeout: float = 60.0
     forward_mode: str = "auto"
     tls: TlsConfig | None = None
+    origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def scheme(self) -> str:

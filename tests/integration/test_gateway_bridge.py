@@ -241,3 +241,14 @@ async def received(ws: Any, n: int) -> bytes:
         msg = await ws.recv()
         got += msg if isinstance(msg, bytes) else base64.b64decode(msg)
     return got
+
+
+def test_origin_allow_list_on_the_gateway(gateway_factory: Any, loop_thread: Any) -> None:
+    """A page on another site cannot open a sandbox's desktop with a leaked URL."""
+    gw: Gateway = gateway_factory(origins=("https://desk.example",))
+    info = loop_thread.run(gw.create_sandbox())  # the readiness probe sends no Origin
+    url = ws_url(gw, info.id, info.token)
+    status, doc, _ = asyncio.run(status_of(url, origin="https://evil.example"))
+    assert (status, doc["error"]) == (403, "origin_not_allowed"), doc
+    status, _, _ = asyncio.run(status_of(url, origin="https://desk.example"))
+    assert status == 101

@@ -331,6 +331,7 @@ def test_missing_package_is_named(tmp_path: Path) -> None:
         (["--vnc-port", "-1"], "vnc-port"),
         (["--cert", "/nonexistent.pem"], "no such file"),
         (["--ssl-only"], "need --cert"),
+        (["--trusted-proxy", "lan"], "is not an address or network"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(args: list[str], needle: str) -> None:

@@ -162,7 +162,8 @@ class BridgeConfig:
         web_dir: serve plain GETs from this directory (``--web``).
         tls: certificate and TLS settings, or None for plain ws only.
         target_tls: connect to the target with TLS (``--ssl-target``).
-        origins: allowed ``Origin`` header values; empty allows any.
+        origins: allowed ``Origin`` header values; empty allows any. A request without
+            Origin (not from a browser) is not checked.
         trusted_proxies: peers whose ``X-Forwarded-For`` and PROXY protocol header
             name the real client.
         limits: see :class:`BridgeLimits`.
@@ -977,7 +978,8 @@ class _Session(asyncio.Protocol):
                 return
             origins = bridge.config.origins
             origin = request.headers.get("Origin")
-            if origins and origin not in origins:
+            # Browsers always send Origin; other clients (probes, scripts) send none.
+            if origins and origin is not None and origin not in origins:
                 raise Refusal(403, "origin_not_allowed",
                               f"Origin {origin!r} is not allowed (cross-site WebSocket "
                               f"requests are refused; allowed: {', '.join(origins)})")

@@ -228,6 +228,7 @@ class Gateway:
             self._front = WsBridge(BridgeConfig(
                 listen_host=cfg.listen_host, listen_port=cfg.listen_port,
                 router=GatewayRouter(self), app_socket=str(app_socket), tls=cfg.tls,
+                origins=cfg.origins, trusted_proxies=cfg.trusted_proxies,
                 limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT,
                                     heartbeat=HEARTBEAT_SECONDS)))
             await self._front.start()
