@@ -212,6 +212,8 @@ def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
     code, stderr = second.stop()
     assert code == 0, stderr
     assert nft.own_chains(bridge) == []
+    # The bridge's lock and the app's socket in /run/sandport are gone with it.
+    assert not list(Path("/run/sandport").glob(f"bridge-{bridge}.*"))
     gone = _run_cli("forward", "list", "--state-dir", str(state))
     assert gone.returncode == 2 and "no gateway runs" in gone.stderr
 

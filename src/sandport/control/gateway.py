@@ -62,24 +62,45 @@ def _insecure_client_context() -> ssl.SSLContext:
 def _take_lock(path: Path, what: str, hint: str) -> TextIO:
     """flock ``path`` for this process (released when the file closes, also on a crash).
 
+    The holder deletes the file when it stops (:func:`_release_lock`), so a lock taken on
+    a file that was deleted meanwhile is no lock: then it is taken again on the new one.
+
     Raises:
         StateDirBusy: another live gateway holds it; the message names its pid.
     """
-    lock = open(path, "a+")  # noqa: SIM115 - held until Gateway.stop()
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    for _ in range(10):
+        lock = open(path, "a+")  # noqa: SIM115 - held until Gateway.stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StateDirBusy(f"{what} is in use by gateway pid {holder}",
+                                   hint=hint) from None
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # deleted by its last holder between our open and flock
+            lock.close()
+            continue
         lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise StateDirBusy(f"{what} is in use by gateway pid {holder}", hint=hint) from None
-        raise
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        return lock
+    raise StateDirBusy(f"{what}: its lock file keeps being replaced", hint=hint)
+
+
+def _release_lock(lock: TextIO, *, delete: bool) -> None:
+    """Release a lock from :func:`_take_lock`; ``delete`` removes its file first."""
+    if delete:
+        with contextlib.suppress(OSError):
+            os.unlink(lock.name)
+    lock.close()
 
 
 def _quiet(_: str) -> None:
@@ -327,9 +348,12 @@ class Gateway:
         if self._store is not None:
             self._store.close()
             self._store = None
-        for lock in (self._bridge_lock, self._lock_file):
-            if lock is not None:
-                lock.close()
+        # The bridge lock lives in /run/sandport: deleted, so stopped gateways leave no
+        # files there. The state dir's stays with the state dir.
+        if self._bridge_lock is not None:
+            _release_lock(self._bridge_lock, delete=True)
+        if self._lock_file is not None:
+            _release_lock(self._lock_file, delete=False)
         self._lock_file = self._bridge_lock = None
 
     # Sandboxes --------------------------------------------------------------------------
