@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.frames import Opcode
 from websockets.uri import parse_uri
 
@@ -604,3 +604,53 @@ def test_real_client_from_trusted_proxies_only(
     bridge_run(run, BridgeConfig(target=echo_target(guest)), untrusted)
     opened = [r.getMessage() for r in caplog.records if " -> " in r.getMessage()]
     assert opened and all("198.51.100.7" not in m for m in opened), opened
+
+
+def test_client_certificates_when_asked_for(run: Callable[..., Any], guest: RemoteHost,
+                                            tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    pem = ca.issue(tmp_path / "server.pem")
+    client_pem = ca.issue(tmp_path / "client.pem", cn="viewer")
+
+    async def body(bridge: WsBridge) -> None:
+        without = ca.client_context()
+        # No certificate: TLS 1.3 fails it after the client's Finished, so the client sees
+        # the connection end before the 101 (or the handshake fail).
+        with pytest.raises((OSError, InvalidMessage)):
+            await open_and_close(f"wss://127.0.0.1:{bridge.bound_port}/", without)
+        with_cert = ca.client_context()
+        with_cert.load_cert_chain(client_pem)
+        async with connect(f"wss://127.0.0.1:{bridge.bound_port}/", ssl=with_cert) as ws:
+            await ws.send(b"cert")
+            assert await recv_exactly(ws, 4) == b"cert"
+
+    tls = TlsConfig(cert=pem, verify_client=True, cafile=ca.ca_pem)
+    bridge_run(run, BridgeConfig(target=echo_target(guest), tls=tls), body)
+
+
+def test_tls_to_the_target(run: Callable[..., Any], tmp_path: Path) -> None:
+    """--ssl-target: the bridge speaks TLS to a target that only takes TLS."""
+    pem = make_ca(tmp_path).issue(tmp_path / "target.pem")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pem)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+        target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with (server, WsBridge(BridgeConfig(target=target, target_tls=True)) as bridge,
+                    connect(url(bridge)) as ws):
+            await ws.send(b"over tls")
+            assert await recv_exactly(ws, 8) == b"over tls"
+
+    run(main)
+
+
+async def open_and_close(uri: str, ctx: ssl.SSLContext) -> None:
+    async with connect(uri, ssl=ctx, open_timeout=10):
+        pass

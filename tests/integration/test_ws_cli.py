@@ -134,6 +134,16 @@ def test_run_once_and_idle_timeout_end_the_server(guest: RemoteHost, tmp_path: P
         assert "--idle-timeout 0.5 s without a session" in (p.stdout.read() if p.stdout else "")
 
 
+def test_timeout_and_log_file(guest: RemoteHost, tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "ws.log"
+    with running([*SANDPORT, "--timeout", "1", "--log-file", str(log), str(port),
+                  f"{guest.ip}:7"], port, tmp_path) as p:
+        assert echo(f"ws://127.0.0.1:{port}/", b"logged") == b"logged"
+        assert p.wait(10) == 0  # --timeout: exits a second after start
+    text = log.read_text()
+    assert f"-> {guest.ip}:7 (binary)" in text and "exiting: --timeout 1 s" in text
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
