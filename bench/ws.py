@@ -3,6 +3,8 @@
 Peers (each reaches the same target service, ``wsservice.py`` on 127.0.0.1):
 
     raw         plain TCP straight to the service (the baseline; no WebSocket)
+    tcp-relay   plain TCP through sandport's splice TCP relay (``forwarder.py``): what any
+                relay reaches here, zero-copy and without WebSocket framing (reference)
     ws-direct   the WebSocket client against the service speaking WebSocket itself, no
                 bridge: the ceiling of client + service (calibration, no targets)
     websockify  Debian's websockify 0.10: ``websockify 127.0.0.1:P 127.0.0.1:TARGET``
@@ -51,7 +53,7 @@ from typing import Any
 import testbed
 from testbed import BenchError, Proc
 
-ALL_PEERS = ("raw", "ws-direct", "websockify", "sandport")
+ALL_PEERS = ("raw", "tcp-relay", "ws-direct", "websockify", "sandport")
 CLIENTS = ("raw", "websockets")  # wsclient.py --client
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -383,6 +385,15 @@ class Bed:
         if name == "raw":
             peer = Peer(name, {"tcp": ["127.0.0.1", svc]}, None,
                         "client -> TCP 127.0.0.1 -> service, no WebSocket")
+        elif name == "tcp-relay":
+            # The ceiling of any relay here: sandport's zero-copy (splice) TCP forward.
+            proc = self._spawn(Proc(name, [sys.executable, str(BENCH_DIR / "forwarder.py"),
+                                           "--forward", f"127.0.0.1:{svc}"],
+                                    self.workdir / "tcp-relay.log"))
+            port = int(proc.wait_for(r'"ready": \[(\d+)\]').group(1))
+            peer = Peer(name, {"tcp": ["127.0.0.1", port]}, proc,
+                        "client -> TCP -> sandport's splice TCP relay -> TCP -> service: "
+                        "what any relay (no WebSocket) reaches on this machine")
         elif name == "ws-direct":
             peer = Peer(name, {"ws": f"ws://127.0.0.1:{svc}/"}, None,
                         "client -> WebSocket served by the service itself (no bridge)")
@@ -567,7 +578,7 @@ def measure_round(bed: Bed, peer: Peer, args: argparse.Namespace,
     else:
         progress(f"{label} {peer.name}: echo {_fmt(res.get('msgs_per_s'), '.0f')} msgs/s, "
                  f"client busy {_fmt(res.get('client_busy'), '.0%')}")
-    if peer.proc is not None:
+    if peer.proc is not None and peer.name != "tcp-relay":  # idle test: WebSockets only
         res = idle_test(bed, peer, args)
         rnd["idle"] = res
         if res.get("error"):
@@ -675,6 +686,10 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
          r("sandport", "websockify", "rss_kib_per_conn"), "<=", TARGET_RSS_SHARE),
     ]
     info = [
+        ("tcp-relay / raw TCP, upload MB/s", r("tcp-relay", "raw", "upload_mb_s")),
+        ("tcp-relay / raw TCP, download MB/s", r("tcp-relay", "raw", "download_mb_s")),
+        ("sandport / tcp-relay, upload MB/s", r("sandport", "tcp-relay", "upload_mb_s")),
+        ("sandport / tcp-relay, download MB/s", r("sandport", "tcp-relay", "download_mb_s")),
         ("sandport / ws-direct, upload MB/s", r("sandport", "ws-direct", "upload_mb_s")),
         ("sandport / ws-direct, download MB/s", r("sandport", "ws-direct", "download_mb_s")),
         ("sandport / ws-direct, msgs/s", r("sandport", "ws-direct", "msgs_per_s")),
