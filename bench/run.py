@@ -31,13 +31,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import measure
 import testbed
+from testbed import progress
 
 ALL_PEERS = ("direct", "kernel", "proxy", "socat", "pasta")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,14 +51,6 @@ TARGET_KERNEL_DIRECT = 0.95
 TARGET_ADDED_P99_MS = 1.0
 WARMUP_SECONDS = 1.0
 WARMUP_CONNS = 300
-
-_t0 = time.monotonic()
-
-
-def progress(msg: str) -> None:
-    """A progress line on stderr, with seconds since start."""
-    print(f"[{time.monotonic() - _t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; ``--quick`` fills in what was not given explicitly."""
@@ -403,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
             result = {
                 "bench": "forward",
                 "timestamp": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "duration_s": round(time.monotonic() - _t0, 1),
+                "duration_s": round(testbed.elapsed(), 1),
                 "config": {"rounds": args.rounds, "seconds": args.seconds,
                            "peers": args.peers, "conn_max": args.conn_max,
                            "conn_seconds": args.conn_seconds, "quick": args.quick,

@@ -49,6 +49,18 @@ STOP_GRACE = 3.0
 PROBE_TIMEOUT = 1.0
 _NFT_CHAIN = re.compile(r"^(?:pre|out|post)-(sp-bench-[0-9a-f]{4}h)$")
 
+_t0 = time.monotonic()
+
+
+def elapsed() -> float:
+    """Seconds since the bench started."""
+    return time.monotonic() - _t0
+
+
+def progress(msg: str) -> None:
+    """A progress line on stderr, with seconds since the bench started."""
+    print(f"[{elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
 
 class BenchError(Exception):
     """Something the bench needs did not work; the message says what."""

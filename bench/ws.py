@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any
 
 import testbed
-from testbed import BenchError, Proc
+from testbed import BenchError, Proc, progress
 
 ALL_PEERS = ("raw", "tcp-relay", "ws-direct", "websockify", "sandport")
 CLIENTS = ("raw", "websockets")  # wsclient.py --client
@@ -80,14 +80,6 @@ TARGET_WEBSOCKIFY_MBPS = 4.0
 TARGET_RAW_MBPS = 0.6
 TARGET_WEBSOCKIFY_MSGS = 1.5
 TARGET_RSS_SHARE = 0.1
-
-_t0 = time.monotonic()
-
-
-def progress(msg: str) -> None:
-    """A progress line on stderr, with seconds since start."""
-    print(f"[{time.monotonic() - _t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; ``--quick`` fills in what was not given explicitly."""
@@ -903,7 +895,7 @@ def run(args: argparse.Namespace) -> int:
             result = {
                 "bench": "ws",
                 "timestamp": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "duration_s": round(time.monotonic() - _t0, 1),
+                "duration_s": round(testbed.elapsed(), 1),
                 "config": {"client": args.client,
                            "rounds": args.rounds, "seconds": args.seconds,
                            "peers": args.peers, "quick": args.quick,

@@ -205,6 +205,23 @@ def _cpu() -> tuple[float, float]:
     return r.ru_utime + r.ru_stime, r.ru_utime
 
 
+async def _upload_result(stats_addr: list[Any], before: dict[str, Any], sent: int,
+                         t0: float, t1: float, cpu0: tuple[float, float],
+                         cpu1: tuple[float, float]) -> dict[str, Any]:
+    """An upload's figures, its bytes counted where they arrived (the sink)."""
+    after = await wait_sink(stats_addr)
+    nbytes = after["sink_bytes"] - before["sink_bytes"]
+    elapsed = after["sink_last_rx"] - t0 if nbytes > 0 else t1 - t0
+    return {
+        "bytes": nbytes,
+        "bytes_sent": sent,
+        "seconds": elapsed,
+        "mb_per_s": nbytes / elapsed / 1e6 if elapsed > 0 else None,
+        **_busy(cpu0, cpu1, t1 - t0),
+        "sink_settled": after["settled"],
+    }
+
+
 def _busy(cpu0: tuple[float, float], cpu1: tuple[float, float],
           elapsed: float) -> dict[str, float | None]:
     """The client's CPU share over ``elapsed`` seconds (1.0: one core), all and user only."""
@@ -251,17 +268,7 @@ async def op_upload(target: dict[str, Any], seconds: float, size: int,
         t1, cpu1 = time.monotonic(), _cpu()
     finally:
         await ch.close()
-    after = await wait_sink(stats_addr)
-    nbytes = after["sink_bytes"] - before["sink_bytes"]
-    elapsed = after["sink_last_rx"] - t0 if nbytes > 0 else t1 - t0
-    return {
-        "bytes": nbytes,
-        "bytes_sent": sent,
-        "seconds": elapsed,
-        "mb_per_s": nbytes / elapsed / 1e6 if elapsed > 0 else None,
-        **_busy(cpu0, cpu1, t1 - t0),
-        "sink_settled": after["settled"],
-    }
+    return await _upload_result(stats_addr, before, sent, t0, t1, cpu0, cpu1)
 
 
 async def op_download(target: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -806,17 +813,7 @@ async def raw_upload(target: dict[str, Any], seconds: float, size: int,
         await conn.close()
     finally:
         conn.abort()
-    after = await wait_sink(stats_addr)
-    nbytes = after["sink_bytes"] - before["sink_bytes"]
-    elapsed = after["sink_last_rx"] - t0 if nbytes > 0 else t1 - t0
-    return {
-        "bytes": nbytes,
-        "bytes_sent": sent,
-        "seconds": elapsed,
-        "mb_per_s": nbytes / elapsed / 1e6 if elapsed > 0 else None,
-        **_busy(cpu0, cpu1, t1 - t0),
-        "sink_settled": after["settled"],
-    }
+    return await _upload_result(stats_addr, before, sent, t0, t1, cpu0, cpu1)
 
 
 async def raw_download(target: dict[str, Any], seconds: float) -> dict[str, Any]:

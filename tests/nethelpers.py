@@ -154,6 +154,13 @@ def remote_host() -> Iterator[RemoteHost]:
         subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
 
 
+@contextlib.contextmanager
+def echo_guest(tmp: Path) -> Iterator[RemoteHost]:
+    """A "guest" namespace with :data:`ECHO_SERVER` on port 7 (TCP and UDP)."""
+    with remote_host() as r, guest_server(r.netns, ECHO_SERVER, str(tmp / "echo.log")):
+        yield r
+
+
 def run_in_netns(netns: str, code: str, *args: str) -> str:
     """Run ``code`` in ``netns`` and return its stdout and stderr, stripped."""
     r = in_netns(netns, Path("/tmp"), code, *args)

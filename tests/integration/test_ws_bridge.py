@@ -27,7 +27,7 @@ from websockets.frames import Opcode
 from websockets.uri import parse_uri
 
 from conftest import eventually, require_root
-from nethelpers import ECHO_SERVER, RemoteHost, guest_server, remote_host
+from nethelpers import RemoteHost, echo_guest
 from sandport.bridge.server import BridgeConfig, BridgeLimits, WsBridge
 from sandport.bridge.targets import Target, TokenFile
 from sandport.bridge.tls import TlsConfig
@@ -42,10 +42,8 @@ MiB = 1024 * 1024
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
     """A namespace running a TCP echo server on port 7."""
     require_root()
-    with remote_host() as r:
-        log = tmp_path_factory.mktemp("echo") / "echo.log"
-        with guest_server(r.netns, ECHO_SERVER, str(log)):
-            yield r
+    with echo_guest(tmp_path_factory.mktemp("echo")) as r:
+        yield r
 
 
 def echo_target(guest: RemoteHost) -> Target:
@@ -71,6 +69,30 @@ async def recv_exactly(ws: ClientConnection, n: int) -> bytes:
 
 def url(bridge: WsBridge, path: str = "/") -> str:
     return f"ws://127.0.0.1:{bridge.bound_port}{path}"
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An in-process TCP echo service."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def raw_client(bridge: WsBridge) -> tuple[ClientProtocol, asyncio.StreamReader,
+                                                 asyncio.StreamWriter]:
+    """A sans-I/O client past the handshake: the test controls every byte it writes."""
+    proto = ClientProtocol(parse_uri(url(bridge)), max_size=None)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.bound_port)
+    proto.send_request(proto.connect())
+    writer.write(b"".join(proto.data_to_send()))
+    while proto.state.name != "OPEN":
+        data = await reader.read(4096)
+        assert data, "the bridge closed during the handshake"
+        proto.receive_data(data)
+        if proto.handshake_exc is not None:
+            raise proto.handshake_exc
+    return proto, reader, writer
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -100,18 +122,7 @@ def test_writes_split_at_odd_sizes(run: Callable[..., Any], guest: RemoteHost) -
     """Frames cut at every odd boundary by the TCP writes still arrive whole."""
 
     async def body(bridge: WsBridge) -> None:
-        proto = ClientProtocol(parse_uri(url(bridge)), max_size=None)
-        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.bound_port)
-        proto.send_request(proto.connect())
-        writer.write(b"".join(proto.data_to_send()))
-        while True:  # the 101 response
-            data = await reader.read(4096)
-            assert data, "the bridge closed during the handshake"
-            proto.receive_data(data)
-            if proto.handshake_exc is not None:
-                raise proto.handshake_exc
-            if proto.state.name == "OPEN":
-                break
+        proto, reader, writer = await raw_client(bridge)
         payloads = [os.urandom(n) for n in (1, 125, 126, 65535, 65536, 200_003)]
         for p in payloads:
             proto.send_binary(p)
@@ -155,14 +166,7 @@ def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
         server = await asyncio.start_server(sink, "127.0.0.1", 0)
         target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
         async with server, WsBridge(BridgeConfig(target=target)) as bridge:
-            proto = ClientProtocol(parse_uri(url(bridge)), max_size=None)
-            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.bound_port)
-            proto.send_request(proto.connect())
-            writer.write(b"".join(proto.data_to_send()))
-            while proto.state.name != "OPEN":
-                data = await reader.read(4096)
-                assert data, "the bridge closed during the handshake"
-                proto.receive_data(data)
+            proto, reader, writer = await raw_client(bridge)
             for _ in range(8):
                 proto.send_binary(b"x" * 100_000)
             proto.send_close(1000)
@@ -263,14 +267,8 @@ def test_a_target_that_speaks_first_loses_nothing(run: Callable[..., Any]) -> No
 def test_unix_socket_target(run: Callable[..., Any], tmp_path: Path) -> None:
     path = tmp_path / "app.sock"
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        server = await asyncio.start_unix_server(echo, path)
+        server = await asyncio.start_unix_server(echo_handler, path)
         async with (server, WsBridge(BridgeConfig(target=Target(path=str(path)))) as bridge,
                     connect(url(bridge), subprotocols=["binary"]) as ws):
             await ws.send(b"over a unix socket")
@@ -634,14 +632,8 @@ def test_tls_to_the_target(run: Callable[..., Any], tmp_path: Path) -> None:
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(pem)
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+        server = await asyncio.start_server(echo_handler, "127.0.0.1", 0, ssl=server_ctx)
         target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
         async with (server, WsBridge(BridgeConfig(target=target, target_tls=True)) as bridge,
                     connect(url(bridge)) as ws):

@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from conftest import require_programs, require_root
-from nethelpers import ECHO_SERVER, RemoteHost, free_port, guest_server, remote_host
+from nethelpers import RemoteHost, echo_guest, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +32,8 @@ SANDPORT = [sys.executable, "-m", "sandport", "ws"]
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
     require_root()
-    with remote_host() as r:
-        log = tmp_path_factory.mktemp("echo") / "echo.log"
-        with guest_server(r.netns, ECHO_SERVER, str(log)):
-            yield r
+    with echo_guest(tmp_path_factory.mktemp("echo")) as r:
+        yield r
 
 
 @contextlib.contextmanager
