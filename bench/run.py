@@ -26,13 +26,11 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import measure
@@ -42,7 +40,6 @@ from testbed import progress
 ALL_PEERS = ("direct", "kernel", "proxy", "socat", "pasta")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REQUIRED_TOOLS = ("ip", "nft", "iperf3")
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Targets from the issue: (label, value key, comparison, bound, unit)
 TARGET_PROXY_KERNEL = 0.9
@@ -288,18 +285,6 @@ def machine_info() -> dict[str, Any]:
 
 # -- run -------------------------------------------------------------------------------------
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    # Only the first signal interrupts; later ones must not cut the teardown short.
-    for sig in HANDLED_SIGNALS:
-        if signal.getsignal(sig) is _raise_interrupt:
-            signal.signal(sig, _teardown_in_progress)
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-def _teardown_in_progress(signum: int, frame: FrameType | None) -> None:
-    progress(f"{signal.Signals(signum).name} ignored: tearing down, please wait")
-
-
 def measure_round(tb: testbed.Testbed, peer: testbed.Peer, args: argparse.Namespace,
                   label: str) -> dict[str, Any]:
     """One peer's share of one round: iperf3 1 stream, 8 streams, connection test."""
@@ -427,11 +412,7 @@ def run(args: argparse.Namespace) -> int:
             progress(f"bench failed: {exc}")
             return 1
         finally:
-            # No signal may cut the teardown short (the processes it runs are in sessions
-            # of their own, so a second Ctrl-C reaches only this process).
-            for sig in HANDLED_SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    signal.signal(sig, _teardown_in_progress)
+            testbed.protect_teardown()
             progress("teardown ...")
             teardown_errors = tb.teardown()
             for err in teardown_errors:
@@ -453,11 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: missing {', '.join(missing)}: run `make setup` (or apt-get install "
               "iproute2 nftables iperf3)", file=sys.stderr)
         return 2
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and this run must still
-    # be stoppable by it. SIGHUP stays ignored under nohup.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, _raise_interrupt)
+    testbed.interrupt_on_signals()
     return run(args)
 
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from sandport.net import nft
 
@@ -60,6 +61,43 @@ def elapsed() -> float:
 def progress(msg: str) -> None:
     """A progress line on stderr, with seconds since the bench started."""
     print(f"[{elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    # Only the first signal interrupts; later ones must not cut the teardown short.
+    for sig in HANDLED_SIGNALS:
+        if signal.getsignal(sig) is _raise_interrupt:
+            signal.signal(sig, _teardown_in_progress)
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _teardown_in_progress(signum: int, frame: FrameType | None) -> None:
+    progress(f"{signal.Signals(signum).name} ignored: tearing down, please wait")
+
+
+def interrupt_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, once.
+
+    SIGINT too: a shell starts background jobs with SIGINT ignored, and a run must still
+    be stoppable by it. SIGHUP stays ignored under nohup.
+    """
+    for sig in HANDLED_SIGNALS:
+        if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _raise_interrupt)
+
+
+def protect_teardown() -> None:
+    """From now on those signals only say that the teardown is running.
+
+    No signal may cut a teardown short (the processes it stops are in sessions of their
+    own, so a second Ctrl-C reaches only the bench).
+    """
+    for sig in HANDLED_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _teardown_in_progress)
 
 
 class BenchError(Exception):

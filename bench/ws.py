@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import testbed
@@ -58,7 +57,6 @@ CLIENTS = ("raw", "websockets")  # wsclient.py --client
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 WEBSOCKIFY = "/usr/bin/websockify"
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STATE_PREFIX = "ws-"  # state files in testbed.STATE_DIR: ws-<hex>.json
 
 MESSAGE_SIZE = 64 << 10
@@ -825,18 +823,6 @@ def machine_info() -> dict[str, Any]:
 
 # -- run -------------------------------------------------------------------------------------
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    # Only the first signal interrupts; later ones must not cut the teardown short.
-    for sig in HANDLED_SIGNALS:
-        if signal.getsignal(sig) is _raise_interrupt:
-            signal.signal(sig, _teardown_in_progress)
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-def _teardown_in_progress(signum: int, frame: FrameType | None) -> None:
-    progress(f"{signal.Signals(signum).name} ignored: tearing down, please wait")
-
-
 def to_json(result: dict[str, Any]) -> str:
     """Indented JSON."""
     return json.dumps(result, indent=1) + "\n"
@@ -940,11 +926,7 @@ def run(args: argparse.Namespace) -> int:
             progress(f"bench failed: {exc}")
             return 1
         finally:
-            # No signal may cut the teardown short (the processes it stops are in sessions
-            # of their own, so a second Ctrl-C reaches only this process).
-            for sig in HANDLED_SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    signal.signal(sig, _teardown_in_progress)
+            testbed.protect_teardown()
             progress("teardown ...")
             teardown_errors = bed.teardown()
             for err in teardown_errors:
@@ -972,11 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by what we start
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and this run must still
-    # be stoppable by it. SIGHUP stays ignored under nohup.
-    for sig in HANDLED_SIGNALS:
-        if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, _raise_interrupt)
+    testbed.interrupt_on_signals()
     return run(args)
 
 
