@@ -278,6 +278,11 @@ def up(
         help="Address or network of a reverse proxy in front of the gateway whose "
              "X-Forwarded-For / PROXY protocol header names the client (repeatable).",
         metavar="CIDR")] = None,
+    ws_max_sessions: Annotated[int | None, typer.Option(
+        help="Most desktop WebSocket sessions at once (503 beyond).", min=1)] = None,
+    ws_max_per_client: Annotated[int | None, typer.Option(
+        help="Most desktop WebSocket sessions from one client address (429 beyond).",
+        min=1)] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway in the foreground until Ctrl-C or SIGTERM.
@@ -317,6 +322,8 @@ def up(
             tls=_tls_config(cert, key, ssl_only),
             origins=tuple(origin or ()),
             trusted_proxies=_networks(trusted_proxy or []),
+            ws_max_sessions=ws_max_sessions,
+            ws_max_per_client=ws_max_per_client,
         )
     except SandportError as exc:
         _error(exc)

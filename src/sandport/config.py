@@ -68,6 +68,7 @@ class GatewayConfig:
             served on the same port unless ``tls.ssl_only``).
         origins: ``Origin`` values allowed to open bridge WebSockets; empty allows any.
         trusted_proxies: networks whose X-Forwarded-For / PROXY header names the client.
+        ws_max_sessions, ws_max_per_client: bridge session limits (None: none).
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -81,6 +82,8 @@ class GatewayConfig:
     tls: TlsConfig | None = None
     origins: tuple[str, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ws_max_sessions: int | None = None
+    ws_max_per_client: int | None = None
 
     @property
     def scheme(self) -> str:

@@ -252,3 +252,17 @@ def test_origin_allow_list_on_the_gateway(gateway_factory: Any, loop_thread: Any
     assert (status, doc["error"]) == (403, "origin_not_allowed"), doc
     status, _, _ = asyncio.run(status_of(url, origin="https://desk.example"))
     assert status == 101
+
+
+def test_session_limits_on_the_gateway(gateway_factory: Any, loop_thread: Any) -> None:
+    gw: Gateway = gateway_factory(ws_max_per_client=1)
+    info = loop_thread.run(gw.create_sandbox())
+    url = ws_url(gw, info.id, info.token)
+
+    async def two() -> tuple[int, dict[str, Any]]:
+        async with connect(url, subprotocols=["binary"]):
+            status, doc, _ = await status_of(url)
+            return status, doc
+
+    status, doc = asyncio.run(two())
+    assert (status, doc["error"]) == (429, "too_many_sessions_from_client"), doc

@@ -251,7 +251,9 @@ class Gateway:
                 router=GatewayRouter(self), app_socket=str(app_socket), tls=cfg.tls,
                 origins=cfg.origins, trusted_proxies=cfg.trusted_proxies,
                 limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT,
-                                    heartbeat=HEARTBEAT_SECONDS)))
+                                    heartbeat=HEARTBEAT_SECONDS,
+                                    max_connections=cfg.ws_max_sessions,
+                                    max_per_client=cfg.ws_max_per_client)))
             await self._front.start()
             self._write_gateway_file()
         except BaseException:
