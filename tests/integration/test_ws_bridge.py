@@ -181,6 +181,110 @@ def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
     run(main)
 
 
+SOURCE_SERVER = r"""
+import hashlib, random, socket, sys
+size, chunk = int(sys.argv[1]), 1 << 16
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+rng, sent = random.Random(7), 0
+while sent < size:
+    data = rng.randbytes(min(chunk, size - sent))
+    c.sendall(data)
+    sent += len(data)
+c.close()
+"""
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["spliced", "copied"])
+def test_a_large_download_arrives_whole_with_pings_between(
+    run: Callable[..., Any], zero_copy: bool
+) -> None:
+    """64 MiB from a guest that then closes: every byte in order, then 1000 with a reason.
+
+    Spliced: past the first read the guest's bytes never enter Python; the client's
+    pings are answered between frames, never inside one.
+    """
+    size = 64 << 20
+    proc = subprocess.Popen([sys.executable, "-c", SOURCE_SERVER, str(size)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        rng = __import__("random").Random(7)
+        want = __import__("hashlib").sha256()
+        left = size
+        while left:
+            chunk = rng.randbytes(min(1 << 16, left))
+            want.update(chunk)
+            left -= len(chunk)
+
+        async def main() -> None:
+            config = BridgeConfig(target=Target(host="127.0.0.1", port=port),
+                                  zero_copy=zero_copy)
+            async with WsBridge(config) as bridge, connect(
+                    url(bridge), subprotocols=["binary"], max_size=None,
+                    ping_interval=None) as ws:
+                got, total, pongs = __import__("hashlib").sha256(), 0, 0
+                while total < size:
+                    data = await ws.recv()
+                    assert isinstance(data, bytes)
+                    got.update(data)
+                    total += len(data)
+                    if total < size and total % (8 << 20) < len(data):  # every 8 MiB
+                        await asyncio.wait_for(await ws.ping(), 5)
+                        pongs += 1
+                assert (total, got.hexdigest()) == (size, want.hexdigest())
+                assert await closes(ws) == (1000, "the target closed the connection")
+                assert pongs >= 4
+                assert bridge.stats.bytes_to_client == size
+                assert bridge.stats.spliced == (1 if zero_copy else 0)
+
+        run(main, 120)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+RESET_SERVER = r"""
+import socket, struct
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.sendall(b"x" * 100_000)       # enough for the bridge to switch to splicing
+c.recv(1)                       # the client's "go"
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()                       # RST
+"""
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["spliced", "copied"])
+def test_a_target_reset_mid_session_is_a_1011_with_the_reason(
+    run: Callable[..., Any], zero_copy: bool
+) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", RESET_SERVER], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+
+        async def main() -> None:
+            config = BridgeConfig(target=Target(host="127.0.0.1", port=port),
+                                  zero_copy=zero_copy)
+            async with WsBridge(config) as bridge, connect(
+                    url(bridge), subprotocols=["binary"]) as ws:
+                assert len(await recv_exactly(ws, 100_000)) == 100_000
+                await ws.send(b"g")
+                code, reason = await closes(ws)
+                assert (code, reason) == (1011, "the target connection failed: Connection "
+                                                "reset by peer"), (code, reason)
+
+        run(main)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_base64_subprotocol_round_trip(run: Callable[..., Any], guest: RemoteHost) -> None:
     async def body(bridge: WsBridge) -> None:
         async with connect(url(bridge), subprotocols=["base64"], max_size=None) as ws:

@@ -58,9 +58,11 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from sandport.bridge.passthrough import MAX_HEAD, HttpPassthrough, RequestRewriter
+from sandport.bridge.splicedown import SpliceDown
 from sandport.bridge.targets import Target, TokenPlugin, token_from
 from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.errors import PortInUseError, UsageError
+from sandport.forward.tcp import SPLICE_AVAILABLE
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
 from sandport.proto.rfbwatch import RfbWatch, Watch
@@ -171,6 +173,8 @@ class BridgeConfig:
             everything else goes to ``app_socket``.
         app_socket: a Unix socket where an HTTP server (the gateway's app) answers the
             requests the bridge does not serve itself.
+        zero_copy: splice the guest's bytes to plain ``ws://`` clients (see
+            :mod:`sandport.bridge.splicedown`) instead of copying them through Python.
     """
 
     listen_host: str = "127.0.0.1"
@@ -186,6 +190,7 @@ class BridgeConfig:
     limits: BridgeLimits = field(default_factory=BridgeLimits)
     router: Router | None = None
     app_socket: str | None = None
+    zero_copy: bool = True
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.target, self.tokens, self.router)) != 1:
@@ -214,6 +219,7 @@ class BridgeStats:
 
     routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
     passthrough: int = 0  # connections handed to the HTTP app
+    spliced: int = 0  # sessions whose downstream went zero-copy
     sessions_active: int = 0
     sessions_total: int = 0
     bytes_to_target: int = 0
@@ -693,6 +699,8 @@ class _Session(asyncio.Protocol):
         self.close_sent = False
         #: Watches an RFB handshake go by (VNC targets) until ServerInit; then None.
         self.rfb: RfbWatch | None = RfbWatch()
+        #: Plain ws: the target→client direction spliced once nothing needs to see it.
+        self._zc: SpliceDown | None = None
         self.upgraded_at = 0.0
         self.last_activity = time.monotonic()
         self.ping_outstanding = False
@@ -800,11 +808,15 @@ class _Session(asyncio.Protocol):
             self.close_sent = True
             self._send_frame(Opcode.CLOSE, b"" if code is None else close_payload(code, ""))
         self._close_target()
+        if self._zc is not None:
+            self._zc.stop()  # its descriptor would keep the connection open
         if self.transport is not None:
             self.transport.close()  # the server closes TCP first (section 7.1.1)
 
     def _send_frame(self, opcode: int, payload: bytes) -> None:
-        if self.transport is not None:
+        if self._zc is not None and not self._zc.stopped:
+            self._zc.send(frame_header(opcode, len(payload)) + payload)
+        elif self.transport is not None:
             self.transport.writelines((frame_header(opcode, len(payload)), payload))
 
     def _claimed_upgrade(self, head: bytes) -> bool:
@@ -916,6 +928,59 @@ class _Session(asyncio.Protocol):
             self._send_frame(Opcode.BINARY, data)
         if self.rfb is not None:
             self._watch(self.rfb.from_server(data))
+        if self._zc is None and self._zero_copy_ready():
+            self._start_zero_copy()
+
+    # -- zero-copy downstream (plain ws) ------------------------------------------------------
+
+    def _zero_copy_ready(self) -> bool:
+        """Whether the target→client bytes may bypass Python from now on."""
+        target = self.target.transport if self.target is not None else None
+        return (self.bridge.config.zero_copy and SPLICE_AVAILABLE and not self.tls
+                and self.subprotocol != "base64" and self.rfb is None and not self.closed
+                and self.transport is not None and not self.transport.is_closing()
+                and self.transport.get_write_buffer_size() == 0
+                and target is not None and not target.is_closing())
+
+    def _start_zero_copy(self) -> None:
+        assert self.transport is not None
+        assert self.target is not None
+        assert self.target.transport is not None
+        client = self.transport.get_extra_info("socket")
+        target = self.target.transport.get_extra_info("socket")
+        if client is None or target is None:
+            return
+        self.target.transport.pause_reading()  # from now on SpliceDown reads the target
+        try:
+            self._zc = SpliceDown(client.fileno(), target.fileno(), on_data=self._spliced,
+                                  on_target_end=self._zc_target_end,
+                                  on_client_error=self._zc_client_error)
+        except OSError as exc:  # out of descriptors or pipes: stay on the copy path
+            log.warning("%s: no zero-copy downstream: %s", self.cid, exc)
+            self.target.transport.resume_reading()
+            return
+        self.bridge.stats.spliced += 1
+        log.debug("%s: downstream spliced (zero-copy)", self.cid)
+
+    def _spliced(self, n: int) -> None:
+        self.last_activity = time.monotonic()
+        self.to_client += n
+        self.bridge.stats.bytes_to_client += n
+        if self.route_stats is not None:
+            self.route_stats.bytes_to_client += n
+
+    def _zc_target_end(self, exc: OSError | None) -> None:
+        if exc is None:
+            self.close(CLOSE_NORMAL, "the target closed the connection")
+        else:
+            self.close(CLOSE_INTERNAL, f"the target connection failed: "
+                                       f"{exc.strerror or exc}")
+
+    def _zc_client_error(self, exc: OSError) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = f"the client connection failed: {exc.strerror or exc}"
+        self.abort()
 
     def _watch(self, state: Watch) -> None:
         if state is Watch.WATCHING:
@@ -1111,6 +1176,8 @@ class _Session(asyncio.Protocol):
     def abort(self) -> None:
         """Drop both connections now."""
         self.closed = True
+        if self._zc is not None:
+            self._zc.stop()
         if self.transport is not None:
             self.transport.abort()
         if self.target is not None and self.target.transport is not None:
@@ -1118,6 +1185,8 @@ class _Session(asyncio.Protocol):
         self._finish()
 
     def _close_target(self) -> None:
+        if self._zc is not None:
+            self._zc.stop_target()
         if self.target is not None and self.target.transport is not None:
             self.target.transport.close()
 
@@ -1131,6 +1200,8 @@ class _Session(asyncio.Protocol):
         self._finished = True
         for t in self._timers:
             t.cancel()
+        if self._zc is not None:
+            self._zc.stop()
         self._close_target()
         if self.admitted:
             self.bridge.release(self)

@@ -87,11 +87,13 @@ __all__ = [
     "LISTEN_BACKLOG",
     "PIPE_SIZE",
     "SPLICE_AVAILABLE",
+    "SPLICE_FLAGS",
     "FailureReason",
     "PortInUse",
     "TcpForward",
     "TcpForwardSpec",
     "TcpForwardStats",
+    "open_pipe",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,8 @@ SPLICE_AVAILABLE: Final = hasattr(os, "splice")
 #: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST, drops the buffer.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _PROXY_VERSIONS: Final = (1, 2)
-_SPLICE_FLAGS: Final = (
+#: Flags of every splice: move pages where possible, never block.
+SPLICE_FLAGS: Final = (
     os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if SPLICE_AVAILABLE else 0
 )
 #: Out of descriptors or memory: pause accepting instead of spinning on the listener.
@@ -272,7 +275,7 @@ class TcpForwardStats:
     failures: dict[str, int] = field(default_factory=_zero_failures)
 
 
-def _open_pipe() -> tuple[int, int, int]:
+def open_pipe() -> tuple[int, int, int]:
     """A non-blocking pipe sized to :data:`PIPE_SIZE` where allowed: ``(r, w, capacity)``."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -344,7 +347,7 @@ class _Pump:
         """Take a pipe for splice, or a buffer when splice is off or the pipe is refused."""
         if splice:
             try:
-                self.pipe_r, self.pipe_w, self.capacity = _open_pipe()
+                self.pipe_r, self.pipe_w, self.capacity = open_pipe()
                 return
             except OSError as exc:
                 self.link.fell_back(f"no pipe for the {self.side} direction: {exc}")
@@ -373,7 +376,7 @@ class _Pump:
         for _ in range(READS_PER_WAKEUP):
             try:
                 if self.pipe_w >= 0:
-                    n = os.splice(self.sfd, self.pipe_w, self.capacity, flags=_SPLICE_FLAGS)
+                    n = os.splice(self.sfd, self.pipe_w, self.capacity, flags=SPLICE_FLAGS)
                 else:
                     assert self.buf is not None
                     n = self.src.recv_into(self.buf)
@@ -419,7 +422,7 @@ class _Pump:
                 self.prefix = self.prefix[k:]
             while self.pending:
                 if self.pipe_r >= 0:
-                    k = os.splice(self.pipe_r, self.dfd, self.pending, flags=_SPLICE_FLAGS)
+                    k = os.splice(self.pipe_r, self.dfd, self.pending, flags=SPLICE_FLAGS)
                 else:
                     assert self.buf is not None
                     k = self.dst.send(self.buf[self.off : self.off + self.pending])
