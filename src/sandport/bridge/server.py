@@ -24,8 +24,10 @@ Data path: each side is an asyncio Protocol. websockets' sans-I/O protocol answe
 opening handshake; after the 101, :class:`~sandport.proto.wsframes.FrameReader` streams
 client payload to the target as it arrives, unmasked in one pass (fragments are not
 reassembled, so a 1 MiB message costs no 1 MiB buffer); target bytes become one binary
-message per read, a header written ahead of them. Backpressure: when one side's
-transport buffers more than :data:`WRITE_HIGH`, the other side stops reading.
+message per read, a header written ahead of them. For plain ``ws://`` sessions that
+direction is spliced once nothing needs to see the bytes (:mod:`.splicedown`).
+Backpressure: when one side's transport buffers more than :data:`WRITE_HIGH`, the other
+side stops reading.
 """
 
 from __future__ import annotations
