@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 from websockets.frames import Opcode
 from websockets.uri import parse_uri
 
-from conftest import eventually, require_root
+from conftest import eventually, fd_count, require_root
 from nethelpers import RemoteHost, echo_guest
 from sandport.bridge.server import BridgeConfig, BridgeLimits, WsBridge
 from sandport.bridge.targets import Target, TokenFile
@@ -283,6 +283,35 @@ def test_a_target_reset_mid_session_is_a_1011_with_the_reason(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sessions_leave_no_descriptors_behind(run: Callable[..., Any],
+                                              guest: RemoteHost) -> None:
+    """Spliced sessions dup both sockets and open a pipe: all closed, whoever ends first."""
+
+    async def main() -> None:
+        async with WsBridge(BridgeConfig(target=echo_target(guest))) as bridge:
+            await one_round(bridge)  # warm: the loop's own descriptors exist now
+            await eventually(lambda: bridge.stats.sessions_active == 0, within=5)
+            before = fd_count()
+            for _ in range(5):
+                await one_round(bridge)
+            await eventually(lambda: bridge.stats.sessions_active == 0, within=5)
+            assert bridge.stats.spliced >= 10
+            assert fd_count() == before
+
+    async def one_round(bridge: WsBridge) -> None:
+        # The client closes; then the bridge closes (its shutdown closes the last one).
+        async with connect(url(bridge), subprotocols=["binary"]) as ws:
+            for size in (100, 70_000):
+                await ws.send(b"e" * size)
+                await recv_exactly(ws, size)
+        ws = await connect(url(bridge), subprotocols=["binary"])
+        await ws.send(b"e" * 70_000)
+        await recv_exactly(ws, 70_000)
+        ws.transport.abort()  # the client vanishes without a close frame
+
+    run(main)
 
 
 def test_base64_subprotocol_round_trip(run: Callable[..., Any], guest: RemoteHost) -> None:
