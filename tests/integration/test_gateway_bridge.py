@@ -266,3 +266,31 @@ def test_session_limits_on_the_gateway(gateway_factory: Any, loop_thread: Any) -
 
     status, doc = asyncio.run(two())
     assert (status, doc["error"]) == (429, "too_many_sessions_from_client"), doc
+
+
+def test_behind_a_trusted_proxy_every_method_still_reaches_the_app(
+    gateway_factory: Any, loop_thread: Any
+) -> None:
+    """A trusted peer's POST starts with "P" like a PROXY header: it must not be taken for one."""
+    import ipaddress
+    import socket as socketlib
+
+    gw: Gateway = gateway_factory(trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+
+    def exchange(*pieces: bytes) -> bytes:
+        with socketlib.create_connection(("127.0.0.1", gw.http_port), timeout=10) as s:
+            for piece in pieces:
+                s.sendall(piece)
+                time.sleep(0.05)  # separate segments
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data
+
+    post = exchange(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n")
+    assert post.startswith(b"HTTP/1.1 405"), post[:100]
+    # A PROXY v1 header split across segments, then a request: answered.
+    got = exchange(b"PRO", b"XY TCP4 203.0.113.9 127.0.0.1 4000 80\r\n",
+                   b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200"), got[:100]

@@ -262,6 +262,20 @@ def _select_subprotocol(protocol: ServerProtocol,
     return None
 
 
+_PROXY_V1 = b"PROXY "
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _proxy_signature(head: bytes) -> bool | None:
+    """Whether ``head`` starts with a PROXY v1/v2 signature; None: too short to tell."""
+    for sig in (_PROXY_V1, _PROXY_V2):
+        if head.startswith(sig):
+            return True
+        if len(head) < len(sig) and sig.startswith(head):
+            return None
+    return False
+
+
 def _in_networks(addr: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
                  ) -> bool:
     try:
@@ -405,6 +419,17 @@ class WsBridge:
         self._loop.remove_reader(fd)
         return sock
 
+    def _retry_later(self, fd: int) -> None:
+        """Peek again shortly: the bytes so far stay readable, so the reader would spin."""
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+
+        def rearm() -> None:
+            if fd in self._pending and self._loop is not None:
+                self._loop.add_reader(fd, self._on_first_bytes, fd)
+
+        self._loop.call_later(0.005, rearm)
+
     def _first_bytes_timeout(self, fd: int) -> None:
         sock = self._drop_pending(fd)
         if sock is not None:
@@ -432,8 +457,15 @@ class WsBridge:
             return
         peer = sock.getpeername()
         client = (str(peer[0]), int(peer[1]))
-        if self.config.trusted_proxies and _in_networks(client[0], self.config.trusted_proxies) \
-                and head[:1] in (b"P", b"\r"):
+        if fd not in self._proxied and self.config.trusted_proxies \
+                and _in_networks(client[0], self.config.trusted_proxies):
+            kind = _proxy_signature(bytes(head))
+            if kind is None:  # too short to tell yet
+                self._retry_later(fd)
+                return
+        else:
+            kind = False
+        if kind:
             parser = ProxyHeaderParser()
             try:
                 header = parser.receive_data(bytes(head))
@@ -446,7 +478,9 @@ class WsBridge:
                 if len(head) >= PEEK_MAX:
                     self._drop_pending(fd)
                     sock.close()
-                return  # wait for the rest of the header
+                else:
+                    self._retry_later(fd)  # the rest of the header is on its way
+                return
             used = len(head) - len(parser.trailing_data())
             sock.recv(used)  # consume exactly the header
             if header.source is not None:
