@@ -18,23 +18,18 @@ not an error. Needs root (namespaces, nftables).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import importlib.metadata
-import json
 import os
-import platform
-import re
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import measure
+import report
 import testbed
+from report import fmt, median, ratio
 from testbed import progress
 
 ALL_PEERS = ("direct", "kernel", "proxy", "socat", "pasta")
@@ -48,6 +43,7 @@ TARGET_KERNEL_DIRECT = 0.95
 TARGET_ADDED_P99_MS = 1.0
 WARMUP_SECONDS = 1.0
 WARMUP_CONNS = 300
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; ``--quick`` fills in what was not given explicitly."""
@@ -93,14 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- summary -----------------------------------------------------------------------------------
 
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
 
 def _paired_diff(a: list[float | None], b: list[float | None]) -> list[float | None]:
     """Per-round differences a - b (None where either is missing)."""
@@ -127,22 +115,22 @@ def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 
         host_gb = [_combined_per_gb(r, "host_cpu_s") for r in rs]
         summary: dict[str, Any] = {
-            "gbps_1": _median(pick("iperf1", "gbps")),
-            "gbps_8": _median(pick("iperf8", "gbps")),
-            "conns_per_s": _median(pick("conn", "conns_per_s")),
-            "p50_ms": _median(pick("conn", "p50_ms")),
-            "p99_ms": _median(pick("conn", "p99_ms")),
-            "fwd_cpu_s_per_gb": _median([_combined_per_gb(r, "fwd_cpu_s") for r in rs]),
-            "host_cpu_s_per_gb": _median(host_gb),
+            "gbps_1": median(pick("iperf1", "gbps")),
+            "gbps_8": median(pick("iperf8", "gbps")),
+            "conns_per_s": median(pick("conn", "conns_per_s")),
+            "p50_ms": median(pick("conn", "p50_ms")),
+            "p99_ms": median(pick("conn", "p99_ms")),
+            "fwd_cpu_s_per_gb": median([_combined_per_gb(r, "fwd_cpu_s") for r in rs]),
+            "host_cpu_s_per_gb": median(host_gb),
             "added_p99_ms": None,
             "extra_host_cpu_s_per_gb_vs_direct": None,
         }
         if direct is not None and name != "direct":
             d_p99 = [(r.get("conn") or {}).get("p99_ms") for r in direct]
             p99 = pick("conn", "p99_ms")
-            summary["added_p99_ms"] = _median(_paired_diff(p99, d_p99))
+            summary["added_p99_ms"] = median(_paired_diff(p99, d_p99))
             d_gb = [_combined_per_gb(r, "host_cpu_s") for r in direct]
-            summary["extra_host_cpu_s_per_gb_vs_direct"] = _median(_paired_diff(host_gb, d_gb))
+            summary["extra_host_cpu_s_per_gb_vs_direct"] = median(_paired_diff(host_gb, d_gb))
         out[name] = summary
     return out
 
@@ -154,20 +142,20 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return value
 
     lines = [
-        ("proxy / kernel, 1 stream", _ratio(get("proxy", "gbps_1"), get("kernel", "gbps_1")),
+        ("proxy / kernel, 1 stream", ratio(get("proxy", "gbps_1"), get("kernel", "gbps_1")),
          ">=", TARGET_PROXY_KERNEL, "x"),
-        ("proxy / socat, 1 stream", _ratio(get("proxy", "gbps_1"), get("socat", "gbps_1")),
+        ("proxy / socat, 1 stream", ratio(get("proxy", "gbps_1"), get("socat", "gbps_1")),
          ">=", TARGET_PROXY_SOCAT, "x"),
-        ("kernel / direct, 1 stream", _ratio(get("kernel", "gbps_1"), get("direct", "gbps_1")),
+        ("kernel / direct, 1 stream", ratio(get("kernel", "gbps_1"), get("direct", "gbps_1")),
          ">=", TARGET_KERNEL_DIRECT, "x"),
         ("added p99, proxy", get("proxy", "added_p99_ms"), "<=", TARGET_ADDED_P99_MS, "ms"),
         ("added p99, kernel", get("kernel", "added_p99_ms"), "<=", TARGET_ADDED_P99_MS, "ms"),
     ]
     info = [
-        ("proxy / kernel, 8 streams", _ratio(get("proxy", "gbps_8"), get("kernel", "gbps_8"))),
-        ("proxy / socat, 8 streams", _ratio(get("proxy", "gbps_8"), get("socat", "gbps_8"))),
-        ("kernel / direct, 8 streams", _ratio(get("kernel", "gbps_8"), get("direct", "gbps_8"))),
-        ("proxy / pasta, 1 stream", _ratio(get("proxy", "gbps_1"), get("pasta", "gbps_1"))),
+        ("proxy / kernel, 8 streams", ratio(get("proxy", "gbps_8"), get("kernel", "gbps_8"))),
+        ("proxy / socat, 8 streams", ratio(get("proxy", "gbps_8"), get("socat", "gbps_8"))),
+        ("kernel / direct, 8 streams", ratio(get("kernel", "gbps_8"), get("direct", "gbps_8"))),
+        ("proxy / pasta, 1 stream", ratio(get("proxy", "gbps_1"), get("pasta", "gbps_1"))),
     ]
     out = []
     for label, value, op, bound, unit in lines:
@@ -184,10 +172,6 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
            ratio_lines: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table and the ratio lines, as printed."""
@@ -199,14 +183,14 @@ def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
             continue
         s = summary[name]
         fwd = s["fwd_cpu_s_per_gb"]
-        fwd_text = _fmt(fwd, ".3f")
+        fwd_text = fmt(fwd, ".3f")
         if name == "kernel":  # no process to measure: the softirq work shows up host-wide
-            fwd_text = _fmt(s["extra_host_cpu_s_per_gb_vs_direct"], "+.3f") + "*"
-        rows.append((name, _fmt(s["gbps_1"], ".2f"), _fmt(s["gbps_8"], ".2f"),
-                     _fmt(s["conns_per_s"], ".0f"), _fmt(s["p50_ms"], ".3f"),
-                     _fmt(s["p99_ms"], ".3f"),
-                     "—" if name == "direct" else _fmt(s["added_p99_ms"], "+.3f"),
-                     fwd_text, _fmt(s["host_cpu_s_per_gb"], ".3f")))
+            fwd_text = fmt(s["extra_host_cpu_s_per_gb_vs_direct"], "+.3f") + "*"
+        rows.append((name, fmt(s["gbps_1"], ".2f"), fmt(s["gbps_8"], ".2f"),
+                     fmt(s["conns_per_s"], ".0f"), fmt(s["p50_ms"], ".3f"),
+                     fmt(s["p99_ms"], ".3f"),
+                     "—" if name == "direct" else fmt(s["added_p99_ms"], "+.3f"),
+                     fwd_text, fmt(s["host_cpu_s_per_gb"], ".3f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"port-forward bench: {args.rounds} round(s), iperf3 {args.seconds:g} s, "
              f"connection test ≤{args.conn_max} or {args.conn_seconds:g} s; medians", ""]
@@ -230,9 +214,9 @@ def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
     width = max(len(r["what"]) for r in ratio_lines)
     for r in ratio_lines:
         if r["unit"] == "ms":
-            value = _fmt(r["value"], "+.3f") + " ms"
+            value = fmt(r["value"], "+.3f") + " ms"
         else:
-            value = _fmt(r["value"], ".2f") + ("x" if r["value"] is not None else "")
+            value = fmt(r["value"], ".2f") + ("x" if r["value"] is not None else "")
         target = f"(target {r['target']})" if r["target"] else "(info)"
         verdict = r["verdict"] or ("n/a" if r["target"] else "")
         lines.append(f"{r['what'].ljust(width)}  {value:>11}  {target:<20} {verdict}".rstrip())
@@ -241,49 +225,9 @@ def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
 
 # -- machine ---------------------------------------------------------------------------------
 
-def _first_line(argv: list[str]) -> str | None:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines()
-             if ln.strip() and not ln.startswith("Failed to send")]
-    return lines[0].strip() if lines else None
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures depend on."""
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions: dict[str, str | None] = {}
-    for dist in ("uvloop", "sandport"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    repo = Path(__file__).resolve().parent.parent
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": versions["uvloop"],
-        "sandport": versions["sandport"],
-        "iperf3": _first_line(["iperf3", "--version"]),
-        "socat": _first_line(["dpkg-query", "-W", "-f", "${Version}", "socat"]),
-        "passt": _first_line(["dpkg-query", "-W", "-f", "${Version}", "passt"]),
-        "git_commit": _first_line(["git", "-C", str(repo), "rev-parse", "HEAD"]),
-        "git_dirty": bool(_first_line(["git", "-C", str(repo), "status", "--porcelain",
-                                       "--", "src"])),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-    }
-
 
 # -- run -------------------------------------------------------------------------------------
+
 
 def measure_round(tb: testbed.Testbed, peer: testbed.Peer, args: argparse.Namespace,
                   label: str) -> dict[str, Any]:
@@ -322,18 +266,12 @@ def warm_up(tb: testbed.Testbed, peer: testbed.Peer) -> dict[str, Any]:
     return {"gbps": res["gbps"], "error": res["error"], "conns": conn["count"]}
 
 
-def to_json(result: dict[str, Any]) -> str:
-    """Indented JSON, with lists of plain numbers (the latency samples) kept on one line."""
-    text = json.dumps(result, indent=1)
-    return re.sub(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]",
-                  lambda m: "[" + ",".join(v.strip() for v in m.group(1).split(",")) + "]",
-                  text) + "\n"
-
-
 def run(args: argparse.Namespace) -> int:
     """Build the testbed, measure, report; always tear down."""
     started = dt.datetime.now(dt.UTC)
-    machine = machine_info()
+    machine = report.machine_info(
+                ("uvloop", "sandport"), iperf3=report.first_line(["iperf3", "--version"]),
+                socat=report.package_version("socat"), passt=report.package_version("passt"))
     rounds: dict[str, list[dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     paths: dict[str, str] = {}
@@ -404,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
             }
             args.out_dir.mkdir(parents=True, exist_ok=True)
             result_path = args.out_dir / f"forward-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-            result_path.write_text(to_json(result))
+            result_path.write_text(report.to_json(result))
         except KeyboardInterrupt as exc:
             progress(f"interrupted ({exc or 'SIGINT'}); tearing down, no result written")
             return 130

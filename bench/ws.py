@@ -31,7 +31,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import re
 import resource
 import secrets
@@ -39,7 +38,6 @@ import select
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import report
 import testbed
+from report import fmt, median, ratio
 from testbed import BenchError, Proc, progress
 
 ALL_PEERS = ("raw", "tcp-relay", "ws-direct", "websockify", "sandport")
@@ -78,6 +78,7 @@ TARGET_WEBSOCKIFY_MBPS = 4.0
 TARGET_RAW_MBPS = 0.6
 TARGET_WEBSOCKIFY_MSGS = 1.5
 TARGET_RSS_SHARE = 0.1
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; ``--quick`` fills in what was not given explicitly."""
@@ -134,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- processes: the bridge's tree, its memory, the client worker ---------------------------
+
 
 def starttime(pid: int) -> int | None:
     """When ``pid`` started (clock ticks after boot): with the pid, its identity."""
@@ -487,6 +489,7 @@ def sandport_unavailable(argv: list[str]) -> str | None:
 
 # -- measurements ----------------------------------------------------------------------------
 
+
 def measured(bed: Bed, peer: Peer, op: str, bound: float, **kw: Any) -> dict[str, Any]:
     """One client operation through ``peer`` with the bridge tree's CPU time around it."""
     assert bed.client is not None
@@ -555,8 +558,8 @@ def measure_round(bed: Bed, peer: Peer, args: argparse.Namespace,
             cpu = res.get("bridge_cpu_s")
             size = res["bytes"] / res["messages"] / 1024 if res.get("messages") else None
             lost = res.get("bytes_sent", 0) - res["bytes"] if op == "upload" else 0
-            progress(f"{label} {peer.name}: {op} {_fmt(res.get('mb_per_s'), '.0f')} MB/s, "
-                     f"client busy {_fmt(res.get('client_busy'), '.0%')}"
+            progress(f"{label} {peer.name}: {op} {fmt(res.get('mb_per_s'), '.0f')} MB/s, "
+                     f"client busy {fmt(res.get('client_busy'), '.0%')}"
                      + (f", bridge {cpu:.2f} CPU-s" if cpu is not None else "")
                      + (f", {size:.1f} KiB per message received" if size else "")
                      + (f", {lost} B sent never reached the sink" if lost > 0 else ""))
@@ -566,8 +569,8 @@ def measure_round(bed: Bed, peer: Peer, args: argparse.Namespace,
     if res.get("error"):
         progress(f"{label} {peer.name}: echo: ERROR {res['error']}")
     else:
-        progress(f"{label} {peer.name}: echo {_fmt(res.get('msgs_per_s'), '.0f')} msgs/s, "
-                 f"client busy {_fmt(res.get('client_busy'), '.0%')}")
+        progress(f"{label} {peer.name}: echo {fmt(res.get('msgs_per_s'), '.0f')} msgs/s, "
+                 f"client busy {fmt(res.get('client_busy'), '.0%')}")
     if peer.proc is not None and peer.name != "tcp-relay":  # idle test: WebSockets only
         res = idle_test(bed, peer, args)
         rnd["idle"] = res
@@ -602,14 +605,6 @@ def warm_up(bed: Bed, peer: Peer) -> dict[str, Any]:
 
 # -- summary -----------------------------------------------------------------------------------
 
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
 
 def _cpu_per_gb(rnd: dict[str, Any]) -> float | None:
     """Bridge CPU seconds per GB over the round's upload and download together."""
@@ -627,25 +622,25 @@ def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
             return [(r.get(test) or {}).get(key) for r in rs]
 
         out[name] = {
-            "upload_mb_s": _median(pick("upload", "mb_per_s")),
-            "download_mb_s": _median(pick("download", "mb_per_s")),
-            "msgs_per_s": _median(pick("echo", "msgs_per_s")),
-            "cpu_s_per_gb": _median([_cpu_per_gb(r) for r in rs]),
-            "rss_kib_per_conn": _median(pick("idle", "rss_kib_per_conn")),
-            "pss_kib_per_conn": _median(pick("idle", "pss_kib_per_conn")),
-            "idle_conns": _median(pick("idle", "target_conns")),
-            "client_busy_upload": _median(pick("upload", "client_busy")),
-            "client_busy_download": _median(pick("download", "client_busy")),
-            "client_busy_echo": _median(pick("echo", "client_busy")),
-            "client_user_busy_upload": _median(pick("upload", "client_user_busy")),
-            "client_user_busy_download": _median(pick("download", "client_user_busy")),
+            "upload_mb_s": median(pick("upload", "mb_per_s")),
+            "download_mb_s": median(pick("download", "mb_per_s")),
+            "msgs_per_s": median(pick("echo", "msgs_per_s")),
+            "cpu_s_per_gb": median([_cpu_per_gb(r) for r in rs]),
+            "rss_kib_per_conn": median(pick("idle", "rss_kib_per_conn")),
+            "pss_kib_per_conn": median(pick("idle", "pss_kib_per_conn")),
+            "idle_conns": median(pick("idle", "target_conns")),
+            "client_busy_upload": median(pick("upload", "client_busy")),
+            "client_busy_download": median(pick("download", "client_busy")),
+            "client_busy_echo": median(pick("echo", "client_busy")),
+            "client_user_busy_upload": median(pick("upload", "client_user_busy")),
+            "client_user_busy_download": median(pick("download", "client_user_busy")),
             "upload_lost_bytes_max": max(
                 (u["bytes_sent"] - u["bytes"] for u in (r.get("upload") for r in rs)
                  if u and not u.get("error") and "bytes_sent" in u), default=None),
             "errors": sorted({f"{test}: {(r.get(test) or {})['error']}"
                               for r in rs for test in ("upload", "download", "echo", "idle")
                               if (r.get(test) or {}).get("error")}),
-            "download_kib_per_message": _median([
+            "download_kib_per_message": median([
                 d["bytes"] / d["messages"] / 1024 if d and d.get("messages") else None
                 for d in (r.get("download") for r in rs)]),
         }
@@ -659,7 +654,7 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return value
 
     def r(a: str, b: str, key: str) -> float | None:
-        return _ratio(get(a, key), get(b, key))
+        return ratio(get(a, key), get(b, key))
 
     lines = [
         ("sandport / websockify, upload MB/s", r("sandport", "websockify", "upload_mb_s"),
@@ -702,10 +697,6 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
            ratio_lines: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table and the ratio lines, as printed."""
@@ -716,7 +707,7 @@ def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
 
     def busy(s: dict[str, Any], value: float | None, key: str, spec: str) -> str:
         nonlocal marked
-        text = _fmt(value, spec)
+        text = fmt(value, spec)
         if value is not None and (s.get(key) or 0) >= CLIENT_BUSY:
             marked = True
             return text + "*"
@@ -731,8 +722,8 @@ def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
                      busy(s, s["upload_mb_s"], "client_busy_upload", ".0f"),
                      busy(s, s["download_mb_s"], "client_busy_download", ".0f"),
                      busy(s, s["msgs_per_s"], "client_busy_echo", ".0f"),
-                     _fmt(s["cpu_s_per_gb"], ".2f"), _fmt(s["rss_kib_per_conn"], ".0f"),
-                     _fmt(s["pss_kib_per_conn"], ".0f"),
+                     fmt(s["cpu_s_per_gb"], ".2f"), fmt(s["rss_kib_per_conn"], ".0f"),
+                     fmt(s["pss_kib_per_conn"], ".0f"),
                      "—" if idle is None else f"{idle:.0f}/{args.idle_conns}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"WebSocket-bridge bench, client {args.client}: {args.rounds} round(s), "
@@ -780,58 +771,18 @@ def render(summary: dict[str, dict[str, Any]], skipped: dict[str, str],
 
 # -- machine ---------------------------------------------------------------------------------
 
-def _first_line(argv: list[str]) -> str | None:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-    return lines[0].strip() if lines else None
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures depend on."""
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions: dict[str, str | None] = {}
-    for dist in ("uvloop", "websockets", "sandport"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    repo = BENCH_DIR.parent
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        **versions,
-        "websockify": _first_line(["dpkg-query", "-W", "-f", "${Version}", "websockify"]),
-        "python3-numpy": _first_line(["dpkg-query", "-W", "-f", "${Version}",
-                                      "python3-numpy"]),
-        "git_commit": _first_line(["git", "-C", str(repo), "rev-parse", "HEAD"]),
-        "git_dirty": bool(_first_line(["git", "-C", str(repo), "status", "--porcelain",
-                                       "--", "src"])),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "rlimit_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-    }
-
 
 # -- run -------------------------------------------------------------------------------------
-
-def to_json(result: dict[str, Any]) -> str:
-    """Indented JSON."""
-    return json.dumps(result, indent=1) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
     """Start the service, client and peers, measure, report; always tear down."""
     started = dt.datetime.now(dt.UTC)
-    machine = machine_info()
+    machine = {**report.machine_info(
+                ("uvloop", "websockets", "sandport"),
+                websockify=report.package_version("websockify"),
+                **{"python3-numpy": report.package_version("python3-numpy")}),
+                "rlimit_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE))}
     rounds: dict[str, list[dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     paths: dict[str, str] = {}
@@ -918,7 +869,7 @@ def run(args: argparse.Namespace) -> int:
             }
             args.out_dir.mkdir(parents=True, exist_ok=True)
             result_path = args.out_dir / f"ws-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-            result_path.write_text(to_json(result))
+            result_path.write_text(report.to_json(result))
         except KeyboardInterrupt as exc:
             progress(f"interrupted ({exc or 'SIGINT'}); tearing down, no result written")
             return 130
