@@ -63,6 +63,8 @@ class GatewayConfig:
         forward_host: address that host port forwards bind to.
         public_host: host name written into URLs; defaults to ``listen_host``.
         ready_timeout: seconds a sandbox may take to answer its protocol.
+        probe_interval: seconds between readiness probes of a ready sandbox (it turns
+            ``degraded`` when one fails, ``ready`` again when one succeeds).
         forward_mode: ``auto``, ``kernel`` or ``proxy`` for host port forwards.
         tls: certificate for https:// and wss:// on the HTTP port (plain http and ws stay
             served on the same port unless ``tls.ssl_only``).
@@ -78,6 +80,7 @@ class GatewayConfig:
     forward_host: str = "127.0.0.1"
     public_host: str | None = None
     ready_timeout: float = 60.0
+    probe_interval: float = 5.0
     forward_mode: str = "auto"
     tls: TlsConfig | None = None
     origins: tuple[str, ...] = ()

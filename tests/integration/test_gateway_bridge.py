@@ -294,3 +294,29 @@ def test_behind_a_trusted_proxy_every_method_still_reaches_the_app(
     got = exchange(b"PRO", b"XY TCP4 203.0.113.9 127.0.0.1 4000 80\r\n",
                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 200"), got[:100]
+
+
+def test_readiness_is_probed_continuously(gateway_factory: Any, loop_thread: Any) -> None:
+    """A desktop that stops answering turns degraded, with the reason; back, it is ready."""
+    gw: Gateway = gateway_factory(probe_interval=0.3)
+    info = loop_thread.run(gw.create_sandbox())
+    pids = subprocess.run(["ip", "netns", "pids", f"sp-{info.id}"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    xvnc = next(int(p) for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "Xvnc")
+    live = gw.lookup(info.id)
+    assert live is not None
+    os.kill(xvnc, signal.SIGSTOP)  # it stops answering; the port still accepts
+    try:
+        t0 = time.monotonic()
+        while live.state.value != "degraded" and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert live.state.value == "degraded", live.state
+        assert "tcp 127.0.0.1" in live.reason and "stage" in live.reason, live.reason
+        # Within the probe interval plus the probe's own timeout (1 s at this interval).
+        assert time.monotonic() - t0 < 0.3 + 1.0 + 1.0
+    finally:
+        os.kill(xvnc, signal.SIGCONT)
+    t0 = time.monotonic()
+    while live.state.value != "ready" and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert live.state.value == "ready" and live.reason == ""

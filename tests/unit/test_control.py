@@ -159,3 +159,25 @@ def test_desktop_colour_is_stable_distinct_and_never_dark() -> None:
 def test_unknown_profile_lists_the_known_ones() -> None:
     with pytest.raises(UsageError, match="known profiles: desktop"):
         get_profile("nope")
+
+
+# Written out here, independently of TRANSITIONS: the lifecycle as the docs draw it.
+LEGAL = {
+    ("creating", "starting"), ("creating", "stopping"), ("creating", "failed"),
+    ("starting", "ready"), ("starting", "stopping"), ("starting", "failed"),
+    ("ready", "degraded"), ("ready", "stopping"), ("ready", "failed"),
+    ("degraded", "ready"), ("degraded", "stopping"), ("degraded", "failed"),
+    ("failed", "stopping"),
+    ("stopping", "stopped"), ("stopping", "failed"),
+}
+
+
+@pytest.mark.parametrize("current", list(SandboxState), ids=str)
+@pytest.mark.parametrize("new", list(SandboxState), ids=str)
+def test_every_transition_is_legal_or_refused(current: SandboxState,
+                                              new: SandboxState) -> None:
+    if (current.value, new.value) in LEGAL:
+        assert check_transition(current, new) is new
+    else:
+        with pytest.raises(IllegalTransition, match=f"from {current.value} to {new.value}"):
+            check_transition(current, new)

@@ -168,6 +168,8 @@ class Gateway:
         self._backend: NetnsBackend | None = None
         self._bridge_created = False
         self.forwards = ForwardTable(config.net.bridge)
+        #: Readiness probes of ready sandboxes, by sandbox id (see _monitor).
+        self._monitors: dict[str, asyncio.Task[None]] = {}
         #: For the admin routes (/api/forwards, /metrics); new on every start.
         self.admin_token = new_token()
         self._admin_hash = hash_token(self.admin_token)
@@ -437,6 +439,8 @@ class Gateway:
             raise
         sb.ready_seconds = round(time.perf_counter() - t0, 3)
         self._set_state(sb, SandboxState.READY)
+        self._monitors[sandbox_id] = asyncio.create_task(
+            self._monitor(sb), name=f"sandbox {sandbox_id} readiness")
         log.info("sandbox %s ready in %.2f s: %s", sandbox_id, sb.ready_seconds,
                  "; ".join(f"{p.hop} {p.detail} ({p.elapsed * 1000:.0f} ms)" for p in sb.probes))
         return self.info(sandbox_id)
@@ -463,6 +467,37 @@ class Gateway:
 
     def _forward(self, sandbox_id: str, name: str) -> Forward | None:
         return next((f for f in self.forwards.of(sandbox_id) if f.name == name), None)
+
+    async def _monitor(self, sb: Sandbox) -> None:
+        """Probe a ready sandbox's VNC through its host port, every ``probe_interval``.
+
+        A failed probe (or a guest process that exited) turns it ``degraded`` with the
+        reason; the next good probe turns it ``ready`` again. Ends with the sandbox.
+        """
+        interval = self.config.probe_interval
+        timeout = min(3.0, max(1.0, 2 * interval))
+        password = sb.spec.secrets.get("vnc_password")
+        host = connect_host(self.config.forward_host)
+        while True:
+            await asyncio.sleep(interval)
+            if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
+                return
+            fwd = self._forward(sb.spec.id, "vnc")
+            dead = self._backend.failure(sb.spec) if self._backend is not None else None
+            if dead is not None:
+                ok, why = False, dead
+            elif fwd is None:
+                ok, why = False, "no VNC forward"
+            else:
+                result = await probe_rfb_tcp(host, fwd.host_port, password=password,
+                                             timeout=timeout)
+                ok, why = result.ok, f"{result.hop}: {result.detail} (stage {result.stage})"
+            if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
+                return  # it changed while we probed
+            if not ok and sb.live.state is SandboxState.READY:
+                self._set_state(sb, SandboxState.DEGRADED, why)
+            elif ok and sb.live.state is SandboxState.DEGRADED:
+                self._set_state(sb, SandboxState.READY)
 
     async def _await_ready(self, sb: Sandbox, progress: Progress) -> None:
         """Probe every path a user takes until each completes the RFB handshake."""
@@ -536,6 +571,10 @@ class Gateway:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        monitor = self._monitors.pop(sandbox_id, None)
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
         if sb.live.state is not SandboxState.STOPPING:
             with contextlib.suppress(Exception):
                 self._set_state(sb, SandboxState.STOPPING)
