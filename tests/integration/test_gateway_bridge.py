@@ -320,3 +320,30 @@ def test_readiness_is_probed_continuously(gateway_factory: Any, loop_thread: Any
     while live.state.value != "ready" and time.monotonic() - t0 < 10:
         time.sleep(0.05)
     assert live.state.value == "ready" and live.reason == ""
+
+
+def test_a_killed_desktop_is_restarted_and_ready_again(gateway_factory: Any,
+                                                       loop_thread: Any) -> None:
+    gw: Gateway = gateway_factory(probe_interval=0.3)
+    info = loop_thread.run(gw.create_sandbox())
+    live = gw.lookup(info.id)
+    assert live is not None
+    pids = subprocess.run(["ip", "netns", "pids", f"sp-{info.id}"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    xvnc = next(int(p) for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "Xvnc")
+    os.kill(xvnc, signal.SIGKILL)
+    seen: list[tuple[str, str]] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 20:
+        state = (live.state.value, live.reason)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state[0] == "ready" and len(seen) > 1:
+            break
+        time.sleep(0.02)
+    assert seen[-1] == ("ready", ""), seen
+    degraded = [r for s, r in seen if s == "degraded"]
+    assert degraded and "Xvnc exited" in degraded[0] and "restarting" in degraded[0], seen
+    # The same URL and password open the new desktop.
+    r = asyncio.run(probe_rfb_ws(ws_url(gw, info.id, info.token), password=info.vnc_password))
+    assert r.ok and r.desktop == f"sandport {info.id}", r.detail

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 RUN_DIR = Path("/run/sandport")  # per-boot locks shared by every gateway on this host
+MAX_RESTARTS = 3  # guest service restarts within RESTART_WINDOW before a sandbox fails
+RESTART_WINDOW = 300.0
 HEARTBEAT_SECONDS = 30.0  # bridge pings; a browser that stops answering is closed (1011)
 GATEWAY_FILE = "gateway.json"  # in the state dir: pid, URL and admin token of the gateway
 
@@ -471,11 +473,13 @@ class Gateway:
     async def _monitor(self, sb: Sandbox) -> None:
         """Probe a ready sandbox's VNC through its host port, every ``probe_interval``.
 
-        A failed probe (or a guest process that exited) turns it ``degraded`` with the
-        reason; the next good probe turns it ``ready`` again. Ends with the sandbox.
+        A failed probe turns it ``degraded`` with the reason; the next good probe turns it
+        ``ready`` again. A guest service that exited is restarted (``degraded`` meanwhile;
+        see :meth:`_restart_services`). Ends with the sandbox.
         """
         interval = self.config.probe_interval
         timeout = min(3.0, max(1.0, 2 * interval))
+        restarts: list[float] = []  # when guest services were restarted, recent ones
         password = sb.spec.secrets.get("vnc_password")
         host = connect_host(self.config.forward_host)
         while True:
@@ -485,8 +489,10 @@ class Gateway:
             fwd = self._forward(sb.spec.id, "vnc")
             dead = self._backend.failure(sb.spec) if self._backend is not None else None
             if dead is not None:
-                ok, why = False, dead
-            elif fwd is None:
+                if not await self._restart_services(sb, dead, restarts):
+                    return
+                continue  # the next probe tells whether it is back
+            if fwd is None:
                 ok, why = False, "no VNC forward"
             else:
                 result = await probe_rfb_tcp(host, fwd.host_port, password=password,
@@ -498,6 +504,31 @@ class Gateway:
                 self._set_state(sb, SandboxState.DEGRADED, why)
             elif ok and sb.live.state is SandboxState.DEGRADED:
                 self._set_state(sb, SandboxState.READY)
+
+    async def _restart_services(self, sb: Sandbox, why: str, restarts: list[float]) -> bool:
+        """A guest service exited: degraded, then restart the profile's services.
+
+        More than :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW` seconds, or a restart
+        that fails, turns the sandbox failed (returns False: stop monitoring).
+        """
+        assert self._backend is not None
+        now = time.monotonic()
+        restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW]
+        if sb.live.state is SandboxState.READY:
+            self._set_state(sb, SandboxState.DEGRADED, f"{why}; restarting")
+        if len(restarts) >= MAX_RESTARTS:
+            self._set_state(sb, SandboxState.FAILED,
+                            f"{why} ({len(restarts)} restarts in {RESTART_WINDOW:.0f} s)")
+            return False
+        restarts.append(now)
+        try:
+            await self._backend.stop(sb.spec)
+            await self._backend.start(sb.spec)
+        except Exception as exc:
+            self._set_state(sb, SandboxState.FAILED, f"restart failed: {exc}")
+            return False
+        log.info("sandbox %s: guest services restarted (%s)", sb.spec.id, why)
+        return True
 
     async def _await_ready(self, sb: Sandbox, progress: Progress) -> None:
         """Probe every path a user takes until each completes the RFB handshake."""

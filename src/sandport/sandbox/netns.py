@@ -127,6 +127,11 @@ class NetnsBackend:
         password_file.touch(mode=0o600)
         password_file.write_bytes(obfuscate_password(spec.secrets["vnc_password"]))
         width, height = DESKTOP_GEOMETRY
+        # A killed Xvnc leaves its socket and lock behind: a restart must not mistake them
+        # for a running server (the socket's existence is how we wait for the display).
+        for stale in (spec.workdir / "tmp" / ".X11-unix" / f"X{VNC_DISPLAY}",
+                      spec.workdir / "tmp" / f".X{VNC_DISPLAY}-lock"):
+            stale.unlink(missing_ok=True)
         xvnc = await self._spawn(spec, "Xvnc", [
             self._programs["Xvnc"], f":{VNC_DISPLAY}",
             "-rfbport", str(VNC_PORT),
