@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -44,6 +45,7 @@ from sandport.bridge.server import Refusal as BridgeRefusal
 from sandport.bridge.server import Route as BridgeRoute
 from sandport.bridge.targets import Target
 from sandport.bridge.ws import choose_subprotocol, pump
+from sandport.control.api import ApiError, SandboxApi, api_error_response, api_router
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
 from sandport.control.tokens import TokenCheck, check_token
@@ -212,8 +214,10 @@ def desktop_redirect_target(
 
 
 def build_app(registry: Registry, *, novnc_dir: Path,
-              on_session: Callable[[str, int], None] | None = None) -> Starlette:
-    """The Starlette app for the gateway's HTTP port."""
+              on_session: Callable[[str, int], None] | None = None,
+              api: SandboxApi | None = None) -> Starlette:
+    """The app for the gateway's HTTP port: the sandbox API (``api``, FastAPI, with its
+    OpenAPI document at ``/openapi.json`` and ``/docs``) and the routes below."""
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__,
@@ -313,7 +317,14 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         WebSocketRoute("/s/{sandbox}/ports/{port}/ws", websocket_bridge),
         Mount("/novnc", app=StaticFiles(directory=novnc_dir, html=True, follow_symlink=True)),
     ]
-    return Starlette(routes=routes)
+    app = FastAPI(title="sandport", version=__version__, redoc_url=None,
+                  description="Sandboxes, their desktops and ports. Every /api route takes "
+                              "the admin token: Authorization: Bearer <token>.")
+    app.add_exception_handler(ApiError, api_error_response)
+    if api is not None:
+        app.include_router(api_router(api))
+    app.router.routes.extend(routes)
+    return app
 
 
 class GatewayRouter:

@@ -61,6 +61,11 @@ def _insecure_client_context() -> ssl.SSLContext:
     return ctx
 
 
+def _probe_json(p: ProbeResult) -> dict[str, Any]:
+    return {"hop": p.hop, "ok": p.ok, "stage": str(p.stage), "detail": p.detail,
+            "elapsed_ms": round(p.elapsed * 1000, 1)}
+
+
 def _take_lock(path: Path, what: str, hint: str) -> TextIO:
     """flock ``path`` for this process (released when the file closes, also on a crash).
 
@@ -117,6 +122,7 @@ class Sandbox:
     live: LiveSandbox
     token: str
     probes: list[ProbeResult] = field(default_factory=list)
+    last_probe: ProbeResult | None = None
     ready_seconds: float | None = None
 
 
@@ -136,6 +142,10 @@ class SandboxInfo:
     colour: str
     ready_seconds: float | None
     forwards: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+    #: Readiness: the probes that declared it ready, and the monitor's latest.
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    last_probe: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The SANDPORT-READY document."""
@@ -151,6 +161,8 @@ class SandboxInfo:
             "colour": self.colour,
             "ready_seconds": self.ready_seconds,
             "forwards": self.forwards,
+            "reason": self.reason,
+            "readiness": {"probes": self.probes, "last": self.last_probe},
         }
 
 
@@ -243,7 +255,7 @@ class Gateway:
             )
             # Kernel forwards: exactly this gateway's (none yet); a killed one's are gone.
             await self.forwards.reconcile()
-            app = build_app(self, novnc_dir=novnc)
+            app = build_app(self, novnc_dir=novnc, api=self)
             # The app listens on a Unix socket next to the bridge lock (one gateway per
             # bridge); the front door below passes it what is not a bridge request.
             app_socket = RUN_DIR / f"bridge-{cfg.net.bridge}.http.sock"
@@ -497,6 +509,7 @@ class Gateway:
             else:
                 result = await probe_rfb_tcp(host, fwd.host_port, password=password,
                                              timeout=timeout)
+                sb.last_probe = result
                 ok, why = result.ok, f"{result.hop}: {result.detail} (stage {result.stage})"
             if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
                 return  # it changed while we probed
@@ -591,6 +604,9 @@ class Gateway:
             colour=colour_hex(desktop_colour(sandbox_id)),
             ready_seconds=sb.ready_seconds,
             forwards=[f.summary() for f in self.forwards.of(sandbox_id)],
+            reason=sb.live.reason,
+            probes=[_probe_json(p) for p in sb.probes],
+            last_probe=_probe_json(sb.last_probe) if sb.last_probe is not None else None,
         )
 
     def sandbox_ids(self) -> list[str]:

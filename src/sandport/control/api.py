@@ -1,0 +1,205 @@
+"""The gateway's HTTP API for sandboxes (FastAPI; OpenAPI at ``/openapi.json``, ``/docs``).
+
+Every route takes the admin token (``Authorization: Bearer T``; the gateway writes it to
+``<state dir>/gateway.json``, mode 0600). Errors are JSON: ``{"error", "message"}`` with
+401 (no token), 403 (wrong token), 404 (unknown sandbox), 409 (a host port taken or
+already forwarded), 503 (the sandbox did not become ready: the reason names the hop);
+a body that does not fit the schema is FastAPI's 422, which names the field.
+
+::
+
+    POST   /api/sandboxes           create one and wait until it is proven ready (201)
+    GET    /api/sandboxes           every sandbox
+    GET    /api/sandboxes/{id}      one: state, reason, readiness probes, URLs, forwards
+    DELETE /api/sandboxes/{id}      stop and remove it (204)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandport.control.forwards import ForwardOptions
+from sandport.control.tokens import TokenCheck, check_token
+from sandport.errors import PortInUseError, SandboxFailed, SandboxNotFound, UsageError
+from sandport.forward.spec import PortMapping, PortSpecError, check_overlaps, parse_port_spec
+
+
+class ApiError(Exception):
+    """An API refusal: HTTP status, a short error name and a message for people."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+
+
+def api_error_response(_: Request, exc: Exception) -> Response:
+    """The JSON body of an :class:`ApiError` (registered as an exception handler)."""
+    assert isinstance(exc, ApiError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": exc.error, "message": exc.message},
+                        status_code=exc.status, headers=headers)
+
+
+def _words(exc: Exception) -> str:
+    """An error's message with its hint, on one line."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+class SandboxApi(Protocol):
+    """What the API needs from the gateway."""
+
+    @property
+    def admin_token_hash(self) -> str:
+        """Stored form of the admin token."""
+        ...
+
+    async def create_sandbox(self, *, profile: str = ..., vnc_port: int = ...,
+                             publish: list[PortMapping] | None = ...,
+                             options: ForwardOptions | None = ...) -> Any:
+        """Create a sandbox and wait until it is ready; its info."""
+        ...
+
+    def info(self, sandbox_id: str) -> Any:
+        """The info of a running sandbox; raises SandboxNotFound."""
+        ...
+
+    def sandbox_ids(self) -> list[str]:
+        """Ids of the running sandboxes."""
+        ...
+
+    async def destroy_sandbox(self, sandbox_id: str) -> None:
+        """Stop and remove a sandbox; raises SandboxNotFound."""
+        ...
+
+
+class SandboxCreate(BaseModel):
+    """A sandbox to create."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Literal["desktop"] = Field("desktop", description="guest profile")
+    publish: list[str] = Field(
+        default_factory=list,
+        description="host port forwards, docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
+        examples=[["18080:8080", "127.0.0.1:15353:53/udp"]])
+    vnc_port: int = Field(0, ge=0, le=65535,
+                          description="host port of the VNC forward; 0 picks a free one")
+
+
+class Probe(BaseModel):
+    """One readiness probe: which hop, how far it got, what the server said."""
+
+    hop: str
+    ok: bool
+    stage: str
+    detail: str
+    elapsed_ms: float
+
+
+class Readiness(BaseModel):
+    """The probes that declared the sandbox ready, and the monitor's latest."""
+
+    probes: list[Probe]
+    last: Probe | None
+
+
+class VncAddress(BaseModel):
+    """Where a native VNC viewer connects."""
+
+    host: str
+    port: int
+
+
+class SandboxOut(BaseModel):
+    """A sandbox as the API shows it."""
+
+    id: str
+    state: str
+    reason: str
+    ip: str
+    profile: str
+    desktop_url: str
+    token: str
+    vnc: VncAddress
+    vnc_password: str
+    colour: str
+    ready_seconds: float | None
+    forwards: list[dict[str, Any]]
+    readiness: Readiness
+
+
+class SandboxList(BaseModel):
+    """Every sandbox of the gateway."""
+
+    sandboxes: list[SandboxOut]
+
+
+def api_router(gateway: SandboxApi) -> APIRouter:
+    """The ``/api/sandboxes`` routes over ``gateway``."""
+
+    def admin(request: Request) -> None:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        check = check_token(presented.strip() if scheme.lower() == "bearer" else None,
+                            gateway.admin_token_hash)
+        if check is TokenCheck.MISSING:
+            raise ApiError(401, "unauthorized", "the API needs 'Authorization: Bearer <admin "
+                           "token>' (the token is in the gateway's state dir, gateway.json)")
+        if check is TokenCheck.INVALID:
+            raise ApiError(403, "forbidden", "the admin token is not valid")
+
+    router = APIRouter(prefix="/api", dependencies=[Depends(admin)], tags=["sandboxes"])
+
+    def out(sandbox_id: str) -> SandboxOut:
+        try:
+            return SandboxOut.model_validate(gateway.info(sandbox_id).as_json())
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+
+    @router.post("/sandboxes", status_code=201, response_model=SandboxOut,
+                 summary="Create a sandbox; answers once it is proven ready")
+    async def create_sandbox(body: SandboxCreate) -> SandboxOut:
+        try:
+            mappings = [m for spec in body.publish for m in parse_port_spec(spec)]
+            check_overlaps(mappings, {})
+        except PortSpecError as exc:
+            raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+        try:
+            info = await gateway.create_sandbox(profile=body.profile, vnc_port=body.vnc_port,
+                                                publish=mappings)
+        except (PortInUseError, PortSpecError) as exc:
+            raise ApiError(409, "port_conflict", _words(exc)) from None
+        except SandboxFailed as exc:
+            raise ApiError(503, "not_ready", _words(exc)) from None
+        except UsageError as exc:
+            raise ApiError(422, "invalid", _words(exc)) from None
+        return out(info.id)
+
+    @router.get("/sandboxes", response_model=SandboxList, summary="Every sandbox")
+    async def list_sandboxes() -> SandboxList:
+        found = []
+        for sandbox_id in gateway.sandbox_ids():
+            try:
+                found.append(out(sandbox_id))
+            except ApiError:  # removed meanwhile
+                continue
+        return SandboxList(sandboxes=found)
+
+    @router.get("/sandboxes/{sandbox_id}", response_model=SandboxOut,
+                summary="One sandbox: state, reason, readiness probes, URLs, forwards")
+    async def get_sandbox(sandbox_id: str) -> SandboxOut:
+        return out(sandbox_id)
+
+    @router.delete("/sandboxes/{sandbox_id}", status_code=204, response_class=Response,
+                   summary="Stop and remove a sandbox")
+    async def delete_sandbox(sandbox_id: str) -> Response:
+        try:
+            await gateway.destroy_sandbox(sandbox_id)
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        return Response(status_code=204)
+
+    return router

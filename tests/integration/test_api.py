@@ -1,0 +1,96 @@
+"""The sandbox API on a real gateway: lifecycle, auth, errors, the OpenAPI document."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from nethelpers import free_port
+from sandport.control.gateway import Gateway
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gw(gateway_factory: Any) -> Gateway:
+    gateway: Gateway = gateway_factory()
+    return gateway
+
+
+def client(gw: Gateway, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token or gw.admin_token}"} if token != "" else {}
+    return httpx.Client(base_url=gw.base_url, headers=headers, timeout=60)
+
+
+def test_create_get_list_delete(gw: Gateway) -> None:
+    with client(gw) as api:
+        r = api.post("/api/sandboxes", json={"publish": [f"{free_port()}:7"]})
+        assert r.status_code == 201, r.text
+        sb = r.json()
+        assert sb["state"] == "ready" and sb["reason"] == ""
+        hops = [p["hop"] for p in sb["readiness"]["probes"]]
+        assert any(h.startswith("tcp 127.0.0.1:") for h in hops)
+        assert any(h.startswith("websocket ws://") for h in hops), hops
+        assert all(p["ok"] and p["stage"] for p in sb["readiness"]["probes"])
+        assert sb["desktop_url"].startswith(f"{gw.base_url}/s/{sb['id']}/?token=")
+        assert [f["name"] for f in sb["forwards"]] == ["vnc", "7/tcp"]
+        # The desktop link it returned works (the token opens the desktop route).
+        assert httpx.get(sb["desktop_url"], timeout=10).status_code == 302
+        assert api.get(f"/api/sandboxes/{sb['id']}").json()["id"] == sb["id"]
+        assert [s["id"] for s in api.get("/api/sandboxes").json()["sandboxes"]] == [sb["id"]]
+        r = api.delete(f"/api/sandboxes/{sb['id']}")
+        assert r.status_code == 204 and r.content == b""
+        r = api.get(f"/api/sandboxes/{sb['id']}")
+        assert (r.status_code, r.json()["error"]) == (404, "unknown_sandbox")
+        assert api.delete(f"/api/sandboxes/{sb['id']}").status_code == 404
+        assert api.get("/api/sandboxes").json() == {"sandboxes": []}
+
+
+def test_the_admin_token_is_required(gw: Gateway) -> None:
+    for token, status, error in (("", 401, "unauthorized"), ("nope", 403, "forbidden")):
+        with client(gw, token) as api:
+            for method, path in (("GET", "/api/sandboxes"), ("POST", "/api/sandboxes"),
+                                 ("GET", "/api/sandboxes/abc"),
+                                 ("DELETE", "/api/sandboxes/abc")):
+                r = api.request(method, path, json={})
+                assert (r.status_code, r.json()["error"]) == (status, error), (method, path)
+    assert gw.sandbox_ids() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"profile": "windows"}, "profile"), ({"vnc_port": 70000}, "vnc_port"),
+     ({"colour": "red"}, "colour"), ({"publish": "80:80"}, "publish")],
+)
+def test_schema_errors_are_422_naming_the_field(gw: Gateway, body: dict[str, Any],
+                                                field: str) -> None:
+    with client(gw) as api:
+        r = api.post("/api/sandboxes", json=body)
+    assert r.status_code == 422
+    assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.json()
+    assert gw.sandbox_ids() == []
+
+
+def test_bad_and_conflicting_ports(gw: Gateway) -> None:
+    with client(gw) as api:
+        r = api.post("/api/sandboxes", json={"publish": ["80:8080:x"]})
+        assert (r.status_code, r.json()["error"]) == (422, "invalid_port_spec")
+        assert "HOSTPORT:GUESTPORT" in r.json()["message"]
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            r = api.post("/api/sandboxes", json={"publish": [f"{port}:7"]})
+        assert (r.status_code, r.json()["error"]) == (409, "port_conflict"), r.text
+        assert str(port) in r.json()["message"]
+    assert gw.sandbox_ids() == []  # nothing left of the refused attempts
+
+
+def test_openapi_document_and_docs(gw: Gateway) -> None:
+    with client(gw, "") as anyone:
+        spec = anyone.get("/openapi.json").json()
+        assert {"/api/sandboxes", "/api/sandboxes/{sandbox_id}"} <= set(spec["paths"])
+        assert anyone.get("/docs").status_code == 200
