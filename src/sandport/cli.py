@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 import uvloop
@@ -351,26 +352,47 @@ def _gateway_doc(state_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def _fetch_forwards(state_dir: Path) -> list[dict[str, Any]]:
+def _api(state_dir: Path, method: str, path: str, body: dict[str, Any] | None = None,
+         timeout: float = 5.0) -> Any:
+    """Call the running gateway's API with its admin token; the JSON answer (or None).
+
+    Raises:
+        UsageError: no gateway runs with this state dir, or the API refused the request
+            (its message says why).
+        SandportError: the gateway does not answer.
+    """
     doc = _gateway_doc(state_dir)
-    url = f"{doc['url']}/api/forwards"
+    url = f"{doc['url']}{path}"
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http(s):// URL: {doc['url']!r}")
     # Our own gateway, found through its root-only state file: its certificate may be
     # self-signed and name another host, so it is not verified.
     context = ssl._create_unverified_context() if url.startswith("https://") else None  # noqa: S323
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http(s):// URL: {doc['url']!r}")
+    data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(  # noqa: S310 - http(s):// checked above
-        url, headers={"Authorization": f"Bearer {doc['admin_token']}"})
+        url, data=data, method=method,
+        headers={"Authorization": f"Bearer {doc['admin_token']}",
+                 "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=5.0, context=context) as r:  # noqa: S310
-            body = json.loads(r.read())
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:  # noqa: S310
+            raw = r.read()
     except urllib.error.HTTPError as exc:
-        raise SandportError(f"gateway answered {exc.code}: {exc.read()[:200]!r}") from None
+        text = exc.read()[:2000].decode(errors="replace")
+        try:
+            answer = json.loads(text)
+            why = answer.get("message") or json.dumps(answer.get("detail", answer))
+        except (ValueError, AttributeError):
+            why = text
+        raise UsageError(f"the gateway answered {exc.code}: {why}") from None
     except (OSError, ValueError) as exc:
         raise SandportError(f"gateway pid {doc.get('pid')} at {doc['url']} does not answer: "
                             f"{exc}", hint="is it still running? `sandport up` starts one")\
             from None
-    forwards: list[dict[str, Any]] = body["forwards"]
+    return json.loads(raw) if raw else None
+
+
+def _fetch_forwards(state_dir: Path) -> list[dict[str, Any]]:
+    forwards: list[dict[str, Any]] = _api(state_dir, "GET", "/api/forwards")["forwards"]
     return forwards
 
 
@@ -570,6 +592,82 @@ def ws_command(
                        idle_timeout=idle_timeout, on_ready=ready)
 
     _run(main())
+
+
+sandbox_app = typer.Typer(help="Create, list and remove sandboxes of a running gateway "
+                          "(through its API, with the admin token from its state dir).",
+                          no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+StateDirOption = Annotated[Path, typer.Option(help="State dir of the gateway to ask.")]
+
+
+def _cli_call(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except SandportError as exc:
+        _error(exc)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@sandbox_app.command("create")
+def sandbox_create(
+    publish: Annotated[list[str] | None, typer.Option(
+        "--publish", "-p", help=f"Forward a port: {escape(SPEC_SYNTAX)}. Repeatable.",
+        metavar="SPEC")] = None,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Create a desktop sandbox and print it as JSON once it is proven ready."""
+
+    def run() -> None:
+        sb = _api(state_dir, "POST", "/api/sandboxes", {"publish": publish or []},
+                  timeout=120.0)
+        err.print(escape(f"sandbox {sb['id']} ready in {sb['ready_seconds']} s: "
+                         f"{sb['desktop_url']}"))
+        out.print(json.dumps(sb, indent=2), markup=False)
+
+    _cli_call(run)
+
+
+@sandbox_app.command("list")
+def sandbox_list(
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every sandbox: id, state, ip, VNC port and desktop URL."""
+
+    def run() -> None:
+        sandboxes = _api(state_dir, "GET", "/api/sandboxes")["sandboxes"]
+        if as_json:
+            out.print(json.dumps(sandboxes, indent=2), markup=False)
+            return
+        if not sandboxes:
+            err.print("no sandboxes")
+            return
+        for sb in sandboxes:
+            line = (f"{sb['id']}  {sb['state']:<9} {sb['ip']:<15} vnc {sb['vnc']['host']}:"
+                    f"{sb['vnc']['port']}  {sb['desktop_url']}")
+            if sb["reason"]:
+                line += f"  ({sb['reason']})"
+            out.print(line, markup=False, crop=False, overflow="ignore")
+
+    _cli_call(run)
+
+
+@sandbox_app.command("rm")
+def sandbox_rm(
+    ids: Annotated[list[str], typer.Argument(help="Sandbox ids.", metavar="ID...")],
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Stop and remove sandboxes."""
+
+    def run() -> None:
+        for sandbox_id in ids:
+            _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}",
+                 timeout=60.0)
+            err.print(escape(f"removed {sandbox_id}"))
+
+    _cli_call(run)
 
 
 @app.command()

@@ -348,3 +348,27 @@ def test_help_teaches() -> None:
     assert r.returncode == 0
     for word in ("--demo", "--listen", "--state-dir", "SANDPORT-READY", "Examples"):
         assert word in r.stdout
+
+
+def test_sandbox_commands_talk_to_the_running_gateway(up_factory: Any, tmp_path: Path) -> None:
+    state = tmp_path / "api-state"
+    up = up_factory(state_dir=state)
+    up.wait_http()
+    port = free_port()
+    made = _run_cli("sandbox", "create", "-p", f"{port}:7", "--state-dir", str(state))
+    assert made.returncode == 0, made.stderr
+    sb = json.loads(made.stdout)
+    assert sb["state"] == "ready" and f"127.0.0.1:{port}" in [f["host"] for f in sb["forwards"]]
+    listed = _run_cli("sandbox", "list", "--state-dir", str(state))
+    assert listed.returncode == 0 and listed.stdout.startswith(f"{sb['id']}  ready"), listed
+    gone = _run_cli("sandbox", "rm", sb["id"], "--state-dir", str(state))
+    assert gone.returncode == 0 and f"removed {sb['id']}" in gone.stderr
+    assert "no sandboxes" in _run_cli("sandbox", "list", "--state-dir", str(state)).stderr
+    again = _run_cli("sandbox", "rm", sb["id"], "--state-dir", str(state))
+    assert again.returncode == 2 and "answered 404: no sandbox" in again.stderr
+    bad = _run_cli("sandbox", "create", "-p", "80:x", "--state-dir", str(state))
+    assert bad.returncode == 2 and "invalid port spec" in bad.stderr, bad.stderr
+    code, stderr = up.stop()
+    assert code == 0, stderr
+    after = _run_cli("sandbox", "list", "--state-dir", str(state))
+    assert after.returncode == 2 and "no gateway runs" in after.stderr
