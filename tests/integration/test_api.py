@@ -94,3 +94,29 @@ def test_openapi_document_and_docs(gw: Gateway) -> None:
         spec = anyone.get("/openapi.json").json()
         assert {"/api/sandboxes", "/api/sandboxes/{sandbox_id}"} <= set(spec["paths"])
         assert anyone.get("/docs").status_code == 200
+
+
+def test_python_client(gw: Gateway, tmp_path: Any) -> None:
+    """The SDK: from the state dir, create, get_host, wait_ready, errors, delete."""
+    from sandport.client import ApiError, Client
+
+    api = Client.from_state_dir(gw.config.state_dir)
+    port = free_port()
+    sb = api.create_sandbox(publish=[f"{port}:7"])
+    assert sb.state == "ready" and sb.wait_ready(timeout=5).state == "ready"
+    assert sb.get_host(7) == f"127.0.0.1:{port}"
+    assert sb.get_host(5901).startswith("127.0.0.1:")
+    with pytest.raises(KeyError, match="not forwarded"):
+        sb.get_host(8080)
+    assert [s.id for s in api.sandboxes()] == [sb.id]
+    assert httpx.get(sb.desktop_url, timeout=10).status_code == 302
+    with pytest.raises(ApiError) as bad:
+        api.create_sandbox(publish=["80:x"])
+    assert bad.value.status == 422 and "invalid port spec" in bad.value.message
+    sb.delete()
+    with pytest.raises(ApiError) as gone:
+        api.sandbox(sb.id)
+    assert (gone.value.status, gone.value.error) == (404, "unknown_sandbox")
+    with pytest.raises(ApiError) as wrong:
+        Client(gw.base_url, "not-the-token").sandboxes()
+    assert wrong.value.status == 403
