@@ -186,6 +186,8 @@ def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
     p1, p2 = free_port(), free_port(socket.SOCK_DGRAM)
     first = up_factory("--demo", "-p", f"{p1}:7", "-p", f"{p2}:7/udp", state_dir=state)
     first.wait_ready()
+    token = json.loads((state / "gateway.json").read_text())["admin_token"]
+    assert (state / "admin-token").stat().st_mode & 0o777 == 0o600
     bridge = first.bridge
     assert len(nft.rules_of(bridge)) == 4  # vnc, tcp, udp (output hook) + masquerade
     first.proc.kill()  # SIGKILL: the rules stay behind
@@ -195,6 +197,8 @@ def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
     second = up_factory("--demo", "-p", f"{p3}:7", state_dir=state, bridge=bridge,
                         subnet=first.subnet)
     ready = second.wait_ready()
+    # The admin token survives the restart: scripts and SDK clients keep working.
+    assert json.loads((state / "gateway.json").read_text())["admin_token"] == token
     vnc = ready["vnc"]["port"]
     assert sorted(nft.rules_of(bridge)) == sorted([
         (f"out-{bridge}", f"sandport tcp 127.0.0.1:{vnc} -> {ready['ip']}:5901"),

@@ -192,6 +192,7 @@ while sent < size:
     data = rng.randbytes(min(chunk, size - sent))
     c.sendall(data)
     sent += len(data)
+c.recv(1)  # the client's "done": only then the close, so no ping races with it
 c.close()
 """
 
@@ -236,6 +237,7 @@ def test_a_large_download_arrives_whole_with_pings_between(
                 assert (total, got.hexdigest()) == (size, want.hexdigest())
                 assert len(pongs) >= 4
                 await asyncio.wait_for(asyncio.gather(*pongs), 5)  # all arrived
+                await ws.send(b"d")
                 assert await closes(ws) == (1000, "the target closed the connection")
                 assert bridge.stats.bytes_to_client == size
                 assert bridge.stats.spliced == (1 if zero_copy else 0)

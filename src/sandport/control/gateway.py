@@ -52,6 +52,8 @@ MAX_RESTARTS = 3  # guest service restarts within RESTART_WINDOW before a sandbo
 RESTART_WINDOW = 300.0
 HEARTBEAT_SECONDS = 30.0  # bridge pings; a browser that stops answering is closed (1011)
 GATEWAY_FILE = "gateway.json"  # in the state dir: pid, URL and admin token of the gateway
+#: In the state dir, mode 0600: the admin token of the API, kept across restarts.
+ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
 
 
 def _insecure_client_context() -> ssl.SSLContext:
@@ -185,8 +187,10 @@ class Gateway:
         #: Readiness probes of ready sandboxes, by sandbox id (see _monitor).
         self._monitors: dict[str, asyncio.Task[None]] = {}
         #: For the admin routes (/api/forwards, /metrics); new on every start.
-        self.admin_token = new_token()
-        self._admin_hash = hash_token(self.admin_token)
+        #: For the API, /metrics and the CLI; created at the first start in the state dir
+        #: (ADMIN_TOKEN_FILE, mode 0600) and the same at every start after.
+        self.admin_token = ""
+        self._admin_hash = ""
 
     # Registry for the HTTP app ---------------------------------------------------------
 
@@ -242,6 +246,7 @@ class Gateway:
         novnc = preflight.find_novnc()
         self._backend = NetnsBackend(programs)
         self._lock_state_dir()
+        self._load_admin_token()
         try:
             self._store = Store(cfg.state_dir / "sandport.db")
             self._pool = AddressPool(cfg.net.subnet, self._store)
@@ -276,6 +281,22 @@ class Gateway:
             await self.stop()
             raise
         log.info("gateway up: %s, state %s", self.base_url, cfg.state_dir)
+
+    def _load_admin_token(self) -> None:
+        path = self.config.state_dir / ADMIN_TOKEN_FILE
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            token = new_token()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            log.info("admin token created in %s", path)
+        os.chmod(path, 0o600)
+        self.admin_token = token
+        self._admin_hash = hash_token(token)
 
     @property
     def gateway_file(self) -> Path:
