@@ -120,3 +120,40 @@ def test_python_client(gw: Gateway, tmp_path: Any) -> None:
     with pytest.raises(ApiError) as wrong:
         Client(gw.base_url, "not-the-token").sandboxes()
     assert wrong.value.status == 403
+
+
+def test_forwards_added_and_removed_at_runtime(gw: Gateway, tmp_path: Any) -> None:
+    from nethelpers import ECHO_SERVER, guest_server
+    from sandport.net import nft
+
+    with client(gw) as api:
+        sb = api.post("/api/sandboxes", json={}).json()
+        base = f"/api/sandboxes/{sb['id']}/forwards"
+        port = free_port()
+        r = api.post(base, json={"publish": [f"{port}:7"]})
+        assert r.status_code == 201, r.text
+        (fwd,) = r.json()["forwards"]
+        assert (fwd["name"], fwd["host"], fwd["mode"]) == ("7/tcp", f"127.0.0.1:{port}",
+                                                           "kernel")
+        rules = len(nft.rules_of(gw.config.net.bridge))
+        with guest_server(f"sp-{sb['id']}", ECHO_SERVER, str(tmp_path / "echo.log")):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"runtime")
+                assert s.recv(100) == b"runtime"
+            # The same port again, from this sandbox: a conflict naming the owner.
+            r = api.post(base, json={"publish": [f"{port}:8"]})
+            assert (r.status_code, r.json()["error"]) == (409, "port_conflict")
+            assert f"sandbox {sb['id']}" in r.json()["message"]
+            assert api.delete(f"{base}/{fwd['id']}").status_code == 204
+            assert len(nft.rules_of(gw.config.net.bridge)) == rules - 1
+            with pytest.raises(OSError):  # the kernel rule and the reservation are gone
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        r = api.delete(f"{base}/{fwd['id']}")
+        assert (r.status_code, r.json()["error"]) == (404, "not_found")
+        assert api.post(base, json={"publish": ["1:x"]}).status_code == 422
+        assert api.post(base, json={"publish": []}).status_code == 422
+        r = api.post("/api/sandboxes/nope/forwards", json={"publish": [f"{free_port()}:7"]})
+        assert (r.status_code, r.json()["error"]) == (404, "unknown_sandbox")
+        assert [f["name"] for f in api.get(f"/api/sandboxes/{sb['id']}").json()["forwards"]] \
+            == ["vnc"]
+        assert api.delete(f"/api/sandboxes/{sb['id']}").status_code == 204

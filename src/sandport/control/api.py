@@ -12,6 +12,8 @@ a body that does not fit the schema is FastAPI's 422, which names the field.
     GET    /api/sandboxes           every sandbox
     GET    /api/sandboxes/{id}      one: state, reason, readiness probes, URLs, forwards
     DELETE /api/sandboxes/{id}      stop and remove it (204)
+    POST   /api/sandboxes/{id}/forwards         forward more ports at runtime (201)
+    DELETE /api/sandboxes/{id}/forwards/{fid}   stop one forward (204)
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class SandboxApi(Protocol):
         """Stop and remove a sandbox; raises SandboxNotFound."""
         ...
 
+    async def add_forwards(self, sandbox_id: str, publish: list[PortMapping]) -> Any:
+        """Forward more ports of a sandbox; the new forwards."""
+        ...
+
+    async def remove_forward(self, sandbox_id: str, forward_id: str) -> None:
+        """Stop one forward; raises SandboxNotFound."""
+        ...
+
 
 class SandboxCreate(BaseModel):
     """A sandbox to create."""
@@ -88,6 +98,22 @@ class SandboxCreate(BaseModel):
         examples=[["18080:8080", "127.0.0.1:15353:53/udp"]])
     vnc_port: int = Field(0, ge=0, le=65535,
                           description="host port of the VNC forward; 0 picks a free one")
+
+
+class ForwardsCreate(BaseModel):
+    """Ports to forward from the host into a running sandbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    publish: list[str] = Field(
+        min_length=1, description="docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
+        examples=[["18080:8080"]])
+
+
+class ForwardList(BaseModel):
+    """Forwards of a sandbox."""
+
+    forwards: list[dict[str, Any]]
 
 
 class Probe(BaseModel):
@@ -200,6 +226,33 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             await gateway.destroy_sandbox(sandbox_id)
         except SandboxNotFound:
             raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        return Response(status_code=204)
+
+    @router.post("/sandboxes/{sandbox_id}/forwards", status_code=201,
+                 response_model=ForwardList, summary="Forward more ports of a sandbox")
+    async def add_forwards(sandbox_id: str, body: ForwardsCreate) -> ForwardList:
+        try:
+            mappings = [m for spec in body.publish for m in parse_port_spec(spec)]
+            check_overlaps(mappings, {})
+        except PortSpecError as exc:
+            raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+        try:
+            added = await gateway.add_forwards(sandbox_id, mappings)
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        except (PortInUseError, PortSpecError) as exc:
+            raise ApiError(409, "port_conflict", _words(exc)) from None
+        except UsageError as exc:
+            raise ApiError(422, "invalid", _words(exc)) from None
+        return ForwardList(forwards=added)
+
+    @router.delete("/sandboxes/{sandbox_id}/forwards/{forward_id}", status_code=204,
+                   response_class=Response, summary="Stop one forward of a sandbox")
+    async def remove_forward(sandbox_id: str, forward_id: str) -> Response:
+        try:
+            await gateway.remove_forward(sandbox_id, forward_id)
+        except SandboxNotFound as exc:
+            raise ApiError(404, "not_found", _words(exc)) from None
         return Response(status_code=204)
 
     return router

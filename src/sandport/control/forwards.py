@@ -265,6 +265,17 @@ class ForwardTable:
         self._forwards[fwd.id] = fwd
         return fwd
 
+    async def remove(self, forward_id: str) -> Forward | None:
+        """Stop and forget one forward; None when there is no such forward."""
+        async with self._lock:
+            fwd = self._forwards.pop(forward_id, None)
+            if fwd is None:
+                return None
+            if fwd.mode == "kernel":
+                await self._apply_kernel()
+            await _stop(fwd)
+            return fwd
+
     async def remove_sandbox(self, sandbox: str) -> None:
         """Stop and forget every forward of a sandbox."""
         async with self._lock:

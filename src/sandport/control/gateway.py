@@ -500,6 +500,35 @@ class Gateway:
                 mappings=[(f"{m.guest_port}/{m.protocol}", m) for m in publish],
                 options=options or ForwardOptions(mode=mode))
 
+    async def add_forwards(self, sandbox_id: str, publish: list[PortMapping],
+                           options: ForwardOptions | None = None) -> list[dict[str, Any]]:
+        """Forward more ports of a running sandbox; all or nothing.
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+            PortInUseError, UsageError: a port is taken or already forwarded.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        added = await self.forwards.add(
+            sandbox=sandbox_id, guest_ip=sb.live.ip,
+            mappings=[(f"{m.guest_port}/{m.protocol}", m) for m in publish],
+            options=options or ForwardOptions(mode=self.config.forward_mode))
+        return [f.summary() for f in added]
+
+    async def remove_forward(self, sandbox_id: str, forward_id: str) -> None:
+        """Stop one forward of a sandbox (its VNC forward too, if asked).
+
+        Raises:
+            SandboxNotFound: no such sandbox, or no such forward of it.
+        """
+        if sandbox_id not in self._sandboxes:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        if not any(f.id == forward_id for f in self.forwards.of(sandbox_id)):
+            raise SandboxNotFound(f"sandbox {sandbox_id} has no forward {forward_id!r}")
+        await self.forwards.remove(forward_id)
+
     def _forward(self, sandbox_id: str, name: str) -> Forward | None:
         return next((f for f in self.forwards.of(sandbox_id) if f.name == name), None)
 
