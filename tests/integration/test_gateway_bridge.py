@@ -128,6 +128,8 @@ def test_metrics_count_sessions_bytes_and_close_reasons_per_sandbox_port(
     assert to_client and int(to_client[0].rsplit(" ", 1)[1]) > 24, to_client  # banners+init
     assert f'sandport_ws_closes_total{{{labels},reason="client_closed"}}' in text, text
     assert 'sandport_ws_refusals_total{status="403"} 1' in text, text
+    assert f'sandport_sandbox_state{{sandbox="{info.id}",state="ready"}} 1' in text, text
+    assert f'sandport_sandbox_ready_seconds{{sandbox="{info.id}"}} ' in text, text
     # Both sessions reached the desktop's ServerInit; the time is measured per route.
     assert f"sandport_ws_rfb_ready_seconds_count{{{labels}}} 2" in text, text
     wrong = asyncio.run(probe_rfb_ws(ws_url(gw, info.id, info.token), password="wrongpw1"))
@@ -320,6 +322,13 @@ def test_readiness_is_probed_continuously(gateway_factory: Any, loop_thread: Any
     while live.state.value != "ready" and time.monotonic() - t0 < 10:
         time.sleep(0.05)
     assert live.state.value == "ready" and live.reason == ""
+    # The monitor's latest probe is exported, and shown by the API.
+    req = urllib.request.Request(f"{gw.base_url}/metrics",
+                                 headers={"Authorization": f"Bearer {gw.admin_token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        text = resp.read().decode()
+    assert f'sandport_sandbox_probe_seconds{{sandbox="{info.id}",ok="true"}} ' in text
+    assert gw.info(info.id).last_probe["ok"] is True  # type: ignore[index]
 
 
 def test_a_killed_desktop_is_restarted_and_ready_again(gateway_factory: Any,

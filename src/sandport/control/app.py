@@ -20,6 +20,7 @@ browsers) saying why: 401 no token, 403 wrong token, 404 unknown sandbox or port
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import itertools
 import logging
@@ -303,8 +304,13 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         refusal = admin_refusal(request)
         if refusal is not None:
             return refusal
+        docs = []
+        if api is not None:
+            for sandbox_id in api.sandbox_ids():
+                with contextlib.suppress(Exception):  # removed meanwhile
+                    docs.append(api.info(sandbox_id).as_json())
         text = render_metrics(await registry.forward_listing(), sandboxes=registry.count(),
-                              bridge=registry.bridge_stats)
+                              bridge=registry.bridge_stats, sandbox_docs=docs)
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     routes = [

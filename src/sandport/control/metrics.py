@@ -25,6 +25,12 @@ _FAMILIES = (
      "Connections a forward failed or ended, by reason (refused, unreachable, timeout, "
      "limit, idle, reset)."),
     ("sandport_sandboxes", "gauge", "Sandboxes the gateway runs."),
+    ("sandport_sandbox_state", "gauge",
+     "1 for the state each sandbox is in (creating, starting, ready, degraded, ...)."),
+    ("sandport_sandbox_ready_seconds", "gauge",
+     "Seconds from creation until the sandbox answered its protocol on every path."),
+    ("sandport_sandbox_probe_seconds", "gauge",
+     "Duration of the latest readiness probe; label ok says whether it passed."),
     ("sandport_ws_sessions_active", "gauge",
      "WebSocket bridge sessions open now, by sandbox and guest port."),
     ("sandport_ws_sessions_total", "counter",
@@ -52,10 +58,25 @@ def _labels(pairs: Iterable[tuple[str, str]]) -> str:
 
 
 def render(forwards: list[dict[str, Any]], *, sandboxes: int,
-           bridge: BridgeStats | None = None) -> str:
-    """The exposition text for ``forwards`` (as :meth:`ForwardTable.listing` gives them)
-    and the WebSocket bridge's per-route counters."""
+           bridge: BridgeStats | None = None,
+           sandbox_docs: list[dict[str, Any]] | None = None) -> str:
+    """The exposition text for ``forwards`` (as :meth:`ForwardTable.listing` gives them),
+    the WebSocket bridge's per-route counters and the sandboxes (``sandbox_docs``: their
+    API documents)."""
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
+    for doc in sandbox_docs or []:
+        base = [("sandbox", doc["id"])]
+        samples["sandport_sandbox_state"].append(
+            f"sandport_sandbox_state{_labels([*base, ('state', doc['state'])])} 1")
+        if doc.get("ready_seconds") is not None:
+            samples["sandport_sandbox_ready_seconds"].append(
+                f"sandport_sandbox_ready_seconds{_labels(base)} {doc['ready_seconds']}")
+        last = (doc.get("readiness") or {}).get("last")
+        if last:
+            ok = "true" if last["ok"] else "false"
+            samples["sandport_sandbox_probe_seconds"].append(
+                f"sandport_sandbox_probe_seconds{_labels([*base, ('ok', ok)])} "
+                f"{last['elapsed_ms'] / 1000:.6f}")
     if bridge is not None:
         _bridge_samples(samples, bridge)
     for f in forwards:
