@@ -157,3 +157,78 @@ def test_forwards_added_and_removed_at_runtime(gw: Gateway, tmp_path: Any) -> No
         assert [f["name"] for f in api.get(f"/api/sandboxes/{sb['id']}").json()["forwards"]] \
             == ["vnc"]
         assert api.delete(f"/api/sandboxes/{sb['id']}").status_code == 204
+
+
+async def _open_session(url: str) -> Any:
+    from websockets.asyncio.client import connect
+
+    ws = await connect(url, subprotocols=["binary"], open_timeout=10)
+    assert (await ws.recv())[:4] == b"RFB "
+    return ws
+
+
+async def _closed_with(ws: Any, within: float) -> tuple[int, str]:
+    import asyncio
+
+    from websockets.exceptions import ConnectionClosed
+
+    async def read_forever() -> None:
+        while True:
+            await ws.recv()
+
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(read_forever(), within)
+    frame = closed.value.rcvd
+    assert frame is not None, "closed without a close frame (1006)"
+    return frame.code, frame.reason
+
+
+def test_access_tokens_expire_and_are_revoked_for_new_and_live_sessions(gw: Gateway) -> None:
+    import asyncio
+    import time
+
+    with client(gw) as api:
+        sb = api.post("/api/sandboxes", json={}).json()
+        base = f"/api/sandboxes/{sb['id']}/tokens"
+        ws_base = gw.base_url.replace("http", "ws") + f"/s/{sb['id']}/ports/vnc/ws?token="
+
+        # Expiry: a live session is closed within 1 s of it, a new one is refused.
+        short = api.post(base, json={"ttl_seconds": 1.5}).json()
+        assert httpx.get(short["desktop_url"], timeout=10).status_code == 302
+
+        async def expiry() -> tuple[float, tuple[int, str]]:
+            ws = await _open_session(ws_base + short["token"])
+            result = await _closed_with(ws, within=5)
+            return time.time() - short["expires_at"], result
+
+        late, result = asyncio.run(expiry())
+        assert result == (1008, "the access token expired") and late < 1.0, (late, result)
+        r = httpx.get(short["desktop_url"], timeout=10)
+        assert (r.status_code, r.json()["error"]) == (403, "token_expired")
+        listed = api.get(base).json()["tokens"]
+        assert [(t["id"], t["expired"]) for t in listed] == [(short["id"], True)]
+        assert "token" not in listed[0]
+
+        # Revocation: the live session closes at once, the token no longer opens anything.
+        long = api.post(base, json={"ttl_seconds": 600}).json()
+
+        async def revocation() -> tuple[float, tuple[int, str]]:
+            ws = await _open_session(ws_base + long["token"])
+            own = await _open_session(ws_base + sb["token"])  # the sandbox's own token
+            t0 = time.monotonic()
+            await asyncio.to_thread(api.delete, f"{base}/{long['id']}")
+            result = await _closed_with(ws, within=5)
+            took = time.monotonic() - t0
+            await own.send(b"RFB 003.008\n")  # untouched: still talking to the desktop
+            assert len(await own.recv()) > 0
+            await own.close()
+            return took, result
+
+        took, result = asyncio.run(revocation())
+        assert result == (1008, "the access token was revoked") and took < 1.0, (took, result)
+        r = httpx.get(long["desktop_url"], timeout=10)
+        assert (r.status_code, r.json()["error"]) == (403, "invalid_token")
+        assert api.delete(f"{base}/{long['id']}").status_code == 404
+        assert api.post(base, json={"ttl_seconds": 0}).status_code == 422
+        assert api.post("/api/sandboxes/nope/tokens", json={"ttl_seconds": 5}).status_code == 404
+        assert api.delete(f"/api/sandboxes/{sb['id']}").status_code == 204

@@ -131,11 +131,14 @@ class Route:
         labels: ``(sandbox, port)`` for logs and per-route counters.
         starting: the sandbox is still booting: a refused connect answers 503 with
             ``Retry-After`` (try the same URL again), not 502.
+        grant: the access token the session was opened with ("" for the sandbox's own);
+            :meth:`WsBridge.close_sessions` closes a revoked or expired one's sessions.
     """
 
     target: Target
     labels: tuple[str, str] = ("", "")
     starting: bool = False
+    grant: str = ""
 
 
 class Router(Protocol):
@@ -380,10 +383,13 @@ class WsBridge:
         for session in list(self._sessions):
             session.abort()
 
-    def close_sessions(self, sandbox: str, code: int, reason: str) -> int:
-        """Close every session to ``sandbox`` (its route's first label) with a reason."""
+    def close_sessions(self, sandbox: str, code: int, reason: str,
+                       grant: str | None = None) -> int:
+        """Close every session to ``sandbox`` (its route's first label) with a reason;
+        with ``grant``, only those opened with that access token."""
         closing = [x for x in self._sessions
-                   if x.route is not None and x.route.labels[0] == sandbox]
+                   if x.route is not None and x.route.labels[0] == sandbox
+                   and (grant is None or x.route.grant == grant)]
         for session in closing:
             session.close(code, reason)
         return len(closing)

@@ -14,6 +14,9 @@ a body that does not fit the schema is FastAPI's 422, which names the field.
     DELETE /api/sandboxes/{id}      stop and remove it (204)
     POST   /api/sandboxes/{id}/forwards         forward more ports at runtime (201)
     DELETE /api/sandboxes/{id}/forwards/{fid}   stop one forward (204)
+    POST   /api/sandboxes/{id}/tokens           an access token with a TTL (201)
+    GET    /api/sandboxes/{id}/tokens           its tokens (ids and expiry)
+    DELETE /api/sandboxes/{id}/tokens/{tid}     revoke one: live sessions close (204)
 """
 
 from __future__ import annotations
@@ -85,6 +88,18 @@ class SandboxApi(Protocol):
         """Stop one forward; raises SandboxNotFound."""
         ...
 
+    def create_grant(self, sandbox_id: str, ttl: float) -> dict[str, Any]:
+        """A new access token for ``ttl`` seconds: id, token, expires_at, desktop_url."""
+        ...
+
+    def grants(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """The access tokens of a sandbox (without the tokens)."""
+        ...
+
+    def revoke_grant(self, sandbox_id: str, grant_id: str) -> None:
+        """Revoke one; raises SandboxNotFound."""
+        ...
+
 
 class SandboxCreate(BaseModel):
     """A sandbox to create."""
@@ -108,6 +123,37 @@ class ForwardsCreate(BaseModel):
     publish: list[str] = Field(
         min_length=1, description="docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
         examples=[["18080:8080"]])
+
+
+class TokenCreate(BaseModel):
+    """An access token to make: valid for ``ttl_seconds``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: float = Field(gt=0, le=30 * 86400, description="how long it is valid")
+
+
+class TokenOut(BaseModel):
+    """A new access token: shown once."""
+
+    id: str
+    token: str
+    expires_at: float
+    desktop_url: str
+
+
+class TokenInfo(BaseModel):
+    """An access token as listed (the token itself is never shown again)."""
+
+    id: str
+    expires_at: float
+    expired: bool
+
+
+class TokenList(BaseModel):
+    """The access tokens of a sandbox."""
+
+    tokens: list[TokenInfo]
 
 
 class ForwardList(BaseModel):
@@ -251,6 +297,32 @@ def api_router(gateway: SandboxApi) -> APIRouter:
     async def remove_forward(sandbox_id: str, forward_id: str) -> Response:
         try:
             await gateway.remove_forward(sandbox_id, forward_id)
+        except SandboxNotFound as exc:
+            raise ApiError(404, "not_found", _words(exc)) from None
+        return Response(status_code=204)
+
+    @router.post("/sandboxes/{sandbox_id}/tokens", status_code=201, response_model=TokenOut,
+                 summary="An access token that expires (a desktop link to hand out)")
+    async def create_token(sandbox_id: str, body: TokenCreate) -> TokenOut:
+        try:
+            return TokenOut.model_validate(gateway.create_grant(sandbox_id, body.ttl_seconds))
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+
+    @router.get("/sandboxes/{sandbox_id}/tokens", response_model=TokenList,
+                summary="The access tokens of a sandbox")
+    async def list_tokens(sandbox_id: str) -> TokenList:
+        try:
+            return TokenList.model_validate({"tokens": gateway.grants(sandbox_id)})
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+
+    @router.delete("/sandboxes/{sandbox_id}/tokens/{token_id}", status_code=204,
+                   response_class=Response,
+                   summary="Revoke an access token: its live sessions close at once")
+    async def revoke_token(sandbox_id: str, token_id: str) -> Response:
+        try:
+            gateway.revoke_grant(sandbox_id, token_id)
         except SandboxNotFound as exc:
             raise ApiError(404, "not_found", _words(exc)) from None
         return Response(status_code=204)

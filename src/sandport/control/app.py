@@ -25,6 +25,7 @@ import html
 import itertools
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,21 @@ class LiveSandbox:
     ports: tuple[GuestPort, ...]
     secrets: dict[str, str] = field(default_factory=dict)
     reason: str = ""
+    #: Extra access tokens (links that expire), by id: see :class:`Grant`.
+    grants: dict[str, Grant] = field(default_factory=dict)
+
+    def check(self, presented: str | None) -> tuple[TokenCheck, str, str]:
+        """``(verdict, grant id, why)`` for a presented token: the sandbox's own token
+        (grant id ""), or a grant that is neither expired nor revoked."""
+        verdict = check_token(presented, self.token_hash)
+        if verdict is not TokenCheck.INVALID:
+            return verdict, "", ""
+        for grant in self.grants.values():
+            if check_token(presented, grant.token_hash) is TokenCheck.OK:
+                if grant.expires_at <= time.time():
+                    return TokenCheck.INVALID, grant.id, "the access token expired"
+                return TokenCheck.OK, grant.id, ""
+        return TokenCheck.INVALID, "", "the access token is not valid for this sandbox"
 
     def port(self, key: str) -> GuestPort | None:
         """The guest port named ``key`` or numbered ``key``.
@@ -84,6 +100,15 @@ class LiveSandbox:
         if key.isdigit() and 0 < int(key) < 65536 and key == str(int(key)):
             return GuestPort(name=key, port=int(key))
         return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grant:
+    """An extra access token of one sandbox, valid until ``expires_at`` (Unix time)."""
+
+    id: str
+    token_hash: str
+    expires_at: float
 
 
 class Registry(Protocol):
@@ -156,15 +181,14 @@ def authorise(
     if sb is None:
         return Refusal(status=404, error="unknown_sandbox",
                        message=f"no sandbox {sandbox_id!r} on this gateway", sandbox=sandbox_id)
-    verdict = check_token(token, sb.token_hash)
+    verdict, _, why = sb.check(token)
     if verdict is TokenCheck.MISSING:
         return Refusal(status=401, error="missing_token",
                        message="this sandbox needs an access token: add ?token=... to the URL",
                        sandbox=sandbox_id)
     if verdict is TokenCheck.INVALID:
-        return Refusal(status=403, error="invalid_token",
-                       message="the access token is not valid for this sandbox",
-                       sandbox=sandbox_id)
+        return Refusal(status=403, error="token_expired" if "expired" in why
+                       else "invalid_token", message=why, sandbox=sandbox_id)
     port = None
     if port_key is not None:
         port = sb.port(port_key)
@@ -373,4 +397,5 @@ class GatewayRouter:
             raise RuntimeError("authorise() returned no port")
         return BridgeRoute(target=Target(host=sb.ip, port=port.port),
                            labels=(sb.id, port.name),
-                           starting=sb.state is SandboxState.STARTING)
+                           starting=sb.state is SandboxState.STARTING,
+                           grant=sb.check(token)[1])

@@ -29,7 +29,13 @@ from typing import Any, TextIO
 from sandport import preflight
 from sandport.bridge.server import BridgeConfig, BridgeLimits, BridgeStats, WsBridge
 from sandport.config import GatewayConfig, connect_host
-from sandport.control.app import CONNECT_TIMEOUT, GatewayRouter, LiveSandbox, build_app
+from sandport.control.app import (
+    CONNECT_TIMEOUT,
+    GatewayRouter,
+    Grant,
+    LiveSandbox,
+    build_app,
+)
 from sandport.control.forwards import Forward, ForwardOptions, ForwardTable
 from sandport.control.httpserver import HttpServer
 from sandport.control.store import Store
@@ -126,6 +132,8 @@ class Sandbox:
     probes: list[ProbeResult] = field(default_factory=list)
     last_probe: ProbeResult | None = None
     ready_seconds: float | None = None
+    #: Expiry timers of the sandbox's extra access tokens, by grant id.
+    grant_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -517,6 +525,69 @@ class Gateway:
             options=options or ForwardOptions(mode=self.config.forward_mode))
         return [f.summary() for f in added]
 
+    def create_grant(self, sandbox_id: str, ttl: float) -> dict[str, Any]:
+        """An extra access token for a sandbox, valid ``ttl`` seconds (a link that expires).
+
+        When it expires, or is revoked, the bridge sessions opened with it are closed
+        (1008, with the reason) and new requests with it get 403.
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        token = new_token()
+        grant = Grant(id=f"g{secrets.token_hex(4)}", token_hash=hash_token(token),
+                      expires_at=time.time() + ttl)
+        sb.live.grants[grant.id] = grant
+        loop = asyncio.get_running_loop()
+        sb.grant_timers[grant.id] = loop.call_later(
+            ttl, self._end_grant, sandbox_id, grant.id, "the access token expired")
+        log.info("sandbox %s: access token %s, valid %g s", sandbox_id, grant.id, ttl)
+        return {"id": grant.id, "token": token, "expires_at": grant.expires_at,
+                "desktop_url": f"{self.base_url}/s/{sandbox_id}/?token={token}"}
+
+    def grants(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """The extra access tokens of a sandbox (ids and expiry; never the tokens).
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        now = time.time()
+        return [{"id": g.id, "expires_at": g.expires_at, "expired": g.expires_at <= now}
+                for g in sb.live.grants.values()]
+
+    def revoke_grant(self, sandbox_id: str, grant_id: str) -> None:
+        """Revoke an access token now: its sessions close, new requests with it get 403.
+
+        Raises:
+            SandboxNotFound: no such sandbox or token.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or grant_id not in sb.live.grants:
+            raise SandboxNotFound(f"sandbox {sandbox_id!r} has no access token {grant_id!r}")
+        timer = sb.grant_timers.pop(grant_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._end_grant(sandbox_id, grant_id, "the access token was revoked", forget=True)
+
+    def _end_grant(self, sandbox_id: str, grant_id: str, reason: str,
+                   forget: bool = False) -> None:
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            return
+        sb.grant_timers.pop(grant_id, None)
+        if forget:  # revoked: unknown from now on (an expired one says "expired")
+            sb.live.grants.pop(grant_id, None)
+        closed = self._front.close_sessions(sandbox_id, 1008, reason, grant=grant_id) \
+            if self._front is not None else 0
+        log.info("sandbox %s: %s (%s); %d session(s) closed", sandbox_id, reason, grant_id,
+                 closed)
+
     async def remove_forward(self, sandbox_id: str, forward_id: str) -> None:
         """Stop one forward of a sandbox (its VNC forward too, if asked).
 
@@ -668,6 +739,9 @@ class Gateway:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        for timer in sb.grant_timers.values():
+            timer.cancel()
+        sb.grant_timers.clear()
         monitor = self._monitors.pop(sandbox_id, None)
         if monitor is not None:
             monitor.cancel()
