@@ -252,3 +252,24 @@ def test_wrong_vnc_password_shows_the_servers_reason(browser: Any, desktop: Any)
     browser.get(wrong)
     state = poll(browser, lambda s: "Authentication failure" in s["status"], timeout=15)
     assert "Authentication failure" in state["status"], (state, diagnose(browser))
+
+
+def test_sdk_lifecycle_with_a_link_that_expires(browser: Any, desktop: Any,
+                                                leftovers: Any) -> None:
+    """Through the Python client: create, hand out an expiring link, open it, delete."""
+    from sandport.client import Client
+
+    gw, _ = desktop
+    api = Client(gw.base_url, gw.admin_token)
+    sb = api.create_sandbox()
+    link = api.request("POST", f"/api/sandboxes/{sb.id}/tokens", {"ttl_seconds": 60})
+    state = open_desktop(browser, link["desktop_url"], sb.doc["colour"])
+    assert state["status"] == f"Connected (unencrypted) to sandport {sb.id}", state
+    api.request("DELETE", f"/api/sandboxes/{sb.id}/tokens/{link['id']}")
+    state = poll(browser, lambda s: "noVNC_connected" not in s["cls"], timeout=10)
+    assert "noVNC_connected" not in state["cls"], state  # revoked: the session closed
+    browser.get("about:blank")
+    sb.delete()
+    assert sb.id not in gw.sandbox_ids()
+    left = leftovers(bridge=None, sandbox_ids=[sb.id], state_dir=gw.config.state_dir)
+    assert left == [], left
