@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sandport.net import nft
 
@@ -138,11 +139,26 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()
 
 
-def _starttime(pid: int) -> int | None:
+def starttime(pid: int) -> int | None:
     """When the process started (clock ticks after boot): with the pid, its identity, which
     an exec does not change and a recycled pid does not share."""
     fields = _stat(pid)
     return int(fields[19]) if fields is not None else None
+
+
+def remove_recorded(state: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Kill the processes a run's state file recorded (if they are still the same
+    programs: pid and start time) and remove its log directory."""
+    for proc in state.get("procs", []):
+        pid, cmd = proc.get("pid"), proc.get("argv")
+        if isinstance(pid, int) and starttime(pid) == proc.get("starttime"):
+            log(f"leftover: killing {cmd} (pid {pid})")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    workdir = Path(str(state.get("workdir", "")))
+    if workdir.name.startswith(LOGDIR_PREFIX) and workdir.is_dir():
+        log(f"leftover: removing {workdir}")
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def tree_pids(root: int) -> list[int]:
@@ -353,7 +369,7 @@ def pick_subnet() -> ipaddress.IPv4Network:
 def _owner_alive(state: dict[str, object]) -> bool:
     pid = state.get("owner_pid")
     return isinstance(pid, int) and pid != os.getpid() and \
-        _starttime(pid) == state.get("owner_starttime")
+        starttime(pid) == state.get("owner_starttime")
 
 
 def cleanup_leftovers(log: Callable[[str], None]) -> None:
@@ -377,16 +393,7 @@ def cleanup_leftovers(log: Callable[[str], None]) -> None:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             state = {}
-        for proc in state.get("procs", []):
-            pid, cmd = proc.get("pid"), proc.get("argv")
-            if isinstance(pid, int) and _starttime(pid) == proc.get("starttime"):
-                log(f"leftover: killing {cmd} (pid {pid})")
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-        workdir = Path(str(state.get("workdir", "")))
-        if workdir.name.startswith(LOGDIR_PREFIX) and workdir.is_dir():
-            log(f"leftover: removing {workdir}")
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_recorded(state, log)
         path.unlink(missing_ok=True)
     # 2. Namespaces: their processes first (guest servers), then the namespace.
     for ns in _json(["ip", "-j", "netns", "list"]):
@@ -445,9 +452,9 @@ class Testbed:
     def _record(self) -> None:
         """Write the state file: who owns the run and which host processes it started."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        procs = [{"pid": p.pid, "starttime": _starttime(p.pid), "argv": " ".join(p.argv)}
+        procs = [{"pid": p.pid, "starttime": starttime(p.pid), "argv": " ".join(p.argv)}
                  for p in self.peer_procs + self.guest_procs if p.alive()]
-        state = {"owner_pid": os.getpid(), "owner_starttime": _starttime(os.getpid()),
+        state = {"owner_pid": os.getpid(), "owner_starttime": starttime(os.getpid()),
                  "ns": self.ns, "workdir": str(self.workdir), "procs": procs}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))

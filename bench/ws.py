@@ -36,8 +36,6 @@ import resource
 import secrets
 import select
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +48,7 @@ from typing import Any
 import report
 import testbed
 from report import fmt, median, ratio
-from testbed import BenchError, Proc, progress
+from testbed import BenchError, Proc, progress, starttime
 
 ALL_PEERS = ("raw", "tcp-relay", "ws-direct", "websockify", "sandport")
 CLIENTS = ("raw", "websockets")  # wsclient.py --client
@@ -135,15 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- processes: the bridge's tree, its memory, the client worker ---------------------------
-
-
-def starttime(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot): with the pid, its identity."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2:].split()[19])
 
 
 def _kib(path: str, key: str) -> int:
@@ -447,15 +436,7 @@ def cleanup_leftovers() -> None:
     for path, state in loaded:
         if not path.name.startswith(STATE_PREFIX):
             continue  # the forward bench's: it removes its namespaces too, on its next run
-        for proc in state.get("procs", []):
-            pid, cmd = proc.get("pid"), proc.get("argv")
-            if isinstance(pid, int) and starttime(pid) == proc.get("starttime"):
-                progress(f"leftover: killing {cmd} (pid {pid})")
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-        workdir = Path(str(state.get("workdir", "")))
-        if workdir.name.startswith(testbed.LOGDIR_PREFIX) and workdir.is_dir():
-            shutil.rmtree(workdir, ignore_errors=True)
+        testbed.remove_recorded(state, progress)
         path.unlink(missing_ok=True)
 
 

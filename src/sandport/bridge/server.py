@@ -743,6 +743,8 @@ class _Session(asyncio.Protocol):
         self.rfb: RfbWatch | None = RfbWatch()
         #: Plain ws: the target→client direction spliced once nothing needs to see it.
         self._zc: SpliceDown | None = None
+        #: Whether this session may ever splice (set at the upgrade: plain ws, binary).
+        self._zc_possible = False
         self.upgraded_at = 0.0
         self.last_activity = time.monotonic()
         self.ping_outstanding = False
@@ -970,7 +972,7 @@ class _Session(asyncio.Protocol):
             self._send_frame(Opcode.BINARY, data)
         if self.rfb is not None:
             self._watch(self.rfb.from_server(data))
-        if self._zc is None and self._zero_copy_ready():
+        if self._zc_possible and self._zc is None and self._zero_copy_ready():
             self._start_zero_copy()
 
     # -- zero-copy downstream (plain ws) ------------------------------------------------------
@@ -978,8 +980,7 @@ class _Session(asyncio.Protocol):
     def _zero_copy_ready(self) -> bool:
         """Whether the target→client bytes may bypass Python from now on."""
         target = self.target.transport if self.target is not None else None
-        return (self.bridge.config.zero_copy and SPLICE_AVAILABLE and not self.tls
-                and self.subprotocol != "base64" and self.rfb is None and not self.closed
+        return (self.rfb is None and not self.closed
                 and self.transport is not None and not self.transport.is_closing()
                 and self.transport.get_write_buffer_size() == 0
                 and target is not None and not target.is_closing())
@@ -1119,6 +1120,8 @@ class _Session(asyncio.Protocol):
             self.ws.send_response(response)
             self.upgraded = True
             self.upgraded_at = time.monotonic()
+            self._zc_possible = (bridge.config.zero_copy and SPLICE_AVAILABLE
+                                 and not self.tls and self.subprotocol != "base64")
             if self.ws.events_received() or self.ws.reader.buffer:
                 # Frames before our 101: RFC 6455 section 4.1 forbids them.
                 self._flush()

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandport.control.forwards import ForwardOptions
-from sandport.control.tokens import TokenCheck, check_token
+from sandport.control.tokens import TokenCheck, bearer_token, check_token
 from sandport.errors import PortInUseError, SandboxFailed, SandboxNotFound, UsageError
 from sandport.forward.spec import PortMapping, PortSpecError, check_overlaps, parse_port_spec
 
@@ -52,6 +52,38 @@ def api_error_response(_: Request, exc: Exception) -> Response:
 def _words(exc: Exception) -> str:
     """An error's message with its hint, on one line."""
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def admin_error(authorization: str | None, admin_hash: str) -> ApiError | None:
+    """Why an ``Authorization`` header does not carry the admin token (None: it does)."""
+    check = check_token(bearer_token(authorization), admin_hash)
+    if check is TokenCheck.MISSING:
+        return ApiError(401, "unauthorized", "admin routes need 'Authorization: Bearer <admin "
+                        "token>' (the token is in the gateway's state dir, gateway.json)")
+    if check is TokenCheck.INVALID:
+        return ApiError(403, "forbidden", "the admin token is not valid")
+    return None
+
+
+def _mappings(specs: list[str]) -> list[PortMapping]:
+    """``-p`` specs to mappings.
+
+    Raises:
+        ApiError: 422 with the syntax, for a spec that does not parse or overlaps another.
+    """
+    try:
+        mappings = [m for spec in specs for m in parse_port_spec(spec)]
+        check_overlaps(mappings, {})
+    except PortSpecError as exc:
+        raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+    return mappings
+
+
+def _port_conflict(exc: Exception) -> ApiError:
+    """A port taken by another program or already forwarded: 409; other bad input: 422."""
+    if isinstance(exc, (PortInUseError, PortSpecError)):
+        return ApiError(409, "port_conflict", _words(exc))
+    return ApiError(422, "invalid", _words(exc))
 
 
 class SandboxApi(Protocol):
@@ -214,14 +246,9 @@ def api_router(gateway: SandboxApi) -> APIRouter:
     """The ``/api/sandboxes`` routes over ``gateway``."""
 
     def admin(request: Request) -> None:
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        check = check_token(presented.strip() if scheme.lower() == "bearer" else None,
-                            gateway.admin_token_hash)
-        if check is TokenCheck.MISSING:
-            raise ApiError(401, "unauthorized", "the API needs 'Authorization: Bearer <admin "
-                           "token>' (the token is in the gateway's state dir, gateway.json)")
-        if check is TokenCheck.INVALID:
-            raise ApiError(403, "forbidden", "the admin token is not valid")
+        error = admin_error(request.headers.get("authorization"), gateway.admin_token_hash)
+        if error is not None:
+            raise error
 
     router = APIRouter(prefix="/api", dependencies=[Depends(admin)], tags=["sandboxes"])
 
@@ -234,20 +261,14 @@ def api_router(gateway: SandboxApi) -> APIRouter:
     @router.post("/sandboxes", status_code=201, response_model=SandboxOut,
                  summary="Create a sandbox; answers once it is proven ready")
     async def create_sandbox(body: SandboxCreate) -> SandboxOut:
-        try:
-            mappings = [m for spec in body.publish for m in parse_port_spec(spec)]
-            check_overlaps(mappings, {})
-        except PortSpecError as exc:
-            raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+        mappings = _mappings(body.publish)
         try:
             info = await gateway.create_sandbox(profile=body.profile, vnc_port=body.vnc_port,
                                                 publish=mappings)
-        except (PortInUseError, PortSpecError) as exc:
-            raise ApiError(409, "port_conflict", _words(exc)) from None
         except SandboxFailed as exc:
             raise ApiError(503, "not_ready", _words(exc)) from None
         except UsageError as exc:
-            raise ApiError(422, "invalid", _words(exc)) from None
+            raise _port_conflict(exc) from None
         return out(info.id)
 
     @router.get("/sandboxes", response_model=SandboxList, summary="Every sandbox")
@@ -277,19 +298,13 @@ def api_router(gateway: SandboxApi) -> APIRouter:
     @router.post("/sandboxes/{sandbox_id}/forwards", status_code=201,
                  response_model=ForwardList, summary="Forward more ports of a sandbox")
     async def add_forwards(sandbox_id: str, body: ForwardsCreate) -> ForwardList:
-        try:
-            mappings = [m for spec in body.publish for m in parse_port_spec(spec)]
-            check_overlaps(mappings, {})
-        except PortSpecError as exc:
-            raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+        mappings = _mappings(body.publish)
         try:
             added = await gateway.add_forwards(sandbox_id, mappings)
         except SandboxNotFound:
             raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
-        except (PortInUseError, PortSpecError) as exc:
-            raise ApiError(409, "port_conflict", _words(exc)) from None
         except UsageError as exc:
-            raise ApiError(422, "invalid", _words(exc)) from None
+            raise _port_conflict(exc) from None
         return ForwardList(forwards=added)
 
     @router.delete("/sandboxes/{sandbox_id}/forwards/{forward_id}", status_code=204,

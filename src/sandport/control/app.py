@@ -47,10 +47,16 @@ from sandport.bridge.server import Refusal as BridgeRefusal
 from sandport.bridge.server import Route as BridgeRoute
 from sandport.bridge.targets import Target
 from sandport.bridge.ws import choose_subprotocol, pump
-from sandport.control.api import ApiError, SandboxApi, api_error_response, api_router
+from sandport.control.api import (
+    ApiError,
+    SandboxApi,
+    admin_error,
+    api_error_response,
+    api_router,
+)
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
-from sandport.control.tokens import TokenCheck, check_token
+from sandport.control.tokens import TokenCheck, bearer_token, check_token
 from sandport.sandbox.base import GuestPort
 from sandport.sandbox.state import SandboxState
 
@@ -75,18 +81,18 @@ class LiveSandbox:
     #: Extra access tokens (links that expire), by id: see :class:`Grant`.
     grants: dict[str, Grant] = field(default_factory=dict)
 
-    def check(self, presented: str | None) -> tuple[TokenCheck, str, str]:
-        """``(verdict, grant id, why)`` for a presented token: the sandbox's own token
+    def check(self, presented: str | None) -> tuple[TokenCheck, str, bool]:
+        """``(verdict, grant id, expired)`` for a presented token: the sandbox's own token
         (grant id ""), or a grant that is neither expired nor revoked."""
         verdict = check_token(presented, self.token_hash)
         if verdict is not TokenCheck.INVALID:
-            return verdict, "", ""
+            return verdict, "", False
         for grant in self.grants.values():
             if check_token(presented, grant.token_hash) is TokenCheck.OK:
                 if grant.expires_at <= time.time():
-                    return TokenCheck.INVALID, grant.id, "the access token expired"
-                return TokenCheck.OK, grant.id, ""
-        return TokenCheck.INVALID, "", "the access token is not valid for this sandbox"
+                    return TokenCheck.INVALID, grant.id, True
+                return TokenCheck.OK, grant.id, False
+        return TokenCheck.INVALID, "", False
 
     def port(self, key: str) -> GuestPort | None:
         """The guest port named ``key`` or numbered ``key``.
@@ -165,30 +171,33 @@ class Refusal:
 
 def presented_token(conn: HTTPConnection) -> str | None:
     """The token from ``?token=`` or ``Authorization: Bearer``."""
-    token = conn.query_params.get("token")
-    if token:
-        return token
-    auth = conn.headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    return value.strip() or None if scheme.lower() == "bearer" else None
+    return conn.query_params.get("token") or bearer_token(conn.headers.get("authorization"))
 
 
 def authorise(
     registry: Registry, token: str | None, sandbox_id: str, port_key: str | None
-) -> tuple[LiveSandbox, GuestPort | None] | Refusal:
-    """Check sandbox, token, readiness and port, in that order."""
+) -> tuple[LiveSandbox, GuestPort | None, str] | Refusal:
+    """Check sandbox, token, readiness and port, in that order.
+
+    Returns the sandbox, the port (when asked for one) and the id of the access token
+    that opened it ("" for the sandbox's own).
+    """
     sb = registry.lookup(sandbox_id)
     if sb is None:
         return Refusal(status=404, error="unknown_sandbox",
                        message=f"no sandbox {sandbox_id!r} on this gateway", sandbox=sandbox_id)
-    verdict, _, why = sb.check(token)
+    verdict, grant, expired = sb.check(token)
     if verdict is TokenCheck.MISSING:
         return Refusal(status=401, error="missing_token",
                        message="this sandbox needs an access token: add ?token=... to the URL",
                        sandbox=sandbox_id)
+    if verdict is TokenCheck.INVALID and expired:
+        return Refusal(status=403, error="token_expired", message="the access token expired",
+                       sandbox=sandbox_id)
     if verdict is TokenCheck.INVALID:
-        return Refusal(status=403, error="token_expired" if "expired" in why
-                       else "invalid_token", message=why, sandbox=sandbox_id)
+        return Refusal(status=403, error="invalid_token",
+                       message="the access token is not valid for this sandbox",
+                       sandbox=sandbox_id)
     port = None
     if port_key is not None:
         port = sb.port(port_key)
@@ -204,7 +213,7 @@ def authorise(
                        sandbox=sandbox_id,
                        retry_after=NOT_READY_RETRY_AFTER
                        if sb.state is SandboxState.CREATING else None)
-    return sb, port
+    return sb, port, grant
 
 
 def _wants_html(request: Request) -> bool:
@@ -258,7 +267,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         verdict = authorise(registry, presented_token(request), sandbox_id, "vnc")
         if isinstance(verdict, Refusal):
             return verdict.response(wants_html=_wants_html(request))
-        sb, _ = verdict
+        sb, _, _ = verdict
         token = presented_token(request) or ""
         target = desktop_redirect_target(request, sb.id, token, sb.secrets.get("vnc_password", ""))
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
@@ -274,7 +283,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
                      verdict.status, verdict.error)
             await websocket.send_denial_response(verdict.response())
             return
-        sb, port = verdict
+        sb, port, _ = verdict
         if port is None:  # authorise() returns a port whenever it is asked for one
             raise RuntimeError("authorise() returned no port")
         try:
@@ -305,18 +314,8 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         await pump(websocket, reader, writer, conn_id=conn_id)
 
     def admin_refusal(request: Request) -> Response | None:
-        auth = request.headers.get("authorization", "")
-        scheme, _, presented = auth.partition(" ")
-        check = check_token(presented.strip() if scheme.lower() == "bearer" else None,
-                            registry.admin_token_hash)
-        if check is TokenCheck.OK:
-            return None
-        status = check.value
-        return JSONResponse(
-            {"error": "unauthorized" if status == 401 else "forbidden",
-             "message": "admin routes need 'Authorization: Bearer <admin token>' (the token "
-                        "is in the gateway's state dir, gateway.json)"},
-            status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else {})
+        error = admin_error(request.headers.get("authorization"), registry.admin_token_hash)
+        return None if error is None else api_error_response(request, error)
 
     async def api_forwards(request: Request) -> Response:
         refusal = admin_refusal(request)
@@ -384,18 +383,16 @@ class GatewayRouter:
         m = self.PATH.match(unquote(parts.path))
         if m is None:
             raise BridgeRefusal(404, "not_found", f"no route {parts.path!r}")
-        token: str | None = (parse_qs(parts.query).get("token") or [""])[0] or None
-        if not token:
-            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            token = value.strip() if scheme.lower() == "bearer" and value.strip() else None
+        token = (parse_qs(parts.query).get("token") or [""])[0] or \
+            bearer_token(request.headers.get("Authorization"))
         verdict = authorise(self.registry, token, m["sandbox"], m["port"])
         if isinstance(verdict, Refusal):
             headers = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
             raise BridgeRefusal(verdict.status, verdict.error, verdict.message, headers)
-        sb, port = verdict
+        sb, port, grant = verdict
         if port is None:  # authorise() returns a port whenever it is asked for one
             raise RuntimeError("authorise() returned no port")
         return BridgeRoute(target=Target(host=sb.ip, port=port.port),
                            labels=(sb.id, port.name),
                            starting=sb.state is SandboxState.STARTING,
-                           grant=sb.check(token)[1])
+                           grant=grant)
