@@ -7,7 +7,16 @@
     gw = Client.from_state_dir("/var/lib/sandport")      # or Client(url, admin_token)
     sb = gw.create_sandbox(publish=["18080:8080"])      # returns once it is proven ready
     print(sb.desktop_url, sb.get_host(5901), sb.get_host(8080))
+    link = sb.create_token(ttl=600)["desktop_url"]      # a link that expires
+    session = sb.create_session(ttl=900)                # hand `link` to a user ...
+    creds = session.wait_completed(timeout=900)         # ... the guest posts what it captured
     sb.delete()
+
+Inside a sandbox, a guest program hands what it captured to the gateway through the
+guest agent (no token needed: the agent holds it)::
+
+    from sandport.client import post_credentials
+    post_credentials({"cookie": "..."})
 
 Errors are :class:`ApiError` with the HTTP status and the gateway's own message.
 """
@@ -15,6 +24,7 @@ Errors are :class:`ApiError` with the HTTP status and the gateway's own message.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import time
 import urllib.error
@@ -22,9 +32,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 GATEWAY_FILE = "gateway.json"
+DEFAULT_AGENT_URL = "http://127.0.0.1:7412"  # the guest agent, from inside a sandbox
+FINAL_SESSION_STATES = ("completed", "expired", "cancelled")
 
 
 class ApiError(Exception):
@@ -105,6 +117,89 @@ class Sandbox:
         """Stop and remove it."""
         self.client.request("DELETE", f"/api/sandboxes/{quote(self.id, safe='')}")
 
+    @property
+    def _path(self) -> str:
+        return f"/api/sandboxes/{quote(self.id, safe='')}"
+
+    def create_token(self, ttl: float, *, ports: list[str] | None = None,
+                     kinds: list[str] | None = None) -> dict[str, Any]:
+        """An access token valid ``ttl`` seconds: ``id``, ``token``, ``desktop_url``...
+
+        ``ports`` (names or numbers) and ``kinds`` (``ws``, ``http``) limit it.
+        """
+        return dict(self.client.request("POST", f"{self._path}/tokens", {
+            "ttl_seconds": ttl, "ports": ports or [], "kinds": kinds or []}))
+
+    def revoke_token(self, token_id: str) -> None:
+        """Revoke an access token: sessions opened with it close at once."""
+        self.client.request("DELETE", f"{self._path}/tokens/{quote(token_id, safe='')}")
+
+    def create_session(self, ttl: float = 900.0) -> Session:
+        """A session that completes when the guest posts credentials (or expires)."""
+        return Session(self.client, self.client.request("POST", f"{self._path}/sessions",
+                                                        {"ttl_seconds": ttl}))
+
+    def sessions(self) -> list[Session]:
+        """Its sessions, oldest first."""
+        return [Session(self.client, d)
+                for d in self.client.request("GET", f"{self._path}/sessions")["sessions"]]
+
+    def credentials(self) -> list[dict[str, Any]]:
+        """What its guest posted, decrypted: ``id``, ``session``, ``created_at``, ``data``."""
+        return list(self.client.request("GET", f"{self._path}/credentials")["credentials"])
+
+
+@dataclass(slots=True)
+class Session:
+    """A session on a sandbox: ``waiting``, ``ready``, then ``completed``, ``expired`` or
+    ``cancelled``."""
+
+    client: Client
+    doc: dict[str, Any] = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+        return str(self.doc["id"])
+
+    @property
+    def state(self) -> str:
+        """Where the session is."""
+        return str(self.doc["state"])
+
+    def refresh(self, wait: float = 0) -> Session:
+        """Ask again; ``wait`` > 0 lets the gateway answer as soon as it ends."""
+        query = f"?{urlencode({'wait': round(wait, 3)})}" if wait > 0 else ""
+        self.doc = self.client.request("GET", f"/api/sessions/{quote(self.id, safe='')}"
+                                              f"{query}")
+        return self
+
+    def wait(self, timeout: float = 900.0) -> Session:
+        """Wait until it ends (long polls, no busy loop); returns it as it is then."""
+        deadline = time.monotonic() + timeout
+        while self.state not in FINAL_SESSION_STATES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.refresh(wait=min(left, 60.0))
+        return self
+
+    def wait_completed(self, timeout: float = 900.0) -> dict[str, Any]:
+        """The credentials that completed it.
+
+        Raises:
+            ApiError: it expired or was cancelled (the reason says why), or ``timeout``.
+        """
+        self.wait(timeout)
+        if self.state != "completed":
+            why = self.doc.get("reason") or f"still {self.state} after {timeout:g} s"
+            raise ApiError(0, self.state, f"session {self.id}: {why}")
+        sandbox = Sandbox(self.client, {"id": self.doc["sandbox"]})
+        for cred in sandbox.credentials():
+            if cred["id"] == self.doc["credential_id"]:
+                return dict(cred["data"])
+        raise ApiError(0, "missing", f"session {self.id}: its credentials are gone")
+
 
 class Client:
     """The API of one gateway: its URL and admin token."""
@@ -138,8 +233,9 @@ class Client:
         req = urllib.request.Request(  # noqa: S310 - http(s) checked above
             self.url + path, method=method,
             data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.admin_token}",
-                     "Content-Type": "application/json"})
+            headers={"Content-Type": "application/json",
+                     **({"Authorization": f"Bearer {self.admin_token}"}
+                        if self.admin_token else {})})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout,  # noqa: S310
                                         context=self._context) as r:
@@ -157,15 +253,18 @@ class Client:
         return json.loads(raw) if raw else None
 
     def create_sandbox(self, *, profile: str = "desktop", publish: list[str] | None = None,
-                       vnc_port: int = 0) -> Sandbox:
+                       vnc_port: int = 0, session_ttl: float | None = None) -> Sandbox:
         """Create a sandbox; returns once the gateway has proven it ready.
+
+        ``session_ttl`` also opens a session (``sb.sessions()[0]``) from the start.
 
         Raises:
             ApiError: 409 a port is taken, 422 a bad spec, 503 it did not become ready.
         """
         doc = self.request("POST", "/api/sandboxes", {"profile": profile,
                                                       "publish": publish or [],
-                                                      "vnc_port": vnc_port})
+                                                      "vnc_port": vnc_port,
+                                                      "session_ttl_seconds": session_ttl})
         return Sandbox(self, doc)
 
     def sandboxes(self) -> list[Sandbox]:
@@ -175,3 +274,31 @@ class Client:
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """One sandbox by id (ApiError 404 when there is none)."""
         return Sandbox(self, self.request("GET", f"/api/sandboxes/{quote(sandbox_id, safe='')}"))
+
+    def session(self, session_id: str) -> Session:
+        """One session by id (ApiError 404 when there is none)."""
+        return Session(self, self.request("GET", f"/api/sessions/{quote(session_id, safe='')}"))
+
+    def events(self, after: int = 0, sandbox: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events with ``seq > after``, oldest first."""
+        query = {"after": after, **({"sandbox": sandbox} if sandbox else {})}
+        return list(self.request("GET", f"/api/events?{urlencode(query)}")["events"])
+
+
+def post_credentials(data: dict[str, Any], *, session: str | None = None,
+                     agent_url: str | None = None, timeout: float = 15.0) -> dict[str, Any]:
+    """From inside a sandbox: hand captured credentials to the gateway via the guest agent.
+
+    The agent (``$SANDPORT_AGENT_URL``, default ``http://127.0.0.1:7412``) adds the
+    sandbox's agent token; the gateway stores them encrypted and completes ``session``
+    (default: the sandbox's oldest open one). Returns the receipt: ``id``, ``session``.
+
+    Raises:
+        ApiError: the agent or the gateway refused them, or the agent does not answer.
+    """
+    url = (agent_url or os.environ.get("SANDPORT_AGENT_URL") or DEFAULT_AGENT_URL).rstrip("/")
+    agent = Client(url, "", timeout=timeout)
+    body: dict[str, Any] = {"data": data}
+    if session is not None:
+        body["session"] = session
+    return dict(agent.request("POST", "/credentials", body))

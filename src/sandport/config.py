@@ -18,6 +18,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/sandport")
 DEFAULT_BRIDGE = "sp-br0"
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.201.0.0/24")
 DEFAULT_LISTEN = ("127.0.0.1", 8700)
+DEFAULT_AGENT_PORT = 7411
 IFNAMSIZ = 15  # Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 
 
@@ -71,6 +72,10 @@ class GatewayConfig:
         origins: ``Origin`` values allowed to open bridge WebSockets; empty allows any.
         trusted_proxies: networks whose X-Forwarded-For / PROXY header names the client.
         ws_max_sessions, ws_max_per_client: bridge session limits (None: none).
+        secret_key_file: the key that seals secrets at rest (64 hex digits); None keeps
+            it in ``<state dir>/secret.key``, created at the first start (mode 0600).
+        agent_port: where guest agents reach the gateway: this port on the bridge
+            address (sandboxes only; agent routes only).
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -87,6 +92,8 @@ class GatewayConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ws_max_sessions: int | None = None
     ws_max_per_client: int | None = None
+    secret_key_file: Path | None = None
+    agent_port: int = DEFAULT_AGENT_PORT
 
     @property
     def scheme(self) -> str:

@@ -68,3 +68,15 @@ class SandboxNotFound(SandportError):
 
 class SandboxFailed(SandportError):
     """A sandbox could not be created or did not become ready."""
+
+
+class Conflict(SandportError):
+    """The request clashes with the current state (e.g. a session that already ended)."""
+
+
+class Unauthorized(SandportError):
+    """A credential is missing (``missing`` true) or wrong."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -254,20 +255,44 @@ def test_wrong_vnc_password_shows_the_servers_reason(browser: Any, desktop: Any)
     assert "Authentication failure" in state["status"], (state, diagnose(browser))
 
 
-def test_sdk_lifecycle_with_a_link_that_expires(browser: Any, desktop: Any,
-                                                leftovers: Any) -> None:
-    """Through the Python client: create, hand out an expiring link, open it, delete."""
+def test_sdk_full_lifecycle_desktop_link_credentials_session_delete(
+        browser: Any, desktop: Any, leftovers: Any) -> None:
+    """Through the Python client, as a backend runs a login flow: create a desktop sandbox
+    with a session, open an expiring link in Chromium, the guest posts what it captured
+    through its agent, the session completes, the database holds no plaintext, delete."""
     from sandport.client import Client
 
     gw, _ = desktop
     api = Client(gw.base_url, gw.admin_token)
-    sb = api.create_sandbox()
-    link = api.request("POST", f"/api/sandboxes/{sb.id}/tokens", {"ttl_seconds": 60})
+    sb = api.create_sandbox(session_ttl=120).wait_ready(timeout=30)
+    (session,) = sb.sessions()
+    assert session.state == "ready"  # waiting until the sandbox was proven ready
+    link = sb.create_token(ttl=60)
     state = open_desktop(browser, link["desktop_url"], sb.doc["colour"])
     assert state["status"] == f"Connected (unencrypted) to sandport {sb.id}", state
-    api.request("DELETE", f"/api/sandboxes/{sb.id}/tokens/{link['id']}")
+    # Inside the sandbox, a guest program hands over what it captured: through the
+    # agent on 127.0.0.1 (the agent adds the token), to the gateway on the bridge.
+    secret = f"sessionid-{os.urandom(12).hex()}"
+    guest = subprocess.run(
+        ["ip", "netns", "exec", f"sp-{sb.id}", sys.executable, "-c",
+         "import json, sys; from sandport.client import post_credentials; "
+         "print(json.dumps(post_credentials({'cookie': sys.argv[1], 'user': 'alice'})))",
+         secret], capture_output=True, text=True, timeout=30, check=False)
+    assert guest.returncode == 0, guest.stderr
+    receipt = json.loads(guest.stdout)
+    assert receipt["session"]["id"] == session.id
+    assert receipt["session"]["state"] == "completed"
+    assert session.wait_completed(timeout=10) == {"cookie": secret, "user": "alice"}
+    kinds = [e["kind"] for e in api.events(sandbox=sb.id)]
+    assert kinds.count("credentials.received") == 1 and "agent.connected" in kinds
+    # Encrypted at rest: neither the database nor its WAL holds the plaintext.
+    for db in gw.config.state_dir.glob("sandport.db*"):
+        raw = db.read_bytes()
+        assert secret.encode() not in raw and b"alice" not in raw, db
+    # Revoking the link closes the browser's session at once.
+    sb.revoke_token(link["id"])
     state = poll(browser, lambda s: "noVNC_connected" not in s["cls"], timeout=10)
-    assert "noVNC_connected" not in state["cls"], state  # revoked: the session closed
+    assert "noVNC_connected" not in state["cls"], state
     browser.get("about:blank")
     sb.delete()
     assert sb.id not in gw.sandbox_ids()

@@ -224,7 +224,7 @@ def test_guest_processes_run_inside_the_sandbox(desktops: Any, loop_thread: Any)
     sb = gw._sandboxes[a.id]
     found = loop_thread.run(gw._backend.inspect(sb.spec))
     assert found.exists and found.link_up
-    assert found.services == {"Xvnc": True, "openbox": True, "xmessage": True}
+    assert found.services == {"Xvnc": True, "openbox": True, "xmessage": True, "agent": True}
     me = os.stat("/proc/self/ns/net").st_ino
     for pid in found.pids:
         assert os.stat(f"/proc/{pid}/ns/net").st_ino != me

@@ -8,98 +8,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import remove_gateway_leftovers, require_programs, require_root, test_net_names
+from conftest import require_programs, require_root, test_net_names
 from nethelpers import free_port
 from sandport.net import nft
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
+from uphelpers import SANDPORT, up_factory  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
-
-SANDPORT = [sys.executable, "-m", "sandport"]
-READY_TIMEOUT = 60
-
-
-class Up:
-    """A `sandport up` subprocess with its own state dir, bridge and subnet."""
-
-    def __init__(self, state_dir: Path, *extra: str, bridge: str | None = None,
-                 subnet: str | None = None, env: dict[str, str] | None = None) -> None:
-        names = test_net_names()
-        self.bridge = bridge or names[0]
-        self.subnet = subnet or str(names[1])
-        self.state_dir = state_dir
-        self.argv = [*SANDPORT, "up", "--listen", "127.0.0.1:0", "--vnc-port", "0",
-                     "--state-dir", str(state_dir), "--bridge", self.bridge,
-                     "--subnet", self.subnet, *extra]
-        self.seen_stderr = ""
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-
-    def wait_ready(self) -> dict[str, Any]:
-        """Read stdout until the SANDPORT-READY line; fail with stderr if it never comes."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("SANDPORT-READY "):
-                return dict(json.loads(line.split(" ", 1)[1]))
-            if not line and self.proc.poll() is not None:
-                break
-        self.proc.kill()
-        _, stderr = self.proc.communicate(timeout=10)
-        raise AssertionError(f"no SANDPORT-READY line; stderr:\n{stderr}")
-
-    def wait_http(self) -> None:
-        """Wait until the gateway logs that its HTTP port is up (no --demo)."""
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            self.seen_stderr += line
-            if "Press Ctrl-C" in line:
-                return
-            if not line and self.proc.poll() is not None:
-                break
-        raise AssertionError(f"gateway did not come up (exit {self.proc.poll()}); "
-                             f"stderr:\n{self.seen_stderr}")
-
-    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
-        self.proc.send_signal(sig)
-        try:
-            _, stderr = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, stderr = self.proc.communicate()
-            raise AssertionError(f"gateway did not stop within 30 s:\n{stderr}") from None
-        return self.proc.returncode, self.seen_stderr + stderr
-
-
-@pytest.fixture
-def up_factory(tmp_path: Path) -> Iterator[Any]:
-    require_root()
-    require_programs("Xvnc", "openbox", "xsetroot", "xmessage")
-    started: list[Up] = []
-
-    def make(*extra: str, **kw: Any) -> Up:
-        up = Up(kw.pop("state_dir", tmp_path / "state"), *extra, **kw)
-        started.append(up)
-        return up
-
-    yield make
-    for up in started:  # a failed test must not leave a gateway or its sandboxes behind
-        if up.proc.poll() is None:
-            up.proc.kill()
-            up.proc.communicate()
-        remove_gateway_leftovers(bridge=up.bridge, state_dir=up.state_dir)
-
 
 def test_up_demo_then_sigint_leaves_nothing(up_factory: Any, leftovers: Any) -> None:
     up = up_factory("--demo")
@@ -150,42 +70,14 @@ def test_sigterm_also_stops_cleanly(up_factory: Any, leftovers: Any) -> None:
     assert leftovers(bridge=up.bridge, sandbox_ids=[ready["id"]], state_dir=up.state_dir) == []
 
 
-def test_kill_9_then_restart_removes_the_leftovers(up_factory: Any, leftovers: Any,
-                                                   tmp_path: Path) -> None:
-    state = tmp_path / "crash-state"
-    first = up_factory("--demo", state_dir=state)
-    ready = first.wait_ready()
-    first.proc.kill()  # SIGKILL: no cleanup at all
-    first.proc.communicate(timeout=10)
-    # Guest processes die with the gateway (parent-death signal) ...
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        left = leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=state)
-        if not [x for x in left if x.startswith("process")]:
-            break
-        time.sleep(0.1)
-    # ... but namespace and link stay until the next start.
-    left = leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=state)
-    assert f"netns sp-{ready['id']}" in left, left
-    assert not [x for x in left if x.startswith("process")], left
-    second = up_factory(state_dir=state, bridge=first.bridge, subnet=first.subnet)
-    second.wait_http()
-    assert leftovers(bridge=None, sandbox_ids=[ready["id"]], state_dir=state,
-                     ignore_pids=(second.proc.pid,)) == []
-    code, stderr = second.stop()
-    assert code == 0, stderr
-    assert "removing leftover sandbox" in stderr
-    assert leftovers(bridge=first.bridge, sandbox_ids=[ready["id"]], state_dir=state) == []
-
-
 def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
     up_factory: Any, tmp_path: Path
 ) -> None:
-    """The restart reconciles nft: the killed gateway's rules go, no duplicates, no strays."""
+    """The restart reconciles nft: the adopted sandbox's rules and the new one's, each once."""
     state = tmp_path / "nft-state"
     p1, p2 = free_port(), free_port(socket.SOCK_DGRAM)
     first = up_factory("--demo", "-p", f"{p1}:7", "-p", f"{p2}:7/udp", state_dir=state)
-    first.wait_ready()
+    adopted = first.wait_ready()
     token = json.loads((state / "gateway.json").read_text())["admin_token"]
     assert (state / "admin-token").stat().st_mode & 0o777 == 0o600
     bridge = first.bridge
@@ -199,8 +91,11 @@ def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
     ready = second.wait_ready()
     # The admin token survives the restart: scripts and SDK clients keep working.
     assert json.loads((state / "gateway.json").read_text())["admin_token"] == token
-    vnc = ready["vnc"]["port"]
+    vnc, old_vnc, old_ip = ready["vnc"]["port"], adopted["vnc"]["port"], adopted["ip"]
     assert sorted(nft.rules_of(bridge)) == sorted([
+        (f"out-{bridge}", f"sandport tcp 127.0.0.1:{old_vnc} -> {old_ip}:5901"),
+        (f"out-{bridge}", f"sandport tcp 127.0.0.1:{p1} -> {old_ip}:7"),
+        (f"out-{bridge}", f"sandport udp 127.0.0.1:{p2} -> {old_ip}:7"),
         (f"out-{bridge}", f"sandport tcp 127.0.0.1:{vnc} -> {ready['ip']}:5901"),
         (f"out-{bridge}", f"sandport tcp 127.0.0.1:{p3} -> {ready['ip']}:7"),
         (f"post-{bridge}", "sandport: replies to 127.0.0.1"),
@@ -211,8 +106,11 @@ def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
     assert table.returncode == 0, table.stderr
     assert f"127.0.0.1:{p3}" in table.stdout and "kernel/kernel" in table.stdout
     listed = json.loads(_run_cli("forward", "list", "--state-dir", str(state), "--json").stdout)
-    assert [(f["name"], f["mode"]) for f in listed] == [("vnc", "kernel"), ("7/tcp", "kernel")]
-    assert listed[0]["total"] >= 1  # the readiness probe went through the DNAT rule
+    assert [(f["sandbox"], f["name"], f["mode"]) for f in listed] == [
+        (adopted["id"], "vnc", "kernel"), (adopted["id"], "7/tcp", "kernel"),
+        (adopted["id"], "7/udp", "kernel"), (ready["id"], "vnc", "kernel"),
+        (ready["id"], "7/tcp", "kernel")]
+    assert listed[3]["total"] >= 1  # the readiness probe went through the DNAT rule
     code, stderr = second.stop()
     assert code == 0, stderr
     assert nft.own_chains(bridge) == []

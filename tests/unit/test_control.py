@@ -10,12 +10,27 @@ from pathlib import Path
 import pytest
 
 from sandport.config import GatewayConfig, NetConfig, connect_host, parse_hostport
-from sandport.control.store import MIGRATIONS, Store
+from sandport.control.secretbox import DecryptError, SecretBox, SecretKeyError, load_or_create_key
+from sandport.control.store import (
+    MIGRATIONS,
+    CredentialRecord,
+    ForwardRecord,
+    GrantRecord,
+    SessionRecord,
+)
+from sandport.control.store import SqliteStore as Store
 from sandport.control.tokens import TokenCheck, check_token, hash_token, new_token
 from sandport.errors import UsageError
 from sandport.net.pool import AddressPool, PoolExhausted
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
-from sandport.sandbox.state import TRANSITIONS, IllegalTransition, SandboxState, check_transition
+from sandport.sandbox.state import (
+    TRANSITIONS,
+    IllegalTransition,
+    SandboxState,
+    SessionState,
+    check_session_transition,
+    check_transition,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -181,3 +196,94 @@ def test_every_transition_is_legal_or_refused(current: SandboxState,
     else:
         with pytest.raises(IllegalTransition, match=f"from {current.value} to {new.value}"):
             check_transition(current, new)
+
+
+SESSION_LEGAL = {
+    ("waiting", "ready"), ("waiting", "completed"), ("waiting", "expired"),
+    ("waiting", "cancelled"),
+    ("ready", "completed"), ("ready", "expired"), ("ready", "cancelled"),
+}
+
+
+@pytest.mark.parametrize("current", list(SessionState), ids=str)
+@pytest.mark.parametrize("new", list(SessionState), ids=str)
+def test_every_session_transition_is_legal_or_refused(current: SessionState,
+                                                      new: SessionState) -> None:
+    if (current.value, new.value) in SESSION_LEGAL:
+        assert check_session_transition(current, new) is new
+    else:
+        with pytest.raises(IllegalTransition, match=f"from {current.value} to {new.value}"):
+            check_session_transition(current, new)
+    assert current.final == (current.value in ("completed", "expired", "cancelled"))
+
+
+def test_secretbox_seals_binds_to_context_and_refuses_another_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.key"
+    key = load_or_create_key(key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_key(key_file) == key  # the same at the next start
+    box = SecretBox(key)
+    sealed = box.seal(b"hunter2", "credentials/c1")
+    assert b"hunter2" not in sealed.encode() and sealed.startswith("v1:")
+    assert box.open(sealed, "credentials/c1") == b"hunter2"
+    assert box.seal(b"hunter2", "credentials/c1") != sealed  # a fresh nonce every time
+    with pytest.raises(DecryptError, match="credentials/c2"):
+        box.open(sealed, "credentials/c2")  # moved to another row
+    with pytest.raises(DecryptError, match="secret key"):
+        SecretBox(bytes(32)).open(sealed, "credentials/c1")
+    with pytest.raises(DecryptError):
+        box.open(sealed[:-4] + "AAAA", "credentials/c1")
+    (tmp_path / "bad.key").write_text("not hex\n")
+    with pytest.raises(SecretKeyError, match="64 hex digits"):
+        load_or_create_key(tmp_path / "bad.key")
+    with pytest.raises(SecretKeyError, match="does not exist"):
+        load_or_create_key(tmp_path / "missing.key", create=False)
+
+
+def test_store_v1_database_migrates_to_the_current_schema(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "db")
+    db.executescript(MIGRATIONS[0])
+    db.execute("INSERT INTO sandboxes (id, backend, profile, state, ip, prefixlen, bridge,"
+               " token_hash, created_at, updated_at) VALUES"
+               " ('old1','netns','desktop','ready','10.201.9.2',24,'sp-x','h',1,1)")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "db")
+    (rec,) = store.sandboxes()
+    assert (rec.id, rec.state, rec.agent_token_hash, rec.secrets) == ("old1", "ready", "", "")
+    assert store.forwards("old1") == [] and store.sessions("old1") == []
+    store.close()
+
+
+def test_store_keeps_forwards_grants_sessions_credentials_and_events(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.add_sandbox(sandbox_id="s1", backend="netns", profile="desktop", state="creating",
+                      ip="10.201.9.2", prefixlen=24, bridge="sp-x", token_hash="h",
+                      agent_token_hash="ah", secrets="v1:x",
+                      event=("sandbox.state", {"state": "creating"}))
+    store.add_forward(ForwardRecord(id="f1", sandbox_id="s1", name="vnc", host_ip="127.0.0.1",
+                                    host_port=15900, guest_port=5900, protocol="tcp",
+                                    options={"mode": "auto"}))
+    store.add_grant(GrantRecord(id="g1", sandbox_id="s1", token_hash="gh", expires_at=9e9,
+                                scope={"ports": ["vnc"]}, created_at=1.0))
+    store.add_session(SessionRecord(id="w1", sandbox_id="s1", state="waiting", reason="",
+                                    credential_id=None, expires_at=9e9, created_at=1.0,
+                                    updated_at=1.0), event=("session.state", {"id": "w1"}))
+    (seq,) = store.add_credentials(
+        CredentialRecord(id="c1", sandbox_id="s1", session_id="w1", sealed="v1:y",
+                         created_at=2.0),
+        session_state="completed", events=[("credentials.received", {"id": "c1"})])
+    session = store.session("w1")
+    assert session is not None and (session.state, session.credential_id) == ("completed", "c1")
+    assert [f.options for f in store.forwards("s1")] == [{"mode": "auto"}]
+    assert [g.scope for g in store.grants("s1")] == [{"ports": ["vnc"]}]
+    kinds = [e.kind for e in store.events()]
+    assert kinds == ["sandbox.state", "session.state", "credentials.received"]
+    assert seq == store.events()[-1].seq and store.events(after=seq) == []
+    # Removing the sandbox removes what hangs on it; the event log stays.
+    store.remove_sandbox("s1")
+    assert (store.forwards("s1"), store.grants("s1"), store.sessions("s1"),
+            store.credentials("s1")) == ([], [], [], [])
+    assert len(store.events(sandbox_id="s1")) == 3
+    store.close()

@@ -1,10 +1,12 @@
 """The gateway's HTTP API for sandboxes (FastAPI; OpenAPI at ``/openapi.json``, ``/docs``).
 
-Every route takes the admin token (``Authorization: Bearer T``; the gateway writes it to
-``<state dir>/gateway.json``, mode 0600). Errors are JSON: ``{"error", "message"}`` with
-401 (no token), 403 (wrong token), 404 (unknown sandbox), 409 (a host port taken or
-already forwarded), 503 (the sandbox did not become ready: the reason names the hop);
-a body that does not fit the schema is FastAPI's 422, which names the field.
+Every route but the agent's takes the admin token (``Authorization: Bearer T``; the
+gateway keeps it in ``<state dir>/admin-token`` and ``gateway.json``, mode 0600). Errors
+are JSON: ``{"error", "message"}`` with 401 (no token), 403 (wrong token), 404 (unknown
+sandbox, session, forward or token), 409 (a host port taken or already forwarded, a
+session that already ended, a sandbox that failed), 503 (the sandbox did not become
+ready: the reason names the hop); a body that does not fit the schema is FastAPI's 422,
+which names the field.
 
 ::
 
@@ -14,23 +16,50 @@ a body that does not fit the schema is FastAPI's 422, which names the field.
     DELETE /api/sandboxes/{id}      stop and remove it (204)
     POST   /api/sandboxes/{id}/forwards         forward more ports at runtime (201)
     DELETE /api/sandboxes/{id}/forwards/{fid}   stop one forward (204)
-    POST   /api/sandboxes/{id}/tokens           an access token with a TTL (201)
-    GET    /api/sandboxes/{id}/tokens           its tokens (ids and expiry)
+    POST   /api/sandboxes/{id}/tokens           an access token with a TTL and a scope (201)
+    GET    /api/sandboxes/{id}/tokens           its tokens (ids, expiry, scope)
     DELETE /api/sandboxes/{id}/tokens/{tid}     revoke one: live sessions close (204)
+    POST   /api/sandboxes/{id}/sessions         a session: waiting -> ready -> completed (201)
+    GET    /api/sandboxes/{id}/sessions         its sessions
+    GET    /api/sessions/{sid}?wait=S           one session; waits up to S s for its end
+    GET    /api/sandboxes/{id}/credentials      what its guest posted, decrypted
+    GET    /api/events?after=N                  the event log; SSE with Accept: text/event-stream
+
+The guest agent's routes take the sandbox's *agent token* instead (handed to the agent at
+start); on the agent port (:func:`agent_app`, the bridge address) only these exist, and
+only the sandbox's own address may call them::
+
+    POST   /api/sandboxes/{id}/credentials      credentials the guest captured (201)
+    POST   /api/sandboxes/{id}/agent/report     the agent's /health document (204)
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from sandport import __version__
+from sandport.control.events import EventHub, sse_stream
 from sandport.control.forwards import ForwardOptions
+from sandport.control.store import EventRecord, SessionRecord
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
-from sandport.errors import PortInUseError, SandboxFailed, SandboxNotFound, UsageError
+from sandport.errors import (
+    Conflict,
+    PortInUseError,
+    SandboxFailed,
+    SandboxNotFound,
+    Unauthorized,
+    UsageError,
+)
 from sandport.forward.spec import PortMapping, PortSpecError, check_overlaps, parse_port_spec
+
+MAX_AGENT_BODY = 64 * 1024  # credentials and reports are small; more is refused (413)
+MAX_WAIT_SECONDS = 60.0
 
 
 class ApiError(Exception):
@@ -96,7 +125,8 @@ class SandboxApi(Protocol):
 
     async def create_sandbox(self, *, profile: str = ..., vnc_port: int = ...,
                              publish: list[PortMapping] | None = ...,
-                             options: ForwardOptions | None = ...) -> Any:
+                             options: ForwardOptions | None = ...,
+                             session_ttl: float | None = ...) -> Any:
         """Create a sandbox and wait until it is ready; its info."""
         ...
 
@@ -120,7 +150,8 @@ class SandboxApi(Protocol):
         """Stop one forward; raises SandboxNotFound."""
         ...
 
-    def create_grant(self, sandbox_id: str, ttl: float) -> dict[str, Any]:
+    def create_grant(self, sandbox_id: str, ttl: float, *, ports: tuple[str, ...] = ...,
+                     kinds: tuple[str, ...] = ...) -> dict[str, Any]:
         """A new access token for ``ttl`` seconds: id, token, expires_at, desktop_url."""
         ...
 
@@ -131,6 +162,54 @@ class SandboxApi(Protocol):
     def revoke_grant(self, sandbox_id: str, grant_id: str) -> None:
         """Revoke one; raises SandboxNotFound."""
         ...
+
+    @property
+    def events(self) -> EventHub:
+        """Live events."""
+        ...
+
+    def event_log(self, *, after: int = ..., sandbox_id: str | None = ...,
+                  limit: int = ...) -> list[EventRecord]:
+        """Recorded events after ``after``."""
+        ...
+
+    def create_session(self, sandbox_id: str, ttl: float = ...) -> SessionRecord:
+        """A new session; raises SandboxNotFound, Conflict."""
+        ...
+
+    def session(self, session_id: str) -> SessionRecord:
+        """One session; raises SandboxNotFound."""
+        ...
+
+    def sessions(self, sandbox_id: str) -> list[SessionRecord]:
+        """Sessions of a sandbox; raises SandboxNotFound."""
+        ...
+
+    async def wait_session(self, session_id: str, timeout: float) -> SessionRecord:
+        """The session once final, or after ``timeout``."""
+        ...
+
+    def check_agent(self, sandbox_id: str, token: str | None,
+                    client_ip: str | None = ...) -> Any:
+        """Raises SandboxNotFound or Unauthorized unless ``token`` is the agent's."""
+        ...
+
+    def post_credentials(self, sandbox_id: str, data: dict[str, Any],
+                         session_id: str | None = ...) -> tuple[Any, SessionRecord | None]:
+        """Store credentials; (record, completed session)."""
+        ...
+
+    def credentials(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """The credentials of a sandbox, unsealed."""
+        ...
+
+    def agent_report(self, sandbox_id: str, report: dict[str, Any]) -> None:
+        """Keep an agent's report."""
+        ...
+
+
+PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class SandboxCreate(BaseModel):
@@ -145,6 +224,9 @@ class SandboxCreate(BaseModel):
         examples=[["18080:8080", "127.0.0.1:15353:53/udp"]])
     vnc_port: int = Field(0, ge=0, le=65535,
                           description="host port of the VNC forward; 0 picks a free one")
+    session_ttl_seconds: float | None = Field(
+        None, gt=0, le=30 * 86400,
+        description="also open a session that lasts this long (see /sessions)")
 
 
 class ForwardsCreate(BaseModel):
@@ -163,6 +245,13 @@ class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ttl_seconds: float = Field(gt=0, le=30 * 86400, description="how long it is valid")
+    ports: list[PortKey] = Field(
+        default_factory=list, max_length=64,
+        description="guest ports (names or numbers) it opens; empty: every port")
+    kinds: list[Literal["ws", "http"]] = Field(
+        default_factory=list,
+        description="what it opens: ws (the WebSocket bridge), http (the desktop page); "
+                    "empty: both")
 
 
 class TokenOut(BaseModel):
@@ -171,6 +260,8 @@ class TokenOut(BaseModel):
     id: str
     token: str
     expires_at: float
+    ports: list[str]
+    kinds: list[str]
     desktop_url: str
 
 
@@ -180,12 +271,99 @@ class TokenInfo(BaseModel):
     id: str
     expires_at: float
     expired: bool
+    ports: list[str]
+    kinds: list[str]
 
 
 class TokenList(BaseModel):
     """The access tokens of a sandbox."""
 
     tokens: list[TokenInfo]
+
+
+class SessionCreate(BaseModel):
+    """A session to open on a sandbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: float = Field(900, gt=0, le=30 * 86400,
+                               description="it expires after this long without credentials")
+
+
+class SessionOut(BaseModel):
+    """A session: ``waiting`` -> ``ready`` -> ``completed`` (or ``expired``, ``cancelled``)."""
+
+    id: str
+    sandbox: str
+    state: Literal["waiting", "ready", "completed", "expired", "cancelled"]
+    reason: str
+    credential_id: str | None
+    expires_at: float
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def of(cls, rec: SessionRecord) -> SessionOut:
+        """From a store record."""
+        return cls(id=rec.id, sandbox=rec.sandbox_id, state=rec.state,  # type: ignore[arg-type]
+                   reason=rec.reason, credential_id=rec.credential_id,
+                   expires_at=rec.expires_at, created_at=rec.created_at,
+                   updated_at=rec.updated_at)
+
+
+class SessionList(BaseModel):
+    """Sessions of a sandbox."""
+
+    sessions: list[SessionOut]
+
+
+class CredentialsIn(BaseModel):
+    """Credentials a guest captured, posted by its agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: dict[str, Any] = Field(description="whatever the guest captured (stored encrypted)")
+    session: SessionKey | None = Field(
+        None, description="the session they complete; default: the oldest open one")
+
+
+class CredentialReceipt(BaseModel):
+    """What the gateway did with posted credentials."""
+
+    id: str
+    session: SessionOut | None
+
+
+class Credential(BaseModel):
+    """Credentials as stored, decrypted for the admin."""
+
+    id: str
+    session: str | None
+    created_at: float
+    data: dict[str, Any]
+
+
+class CredentialList(BaseModel):
+    """Credentials of a sandbox."""
+
+    credentials: list[Credential]
+
+
+class Event(BaseModel):
+    """One recorded state change."""
+
+    seq: int
+    at: float
+    kind: str
+    sandbox: str | None
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    """Events after ``after``, oldest first; ``last`` is the newest seq (for the next call)."""
+
+    events: list[Event]
+    last: int
 
 
 class ForwardList(BaseModel):
@@ -218,6 +396,13 @@ class VncAddress(BaseModel):
     port: int
 
 
+class AgentStatus(BaseModel):
+    """The guest agent's latest report (its /health document) and when it came."""
+
+    report: dict[str, Any] | None
+    reported_at: float | None
+
+
 class SandboxOut(BaseModel):
     """A sandbox as the API shows it."""
 
@@ -234,6 +419,7 @@ class SandboxOut(BaseModel):
     ready_seconds: float | None
     forwards: list[dict[str, Any]]
     readiness: Readiness
+    agent: AgentStatus
 
 
 class SandboxList(BaseModel):
@@ -264,7 +450,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         mappings = _mappings(body.publish)
         try:
             info = await gateway.create_sandbox(profile=body.profile, vnc_port=body.vnc_port,
-                                                publish=mappings)
+                                                publish=mappings,
+                                                session_ttl=body.session_ttl_seconds)
         except SandboxFailed as exc:
             raise ApiError(503, "not_ready", _words(exc)) from None
         except UsageError as exc:
@@ -320,7 +507,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                  summary="An access token that expires (a desktop link to hand out)")
     async def create_token(sandbox_id: str, body: TokenCreate) -> TokenOut:
         try:
-            return TokenOut.model_validate(gateway.create_grant(sandbox_id, body.ttl_seconds))
+            return TokenOut.model_validate(gateway.create_grant(
+                sandbox_id, body.ttl_seconds, ports=tuple(body.ports), kinds=tuple(body.kinds)))
         except SandboxNotFound:
             raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
@@ -342,4 +530,146 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             raise ApiError(404, "not_found", _words(exc)) from None
         return Response(status_code=204)
 
+    @router.post("/sandboxes/{sandbox_id}/sessions", status_code=201, response_model=SessionOut,
+                 tags=["sessions"],
+                 summary="Open a session: it completes when the guest posts credentials")
+    async def create_session(sandbox_id: str, body: SessionCreate) -> SessionOut:
+        try:
+            return SessionOut.of(gateway.create_session(sandbox_id, body.ttl_seconds))
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        except Conflict as exc:
+            raise ApiError(409, "sandbox_unavailable", _words(exc)) from None
+
+    @router.get("/sandboxes/{sandbox_id}/sessions", response_model=SessionList,
+                tags=["sessions"], summary="The sessions of a sandbox")
+    async def list_sessions(sandbox_id: str) -> SessionList:
+        try:
+            return SessionList(sessions=[SessionOut.of(r) for r in gateway.sessions(sandbox_id)])
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+
+    @router.get("/sessions/{session_id}", response_model=SessionOut, tags=["sessions"],
+                summary="One session; with ?wait=S, answers when it ends or after S seconds")
+    async def get_session(
+        session_id: str,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS,
+                                     description="seconds to wait for the session to end")] = 0,
+    ) -> SessionOut:
+        try:
+            rec = await gateway.wait_session(session_id, wait) if wait else \
+                gateway.session(session_id)
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_session", f"no session {session_id!r}") from None
+        return SessionOut.of(rec)
+
+    @router.get("/sandboxes/{sandbox_id}/credentials", response_model=CredentialList,
+                tags=["sessions"], summary="What the sandbox's guest posted, decrypted")
+    async def list_credentials(sandbox_id: str) -> CredentialList:
+        try:
+            return CredentialList.model_validate(
+                {"credentials": gateway.credentials(sandbox_id)})
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+
+    @router.get("/events", response_model=EventList, tags=["events"],
+                summary="The event log after `after`; a live stream (SSE) when asked for "
+                        "text/event-stream",
+                responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(
+        request: Request,
+        after: Annotated[int, Query(ge=0, description="only events with seq > after")] = 0,
+        sandbox: Annotated[str | None, Query(max_length=64,
+                                             description="only this sandbox's")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    ) -> Response:
+        if "text/event-stream" in request.headers.get("accept", ""):
+            last_id = request.headers.get("last-event-id", "")
+            start = int(last_id) if last_id.isdigit() else after
+
+            def keep(e: EventRecord) -> bool:
+                return sandbox is None or e.sandbox_id == sandbox
+
+            def replay(seq: int) -> list[EventRecord]:
+                return gateway.event_log(after=seq, sandbox_id=sandbox)
+
+            stream: AsyncIterator[bytes] = sse_stream(gateway.events, replay, start, keep)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store",
+                                              "X-Accel-Buffering": "no"})
+        found = gateway.event_log(after=after, sandbox_id=sandbox, limit=limit)
+        doc = EventList(events=[Event.model_validate(e.as_json()) for e in found],
+                        last=found[-1].seq if found else after)
+        return JSONResponse(doc.model_dump())
+
     return router
+
+
+def agent_router(gateway: SandboxApi, *, check_source: bool) -> APIRouter:
+    """The guest agent's routes: authenticated with the sandbox's agent token.
+
+    ``check_source``: only the sandbox's own address may call (the agent port).
+    """
+
+    def agent(request: Request, sandbox_id: str) -> None:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_AGENT_BODY:
+            raise ApiError(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
+        client = request.client.host if request.client and check_source else None
+        try:
+            gateway.check_agent(sandbox_id, bearer_token(request.headers.get("authorization")),
+                                client)
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        except Unauthorized as exc:
+            raise ApiError(401 if exc.missing else 403,
+                           "unauthorized" if exc.missing else "forbidden", _words(exc)) from None
+
+    router = APIRouter(prefix="/api", dependencies=[Depends(agent)], tags=["guest agent"])
+
+    @router.post("/sandboxes/{sandbox_id}/credentials", status_code=201,
+                 response_model=CredentialReceipt,
+                 summary="Credentials the guest captured (agent token); completes the session")
+    async def post_credentials(sandbox_id: str, body: CredentialsIn) -> CredentialReceipt:
+        try:
+            rec, session = gateway.post_credentials(sandbox_id, body.data, body.session)
+        except SandboxNotFound as exc:
+            raise ApiError(404, "not_found", _words(exc)) from None
+        except Conflict as exc:
+            raise ApiError(409, "session_ended", _words(exc)) from None
+        return CredentialReceipt(id=rec.id,
+                                 session=SessionOut.of(session) if session else None)
+
+    @router.post("/sandboxes/{sandbox_id}/agent/report", status_code=204,
+                 response_class=Response, summary="The guest agent's health (agent token)")
+    async def agent_report(sandbox_id: str, body: dict[str, Any]) -> Response:
+        try:
+            gateway.agent_report(sandbox_id, body)
+        except SandboxNotFound:
+            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        return Response(status_code=204)
+
+    return router
+
+
+async def validation_error_response(_: Request, exc: Exception) -> Response:
+    """422 naming the fields (registered as an exception handler)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"error": "invalid", "message": "the request does not fit the schema",
+                         "detail": jsonable_errors(exc)}, status_code=422)
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's validation errors without the input echoed back (it may be a secret)."""
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()]
+
+
+def agent_app(gateway: SandboxApi) -> FastAPI:
+    """The app on the agent port: the guest agent's routes, nothing else."""
+    app = FastAPI(title="sandport agent port", version=__version__, openapi_url=None,
+                  docs_url=None, redoc_url=None)
+    app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.include_router(agent_router(gateway, check_source=True))
+    return app

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -51,8 +52,10 @@ from sandport.control.api import (
     ApiError,
     SandboxApi,
     admin_error,
+    agent_router,
     api_error_response,
     api_router,
+    validation_error_response,
 )
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
@@ -108,13 +111,29 @@ class LiveSandbox:
         return None
 
 
+#: What an access token can open: ``ws`` the WebSocket bridge, ``http`` the desktop page.
+KINDS = ("ws", "http")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Grant:
-    """An extra access token of one sandbox, valid until ``expires_at`` (Unix time)."""
+    """An extra access token of one sandbox, valid until ``expires_at`` (Unix time).
+
+    ``ports`` (names or numbers) and ``kinds`` (:data:`KINDS`) limit it; empty: all.
+    """
 
     id: str
     token_hash: str
     expires_at: float
+    ports: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    def allows(self, port: GuestPort | None, kind: str) -> bool:
+        """True if this token may open ``port`` (None: no port asked) as ``kind``."""
+        if self.kinds and kind not in self.kinds:
+            return False
+        return not self.ports or port is None or any(
+            p in (port.name, str(port.port)) for p in self.ports)
 
 
 class Registry(Protocol):
@@ -175,12 +194,13 @@ def presented_token(conn: HTTPConnection) -> str | None:
 
 
 def authorise(
-    registry: Registry, token: str | None, sandbox_id: str, port_key: str | None
+    registry: Registry, token: str | None, sandbox_id: str, port_key: str | None,
+    kind: str = "ws",
 ) -> tuple[LiveSandbox, GuestPort | None, str] | Refusal:
-    """Check sandbox, token, readiness and port, in that order.
+    """Check sandbox, token, port, the token's scope and readiness, in that order.
 
     Returns the sandbox, the port (when asked for one) and the id of the access token
-    that opened it ("" for the sandbox's own).
+    that opened it ("" for the sandbox's own). ``kind`` is what is opened (:data:`KINDS`).
     """
     sb = registry.lookup(sandbox_id)
     if sb is None:
@@ -206,6 +226,13 @@ def authorise(
             return Refusal(status=404, error="unknown_port",
                            message=f"sandbox {sandbox_id} exposes no port {port_key!r}; "
                            f"it exposes {known}", sandbox=sandbox_id)
+    scope = sb.grants.get(grant) if grant else None
+    if scope is not None and not scope.allows(port, kind):
+        what = f"port {port.name}" if port is not None else "this"
+        return Refusal(status=403, error="out_of_scope",
+                       message=f"the access token does not open {what} as {kind} (it opens "
+                       f"ports {', '.join(scope.ports) or 'all'}, as "
+                       f"{', '.join(scope.kinds) or 'any kind'})", sandbox=sandbox_id)
     if sb.state not in (SandboxState.READY, SandboxState.STARTING, SandboxState.DEGRADED):
         detail = f": {sb.reason}" if sb.reason else ""
         return Refusal(status=503, error="not_ready",
@@ -264,7 +291,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
 
     async def desktop(request: Request) -> Response:
         sandbox_id = request.path_params["sandbox"]
-        verdict = authorise(registry, presented_token(request), sandbox_id, "vnc")
+        verdict = authorise(registry, presented_token(request), sandbox_id, "vnc", "http")
         if isinstance(verdict, Refusal):
             return verdict.response(wants_html=_wants_html(request))
         sb, _, _ = verdict
@@ -350,8 +377,10 @@ def build_app(registry: Registry, *, novnc_dir: Path,
                   description="Sandboxes, their desktops and ports. Every /api route takes "
                               "the admin token: Authorization: Bearer <token>.")
     app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
     if api is not None:
         app.include_router(api_router(api))
+        app.include_router(agent_router(api, check_source=False))
     app.router.routes.extend(routes)
     return app
 

@@ -203,8 +203,11 @@ class ForwardTable:
 
     async def add(self, *, sandbox: str, guest_ip: str,
                   mappings: list[tuple[str, PortMapping]],
-                  options: ForwardOptions) -> list[Forward]:
+                  options: ForwardOptions, ids: list[str] | None = None) -> list[Forward]:
         """Publish ``(name, mapping)`` pairs of a sandbox; all or nothing.
+
+        ``ids`` gives the forwards their ids (a restart restores them as they were);
+        by default they are numbered ``f1``, ``f2``...
 
         Raises:
             UsageError: overlapping host ports (the message names the owner), or a mode
@@ -219,9 +222,10 @@ class ForwardTable:
                      for name, m in mappings]
             added: list[Forward] = []
             try:
-                for name, mapping, mode, why in plans:
+                for i, (name, mapping, mode, why) in enumerate(plans):
                     added.append(await self._start(sandbox, name, mapping, guest_ip,
-                                                   options, mode, why))
+                                                   options, mode, why,
+                                                   ids[i] if ids else None))
                 if any(f.mode == "kernel" for f in added):
                     await self._apply_kernel()
             except BaseException:
@@ -238,9 +242,16 @@ class ForwardTable:
             return added
 
     async def _start(self, sandbox: str, name: str, mapping: PortMapping, guest_ip: str,
-                     options: ForwardOptions, mode: str, why: str) -> Forward:
-        self._seq += 1
-        fwd = Forward(id=f"f{self._seq}", sandbox=sandbox, name=name, mapping=mapping,
+                     options: ForwardOptions, mode: str, why: str,
+                     forward_id: str | None = None) -> Forward:
+        if forward_id is None:
+            self._seq += 1
+            forward_id = f"f{self._seq}"
+        elif forward_id[1:].isdigit():  # never hand out a restored id again
+            self._seq = max(self._seq, int(forward_id[1:]))
+        if forward_id in self._forwards:
+            raise UsageError(f"forward id {forward_id} is taken")
+        fwd = Forward(id=forward_id, sandbox=sandbox, name=name, mapping=mapping,
                       guest_ip=guest_ip, options=options, mode=mode, why=why)
         label = f"{sandbox}/{name}"
         if mode == "kernel":

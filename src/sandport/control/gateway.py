@@ -2,16 +2,24 @@
 
 Lifecycle is ``start -> serve -> stop`` (``async with Gateway(config) as gw``):
 
-start:  preflight (capabilities, programs) -> lock the state dir -> open the store ->
-        remove what a crashed gateway left -> bridge -> HTTP port.
-stop:   HTTP port (browsers get a close code) -> forwards -> sandboxes -> bridge ->
-        store and lock. Every step runs even if an earlier one failed.
+start:  preflight (capabilities, programs) -> lock the state dir -> admin token and
+        secret key -> open the store -> bridge -> agent listener -> adopt what a crashed
+        gateway left running (or mark it failed) -> kernel forwards -> HTTP port.
+stop:   events end -> HTTP port (browsers get a close code) -> sandboxes -> forwards ->
+        bridge -> store and lock. Every step runs even if an earlier one failed.
+
+A gateway that is killed (``kill -9``, a crash) leaves its sandboxes running. The next
+start on the same state dir adopts every sandbox whose guest services still run: its
+forwards come back on the same host ports (with the same ids), its tokens and access
+tokens stay valid, its readiness is probed at once. The others are marked ``failed`` with
+the reason and their namespace, link and processes removed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import ipaddress
@@ -29,6 +37,7 @@ from typing import Any, TextIO
 from sandport import preflight
 from sandport.bridge.server import BridgeConfig, BridgeLimits, BridgeStats, WsBridge
 from sandport.config import GatewayConfig, connect_host
+from sandport.control.api import agent_app
 from sandport.control.app import (
     CONNECT_TIMEOUT,
     GatewayRouter,
@@ -36,11 +45,29 @@ from sandport.control.app import (
     LiveSandbox,
     build_app,
 )
+from sandport.control.events import EventHub
 from sandport.control.forwards import Forward, ForwardOptions, ForwardTable
 from sandport.control.httpserver import HttpServer
-from sandport.control.store import Store
-from sandport.control.tokens import hash_token, new_token
-from sandport.errors import PortInUseError, SandboxFailed, SandboxNotFound, StateDirBusy
+from sandport.control.secretbox import DecryptError, SecretBox, load_or_create_key
+from sandport.control.store import (
+    CredentialRecord,
+    EventRecord,
+    ForwardRecord,
+    GrantRecord,
+    SandboxRecord,
+    SessionRecord,
+    SqliteStore,
+    StateStore,
+)
+from sandport.control.tokens import TokenCheck, check_token, hash_token, new_token
+from sandport.errors import (
+    Conflict,
+    PortInUseError,
+    SandboxFailed,
+    SandboxNotFound,
+    StateDirBusy,
+    Unauthorized,
+)
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink
 from sandport.net.pool import AddressPool
@@ -48,7 +75,12 @@ from sandport.probe import ProbeResult, probe_rfb_tcp, probe_rfb_ws, wait_until
 from sandport.sandbox.base import SandboxSpec
 from sandport.sandbox.netns import NetnsBackend, netns_name, spec_from_record
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
-from sandport.sandbox.state import SandboxState, check_transition
+from sandport.sandbox.state import (
+    SandboxState,
+    SessionState,
+    check_session_transition,
+    check_transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +92,9 @@ HEARTBEAT_SECONDS = 30.0  # bridge pings; a browser that stops answering is clos
 GATEWAY_FILE = "gateway.json"  # in the state dir: pid, URL and admin token of the gateway
 #: In the state dir, mode 0600: the admin token of the API, kept across restarts.
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
+#: In the state dir, mode 0600, unless the config names another: the key sealing secrets.
+SECRET_KEY_FILE = "secret.key"  # noqa: S105 - a file name, not a secret
+DEFAULT_SESSION_TTL = 900.0
 
 
 def _insecure_client_context() -> ssl.SSLContext:
@@ -134,6 +169,10 @@ class Sandbox:
     ready_seconds: float | None = None
     #: Expiry timers of the sandbox's extra access tokens, by grant id.
     grant_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    #: The guest agent's token (hashed) and its latest report (its /health document).
+    agent_token_hash: str = ""
+    agent_report: dict[str, Any] | None = None
+    agent_report_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +195,9 @@ class SandboxInfo:
     #: Readiness: the probes that declared it ready, and the monitor's latest.
     probes: list[dict[str, Any]] = field(default_factory=list)
     last_probe: dict[str, Any] | None = None
+    #: The guest agent's latest report, and when it came (Unix time).
+    agent: dict[str, Any] | None = None
+    agent_report_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The SANDPORT-READY document."""
@@ -173,6 +215,7 @@ class SandboxInfo:
             "forwards": self.forwards,
             "reason": self.reason,
             "readiness": {"probes": self.probes, "last": self.last_probe},
+            "agent": {"report": self.agent, "reported_at": self.agent_report_at},
         }
 
 
@@ -182,7 +225,15 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self._sandboxes: dict[str, Sandbox] = {}
-        self._store: Store | None = None
+        self._store: StateStore | None = None
+        self._box: SecretBox | None = None
+        #: Every recorded state change goes to the log and to live watchers (SSE).
+        self.events = EventHub()
+        #: Guest agents' port on the bridge address (agent routes only).
+        self._agent_http: HttpServer | None = None
+        self._session_timers: dict[str, asyncio.TimerHandle] = {}
+        #: Notified on every session change (long polls wait on it).
+        self._session_changed: asyncio.Condition | None = None
         self._pool: AddressPool | None = None
         self._http: HttpServer | None = None
         #: The gateway's port: WebSocket bridge, TLS detection; other requests go to _http.
@@ -254,11 +305,15 @@ class Gateway:
         novnc = preflight.find_novnc()
         self._backend = NetnsBackend(programs)
         self._lock_state_dir()
-        self._load_admin_token()
+        self._session_changed = asyncio.Condition()
+        self.events = EventHub()
         try:
-            self._store = Store(cfg.state_dir / "sandport.db")
+            self._load_admin_token()
+            key_file = cfg.secret_key_file or cfg.state_dir / SECRET_KEY_FILE
+            self._box = SecretBox(load_or_create_key(key_file,
+                                                     create=cfg.secret_key_file is None))
+            self._store = SqliteStore(cfg.state_dir / "sandport.db")
             self._pool = AddressPool(cfg.net.subnet, self._store)
-            await self._remove_leftovers(progress)
             progress(f"bridge {cfg.net.bridge} {cfg.net.gateway_ip}/{cfg.net.subnet.prefixlen}")
             gateway_iface = ipaddress.IPv4Interface(
                 f"{cfg.net.gateway_ip}/{cfg.net.subnet.prefixlen}"
@@ -266,7 +321,12 @@ class Gateway:
             self._bridge_created = await asyncio.to_thread(
                 netlink.ensure_bridge, cfg.net.bridge, gateway_iface
             )
-            # Kernel forwards: exactly this gateway's (none yet); a killed one's are gone.
+            self._agent_http = HttpServer(agent_app(self), str(cfg.net.gateway_ip),
+                                          cfg.agent_port, what="agent port")
+            await self._agent_http.start()
+            # Sandboxes a killed gateway left: adopted with their forwards, or failed.
+            await self._recover(progress)
+            # Kernel forwards: exactly this gateway's; a killed one's stale rules are gone.
             await self.forwards.reconcile()
             app = build_app(self, novnc_dir=novnc, api=self)
             # The app listens on a Unix socket next to the bridge lock (one gateway per
@@ -343,28 +403,126 @@ class Gateway:
             self._lock_file = None
             raise
 
-    async def _remove_leftovers(self, progress: Progress) -> None:
-        """Destroy every sandbox the store still lists: a previous gateway died with them."""
-        if self._store is None or self._backend is None:
-            return
-        records = self._store.sandboxes()
-        for rec in records:
-            progress(f"removing leftover sandbox {rec.id} from a previous run")
-            log.warning("removing leftover sandbox %s (%s, state %s)", rec.id, rec.ip, rec.state)
+    @property
+    def agent_url(self) -> str:
+        """Where guest agents reach this gateway: the agent port on the bridge address."""
+        return f"http://{self.config.net.gateway_ip}:{self.config.agent_port}"
+
+    def _unseal_secrets(self, rec: SandboxRecord) -> dict[str, str]:
+        if self._box is None or not rec.secrets:
+            raise DecryptError(f"sandboxes/{rec.id}: no sealed secrets (an older store)")
+        doc = json.loads(self._box.open(rec.secrets, f"sandboxes/{rec.id}"))
+        return {str(k): str(v) for k, v in doc.items()}
+
+    async def _recover(self, progress: Progress) -> None:
+        """Adopt every sandbox a killed gateway left running; fail and clean the others.
+
+        Adopted: guest services still run (same pids, same start times), the namespace
+        and link exist, the secrets unseal, the forwards bind again. Their state stays
+        (``ready``/``degraded``) and the monitor probes at once. Any other sandbox is
+        marked ``failed`` with the reason and its resources removed; its record stays
+        until it is deleted, so callers see what happened.
+        """
+        assert self._store is not None
+        assert self._backend is not None
+        for rec in self._store.sandboxes():
+            state = SandboxState(rec.state)
+            prof = get_profile(rec.profile)
+            try:
+                secrets = self._unseal_secrets(rec)
+                why = ""
+            except (DecryptError, ValueError) as exc:
+                secrets, why = {}, str(exc).splitlines()[0]
             spec = spec_from_record(sandbox_id=rec.id, profile=rec.profile, ip=rec.ip,
                                     prefixlen=rec.prefixlen, bridge=rec.bridge,
-                                    state_dir=self.config.state_dir)
-            await self._backend.destroy(spec)
-            self._store.remove_sandbox(rec.id)
-        # Links on our bridge that no record explains (e.g. the store was deleted by hand).
+                                    state_dir=self.config.state_dir,
+                                    secrets={k: v for k, v in secrets.items() if k != "token"},
+                                    agent_url=self.agent_url)
+            if state in (SandboxState.STOPPING, SandboxState.STOPPED):  # was being deleted
+                progress(f"removing sandbox {rec.id}: it was being deleted")
+                await self._backend.destroy(spec)
+                self._store.remove_sandbox(rec.id)
+                continue
+            live = LiveSandbox(id=rec.id, ip=rec.ip, state=state, token_hash=rec.token_hash,
+                               ports=prof.ports, secrets=spec.secrets, reason=rec.reason)
+            sb = Sandbox(spec=spec, live=live, token=secrets.get("token", ""),
+                         agent_token_hash=rec.agent_token_hash)
+            self._sandboxes[rec.id] = sb
+            if state is SandboxState.FAILED:
+                await self._backend.destroy(spec)  # resources of a failed one never stay
+                continue
+            if not why and state not in (SandboxState.READY, SandboxState.DEGRADED):
+                why = f"the gateway stopped while the sandbox was {state.value}"
+            if not why:
+                why = await self._backend.adopt(spec) or ""
+            if not why:
+                try:
+                    await self._restore_forwards(sb)
+                except Exception as exc:
+                    why = f"its forwards could not be restored: {str(exc).splitlines()[0]}"
+            if why:
+                reason = f"not adopted after a gateway restart: {why}"
+                progress(f"sandbox {rec.id}: {reason}")
+                log.warning("sandbox %s: %s", rec.id, reason)
+                with contextlib.suppress(Exception):
+                    await self.forwards.remove_sandbox(rec.id)
+                await self._backend.destroy(spec)
+                self._set_state(sb, SandboxState.FAILED, reason)
+                self._end_sessions(rec.id, SessionState.CANCELLED, reason)
+                continue
+            self._restore_grants(sb)
+            self._restore_sessions(sb)
+            progress(f"sandbox {rec.id}: adopted ({state.value}, {rec.ip})")
+            log.info("sandbox %s: adopted from a previous gateway (%s)", rec.id, state.value)
+            self._record_event("sandbox.adopted", rec.id, {"state": state.value})
+            self._monitors[rec.id] = asyncio.create_task(
+                self._monitor(sb, first_delay=0.0), name=f"sandbox {rec.id} readiness")
+        # Links on our bridge that no sandbox explains (e.g. the store was deleted by hand).
         for port in await asyncio.to_thread(netlink.bridge_ports, self.config.net.bridge):
-            if port.startswith("sp-"):
+            owner = port.removeprefix("sp-").removesuffix("-v")
+            if port.startswith("sp-") and owner not in self._sandboxes:
                 log.warning("removing stray link %s from bridge %s", port, self.config.net.bridge)
                 await asyncio.to_thread(netlink.delete_link, port)
 
+    async def _restore_forwards(self, sb: Sandbox) -> None:
+        """Publish the stored forwards of an adopted sandbox again: same ports, same ids."""
+        assert self._store is not None
+        for rec in self._store.forwards(sb.spec.id):
+            mapping = PortMapping(host_ip=rec.host_ip, host_port=rec.host_port,
+                                  guest_port=rec.guest_port, protocol=rec.protocol)
+            await self.forwards.add(sandbox=sb.spec.id, guest_ip=sb.live.ip,
+                                    mappings=[(rec.name, mapping)],
+                                    options=ForwardOptions(**rec.options), ids=[rec.id])
+
+    def _restore_grants(self, sb: Sandbox) -> None:
+        assert self._store is not None
+        loop = asyncio.get_running_loop()
+        for rec in self._store.grants(sb.spec.id):
+            grant = Grant(id=rec.id, token_hash=rec.token_hash, expires_at=rec.expires_at,
+                          ports=tuple(rec.scope.get("ports", ())),
+                          kinds=tuple(rec.scope.get("kinds", ())))
+            sb.live.grants[grant.id] = grant
+            left = rec.expires_at - time.time()
+            if left > 0:
+                sb.grant_timers[grant.id] = loop.call_later(
+                    left, self._end_grant, sb.spec.id, grant.id, "the access token expired")
+
+    def _restore_sessions(self, sb: Sandbox) -> None:
+        assert self._store is not None
+        for rec in self._store.sessions(sb.spec.id):
+            if not SessionState(rec.state).final:
+                self._arm_session(rec)
+                if rec.state == SessionState.WAITING and sb.live.state is SandboxState.READY:
+                    self._move_session(rec.id, SessionState.READY)
+
     async def stop(self) -> None:
         """Shut down in order; each step runs even if one before it failed."""
-        # 1. The HTTP port first: browsers get a close code, no new sessions arrive.
+        # 1. Event streams end, then the HTTP port: browsers get a close code, no new
+        #    sessions arrive.
+        self.events.close()
+        for timer in self._session_timers.values():
+            timer.cancel()
+        self._session_timers.clear()
         if self._front is not None:
             with contextlib.suppress(Exception):
                 await self._front.stop()
@@ -373,6 +531,10 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self._http.stop()
             self._http = None
+        if self._agent_http is not None:
+            with contextlib.suppress(Exception):
+                await self._agent_http.stop()
+            self._agent_http = None
         # 2. Sandboxes: their forwards, guest processes, namespaces, links, leases.
         for sandbox_id in list(self._sandboxes):
             try:
@@ -414,16 +576,253 @@ class Gateway:
                 return sandbox_id
 
     def _set_state(self, sb: Sandbox, state: SandboxState, reason: str = "") -> None:
+        before = sb.live.state
         sb.live.state = check_transition(sb.live.state, state)
         sb.live.reason = reason
+        data = {"state": state.value, "from": before.value, "reason": reason}
         if self._store is not None:
-            self._store.set_state(sb.spec.id, state.value, reason=reason)
+            seq = self._store.set_state(sb.spec.id, state.value, reason=reason,
+                                        event=("sandbox.state", data))
+            self._published(seq, "sandbox.state", sb.spec.id, data)
         log.info("sandbox %s: %s%s", sb.spec.id, state.value, f" ({reason})" if reason else "")
+        if state is SandboxState.READY:
+            for rec in self._open_sessions(sb.spec.id):
+                if rec.state == SessionState.WAITING:
+                    self._move_session(rec.id, SessionState.READY)
+
+    def _published(self, seq: int | None, kind: str, sandbox_id: str,
+                   data: dict[str, Any]) -> None:
+        """Hand an event the store recorded (as ``seq``) to live watchers."""
+        if seq:
+            self.events.publish(EventRecord(seq=seq, at=time.time(), kind=kind,
+                                            sandbox_id=sandbox_id, data=data))
+
+    def _record_event(self, kind: str, sandbox_id: str, data: dict[str, Any]) -> None:
+        """Record an event that goes with no other change, and publish it."""
+        if self._store is not None:
+            self._published(self._store.add_event(kind, sandbox_id, data), kind, sandbox_id,
+                            data)
+
+    def event_log(self, *, after: int = 0, sandbox_id: str | None = None,
+                  limit: int = 1000) -> list[EventRecord]:
+        """Recorded events after ``after`` (``GET /api/events``)."""
+        if self._store is None:
+            raise RuntimeError("gateway not started")
+        return self._store.events(after=after, sandbox_id=sandbox_id, limit=limit)
+
+    # Sessions and credentials ------------------------------------------------------------
+
+    def _open_sessions(self, sandbox_id: str) -> list[SessionRecord]:
+        if self._store is None:
+            return []
+        return [r for r in self._store.sessions(sandbox_id) if not SessionState(r.state).final]
+
+    def _arm_session(self, rec: SessionRecord) -> None:
+        left = max(0.0, rec.expires_at - time.time())
+        self._session_timers[rec.id] = asyncio.get_running_loop().call_later(
+            left, self._expire_session, rec.id)
+
+    def _expire_session(self, session_id: str) -> None:
+        self._session_timers.pop(session_id, None)
+        with contextlib.suppress(Exception):
+            self._move_session(session_id, SessionState.EXPIRED,
+                               "no credentials arrived before the session's TTL ran out")
+
+    def _move_session(self, session_id: str, state: SessionState, reason: str = "") -> None:
+        assert self._store is not None
+        rec = self._store.session(session_id)
+        if rec is None:
+            return
+        check_session_transition(SessionState(rec.state), state)
+        data = {"id": session_id, "state": state.value, "from": rec.state, "reason": reason}
+        seq = self._store.set_session_state(session_id, state.value, reason=reason,
+                                            event=("session.state", data))
+        self._published(seq, "session.state", rec.sandbox_id, data)
+        if state.final:
+            timer = self._session_timers.pop(session_id, None)
+            if timer is not None:
+                timer.cancel()
+        self._notify_sessions()
+
+    def _notify_sessions(self) -> None:
+        cond = self._session_changed
+        if cond is None:
+            return
+
+        async def notify() -> None:
+            async with cond:
+                cond.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def _end_sessions(self, sandbox_id: str, state: SessionState, reason: str) -> None:
+        for rec in self._open_sessions(sandbox_id):
+            with contextlib.suppress(Exception):
+                self._move_session(rec.id, state, reason)
+
+    def create_session(self, sandbox_id: str, ttl: float = DEFAULT_SESSION_TTL) -> SessionRecord:
+        """A flow on a sandbox that ends when its guest posts credentials (or ``ttl`` ends).
+
+        It is ``waiting`` until the sandbox is ready, then ``ready``; ``completed`` once
+        the guest agent posts credentials; ``expired`` after ``ttl`` seconds without.
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+            Conflict: the sandbox failed or is going away.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or self._store is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        if sb.live.state in (SandboxState.FAILED, SandboxState.STOPPING, SandboxState.STOPPED):
+            raise Conflict(f"sandbox {sandbox_id} is {sb.live.state.value}: {sb.live.reason}")
+        now = time.time()
+        state = SessionState.READY if sb.live.state is SandboxState.READY \
+            else SessionState.WAITING
+        rec = SessionRecord(id=f"w{secrets.token_hex(5)}", sandbox_id=sandbox_id,
+                            state=state.value, reason="", credential_id=None,
+                            expires_at=now + ttl, created_at=now, updated_at=now)
+        data = {"id": rec.id, "state": state.value, "from": "", "reason": ""}
+        self._published(self._store.add_session(rec, event=("session.state", data)),
+                        "session.state", sandbox_id, data)
+        self._arm_session(rec)
+        log.info("sandbox %s: session %s (%s, ttl %g s)", sandbox_id, rec.id, state.value, ttl)
+        return rec
+
+    def session(self, session_id: str) -> SessionRecord:
+        """One session.
+
+        Raises:
+            SandboxNotFound: no such session (or its sandbox was deleted).
+        """
+        rec = self._store.session(session_id) if self._store is not None else None
+        if rec is None:
+            raise SandboxNotFound(f"no session {session_id!r}")
+        return rec
+
+    def sessions(self, sandbox_id: str) -> list[SessionRecord]:
+        """The sessions of a sandbox, oldest first.
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+        """
+        if sandbox_id not in self._sandboxes or self._store is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        return self._store.sessions(sandbox_id)
+
+    async def wait_session(self, session_id: str, timeout: float) -> SessionRecord:
+        """The session once it is final, or as it is after ``timeout`` seconds."""
+        cond = self._session_changed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            rec = self.session(session_id)
+            left = deadline - loop.time()
+            if SessionState(rec.state).final or left <= 0 or cond is None:
+                return rec
+            async with cond:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cond.wait(), left)
+
+    def check_agent(self, sandbox_id: str, token: str | None,
+                    client_ip: str | None = None) -> Sandbox:
+        """The sandbox whose guest agent presents ``token`` (from ``client_ip``, if given).
+
+        Raises:
+            Unauthorized: no token, a wrong one (also: no such sandbox), or a client that
+                is not the sandbox.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        stored = sb.agent_token_hash if sb is not None else ""
+        # No token: 401; a token for a sandbox that does not exist is as wrong as any (403),
+        # so agent tokens do not tell which sandboxes exist.
+        verdict = check_token(token, stored) if stored else (
+            TokenCheck.MISSING if not token else TokenCheck.INVALID)
+        if verdict is TokenCheck.MISSING:
+            raise Unauthorized("guest agent routes need 'Authorization: Bearer <agent token>'",
+                               missing=True)
+        if verdict is not TokenCheck.OK or sb is None:
+            raise Unauthorized(f"not the agent token of sandbox {sandbox_id!r}")
+        if client_ip is not None and client_ip != sb.live.ip:
+            raise Unauthorized(f"sandbox {sandbox_id}'s agent calls from {sb.live.ip}, "
+                               f"not {client_ip}")
+        return sb
+
+    def post_credentials(self, sandbox_id: str, data: dict[str, Any],
+                         session_id: str | None = None) -> tuple[CredentialRecord,
+                                                                 SessionRecord | None]:
+        """Store credentials a guest captured (sealed) and complete their session.
+
+        The session is ``session_id``, or else the sandbox's oldest open one (if any).
+
+        Raises:
+            SandboxNotFound: no such sandbox, or it has no such session.
+            Conflict: that session already ended.
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or self._store is None or self._box is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        session: SessionRecord | None = None
+        if session_id is not None:
+            session = self._store.session(session_id)
+            if session is None or session.sandbox_id != sandbox_id:
+                raise SandboxNotFound(f"sandbox {sandbox_id} has no session {session_id!r}")
+            if SessionState(session.state).final:
+                raise Conflict(f"session {session_id} is already {session.state}")
+        else:
+            open_ = self._open_sessions(sandbox_id)
+            session = open_[0] if open_ else None
+        cred_id = f"c{secrets.token_hex(5)}"
+        sealed = self._box.seal(json.dumps(data).encode(), f"credentials/{cred_id}")
+        rec = CredentialRecord(id=cred_id, sandbox_id=sandbox_id,
+                               session_id=session.id if session else None, sealed=sealed,
+                               created_at=time.time())
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("credentials.received", {"id": cred_id, "session": rec.session_id})]
+        if session is not None:
+            check_session_transition(SessionState(session.state), SessionState.COMPLETED)
+            events.append(("session.state", {"id": session.id, "state": "completed",
+                                             "from": session.state, "reason": ""}))
+        seqs = self._store.add_credentials(
+            rec, session_state=SessionState.COMPLETED.value if session else None, events=events)
+        for seq, (kind, doc) in zip(seqs, events, strict=True):
+            self._published(seq, kind, sandbox_id, doc)
+        if session is not None:
+            timer = self._session_timers.pop(session.id, None)
+            if timer is not None:
+                timer.cancel()
+            session = self._store.session(session.id)
+            self._notify_sessions()
+        log.info("sandbox %s: credentials %s received%s", sandbox_id, cred_id,
+                 f"; session {session.id} completed" if session else "")
+        return rec, session
+
+    def credentials(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """The credentials of a sandbox, unsealed (admin only).
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+        """
+        if sandbox_id not in self._sandboxes or self._store is None or self._box is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        return [{"id": r.id, "session": r.session_id, "created_at": r.created_at,
+                 "data": json.loads(self._box.open(r.sealed, f"credentials/{r.id}"))}
+                for r in self._store.credentials(sandbox_id)]
+
+    def agent_report(self, sandbox_id: str, report: dict[str, Any]) -> None:
+        """Keep a guest agent's latest report (the first one is an event)."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        first = sb.agent_report is None
+        sb.agent_report, sb.agent_report_at = report, time.time()
+        if first:
+            self._record_event("agent.connected", sandbox_id,
+                               {"listening": report.get("listening", [])})
 
     async def create_sandbox(
         self, *, profile: str = "desktop", vnc_port: int = 0,
         publish: list[PortMapping] | None = None, options: ForwardOptions | None = None,
-        progress: Progress = _quiet,
+        progress: Progress = _quiet, session_ttl: float | None = None,
     ) -> SandboxInfo:
         """Create a sandbox, start its services and return once it is proven ready.
 
@@ -434,6 +833,8 @@ class Gateway:
             options: mode and limits of the ``publish`` forwards; default: the
                 gateway's forward mode.
             progress: called with a short line before each step.
+            session_ttl: also open a session (``waiting`` until the sandbox is ready)
+                that lasts this many seconds; its id is in the info.
 
         Raises:
             PortInUseError: ``vnc_port`` or a published port is taken (nothing is left
@@ -442,7 +843,8 @@ class Gateway:
             SandboxFailed: a step failed or the guest never answered; the reason says
                 which hop and what it answered.
         """
-        if self._store is None or self._pool is None or self._backend is None:
+        if (self._store is None or self._pool is None or self._backend is None
+                or self._box is None):
             raise RuntimeError("gateway not started")
         prof = get_profile(profile)
         t0 = time.perf_counter()
@@ -456,16 +858,28 @@ class Gateway:
             gateway=self.config.net.gateway_ip,
             bridge=self.config.net.bridge,
             workdir=self.config.state_dir / "sandboxes" / sandbox_id,
-            secrets=prof.new_secrets(),
+            secrets={**prof.new_secrets(), "agent_token": new_token()},
+            agent_url=self.agent_url,
         )
         live = LiveSandbox(id=sandbox_id, ip=str(address), state=SandboxState.CREATING,
                            token_hash=hash_token(token), ports=prof.ports, secrets=spec.secrets)
-        sb = Sandbox(spec=spec, live=live, token=token)
-        self._store.add_sandbox(sandbox_id=sandbox_id, backend=self._backend.name,
-                                profile=prof.name, state=live.state.value, ip=str(address),
-                                prefixlen=spec.address.network.prefixlen,
-                                bridge=spec.bridge, token_hash=live.token_hash)
+        sb = Sandbox(spec=spec, live=live, token=token,
+                     agent_token_hash=hash_token(spec.secrets["agent_token"]))
+        # Secrets are sealed: the database alone opens no desktop and impersonates no agent.
+        sealed = self._box.seal(json.dumps({"token": token, **spec.secrets}).encode(),
+                                f"sandboxes/{sandbox_id}")
+        created = {"state": live.state.value, "from": "", "reason": "", "ip": str(address),
+                   "profile": prof.name}
+        seq = self._store.add_sandbox(
+            sandbox_id=sandbox_id, backend=self._backend.name, profile=prof.name,
+            state=live.state.value, ip=str(address), prefixlen=spec.address.network.prefixlen,
+            bridge=spec.bridge, token_hash=live.token_hash,
+            agent_token_hash=sb.agent_token_hash, secrets=sealed,
+            event=("sandbox.state", created))
+        self._published(seq, "sandbox.state", sandbox_id, created)
         self._sandboxes[sandbox_id] = sb
+        if session_ttl is not None:
+            self.create_session(sandbox_id, session_ttl)
         try:
             progress(f"sandbox {sandbox_id}: network namespace, {address} on {spec.bridge}")
             await self._backend.create(spec)
@@ -497,16 +911,27 @@ class Gateway:
         vnc_mapping = PortMapping(host_ip=self.config.forward_host, host_port=vnc_port,
                                   guest_port=vnc.port)
         try:
-            await self.forwards.add(sandbox=sb.spec.id, guest_ip=sb.live.ip,
-                                    mappings=[(vnc.name, vnc_mapping)],
-                                    options=ForwardOptions(mode=mode))
+            await self._add_forwards(sb, [(vnc.name, vnc_mapping)], ForwardOptions(mode=mode))
         except PortInUseError as exc:
             raise PortInUseError(exc.host, exc.port, what="VNC port") from None
         if publish:
-            await self.forwards.add(
-                sandbox=sb.spec.id, guest_ip=sb.live.ip,
-                mappings=[(f"{m.guest_port}/{m.protocol}", m) for m in publish],
-                options=options or ForwardOptions(mode=mode))
+            await self._add_forwards(sb, [(f"{m.guest_port}/{m.protocol}", m) for m in publish],
+                                     options or ForwardOptions(mode=mode))
+
+    async def _add_forwards(self, sb: Sandbox, mappings: list[tuple[str, PortMapping]],
+                            options: ForwardOptions) -> list[Forward]:
+        """Publish ports of a sandbox and remember them (a restart publishes them again)."""
+        added = await self.forwards.add(sandbox=sb.spec.id, guest_ip=sb.live.ip,
+                                        mappings=mappings, options=options)
+        if self._store is not None:
+            for f in added:
+                m = f.mapping
+                self._store.add_forward(ForwardRecord(
+                    id=f.id, sandbox_id=sb.spec.id, name=f.name, host_ip=m.host_ip,
+                    host_port=m.host_port, guest_port=m.guest_port, protocol=m.protocol,
+                    options=dataclasses.asdict(options)))
+                self._record_event("forward.added", sb.spec.id, f.summary())
+        return added
 
     async def add_forwards(self, sandbox_id: str, publish: list[PortMapping],
                            options: ForwardOptions | None = None) -> list[dict[str, Any]]:
@@ -519,33 +944,46 @@ class Gateway:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
-        added = await self.forwards.add(
-            sandbox=sandbox_id, guest_ip=sb.live.ip,
-            mappings=[(f"{m.guest_port}/{m.protocol}", m) for m in publish],
-            options=options or ForwardOptions(mode=self.config.forward_mode))
+        if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED,
+                                 SandboxState.STARTING):
+            raise Conflict(f"sandbox {sandbox_id} is {sb.live.state.value}")
+        added = await self._add_forwards(
+            sb, [(f"{m.guest_port}/{m.protocol}", m) for m in publish],
+            options or ForwardOptions(mode=self.config.forward_mode))
         return [f.summary() for f in added]
 
-    def create_grant(self, sandbox_id: str, ttl: float) -> dict[str, Any]:
+    def create_grant(self, sandbox_id: str, ttl: float, *, ports: tuple[str, ...] = (),
+                     kinds: tuple[str, ...] = ()) -> dict[str, Any]:
         """An extra access token for a sandbox, valid ``ttl`` seconds (a link that expires).
 
-        When it expires, or is revoked, the bridge sessions opened with it are closed
-        (1008, with the reason) and new requests with it get 403.
+        ``ports`` (names or numbers) and ``kinds`` (``ws``: the WebSocket bridge,
+        ``http``: the desktop page) limit what it opens; empty means all. It is stored
+        hashed and survives a gateway restart. When it expires, or is revoked, the
+        bridge sessions opened with it are closed (1008, with the reason) and new
+        requests with it get 403.
 
         Raises:
             SandboxNotFound: no such sandbox.
         """
         sb = self._sandboxes.get(sandbox_id)
-        if sb is None:
+        if sb is None or self._store is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         token = new_token()
         grant = Grant(id=f"g{secrets.token_hex(4)}", token_hash=hash_token(token),
-                      expires_at=time.time() + ttl)
+                      expires_at=time.time() + ttl, ports=ports, kinds=kinds)
+        scope = {"ports": list(ports), "kinds": list(kinds)}
+        self._store.add_grant(GrantRecord(id=grant.id, sandbox_id=sandbox_id,
+                                          token_hash=grant.token_hash,
+                                          expires_at=grant.expires_at, scope=scope,
+                                          created_at=time.time()))
         sb.live.grants[grant.id] = grant
         loop = asyncio.get_running_loop()
         sb.grant_timers[grant.id] = loop.call_later(
             ttl, self._end_grant, sandbox_id, grant.id, "the access token expired")
+        self._record_event("token.created", sandbox_id,
+                           {"id": grant.id, "expires_at": grant.expires_at, **scope})
         log.info("sandbox %s: access token %s, valid %g s", sandbox_id, grant.id, ttl)
-        return {"id": grant.id, "token": token, "expires_at": grant.expires_at,
+        return {"id": grant.id, "token": token, "expires_at": grant.expires_at, **scope,
                 "desktop_url": f"{self.base_url}/s/{sandbox_id}/?token={token}"}
 
     def grants(self, sandbox_id: str) -> list[dict[str, Any]]:
@@ -558,7 +996,8 @@ class Gateway:
         if sb is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         now = time.time()
-        return [{"id": g.id, "expires_at": g.expires_at, "expired": g.expires_at <= now}
+        return [{"id": g.id, "expires_at": g.expires_at, "expired": g.expires_at <= now,
+                 "ports": list(g.ports), "kinds": list(g.kinds)}
                 for g in sb.live.grants.values()]
 
     def revoke_grant(self, sandbox_id: str, grant_id: str) -> None:
@@ -583,6 +1022,10 @@ class Gateway:
         sb.grant_timers.pop(grant_id, None)
         if forget:  # revoked: unknown from now on (an expired one says "expired")
             sb.live.grants.pop(grant_id, None)
+            if self._store is not None:
+                self._store.remove_grant(grant_id)
+        self._record_event("token.revoked" if forget else "token.expired", sandbox_id,
+                           {"id": grant_id})
         closed = self._front.close_sessions(sandbox_id, 1008, reason, grant=grant_id) \
             if self._front is not None else 0
         log.info("sandbox %s: %s (%s); %d session(s) closed", sandbox_id, reason, grant_id,
@@ -598,25 +1041,32 @@ class Gateway:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         if not any(f.id == forward_id for f in self.forwards.of(sandbox_id)):
             raise SandboxNotFound(f"sandbox {sandbox_id} has no forward {forward_id!r}")
-        await self.forwards.remove(forward_id)
+        gone = await self.forwards.remove(forward_id)
+        if self._store is not None:
+            self._store.remove_forward(forward_id)
+        if gone is not None:
+            self._record_event("forward.removed", sandbox_id, gone.summary())
 
     def _forward(self, sandbox_id: str, name: str) -> Forward | None:
         return next((f for f in self.forwards.of(sandbox_id) if f.name == name), None)
 
-    async def _monitor(self, sb: Sandbox) -> None:
+    async def _monitor(self, sb: Sandbox, first_delay: float | None = None) -> None:
         """Probe a ready sandbox's VNC through its host port, every ``probe_interval``.
 
         A failed probe turns it ``degraded`` with the reason; the next good probe turns it
         ``ready`` again. A guest service that exited is restarted (``degraded`` meanwhile;
-        see :meth:`_restart_services`). Ends with the sandbox.
+        see :meth:`_restart_services`). Ends with the sandbox. ``first_delay`` (default:
+        the interval) is 0 for an adopted sandbox: its readiness is proven again at once.
         """
         interval = self.config.probe_interval
         timeout = min(3.0, max(1.0, 2 * interval))
         restarts: list[float] = []  # when guest services were restarted, recent ones
         password = sb.spec.secrets.get("vnc_password")
         host = connect_host(self.config.forward_host)
+        delay = interval if first_delay is None else first_delay
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
+            delay = interval
             if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
                 return
             fwd = self._forward(sb.spec.id, "vnc")
@@ -728,6 +1178,8 @@ class Gateway:
             reason=sb.live.reason,
             probes=[_probe_json(p) for p in sb.probes],
             last_probe=_probe_json(sb.last_probe) if sb.last_probe is not None else None,
+            agent=sb.agent_report,
+            agent_report_at=sb.agent_report_at,
         )
 
     def sandbox_ids(self) -> list[str]:
@@ -749,6 +1201,7 @@ class Gateway:
         if sb.live.state is not SandboxState.STOPPING:
             with contextlib.suppress(Exception):
                 self._set_state(sb, SandboxState.STOPPING)
+        self._end_sessions(sandbox_id, SessionState.CANCELLED, "the sandbox was deleted")
         with contextlib.suppress(Exception):
             await self.forwards.remove_sandbox(sandbox_id)
         if self._front is not None:  # browsers see why, not a session that hangs

@@ -70,13 +70,13 @@ class HttpServer:
     """
 
     def __init__(self, app: ASGIApp, host: str, port: int, *,
-                 unix_path: Path | None = None) -> None:
+                 unix_path: Path | None = None, what: str = "gateway port") -> None:
         self.unix_path = unix_path
         if unix_path is not None:
             self._sock = bind_unix(unix_path)
             self.host, self.port = str(unix_path), 0
         else:
-            self._sock = bind_tcp(host, port, what="gateway port")
+            self._sock = bind_tcp(host, port, what=what)
             self.host = host
             self.port = self._sock.getsockname()[1]
         self._config = uvicorn.Config(

@@ -19,7 +19,7 @@ class PoolExhausted(SandportError):
 
 
 class LeaseBook(Protocol):
-    """Persistent lease records; :class:`sandport.control.store.Store` implements it."""
+    """Persistent lease records; :class:`sandport.control.store.SqliteStore` implements it."""
 
     def leased_addresses(self) -> set[str]:
         """Every address currently leased."""

@@ -42,7 +42,10 @@ class SandboxSpec:
         gateway: the bridge address (the guest's default route).
         bridge: the host bridge the guest's link joins.
         workdir: host directory for this sandbox's files and logs.
-        secrets: per-sandbox secrets the profile needs (``vnc_password``).
+        secrets: per-sandbox secrets: the profile's (``vnc_password``) and the guest
+            agent's token (``agent_token``).
+        agent_url: where the guest agent reports (the gateway's agent listener on the
+            bridge); "" runs no agent.
     """
 
     id: str
@@ -52,6 +55,7 @@ class SandboxSpec:
     bridge: str
     workdir: Path
     secrets: dict[str, str] = field(default_factory=dict)
+    agent_url: str = ""
 
     @property
     def ip(self) -> ipaddress.IPv4Address:
@@ -103,6 +107,14 @@ class Backend(Protocol):
 
     def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
         """The guest ports the profile serves."""
+        ...
+
+    async def adopt(self, spec: SandboxSpec) -> str | None:
+        """Take over a sandbox a gateway that died left running.
+
+        Returns None when its isolation unit and every essential service still run (they
+        are this backend's again: :meth:`stop`, :meth:`failure` work on them), else why not.
+        """
         ...
 
     def failure(self, spec: SandboxSpec) -> str | None:

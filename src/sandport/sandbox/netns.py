@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from sandport.errors import SandboxFailed
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 NAME_PREFIX = "sp-"
 GUEST_TMP = "/tmp"  # where a guest sees its workdir/tmp
+AGENT = Path(__file__).resolve().parent.parent / "agent.py"  # stdlib only, run with -I -S
+AGENT_PORT = 7412  # the guest agent's own port inside every sandbox
+PIDS_FILE = "pids.json"  # in the workdir: the guest services, for adoption after a crash
 X_SOCKET_TIMEOUT = 15.0
 ONESHOT_TIMEOUT = 10.0
 # Xvnc blacklists an address after 5 failed logins; every client reaches the guest from
@@ -89,16 +94,58 @@ class NetnsBackend:
         if profile.name == "desktop":
             await self._start_desktop(spec)
 
+        if spec.agent_url:
+            await self._start_agent(spec)
+
+    async def adopt(self, spec: SandboxSpec) -> str | None:
+        """Take over the guest services a crashed gateway started (see :data:`PIDS_FILE`)."""
+        if not netlink.netns_exists(netns_name(spec.id)):
+            return f"its network namespace {netns_name(spec.id)} is gone"
+        if not await asyncio.to_thread(netlink.link_exists, host_ifname(spec.id)):
+            return f"its link {host_ifname(spec.id)} is gone"
+        try:
+            docs = json.loads((spec.workdir / PIDS_FILE).read_text())
+        except (OSError, ValueError):
+            return f"no record of its guest services ({spec.workdir / PIDS_FILE})"
+        found: list[procs.GuestProcess] = []
+        for doc in docs:
+            proc = procs.GuestProcess.adopted(doc)
+            if proc is not None:
+                found.append(proc)
+            elif doc.get("essential"):
+                return f"{doc.get('name')} (pid {doc.get('pid')}) no longer runs"
+        self._procs[spec.id] = found
+        log.info("sandbox %s: adopted %s", spec.id,
+                 ", ".join(f"{p.name} (pid {p.pid})" for p in found))
+        return None
+
     def failure(self, spec: SandboxSpec) -> str | None:
         """The first essential guest program that exited, with its last words."""
         for proc in self._procs.get(spec.id, []):
             if proc.essential and not proc.running:
                 tail = proc.log_tail(300).replace("\n", " | ")
-                return f"{proc.name} exited with status {proc.process.returncode}: {tail}"
+                status = "exited" if proc.returncode is None else \
+                    f"exited with status {proc.returncode}"
+                return f"{proc.name} {status}: {tail}"
         return None
 
+    def _save_pids(self, spec: SandboxSpec) -> None:
+        docs = [p.record() for p in self._procs.get(spec.id, [])]
+        tmp = spec.workdir / f"{PIDS_FILE}.tmp"
+        tmp.write_text(json.dumps(docs))
+        tmp.replace(spec.workdir / PIDS_FILE)
+
+    async def _start_agent(self, spec: SandboxSpec) -> None:
+        """The guest agent (:mod:`sandport.agent`): /health, reports, credentials."""
+        await self._spawn(spec, "agent", [sys.executable, "-I", "-S", str(AGENT)], extra_env={
+            "SANDPORT_GATEWAY_URL": spec.agent_url,
+            "SANDPORT_AGENT_TOKEN": spec.secrets.get("agent_token", ""),
+            "SANDPORT_AGENT_LISTEN": f"0.0.0.0:{AGENT_PORT}",
+        })
+
     async def _spawn(
-        self, spec: SandboxSpec, name: str, argv: list[str], *, essential: bool = False
+        self, spec: SandboxSpec, name: str, argv: list[str], *, essential: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> procs.GuestProcess:
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -106,6 +153,8 @@ class NetnsBackend:
             "LANG": "C.UTF-8",
             "DISPLAY": f":{VNC_DISPLAY}",
             "SANDPORT_SANDBOX_ID": spec.id,
+            "SANDPORT_AGENT_URL": f"http://127.0.0.1:{AGENT_PORT}",
+            **(extra_env or {}),
         }
         proc = await procs.spawn(
             name=name,
@@ -117,6 +166,7 @@ class NetnsBackend:
             essential=essential,
         )
         self._procs.setdefault(spec.id, []).append(proc)
+        self._save_pids(spec)
         return proc
 
     async def _start_desktop(self, spec: SandboxSpec) -> None:
@@ -149,7 +199,7 @@ class NetnsBackend:
         while not socket_path.exists():
             if not xvnc.running:
                 raise SandboxFailed(
-                    f"sandbox {spec.id}: Xvnc exited with status {xvnc.process.returncode}: "
+                    f"sandbox {spec.id}: Xvnc exited with status {xvnc.returncode}: "
                     f"{xvnc.log_tail()}",
                     hint=f"see {xvnc.log_path}",
                 )
@@ -165,6 +215,7 @@ class NetnsBackend:
             spec, "xsetroot", [self._programs["xsetroot"], "-solid", colour]
         )
         try:
+            assert setroot.process is not None  # started here, not adopted
             status = await asyncio.wait_for(setroot.process.wait(), ONESHOT_TIMEOUT)
         except TimeoutError:
             status = -1
@@ -173,6 +224,7 @@ class NetnsBackend:
                         setroot.log_tail())
         if not setroot.running:  # a one-shot that ran is not a service; a hung one is stopped
             self._procs[spec.id].remove(setroot)
+            self._save_pids(spec)
         await self._spawn(spec, "openbox", [self._programs["openbox"]])
         await self._spawn(spec, "xmessage", [
             self._programs["xmessage"], "-center", "-buttons", "",
@@ -215,8 +267,10 @@ def spec_from_record(
     prefixlen: int,
     bridge: str,
     state_dir: Path,
+    secrets: dict[str, str] | None = None,
+    agent_url: str = "",
 ) -> SandboxSpec:
-    """Rebuild enough of a spec from a store record to destroy a leftover sandbox."""
+    """Rebuild a spec from a store record (with its unsealed secrets, to adopt it)."""
     address = ipaddress.IPv4Interface(f"{ip}/{prefixlen}")
     return SandboxSpec(
         id=sandbox_id,
@@ -225,4 +279,6 @@ def spec_from_record(
         gateway=address.network.network_address + 1,
         bridge=bridge,
         workdir=state_dir / "sandboxes" / sandbox_id,
+        secrets=dict(secrets or {}),
+        agent_url=agent_url,
     )

@@ -3,13 +3,13 @@
 Run as ``python -I -S nsexec.py NETNS TMPDIR -- PROGRAM ARGS...`` (no site, no sandport
 import: it starts in a few milliseconds). It enters the named network namespace, makes a
 private mount namespace whose /tmp is the sandbox's own TMPDIR (so X sockets and lock files
-of two sandboxes never meet), asks the kernel to SIGKILL it if the gateway dies, and execs
-the program, which keeps this process's PID. Python 3.11 has no os.setns, hence ctypes.
+of two sandboxes never meet), and execs the program, which keeps this process's PID. Guests
+outlive a gateway that crashes: the next gateway adopts them (or removes them). Python 3.11
+has no os.setns, hence ctypes.
 """
 
 import ctypes
 import os
-import signal
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -17,7 +17,6 @@ CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-PR_SET_PDEATHSIG = 1
 
 
 def _check(result: int, what: str) -> None:
@@ -40,7 +39,6 @@ def main(argv: list[str]) -> None:
     _check(libc.unshare(CLONE_NEWNS), "unshare mount namespace")
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     _check(libc.mount(tmpdir.encode(), b"/tmp", None, MS_BIND, None), f"bind {tmpdir} on /tmp")
-    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl PDEATHSIG")
     os.chdir("/tmp")
     try:
         os.execvp(program[0], program)

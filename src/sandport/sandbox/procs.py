@@ -2,8 +2,10 @@
 
 Every process is started through :mod:`sandport.sandbox.nsexec` in a session of its own (a
 Ctrl-C at the gateway's terminal does not hit guests directly; the gateway stops them in
-order) with SIGKILL as its parent-death signal. Whatever escapes (a child of a child) is
-still found by its network namespace: :func:`pids_in_netns` reads ``/proc/*/ns/net``.
+order). Guests outlive a gateway killed with ``kill -9``: each is known by pid *and* start
+time (:func:`start_time`), so the next gateway adopts exactly the processes it started
+(:meth:`GuestProcess.adopted`), never a recycled pid. Whatever escapes (a child of a child)
+is still found by its network namespace: :func:`pids_in_netns` reads ``/proc/*/ns/net``.
 """
 
 from __future__ import annotations
@@ -27,17 +29,46 @@ STOP_GRACE = 2.0
 
 @dataclass(slots=True)
 class GuestProcess:
-    """A running guest program and where its output goes."""
+    """A running guest program and where its output goes.
+
+    ``process`` is the asyncio handle when this gateway started it; None for a process
+    adopted from a gateway that died (then ``pid`` and ``started`` identify it).
+    """
 
     name: str
-    process: asyncio.subprocess.Process
+    pid: int
+    started: int
     log_path: Path
     essential: bool = False
+    process: asyncio.subprocess.Process | None = None
 
     @property
     def running(self) -> bool:
         """True while the program has not exited."""
-        return self.process.returncode is None
+        if self.process is not None:
+            return self.process.returncode is None
+        return _alive(self.pid) and start_time(self.pid) == self.started
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status (None while it runs, and for an adopted process: unknown)."""
+        return self.process.returncode if self.process is not None else None
+
+    def record(self) -> dict[str, object]:
+        """What :meth:`adopted` needs to find this process again."""
+        return {"name": self.name, "pid": self.pid, "started": self.started,
+                "log": str(self.log_path), "essential": self.essential}
+
+    @classmethod
+    def adopted(cls, doc: dict[str, object]) -> GuestProcess | None:
+        """The process a :meth:`record` names, if it still runs (same pid, same start)."""
+        try:
+            pid, started = int(str(doc["pid"])), int(str(doc["started"]))
+            proc = cls(name=str(doc["name"]), pid=pid, started=started,
+                       log_path=Path(str(doc["log"])), essential=bool(doc["essential"]))
+        except (KeyError, ValueError):
+            return None
+        return proc if proc.running else None
 
     def log_tail(self, limit: int = 800) -> str:
         """The last ``limit`` characters the program printed, for error messages."""
@@ -77,7 +108,8 @@ async def spawn(
             start_new_session=True,
         )
     log.debug("%s: started %s pid %d", netns, name, process.pid)
-    return GuestProcess(name=name, process=process, log_path=log_path, essential=essential)
+    return GuestProcess(name=name, pid=process.pid, started=start_time(process.pid) or 0,
+                        log_path=log_path, essential=essential, process=process)
 
 
 async def terminate(proc: GuestProcess, *, grace: float = STOP_GRACE) -> None:
@@ -86,13 +118,21 @@ async def terminate(proc: GuestProcess, *, grace: float = STOP_GRACE) -> None:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.process.pid, sig)
+            os.killpg(proc.pid, sig)
         try:
-            await asyncio.wait_for(proc.process.wait(), grace)
+            await asyncio.wait_for(_wait(proc), grace)
             return
         except TimeoutError:
-            log.warning("%s (pid %d) ignored %s", proc.name, proc.process.pid, sig.name)
-    await proc.process.wait()
+            log.warning("%s (pid %d) ignored %s", proc.name, proc.pid, sig.name)
+    await _wait(proc)
+
+
+async def _wait(proc: GuestProcess) -> None:
+    if proc.process is not None:
+        await proc.process.wait()
+        return
+    while proc.running:  # not our child: poll (its parent, or init, reaps it)
+        await asyncio.sleep(0.02)
 
 
 def pids_in_netns(netns: str) -> list[int]:
@@ -131,6 +171,15 @@ async def kill_netns_processes(netns: str, *, timeout: float = 3.0) -> int:
     if alive:
         log.warning("%s: processes %s did not die after SIGKILL", netns, alive)
     return len(pids)
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:

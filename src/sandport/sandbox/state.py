@@ -8,6 +8,17 @@
                          ▼
                      stopping ─► stopped
     failed (with a reason) is reachable from every state but stopped; failed ─► stopping.
+
+A *session* is a flow a backend runs on a sandbox (a login: the user works on the
+desktop, the guest posts the credentials it captured)::
+
+    waiting ─► ready ─► completed
+       │         │
+       └─────────┴────► expired | cancelled
+
+``waiting`` until the sandbox is ready; ``completed`` when credentials arrive (also
+straight from ``waiting``: a guest may be quicker than the readiness probe); ``expired``
+when its TTL runs out; ``cancelled`` when its sandbox goes away first.
 """
 
 from __future__ import annotations
@@ -47,4 +58,36 @@ def check_transition(current: SandboxState, new: SandboxState) -> SandboxState:
     """Return ``new`` if ``current -> new`` is in the table, else raise IllegalTransition."""
     if new not in TRANSITIONS[current]:
         raise IllegalTransition(f"sandbox cannot go from {current.value} to {new.value}")
+    return new
+
+
+class SessionState(StrEnum):
+    """Where a session is."""
+
+    WAITING = "waiting"
+    READY = "ready"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """True once nothing can change it."""
+        return not SESSION_TRANSITIONS[self]
+
+
+W = SessionState
+SESSION_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    W.WAITING: frozenset({W.READY, W.COMPLETED, W.EXPIRED, W.CANCELLED}),
+    W.READY: frozenset({W.COMPLETED, W.EXPIRED, W.CANCELLED}),
+    W.COMPLETED: frozenset(),
+    W.EXPIRED: frozenset(),
+    W.CANCELLED: frozenset(),
+}
+
+
+def check_session_transition(current: SessionState, new: SessionState) -> SessionState:
+    """Return ``new`` if ``current -> new`` is in the session table, else raise."""
+    if new not in SESSION_TRANSITIONS[current]:
+        raise IllegalTransition(f"session cannot go from {current.value} to {new.value}")
     return new
