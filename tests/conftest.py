@@ -173,6 +173,14 @@ async def eventually(cond: Callable[[], bool], within: float = 3.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def eventually_sync(cond: Callable[[], bool], within: float = 3.0) -> None:
+    """Wait (bounded, blocking) until ``cond()`` holds."""
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def fd_count() -> int:
     """Open file descriptors of this process."""
     return len(os.listdir("/proc/self/fd"))

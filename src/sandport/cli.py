@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine
@@ -666,6 +667,83 @@ def sandbox_rm(
             _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}",
                  timeout=60.0)
             err.print(escape(f"removed {sandbox_id}"))
+
+    _cli_call(run)
+
+
+token_app = typer.Typer(help="Access tokens of a sandbox: desktop links that expire, limited "
+                        "to ports and kinds; revoking one closes its live sessions.",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="SANDBOX")],
+    ttl: Annotated[float, typer.Option(help="Seconds it is valid.", min=1)] = 3600.0,
+    port: Annotated[list[str] | None, typer.Option(
+        "--port", help="A guest port (name or number) it opens; repeatable; default all.",
+        metavar="PORT")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="What it opens: ws (the WebSocket bridge), http (the desktop page); "
+        "repeatable; default both.", metavar="KIND")] = None,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Make an access token and print its desktop link (the token is shown only now).
+
+    Example: sandport token create 3f9a1c --ttl 600 --port vnc
+    """
+
+    def run() -> None:
+        for k in kind or []:
+            if k not in ("ws", "http"):
+                raise UsageError(f"--kind {k!r} is not one of ws, http")
+        doc = _api(state_dir, "POST", f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens",
+                   {"ttl_seconds": ttl, "ports": port or [], "kinds": kind or []})
+        if as_json:
+            out.print(json.dumps(doc, indent=2), markup=False)
+            return
+        err.print(escape(f"token {doc['id']} for sandbox {sandbox_id}, valid {ttl:g} s"))
+        out.print(doc["desktop_url"], markup=False, crop=False, overflow="ignore")
+
+    _cli_call(run)
+
+
+@token_app.command("list")
+def token_list(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="SANDBOX")],
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """The access tokens of a sandbox: id, expiry, scope (never the tokens)."""
+
+    def run() -> None:
+        tokens = _api(state_dir, "GET",
+                      f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens")["tokens"]
+        if not tokens:
+            err.print("no access tokens")
+        for t in tokens:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["expires_at"]))
+            state = "expired" if t["expired"] else f"until {when}"
+            out.print(f"{t['id']}  {state}  ports {','.join(t['ports']) or 'all'}  "
+                      f"kinds {','.join(t['kinds']) or 'all'}", markup=False)
+
+    _cli_call(run)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="SANDBOX")],
+    token_id: Annotated[str, typer.Argument(help="Token id (from create or list).",
+                                            metavar="TOKEN_ID")],
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Revoke an access token: its live sessions close at once (1008, with the reason)."""
+
+    def run() -> None:
+        _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens/"
+                                  f"{quote(token_id, safe='')}")
+        err.print(escape(f"revoked {token_id}"))
 
     _cli_call(run)
 

@@ -9,6 +9,7 @@ forward) or over a WebSocket (the browser bridge), so each hop is checked by the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import time
@@ -220,3 +221,40 @@ async def wait_until(
             return result, attempts
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.5)
+
+
+async def probe_agent_health(host: str, port: int, *, sandbox_id: str,
+                             timeout: float = 3.0) -> ProbeResult:
+    """GET the guest agent's ``/health``: ready when it answers 200 for ``sandbox_id``."""
+    hop = f"guest agent http://{host}:{port}/health"
+    t0 = time.perf_counter()
+    stage, detail = "connect", ""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                stage = "http"
+                writer.write(f"GET /health HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                await writer.drain()
+                raw = await reader.read(1 << 20)
+            finally:
+                writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        if " 200 " not in f"{status} ":
+            detail = f"answered {status or 'nothing'}"
+        else:
+            stage = "health"
+            doc = json.loads(body)
+            ok = doc.get("sandbox") == sandbox_id
+            detail = "healthy" if ok else f"an agent of sandbox {doc.get('sandbox')!r}"
+            return ProbeResult(ok=ok, hop=hop, stage=stage, detail=detail,
+                               elapsed=time.perf_counter() - t0)
+    except TimeoutError:
+        detail = f"no answer within {timeout:g} s"
+    except OSError as exc:
+        detail = exc.strerror or type(exc).__name__
+    except ValueError:
+        detail = "not a JSON health document"
+    return ProbeResult(ok=False, hop=hop, stage=stage, detail=detail,
+                       elapsed=time.perf_counter() - t0)

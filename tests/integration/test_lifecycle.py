@@ -263,6 +263,21 @@ def test_sandbox_commands_talk_to_the_running_gateway(up_factory: Any, tmp_path:
     assert sb["state"] == "ready" and f"127.0.0.1:{port}" in [f["host"] for f in sb["forwards"]]
     listed = _run_cli("sandbox", "list", "--state-dir", str(state))
     assert listed.returncode == 0 and listed.stdout.startswith(f"{sb['id']}  ready"), listed
+    # Access tokens: a desktop link limited to the VNC port, listed, revoked.
+    made = _run_cli("token", "create", sb["id"], "--ttl", "600", "--port", "vnc", "--json",
+                    "--state-dir", str(state))
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    assert token["ports"] == ["vnc"] and f"/s/{sb['id']}/?token=" in token["desktop_url"]
+    tokens = _run_cli("token", "list", sb["id"], "--state-dir", str(state))
+    assert tokens.stdout.startswith(f"{token['id']}  until ") and "ports vnc" in tokens.stdout
+    assert token["token"] not in tokens.stdout  # shown once, at creation
+    bad = _run_cli("token", "create", sb["id"], "--kind", "tcp", "--state-dir", str(state))
+    assert bad.returncode == 2 and "not one of ws, http" in bad.stderr
+    revoked = _run_cli("token", "revoke", sb["id"], token["id"], "--state-dir", str(state))
+    assert revoked.returncode == 0 and f"revoked {token['id']}" in revoked.stderr
+    assert "no access tokens" in _run_cli("token", "list", sb["id"], "--state-dir",
+                                          str(state)).stderr
     gone = _run_cli("sandbox", "rm", sb["id"], "--state-dir", str(state))
     assert gone.returncode == 0 and f"removed {sb['id']}" in gone.stderr
     assert "no sandboxes" in _run_cli("sandbox", "list", "--state-dir", str(state)).stderr

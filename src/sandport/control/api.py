@@ -35,13 +35,18 @@ only the sandbox's own address may call them::
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import unquote
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandport import __version__
 from sandport.control.events import EventHub, sse_stream
@@ -58,6 +63,11 @@ from sandport.errors import (
 )
 from sandport.forward.spec import PortMapping, PortSpecError, check_overlaps, parse_port_spec
 
+#: OpenAPI security schemes (the check itself is :class:`ApiGate`'s, before the body).
+ADMIN_BEARER = HTTPBearer(scheme_name="admin token", auto_error=False,
+                          description="the gateway's admin token (<state dir>/admin-token)")
+AGENT_BEARER = HTTPBearer(scheme_name="agent token", auto_error=False,
+                          description="the sandbox's agent token (the guest agent has it)")
 MAX_AGENT_BODY = 64 * 1024  # credentials and reports are small; more is refused (413)
 MAX_WAIT_SECONDS = 60.0
 
@@ -70,12 +80,29 @@ class ApiError(Exception):
         self.status, self.error, self.message = status, error, message
 
 
-def api_error_response(_: Request, exc: Exception) -> Response:
+def api_error_response(_: Request | None, exc: Exception) -> Response:
     """The JSON body of an :class:`ApiError` (registered as an exception handler)."""
     assert isinstance(exc, ApiError)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.error, "message": exc.message},
                         status_code=exc.status, headers=headers)
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: a short error name and a message for people."""
+
+    error: str
+    message: str
+
+
+#: The refusals every /api route can answer with.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no token"},
+    403: {"model": ErrorOut, "description": "a wrong token"},
+    404: {"model": ErrorOut, "description": "no such sandbox, session, forward or token"},
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorOut, "description": "a conflict: a port taken, a session ended"}}
 
 
 def _words(exc: Exception) -> str:
@@ -431,12 +458,8 @@ class SandboxList(BaseModel):
 def api_router(gateway: SandboxApi) -> APIRouter:
     """The ``/api/sandboxes`` routes over ``gateway``."""
 
-    def admin(request: Request) -> None:
-        error = admin_error(request.headers.get("authorization"), gateway.admin_token_hash)
-        if error is not None:
-            raise error
-
-    router = APIRouter(prefix="/api", dependencies=[Depends(admin)], tags=["sandboxes"])
+    router = APIRouter(prefix="/api", dependencies=[Security(ADMIN_BEARER)],
+                       tags=["sandboxes"], responses=ERRORS)
 
     def out(sandbox_id: str) -> SandboxOut:
         try:
@@ -445,7 +468,9 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.post("/sandboxes", status_code=201, response_model=SandboxOut,
-                 summary="Create a sandbox; answers once it is proven ready")
+                 summary="Create a sandbox; answers once it is proven ready",
+                 responses={**CONFLICT, 503: {"model": ErrorOut, "description":
+                                              "it did not become ready: the hop and why"}})
     async def create_sandbox(body: SandboxCreate) -> SandboxOut:
         mappings = _mappings(body.publish)
         try:
@@ -483,7 +508,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/forwards", status_code=201,
-                 response_model=ForwardList, summary="Forward more ports of a sandbox")
+                 response_model=ForwardList, summary="Forward more ports of a sandbox",
+                 responses=CONFLICT)
     async def add_forwards(sandbox_id: str, body: ForwardsCreate) -> ForwardList:
         mappings = _mappings(body.publish)
         try:
@@ -531,7 +557,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/sessions", status_code=201, response_model=SessionOut,
-                 tags=["sessions"],
+                 tags=["sessions"], responses=CONFLICT,
                  summary="Open a session: it completes when the guest posts credentials")
     async def create_session(sandbox_id: str, body: SessionCreate) -> SessionOut:
         try:
@@ -605,30 +631,16 @@ def api_router(gateway: SandboxApi) -> APIRouter:
     return router
 
 
-def agent_router(gateway: SandboxApi, *, check_source: bool) -> APIRouter:
-    """The guest agent's routes: authenticated with the sandbox's agent token.
-
-    ``check_source``: only the sandbox's own address may call (the agent port).
-    """
-
-    def agent(request: Request, sandbox_id: str) -> None:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_AGENT_BODY:
-            raise ApiError(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
-        client = request.client.host if request.client and check_source else None
-        try:
-            gateway.check_agent(sandbox_id, bearer_token(request.headers.get("authorization")),
-                                client)
-        except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
-        except Unauthorized as exc:
-            raise ApiError(401 if exc.missing else 403,
-                           "unauthorized" if exc.missing else "forbidden", _words(exc)) from None
-
-    router = APIRouter(prefix="/api", dependencies=[Depends(agent)], tags=["guest agent"])
+def agent_router(gateway: SandboxApi) -> APIRouter:
+    """The guest agent's routes: authenticated with the sandbox's agent token (the
+    :class:`ApiGate` checks it before the body is read)."""
+    router = APIRouter(prefix="/api", dependencies=[Security(AGENT_BEARER)],
+                       tags=["guest agent"],
+                       responses={**ERRORS, 413: {"model": ErrorOut,
+                                                  "description": "the body is too large"}})
 
     @router.post("/sandboxes/{sandbox_id}/credentials", status_code=201,
-                 response_model=CredentialReceipt,
+                 response_model=CredentialReceipt, responses=CONFLICT,
                  summary="Credentials the guest captured (agent token); completes the session")
     async def post_credentials(sandbox_id: str, body: CredentialsIn) -> CredentialReceipt:
         try:
@@ -666,10 +678,60 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 def agent_app(gateway: SandboxApi) -> FastAPI:
-    """The app on the agent port: the guest agent's routes, nothing else."""
+    """The app on the agent port: the guest agent's routes, nothing else; each sandbox's
+    agent may call only from the sandbox's own address."""
     app = FastAPI(title="sandport agent port", version=__version__, openapi_url=None,
                   docs_url=None, redoc_url=None)
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
-    app.include_router(agent_router(gateway, check_source=True))
+    app.include_router(agent_router(gateway))
+    app.add_middleware(ApiGate, gateway=gateway, agent_port=True)
     return app
+
+
+AGENT_ROUTE = re.compile(r"^/api/sandboxes/(?P<sandbox>[^/]+)/(?:credentials|agent/report)/?$")
+
+
+def api_refusal(gateway: SandboxApi, method: str, path: str, headers: Headers,
+                client_ip: str | None, *, agent_port: bool) -> ApiError | None:
+    """Why a request to ``/api`` is refused before its body is read (None: let it in).
+
+    The guest agent's POSTs take the sandbox's agent token (and, on the agent port, come
+    from the sandbox's address); every other ``/api`` route takes the admin token.
+    """
+    authorization = headers.get("authorization")
+    m = AGENT_ROUTE.match(path)
+    if m is not None and method == "POST":
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_AGENT_BODY:
+            return ApiError(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
+        try:
+            gateway.check_agent(unquote(m["sandbox"]), bearer_token(authorization),
+                                client_ip if agent_port else None)
+        except (SandboxNotFound, Unauthorized) as exc:
+            missing = isinstance(exc, Unauthorized) and exc.missing
+            return ApiError(401 if missing else 403,
+                            "unauthorized" if missing else "forbidden", _words(exc))
+        return None
+    if agent_port or not (path == "/api" or path.startswith("/api/")):
+        return None  # the agent port has no other routes: they answer 404
+    return admin_error(authorization, gateway.admin_token_hash)
+
+
+class ApiGate:
+    """ASGI middleware: authentication first, so no body is parsed (or 422'd) for a
+    caller without the right token."""
+
+    def __init__(self, app: ASGIApp, *, gateway: SandboxApi, agent_port: bool = False) -> None:
+        self.app, self.gateway, self.agent_port = app, gateway, agent_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            refusal = api_refusal(self.gateway, scope["method"], scope["path"],
+                                  Headers(scope=scope), client[0] if client else None,
+                                  agent_port=self.agent_port)
+            if refusal is not None:
+                await api_error_response(None, refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -50,6 +50,7 @@ from sandport.bridge.targets import Target
 from sandport.bridge.ws import choose_subprotocol, pump
 from sandport.control.api import (
     ApiError,
+    ApiGate,
     SandboxApi,
     admin_error,
     agent_router,
@@ -380,7 +381,8 @@ def build_app(registry: Registry, *, novnc_dir: Path,
     app.add_exception_handler(RequestValidationError, validation_error_response)
     if api is not None:
         app.include_router(api_router(api))
-        app.include_router(agent_router(api, check_source=False))
+        app.include_router(agent_router(api))
+        app.add_middleware(ApiGate, gateway=api)
     app.router.routes.extend(routes)
     return app
 

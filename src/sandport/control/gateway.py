@@ -71,9 +71,15 @@ from sandport.errors import (
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink
 from sandport.net.pool import AddressPool
-from sandport.probe import ProbeResult, probe_rfb_tcp, probe_rfb_ws, wait_until
+from sandport.probe import (
+    ProbeResult,
+    probe_agent_health,
+    probe_rfb_tcp,
+    probe_rfb_ws,
+    wait_until,
+)
 from sandport.sandbox.base import SandboxSpec
-from sandport.sandbox.netns import NetnsBackend, netns_name, spec_from_record
+from sandport.sandbox.netns import AGENT_PORT, NetnsBackend, netns_name, spec_from_record
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
 from sandport.sandbox.state import (
     SandboxState,
@@ -1143,6 +1149,9 @@ class Gateway:
              lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0,
                                   ssl_context=probe_ssl)),
         ]
+        if spec.agent_url:  # credentials and health go through it: it answers first
+            hops.append(("the guest agent", lambda: probe_agent_health(
+                str(spec.ip), AGENT_PORT, sandbox_id=spec.id, timeout=3.0)))
         for label, probe in hops:
             progress(f"sandbox {spec.id}: waiting for {label}")
             result, attempts = await wait_until(
