@@ -35,6 +35,7 @@ from sandport.bridge.standalone import UNSUPPORTED, WsOptions, build_config
 from sandport.bridge.standalone import serve as serve_ws
 from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.config import (
+    DEFAULT_AGENT_PORT,
     DEFAULT_BRIDGE,
     DEFAULT_STATE_DIR,
     DEFAULT_SUBNET,
@@ -285,6 +286,16 @@ def up(
     ws_max_per_client: Annotated[int | None, typer.Option(
         help="Most desktop WebSocket sessions from one client address (429 beyond).",
         min=1)] = None,
+    probe_interval: Annotated[float, typer.Option(
+        help="Seconds between readiness probes of ready sandboxes (degraded on a failure).",
+        min=0.1)] = 5.0,
+    agent_port: Annotated[int, typer.Option(
+        help="Port on the bridge address where guest agents reach the gateway.",
+        min=1, max=65535)] = DEFAULT_AGENT_PORT,
+    secret_key_file: Annotated[Path | None, typer.Option(
+        help="Key that encrypts credentials and sandbox secrets at rest (64 hex digits, "
+             "e.g. from `openssl rand -hex 32`); default: <state dir>/secret.key, "
+             "created at the first start.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway in the foreground until Ctrl-C or SIGTERM.
@@ -326,6 +337,9 @@ def up(
             trusted_proxies=_networks(trusted_proxy or []),
             ws_max_sessions=ws_max_sessions,
             ws_max_per_client=ws_max_per_client,
+            probe_interval=probe_interval,
+            agent_port=agent_port,
+            secret_key_file=secret_key_file.absolute() if secret_key_file else None,
         )
     except SandportError as exc:
         _error(exc)

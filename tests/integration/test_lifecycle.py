@@ -132,6 +132,20 @@ def test_publish_needs_a_sandbox_and_a_valid_spec(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not one of auto, kernel, proxy" in r.stderr
 
 
+def test_a_bad_secret_key_file_is_named(up_factory: Any, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.key"
+    up = up_factory("--secret-key-file", str(missing), state_dir=tmp_path / "k-state")
+    _, stderr = up.proc.communicate(timeout=30)
+    assert up.proc.returncode == 2, stderr
+    assert f"secret key file {missing} does not exist" in stderr and "openssl rand" in stderr
+    (tmp_path / "short.key").write_text("abcd\n")
+    up = up_factory("--secret-key-file", str(tmp_path / "short.key"),
+                    state_dir=tmp_path / "k-state")
+    _, stderr = up.proc.communicate(timeout=30)
+    assert up.proc.returncode == 2 and "must hold 64 hex digits" in stderr, stderr
+    assert not (tmp_path / "k-state" / "secret.key").exists()  # the named key, none other
+
+
 def test_second_gateway_on_the_same_state_dir_is_refused(up_factory: Any) -> None:
     first = up_factory()
     first.wait_http()

@@ -17,14 +17,14 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sandport.errors import SandportError
+from sandport.errors import SandportError, UsageError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
 PREFIX = "v1:"
 
 
-class SecretKeyError(SandportError):
+class SecretKeyError(UsageError):
     """The key file is missing, unreadable, or not 32 bytes of hex."""
 
 
