@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def gw(gateway_factory: Any) -> Gateway:
-    gateway: Gateway = gateway_factory()
+    gateway: Gateway = gateway_factory(probe_interval=0.5)
     return gateway
 
 
@@ -70,6 +70,30 @@ def test_the_agent_reports_and_answers_health(gw: Gateway, sandbox: dict[str, An
         return doc["report"] is not None and doc["reported_at"] is not None
 
     eventually_sync(reported, within=15)
+
+
+def test_an_agent_that_exits_is_started_again(gw: Gateway, sandbox: dict[str, Any]) -> None:
+    import os
+    import signal
+    from pathlib import Path
+
+    url = f"http://{sandbox['ip']}:{AGENT_PORT}/health"
+    before = httpx.get(url, timeout=10).json()["pid"]
+    assert "agent.py" in Path(f"/proc/{before}/cmdline").read_text()
+    os.kill(before, signal.SIGKILL)
+
+    def back() -> bool:
+        try:
+            return bool(httpx.get(url, timeout=1).json()["pid"] != before)
+        except httpx.HTTPError:
+            return False
+
+    eventually_sync(back, within=10)
+    with api(gw) as c:
+        doc = c.get(f"/api/sandboxes/{sandbox['id']}").json()
+        kinds = [e["kind"] for e in c.get("/api/events",
+                                          params={"sandbox": sandbox["id"]}).json()["events"]]
+    assert doc["state"] == "ready" and "agent.restarted" in kinds  # the desktop stayed
 
 
 def test_a_session_completes_with_credentials_from_the_guest(gw: Gateway,

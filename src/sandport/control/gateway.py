@@ -1081,6 +1081,10 @@ class Gateway:
                 if not await self._restart_services(sb, dead, restarts):
                     return
                 continue  # the next probe tells whether it is back
+            if self._backend is not None and await self._backend.revive_agent(sb.spec):
+                log.warning("sandbox %s: the guest agent had exited; started it again",
+                            sb.spec.id)
+                self._record_event("agent.restarted", sb.spec.id, {})
             if fwd is None:
                 ok, why = False, "no VNC forward"
             else:

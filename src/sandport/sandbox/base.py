@@ -117,6 +117,11 @@ class Backend(Protocol):
         """
         ...
 
+    async def revive_agent(self, spec: SandboxSpec) -> bool:
+        """Restart the guest agent if it exited, leaving the guest services alone; True
+        if it had to."""
+        ...
+
     def failure(self, spec: SandboxSpec) -> str | None:
         """Why the guest can no longer become ready (an essential service exited), or None.
 

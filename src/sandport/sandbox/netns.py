@@ -129,6 +129,20 @@ class NetnsBackend:
                 return f"{proc.name} {status}: {tail}"
         return None
 
+    async def revive_agent(self, spec: SandboxSpec) -> bool:
+        """Start the guest agent again if it exited (the desktop is left alone); True if
+        it had to be."""
+        if not spec.agent_url:
+            return False
+        running = self._procs.get(spec.id, [])
+        agent = next((p for p in running if p.name == "agent"), None)
+        if agent is not None and agent.running:
+            return False
+        if agent is not None:
+            running.remove(agent)
+        await self._start_agent(spec)
+        return True
+
     def _save_pids(self, spec: SandboxSpec) -> None:
         docs = [p.record() for p in self._procs.get(spec.id, [])]
         tmp = spec.workdir / f"{PIDS_FILE}.tmp"
