@@ -78,6 +78,7 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
         assert all(echo(p) for p in ports)
         link = sbs[0].create_token(ttl=600, ports=["vnc"])
         session = sbs[1].create_session(ttl=600)
+        doomed = sbs[2].create_session(ttl=600)
         before = {sb.id: sb.refresh().doc for sb in sbs}
         first.proc.kill()  # SIGKILL: no cleanup at all
         first.proc.communicate(timeout=10)
@@ -121,6 +122,8 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
         assert failed["state"] == "failed", failed
         assert "not adopted" in failed["reason"] and "Xvnc" in failed["reason"], failed
         assert failed["forwards"] == [] and not echo(ports[2])
+        ended = api.session(doomed.id)  # its session can no longer complete
+        assert ended.state == "cancelled" and "the sandbox failed" in ended.doc["reason"]
         assert f"sp-{ids[2]}" not in subprocess.run(["ip", "netns", "list"], text=True,
                                                     capture_output=True).stdout
 

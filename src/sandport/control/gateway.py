@@ -474,7 +474,6 @@ class Gateway:
                     await self.forwards.remove_sandbox(rec.id)
                 await self._backend.destroy(spec)
                 self._set_state(sb, SandboxState.FAILED, reason)
-                self._end_sessions(rec.id, SessionState.CANCELLED, reason)
                 continue
             self._restore_grants(sb)
             self._restore_sessions(sb)
@@ -595,6 +594,8 @@ class Gateway:
             for rec in self._open_sessions(sb.spec.id):
                 if rec.state == SessionState.WAITING:
                     self._move_session(rec.id, SessionState.READY)
+        elif state is SandboxState.FAILED:  # its sessions can no longer complete
+            self._end_sessions(sb.spec.id, SessionState.CANCELLED, f"the sandbox failed: {reason}")
 
     def _published(self, seq: int | None, kind: str, sandbox_id: str,
                    data: dict[str, Any]) -> None:
