@@ -232,3 +232,18 @@ def test_events_stream_live_and_replay_from_last_event_id(gw: Gateway,
                     break
         ids = [int(x[3:]) for x in lines if x.startswith("id:")]
         assert ids and min(ids) > last
+
+
+def test_metrics_count_sessions_agents_and_watchers(gw: Gateway,
+                                                    sandbox: dict[str, Any]) -> None:
+    import re
+
+    with api(gw) as c:
+        c.post(f"/api/sandboxes/{sandbox['id']}/sessions", json={"ttl_seconds": 60})
+        text = c.get("/metrics").text
+    counts = dict(re.findall(r'^sandport_sessions\{state="(\w+)"\} (\d+)$', text, re.M))
+    assert int(counts["ready"]) >= 1 and set(counts) >= {"waiting", "completed", "expired"}
+    age = re.search(rf'^sandport_sandbox_agent_report_age_seconds\{{sandbox="{sandbox["id"]}"'
+                    r'\} ([0-9.]+)$', text, re.M)
+    assert age is not None and float(age.group(1)) < 60, text
+    assert re.search(r"^sandport_event_watchers 0$", text, re.M)

@@ -212,6 +212,10 @@ class SandboxApi(Protocol):
         """Sessions of a sandbox; raises SandboxNotFound."""
         ...
 
+    def session_counts(self) -> dict[str, int]:
+        """How many sessions are in each state."""
+        ...
+
     async def wait_session(self, session_id: str, timeout: float) -> SessionRecord:
         """The session once final, or after ``timeout``."""
         ...

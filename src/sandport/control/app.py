@@ -360,8 +360,11 @@ def build_app(registry: Registry, *, novnc_dir: Path,
             for sandbox_id in api.sandbox_ids():
                 with contextlib.suppress(Exception):  # removed meanwhile
                     docs.append(api.info(sandbox_id).as_json())
-        text = render_metrics(await registry.forward_listing(), sandboxes=registry.count(),
-                              bridge=registry.bridge_stats, sandbox_docs=docs)
+        text = render_metrics(
+            await registry.forward_listing(), sandboxes=registry.count(),
+            bridge=registry.bridge_stats, sandbox_docs=docs,
+            sessions=api.session_counts() if api is not None else None,
+            watchers=api.events.watchers if api is not None else None, now=time.time())
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     routes = [

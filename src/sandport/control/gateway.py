@@ -716,6 +716,13 @@ class Gateway:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         return self._store.sessions(sandbox_id)
 
+    def session_counts(self) -> dict[str, int]:
+        """How many sessions are in each state (``/metrics``)."""
+        counts = dict.fromkeys((s.value for s in SessionState), 0)
+        for rec in self._store.sessions() if self._store is not None else []:
+            counts[rec.state] = counts.get(rec.state, 0) + 1
+        return counts
+
     async def wait_session(self, session_id: str, timeout: float) -> SessionRecord:
         """The session once it is final, or as it is after ``timeout`` seconds."""
         cond = self._session_changed

@@ -31,6 +31,11 @@ _FAMILIES = (
      "Seconds from creation until the sandbox answered its protocol on every path."),
     ("sandport_sandbox_probe_seconds", "gauge",
      "Duration of the latest readiness probe; label ok says whether it passed."),
+    ("sandport_sandbox_agent_report_age_seconds", "gauge",
+     "Seconds since the sandbox's guest agent last reported (it reports every 10 s)."),
+    ("sandport_sessions", "gauge",
+     "Sessions by state (waiting, ready, completed, expired, cancelled)."),
+    ("sandport_event_watchers", "gauge", "Open event streams (GET /api/events as SSE)."),
     ("sandport_ws_sessions_active", "gauge",
      "WebSocket bridge sessions open now, by sandbox and guest port."),
     ("sandport_ws_sessions_total", "counter",
@@ -59,13 +64,25 @@ def _labels(pairs: Iterable[tuple[str, str]]) -> str:
 
 def render(forwards: list[dict[str, Any]], *, sandboxes: int,
            bridge: BridgeStats | None = None,
-           sandbox_docs: list[dict[str, Any]] | None = None) -> str:
+           sandbox_docs: list[dict[str, Any]] | None = None,
+           sessions: dict[str, int] | None = None, watchers: int | None = None,
+           now: float | None = None) -> str:
     """The exposition text for ``forwards`` (as :meth:`ForwardTable.listing` gives them),
-    the WebSocket bridge's per-route counters and the sandboxes (``sandbox_docs``: their
-    API documents)."""
+    the WebSocket bridge's per-route counters, the sandboxes (``sandbox_docs``: their
+    API documents), sessions by state and open event streams."""
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
+    for state, count in sorted((sessions or {}).items()):
+        samples["sandport_sessions"].append(
+            f"sandport_sessions{_labels([('state', state)])} {count}")
+    if watchers is not None:
+        samples["sandport_event_watchers"].append(f"sandport_event_watchers {watchers}")
     for doc in sandbox_docs or []:
         base = [("sandbox", doc["id"])]
+        reported = (doc.get("agent") or {}).get("reported_at")
+        if reported is not None and now is not None:
+            samples["sandport_sandbox_agent_report_age_seconds"].append(
+                f"sandport_sandbox_agent_report_age_seconds{_labels(base)} "
+                f"{max(0.0, now - reported):.3f}")
         samples["sandport_sandbox_state"].append(
             f"sandport_sandbox_state{_labels([*base, ('state', doc['state'])])} 1")
         if doc.get("ready_seconds") is not None:
