@@ -50,7 +50,9 @@ def test_sandboxes_become_ready_through_both_paths(desktops: Any, record_propert
     sb = gw._sandboxes[a.id]  # the evidence the gateway kept
     hops = [p.hop for p in sb.probes]
     assert hops[0].startswith("tcp 127.0.0.1:") and hops[1].startswith("websocket ws://")
-    assert all(p.ok and p.stage == "server-init" for p in sb.probes)
+    assert hops[2] == f"guest agent http://{a.ip}:7412/health"
+    assert all(p.ok and p.stage == "server-init" for p in sb.probes[:2])
+    assert sb.probes[2].ok and sb.probes[2].detail == "healthy"
     assert sb.probes[0].desktop == f"sandport {a.id}"
 
 

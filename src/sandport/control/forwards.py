@@ -175,8 +175,17 @@ def _reserve(mapping: PortMapping) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(mapping.host_ip, mapping.host_port,
                                  what=f"{mapping.protocol} port") from None
-        raise
+        raise _bind_error(mapping, exc) from None
     return sock
+
+
+def _bind_error(mapping: PortMapping, exc: OSError) -> UsageError:
+    """A host address this machine cannot bind (not one of its addresses, a link-local
+    address without a zone...), in words."""
+    return UsageError(
+        f"cannot publish {mapping}: binding {format_addr(mapping.host_ip, mapping.host_port)}"
+        f" failed: {exc.strerror or exc}",
+        hint="use an address of this host (`ip -brief addr`), 127.0.0.1 or 0.0.0.0")
 
 
 class ForwardTable:
@@ -330,6 +339,8 @@ async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> 
     except PortInUse:
         raise PortInUseError(mapping.host_ip, mapping.host_port,
                              what=f"{mapping.protocol} port") from None
+    except OSError as exc:
+        raise _bind_error(mapping, exc) from None
     return relay.bound_port
 
 
