@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandport import __version__
@@ -675,6 +676,21 @@ async def validation_error_response(_: Request, exc: Exception) -> Response:
                          "detail": jsonable_errors(exc)}, status_code=422)
 
 
+async def http_error_response(_: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route, wrong method, a body that does not parse) in the
+    API's shape: ``{"error", "message"}``; a body that is not JSON is a 422 like any
+    other schema error."""
+    assert isinstance(exc, StarletteHTTPException)
+    status, detail = exc.status_code, str(exc.detail)
+    if status == 400 and "parsing the body" in detail:
+        return JSONResponse({"error": "invalid", "message": "the body is not UTF-8 JSON",
+                             "detail": [{"loc": ["body"], "msg": detail,
+                                         "type": "json_invalid"}]}, status_code=422)
+    names = {404: "not_found", 405: "method_not_allowed"}
+    return JSONResponse({"error": names.get(status, "http_error"), "message": detail,
+                         "detail": detail}, status_code=status, headers=exc.headers)
+
+
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     """FastAPI's validation errors without the input echoed back (it may be a secret)."""
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
@@ -688,6 +704,7 @@ def agent_app(gateway: SandboxApi) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_exception_handler(StarletteHTTPException, http_error_response)
     app.include_router(agent_router(gateway))
     app.add_middleware(ApiGate, gateway=gateway, agent_port=True)
     return app

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -56,6 +57,7 @@ from sandport.control.api import (
     agent_router,
     api_error_response,
     api_router,
+    http_error_response,
     validation_error_response,
 )
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -382,6 +384,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
                               "the admin token: Authorization: Bearer <token>.")
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_exception_handler(StarletteHTTPException, http_error_response)
     if api is not None:
         app.include_router(api_router(api))
         app.include_router(agent_router(api))

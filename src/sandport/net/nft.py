@@ -29,6 +29,7 @@ without duplicates, and stray chains of this gateway are deleted.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -234,8 +235,9 @@ def apply(bridge: str, rules: list[DnatRule], ingress: list[str] | None = None) 
     if rules:
         set_sysctl(f"net/ipv4/conf/{bridge}/route_localnet", "1")
         set_sysctl(f"net/ipv4/conf/{bridge}/forwarding", "1")
-    for ifname in ingress or []:
-        set_sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")
+    for ifname in ingress or []:  # an interface that went away meanwhile needs nothing
+        with contextlib.suppress(FileNotFoundError):
+            set_sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")
     log.debug("nft: %d forward(s) for %s", len(rules), bridge)
 
 
