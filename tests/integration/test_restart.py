@@ -91,6 +91,19 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "Xvnc":
                     os.kill(pid, signal.SIGKILL)
 
+        # A restart that fails after adopting (its HTTP port is taken) leaves the
+        # sandboxes running for the next one: it does not destroy them.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            failed_start = up_factory("--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                                      state_dir=state, bridge=first.bridge,
+                                      subnet=first.subnet)
+            _, stderr = failed_start.proc.communicate(timeout=60)
+        assert failed_start.proc.returncode == 2 and "already in use" in stderr, stderr
+        assert all(netns_pids(f"sp-{i}") for i in ids[:2])
+        assert all(f"sp-{i}-v" in links() for i in ids[:2])
+
         t0 = time.monotonic()
         second = up_factory(state_dir=state, bridge=first.bridge, subnet=first.subnet)
         back = None

@@ -352,7 +352,9 @@ class Gateway:
             await self._front.start()
             self._write_gateway_file()
         except BaseException:
-            await self.stop()
+            # A start that fails (its port taken, say) after adopting sandboxes leaves them
+            # running and recorded for the next start; it does not destroy them.
+            await self.stop(keep_sandboxes=True)
             raise
         log.info("gateway up: %s, state %s", self.base_url, cfg.state_dir)
 
@@ -520,8 +522,12 @@ class Gateway:
                 if rec.state == SessionState.WAITING and sb.live.state is SandboxState.READY:
                     self._move_session(rec.id, SessionState.READY)
 
-    async def stop(self) -> None:
-        """Shut down in order; each step runs even if one before it failed."""
+    async def stop(self, *, keep_sandboxes: bool = False) -> None:
+        """Shut down in order; each step runs even if one before it failed.
+
+        ``keep_sandboxes`` leaves the sandboxes running and recorded (a failed start):
+        only this process's part of them (monitors, forwards) stops.
+        """
         # 1. Event streams end, then the HTTP port: browsers get a close code, no new
         #    sessions arrive.
         self.events.close()
@@ -541,6 +547,15 @@ class Gateway:
                 await self._agent_http.stop()
             self._agent_http = None
         # 2. Sandboxes: their forwards, guest processes, namespaces, links, leases.
+        if keep_sandboxes:
+            for sandbox_id, sb in list(self._sandboxes.items()):
+                for timer in sb.grant_timers.values():
+                    timer.cancel()
+                monitor = self._monitors.pop(sandbox_id, None)
+                if monitor is not None:
+                    monitor.cancel()
+                    await asyncio.gather(monitor, return_exceptions=True)
+            self._sandboxes.clear()
         for sandbox_id in list(self._sandboxes):
             try:
                 await self.destroy_sandbox(sandbox_id)
@@ -551,10 +566,11 @@ class Gateway:
         if self._bridge_lock is not None:
             with contextlib.suppress(Exception):
                 await self.forwards.close()
-        # 4. The bridge, once no port is left on it.
+        # 4. The bridge, once no port is left on it (sandboxes kept running keep it).
         if self._store is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(netlink.delete_link, self.config.net.bridge)
+                if not await asyncio.to_thread(netlink.bridge_ports, self.config.net.bridge):
+                    await asyncio.to_thread(netlink.delete_link, self.config.net.bridge)
         if self._lock_file is not None:
             with contextlib.suppress(OSError):
                 self.gateway_file.unlink()
