@@ -1167,8 +1167,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ready_timeout
 
-        def give_up() -> str | None:
-            return backend.failure(spec)
+        def give_up() -> str | None:  # no waiting out the timeout for what already died
+            return backend.failure(spec, agent=True)
 
         hops = [
             (f"VNC through the host port {host}:{fwd.host_port} ({fwd.mode} forward)",

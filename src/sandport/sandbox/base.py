@@ -122,8 +122,9 @@ class Backend(Protocol):
         if it had to."""
         ...
 
-    def failure(self, spec: SandboxSpec) -> str | None:
-        """Why the guest can no longer become ready (an essential service exited), or None.
+    def failure(self, spec: SandboxSpec, *, agent: bool = False) -> str | None:
+        """Why the guest can no longer become ready (an essential service exited; with
+        ``agent``, also the guest agent), or None.
 
         Readiness probes stop waiting as soon as this says something.
         """

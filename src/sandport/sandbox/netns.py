@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -119,10 +120,11 @@ class NetnsBackend:
                  ", ".join(f"{p.name} (pid {p.pid})" for p in found))
         return None
 
-    def failure(self, spec: SandboxSpec) -> str | None:
-        """The first essential guest program that exited, with its last words."""
+    def failure(self, spec: SandboxSpec, *, agent: bool = False) -> str | None:
+        """The first essential guest program (or, with ``agent``, the guest agent) that
+        exited, with its last words."""
         for proc in self._procs.get(spec.id, []):
-            if proc.essential and not proc.running:
+            if (proc.essential or (agent and proc.name == "agent")) and not proc.running:
                 tail = proc.log_tail(300).replace("\n", " | ")
                 status = "exited" if proc.returncode is None else \
                     f"exited with status {proc.returncode}"
@@ -150,8 +152,17 @@ class NetnsBackend:
         tmp.replace(spec.workdir / PIDS_FILE)
 
     async def _start_agent(self, spec: SandboxSpec) -> None:
-        """The guest agent (:mod:`sandport.agent`): /health, reports, credentials."""
-        await self._spawn(spec, "agent", [sys.executable, "-I", "-S", str(AGENT)], extra_env={
+        """The guest agent (:mod:`sandport.agent`): /health, reports, credentials.
+
+        It is copied into the sandbox (a guest sees only its own /tmp, and sandport may
+        itself live under the host's /tmp, e.g. in a CI clone) and run by the system's
+        Python: it needs nothing but the standard library.
+        """
+        inside = spec.workdir / "tmp" / ".sandport" / "agent.py"
+        inside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(AGENT, inside)
+        argv = [guest_python(), "-I", "-S", f"{GUEST_TMP}/.sandport/agent.py"]
+        await self._spawn(spec, "agent", argv, extra_env={
             "SANDPORT_GATEWAY_URL": spec.agent_url,
             "SANDPORT_AGENT_TOKEN": spec.secrets.get("agent_token", ""),
             "SANDPORT_AGENT_LISTEN": f"0.0.0.0:{AGENT_PORT}",
@@ -271,6 +282,19 @@ class NetnsBackend:
             services={p.name: p.running for p in procs_now},
             pids=tuple(procs.pids_in_netns(name)),
         )
+
+
+def guest_python() -> str:
+    """A Python interpreter a guest can run: this one's base interpreter unless it lives
+    under /tmp (guests see their own /tmp there), else the system's ``python3``."""
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if not base.startswith("/tmp/") and os.path.exists(base):
+        return base
+    found = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if found is None:
+        raise SandboxFailed("no python3 outside /tmp to run the guest agent",
+                            hint="apt-get install python3")
+    return found
 
 
 def spec_from_record(
