@@ -367,11 +367,14 @@ def parse_proc_net_line(
     return ListeningSocket(proto=proto, address=address, port=port)
 
 
-def listening_sockets(proc_net_dir: str | os.PathLike[str] = "/proc/net") -> list[ListeningSocket]:
+def listening_sockets(proc_net_dir: str | os.PathLike[str] = "/proc/net",
+                      byteorder: Literal["little", "big"] = sys.byteorder,
+                      ) -> list[ListeningSocket]:
     """The TCP and UDP sockets that listen in this process's network namespace.
 
     Reads ``tcp``, ``tcp6``, ``udp`` and ``udp6`` under ``proc_net_dir`` (/proc/net shows the
-    reader's own namespace); a file that is missing (e.g. IPv6 disabled) is skipped.
+    reader's own namespace, in the host's byte order); a file that is missing (e.g. IPv6
+    disabled) is skipped.
 
     Returns:
         Deduplicated sockets, sorted by protocol, port, then address.
@@ -383,7 +386,7 @@ def listening_sockets(proc_net_dir: str | os.PathLike[str] = "/proc/net") -> lis
         except OSError:
             continue
         for line in text.splitlines()[1:]:
-            sock = parse_proc_net_line(line, proto)
+            sock = parse_proc_net_line(line, proto, byteorder=byteorder)
             if sock is not None:
                 found.add(sock)
     return sorted(found, key=lambda s: (s.proto, s.port, s.address))

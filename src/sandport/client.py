@@ -48,21 +48,27 @@ class ApiError(Exception):
 
 
 @dataclass(slots=True)
-class Sandbox:
-    """A sandbox as the API shows it; :meth:`refresh` asks again."""
+class _Resource:
+    """An API document (``doc``) and the client that fetched it."""
 
     client: Client
     doc: dict[str, Any] = field(repr=False)
 
     @property
     def id(self) -> str:
-        """The sandbox id."""
+        """Its id."""
         return str(self.doc["id"])
 
     @property
     def state(self) -> str:
-        """creating, starting, ready, degraded, stopping, stopped or failed."""
+        """Where it is in its life (see :mod:`sandport.sandbox.state`)."""
         return str(self.doc["state"])
+
+
+@dataclass(slots=True)
+class Sandbox(_Resource):
+    """A sandbox as the API shows it (state: creating, starting, ready, degraded,
+    stopping, stopped or failed); :meth:`refresh` asks again."""
 
     @property
     def reason(self) -> str:
@@ -150,22 +156,9 @@ class Sandbox:
 
 
 @dataclass(slots=True)
-class Session:
+class Session(_Resource):
     """A session on a sandbox: ``waiting``, ``ready``, then ``completed``, ``expired`` or
     ``cancelled``."""
-
-    client: Client
-    doc: dict[str, Any] = field(repr=False)
-
-    @property
-    def id(self) -> str:
-        """The session id."""
-        return str(self.doc["id"])
-
-    @property
-    def state(self) -> str:
-        """Where the session is."""
-        return str(self.doc["state"])
 
     def refresh(self, wait: float = 0) -> Session:
         """Ask again; ``wait`` > 0 lets the gateway answer as soon as it ends."""
