@@ -238,8 +238,8 @@ class Gateway:
         #: Guest agents' port on the bridge address (agent routes only).
         self._agent_http: HttpServer | None = None
         self._session_timers: dict[str, asyncio.TimerHandle] = {}
-        #: Notified on every session change (long polls wait on it).
-        self._session_changed: asyncio.Condition | None = None
+        #: Set (and replaced) on every session change: long polls wait on it.
+        self._session_changed = asyncio.Event()
         self._pool: AddressPool | None = None
         self._http: HttpServer | None = None
         #: The gateway's port: WebSocket bridge, TLS detection; other requests go to _http.
@@ -311,8 +311,7 @@ class Gateway:
         novnc = preflight.find_novnc()
         self._backend = NetnsBackend(programs)
         self._lock_state_dir()
-        self._session_changed = asyncio.Condition()
-        self.events = EventHub()
+        self.events, self._session_changed = EventHub(), asyncio.Event()  # this loop's
         try:
             self._load_admin_token()
             key_file = cfg.secret_key_file or cfg.state_dir / SECRET_KEY_FILE
@@ -668,15 +667,8 @@ class Gateway:
         self._notify_sessions()
 
     def _notify_sessions(self) -> None:
-        cond = self._session_changed
-        if cond is None:
-            return
-
-        async def notify() -> None:
-            async with cond:
-                cond.notify_all()
-
-        asyncio.get_running_loop().create_task(notify())
+        changed, self._session_changed = self._session_changed, asyncio.Event()
+        changed.set()  # wakes every waiter of the old event; new ones wait on the new
 
     def _end_sessions(self, sandbox_id: str, state: SessionState, reason: str) -> None:
         for rec in self._open_sessions(sandbox_id):
@@ -741,17 +733,16 @@ class Gateway:
 
     async def wait_session(self, session_id: str, timeout: float) -> SessionRecord:
         """The session once it is final, or as it is after ``timeout`` seconds."""
-        cond = self._session_changed
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            changed = self._session_changed  # taken before reading: no change is missed
             rec = self.session(session_id)
             left = deadline - loop.time()
-            if SessionState(rec.state).final or left <= 0 or cond is None:
+            if SessionState(rec.state).final or left <= 0:
                 return rec
-            async with cond:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(cond.wait(), left)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
 
     def check_agent(self, sandbox_id: str, token: str | None,
                     client_ip: str | None = None) -> Sandbox:
