@@ -23,7 +23,7 @@ import pytest
 
 from conftest import record
 from nethelpers import ECHO_SERVER, free_port, guest_server
-from sandport.client import Client
+from sandport.client import ApiError, Client
 from sandport.net import nft
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
 from uphelpers import up_factory  # noqa: F401 - a fixture
@@ -135,6 +135,9 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
         assert failed["state"] == "failed", failed
         assert "not adopted" in failed["reason"] and "Xvnc" in failed["reason"], failed
         assert failed["forwards"] == [] and not echo(ports[2])
+        with pytest.raises(ApiError) as refused:  # no forwards for what failed
+            api.request("POST", f"/api/sandboxes/{ids[2]}/forwards", {"publish": ["0:7"]})
+        assert refused.value.status == 409 and "failed" in refused.value.message
         ended = api.session(doomed.id)  # its session can no longer complete
         assert ended.state == "cancelled" and "the sandbox failed" in ended.doc["reason"]
         assert f"sp-{ids[2]}" not in subprocess.run(["ip", "netns", "list"], text=True,

@@ -521,6 +521,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             added = await gateway.add_forwards(sandbox_id, mappings)
         except SandboxNotFound:
             raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        except Conflict as exc:
+            raise ApiError(409, "sandbox_unavailable", _words(exc)) from None
         except UsageError as exc:
             raise _port_conflict(exc) from None
         return ForwardList(forwards=added)
