@@ -367,6 +367,25 @@ def _gateway_doc(state_dir: Path) -> dict[str, Any]:
     return doc
 
 
+def _api_text(state_dir: Path, path: str) -> tuple[str, int]:
+    """GET a text route of the running gateway's API: its text and ``X-Next-Offset``."""
+    doc = _gateway_doc(state_dir)
+    context = ssl._create_unverified_context() if doc["url"].startswith("https://") else None  # noqa: S323
+    req = urllib.request.Request(f"{doc['url']}{path}",  # noqa: S310 - our own gateway
+                                 headers={"Authorization": f"Bearer {doc['admin_token']}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=context) as r:  # noqa: S310
+            return r.read().decode(errors="replace"), int(r.headers.get("X-Next-Offset", 0))
+    except urllib.error.HTTPError as exc:
+        try:
+            why = json.loads(exc.read()[:2000]).get("message", "")
+        except (ValueError, AttributeError):
+            why = ""
+        raise UsageError(f"the gateway answered {exc.code}: {why}") from None
+    except OSError as exc:
+        raise SandportError(f"the gateway at {doc['url']} does not answer: {exc}") from None
+
+
 def _api(state_dir: Path, method: str, path: str, body: dict[str, Any] | None = None,
          timeout: float = 5.0) -> Any:
     """Call the running gateway's API with its admin token; the JSON answer (or None).
@@ -630,13 +649,24 @@ def sandbox_create(
     publish: Annotated[list[str] | None, typer.Option(
         "--publish", "-p", help=f"Forward a port: {escape(SPEC_SYNTAX)}. Repeatable.",
         metavar="SPEC")] = None,
+    profile: Annotated[str, typer.Option(
+        help="desktop (Xvnc + openbox) or echo (TCP/UDP echo on 7, HTTP on 80; qemu).")]
+        = "desktop",
+    backend: Annotated[str, typer.Option(
+        help="netns (a network namespace) or qemu (a microVM; its image is built once, "
+             "see `sandport image build`).")] = "netns",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
-    """Create a desktop sandbox and print it as JSON once it is proven ready."""
+    """Create a sandbox and print it as JSON once it is proven ready.
+
+    Examples: sandport sandbox create -p 18080:8080;
+    sandport sandbox create --backend qemu --profile echo -p 10007:7 -p 10007:7/udp
+    """
 
     def run() -> None:
-        sb = _api(state_dir, "POST", "/api/sandboxes", {"publish": publish or []},
-                  timeout=120.0)
+        sb = _api(state_dir, "POST", "/api/sandboxes",
+                  {"publish": publish or [], "profile": profile, "backend": backend},
+                  timeout=600.0)
         err.print(escape(f"sandbox {sb['id']} ready in {sb['ready_seconds']} s: "
                          f"{sb['desktop_url']}"))
         out.print(json.dumps(sb, indent=2), markup=False)
@@ -667,6 +697,35 @@ def sandbox_list(
             out.print(line, markup=False, crop=False, overflow="ignore")
 
     _cli_call(run)
+
+
+@sandbox_app.command("logs")
+def sandbox_logs(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="ID")],
+    name: Annotated[str, typer.Option(
+        help="Which log: serial (a VM's console, the default there), qemu, Xvnc, openbox, "
+             "agent...; an unknown name lists them.")] = "",
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Keep printing what is added.")] = False,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Print a sandbox's guest log: a VM's boot and console, a guest program's output."""
+
+    def run() -> None:
+        base = f"/api/sandboxes/{quote(sandbox_id, safe='')}/logs?name={quote(name)}"
+        offset = -65536
+        while True:
+            data, offset = _api_text(state_dir, f"{base}&offset={offset}")
+            sys.stdout.write(data)
+            sys.stdout.flush()
+            if not follow:
+                return
+            time.sleep(0.5)
+
+    try:
+        _cli_call(run)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 @sandbox_app.command("rm")
@@ -758,6 +817,117 @@ def token_revoke(
         _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens/"
                                   f"{quote(token_id, safe='')}")
         err.print(escape(f"revoked {token_id}"))
+
+    _cli_call(run)
+
+
+# The `image` commands: guest images of QEMU microVM sandboxes (sandport.sandbox.images).
+from rich.progress import (  # noqa: E402 - this command group's own imports
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from sandport.sandbox import images as guest_images  # noqa: E402
+
+image_app = typer.Typer(help="Guest images of QEMU microVM sandboxes: a Debian kernel and a "
+                        "busybox initramfs per profile, made from the host's Debian packages.",
+                        no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+ImageCacheOption = Annotated[Path, typer.Option(help="The image cache directory.")]
+
+
+def _mib(value: object) -> str:
+    return f"{value / 2**20:.1f} MiB" if isinstance(value, int) else "-"
+
+
+def _build_image(bar: Progress, profile: str, cache_dir: Path,
+                 force: bool) -> tuple[guest_images.Image, float, bool]:
+    """Build one image under a progress bar: (image, seconds, cached)."""
+    task = bar.add_task(profile, total=None)
+    steps: list[str] = []
+
+    def report(step: str, fraction: float | None) -> None:
+        steps.append(step)
+        bar.update(task, description=f"{profile}: {step}",
+                   total=None if fraction is None else 1.0, completed=fraction or 0.0)
+
+    t0 = time.monotonic()
+    try:
+        image = guest_images.build_image(profile, cache_dir, force=force, progress=report)
+    finally:
+        bar.remove_task(task)
+    return image, time.monotonic() - t0, "cached" in steps
+
+
+@image_app.command("build")
+def image_build(
+    profile: Annotated[str, typer.Option(help="echo, desktop or all.")] = "all",
+    cache_dir: ImageCacheOption = guest_images.DEFAULT_IMAGE_CACHE,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Build even if the image for the current inputs exists.")] = False,
+) -> None:
+    """Build the image of each profile; at once ("cached") if its inputs are unchanged.
+
+    An image's key hashes its inputs: the kernel apt would fetch now, the versions of the
+    Debian packages its files come from, the init script. Prints one line per image:
+    profile, key, sizes, seconds, built or cached, directory.
+    """
+
+    def run() -> None:
+        choices = (*guest_images.IMAGE_PROFILES, "all")
+        if profile not in choices:
+            raise UsageError(f"--profile {profile!r} is not one of {', '.join(choices)}")
+        profiles = guest_images.IMAGE_PROFILES if profile == "all" else (profile,)
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                   TimeElapsedColumn())
+        for name in profiles:
+            # One bar per image, gone before its line is printed (stdout stays clean).
+            with Progress(*columns, console=err, transient=True) as bar:
+                image, seconds, cached = _build_image(bar, name, cache_dir.absolute(), force)
+            sizes = image.manifest.get("sizes", {})
+            out.print(f"{image.profile:<8} {image.key[:16]}  initramfs "
+                      f"{_mib(sizes.get('initramfs'))}, vmlinux {_mib(sizes.get('vmlinux'))}"
+                      f"  {seconds:.1f} s  {'cached' if cached else 'built'}  {image.dir}",
+                      markup=False, crop=False, overflow="ignore")
+
+    _cli_call(run)
+
+
+@image_app.command("list")
+def image_list(
+    cache_dir: ImageCacheOption = guest_images.DEFAULT_IMAGE_CACHE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every image in the cache, current or not: profile, key, kernel, sizes, build time.
+
+    `sandport image build` names the current image of each profile.
+    """
+
+    def run() -> None:
+        found = guest_images.list_images(cache_dir.absolute())
+        if as_json:
+            docs = [{"profile": i.profile, "key": i.key, "dir": str(i.dir),
+                     "kernel": str(i.kernel), "initrd": str(i.initrd), "manifest": i.manifest}
+                    for i in found]
+            out.print(json.dumps(docs, indent=2), markup=False)
+            return
+        if not found:
+            err.print(escape(f"no images in {cache_dir}"))
+            return
+        rows = [("PROFILE", "KEY", "KERNEL", "INITRAMFS", "UNPACKED", "BUILT", "DIR")]
+        for i in found:
+            sizes = i.manifest.get("sizes", {})
+            rows.append((i.profile, i.key[:16], str(i.manifest.get("kernel_version", "-")),
+                         _mib(sizes.get("initramfs")), _mib(sizes.get("unpacked")),
+                         str(i.manifest.get("built_at", "-")), str(i.dir)))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+        for r in rows:
+            cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
+            out.print("  ".join([*cells, r[-1]]), markup=False, crop=False, overflow="ignore")
 
     _cli_call(run)
 

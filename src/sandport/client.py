@@ -246,10 +246,12 @@ class Client:
         return json.loads(raw) if raw else None
 
     def create_sandbox(self, *, profile: str = "desktop", publish: list[str] | None = None,
-                       vnc_port: int = 0, session_ttl: float | None = None) -> Sandbox:
+                       vnc_port: int = 0, session_ttl: float | None = None,
+                       backend: str = "netns") -> Sandbox:
         """Create a sandbox; returns once the gateway has proven it ready.
 
-        ``session_ttl`` also opens a session (``sb.sessions()[0]``) from the start.
+        ``session_ttl`` also opens a session (``sb.sessions()[0]``) from the start;
+        ``backend="qemu"`` makes it a microVM (profiles ``desktop`` and ``echo``).
 
         Raises:
             ApiError: 409 a port is taken, 422 a bad spec, 503 it did not become ready.
@@ -257,7 +259,8 @@ class Client:
         doc = self.request("POST", "/api/sandboxes", {"profile": profile,
                                                       "publish": publish or [],
                                                       "vnc_port": vnc_port,
-                                                      "session_ttl_seconds": session_ttl})
+                                                      "session_ttl_seconds": session_ttl,
+                                                      "backend": backend})
         return Sandbox(self, doc)
 
     def sandboxes(self) -> list[Sandbox]:

@@ -19,6 +19,7 @@ DEFAULT_BRIDGE = "sp-br0"
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.201.0.0/24")
 DEFAULT_LISTEN = ("127.0.0.1", 8700)
 DEFAULT_AGENT_PORT = 7411
+DEFAULT_IMAGE_CACHE = Path("/var/cache/sandport/images")
 IFNAMSIZ = 15  # Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 
 
@@ -76,6 +77,9 @@ class GatewayConfig:
             it in ``<state dir>/secret.key``, created at the first start (mode 0600).
         agent_port: where guest agents reach the gateway: this port on the bridge
             address (sandboxes only; agent routes only).
+        image_cache: where the qemu backend finds (and builds) its guest images.
+        qemu_accel: ``auto`` (kvm where usable and not paravirtual, else tcg), ``kvm``
+            or ``tcg``.
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -94,6 +98,8 @@ class GatewayConfig:
     ws_max_per_client: int | None = None
     secret_key_file: Path | None = None
     agent_port: int = DEFAULT_AGENT_PORT
+    image_cache: Path = DEFAULT_IMAGE_CACHE
+    qemu_accel: str = "auto"
 
     @property
     def scheme(self) -> str:

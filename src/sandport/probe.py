@@ -223,6 +223,40 @@ async def wait_until(
         delay = min(delay * 1.5, 0.5)
 
 
+async def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[str, bytes]:
+    """``(status line, body)`` of an HTTP/1.0 GET; raises OSError or TimeoutError."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            raw = await reader.read(1 << 20)
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(errors="replace"), body
+
+
+async def probe_http(host: str, port: int, *, path: str = "/",
+                     timeout: float = 3.0) -> ProbeResult:
+    """An HTTP service answers ``GET path`` through this hop (any status below 500)."""
+    hop = f"http {host}:{port}{path}"
+    t0 = time.perf_counter()
+    try:
+        status, _ = await _http_get(host, port, path, timeout)
+    except TimeoutError:
+        return ProbeResult(ok=False, hop=hop, stage="connect", elapsed=time.perf_counter() - t0,
+                           detail=f"no answer within {timeout:g} s")
+    except OSError as exc:
+        return ProbeResult(ok=False, hop=hop, stage="connect", elapsed=time.perf_counter() - t0,
+                           detail=exc.strerror or type(exc).__name__)
+    parts = status.split()
+    ok = len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit() \
+        and int(parts[1]) < 500
+    return ProbeResult(ok=ok, hop=hop, stage="http", elapsed=time.perf_counter() - t0,
+                       detail=status or "no HTTP status line")
+
+
 async def probe_agent_health(host: str, port: int, *, sandbox_id: str,
                              timeout: float = 3.0) -> ProbeResult:
     """GET the guest agent's ``/health``: ready when it answers 200 for ``sandbox_id``."""
@@ -230,17 +264,8 @@ async def probe_agent_health(host: str, port: int, *, sandbox_id: str,
     t0 = time.perf_counter()
     stage, detail = "connect", ""
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                stage = "http"
-                writer.write(f"GET /health HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-                await writer.drain()
-                raw = await reader.read(1 << 20)
-            finally:
-                writer.close()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        status, body = await _http_get(host, port, "/health", timeout)
+        stage = "http"
         if " 200 " not in f"{status} ":
             detail = f"answered {status or 'nothing'}"
         else:

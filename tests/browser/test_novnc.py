@@ -298,3 +298,25 @@ def test_sdk_full_lifecycle_desktop_link_credentials_session_delete(
     assert sb.id not in gw.sandbox_ids()
     left = leftovers(bridge=None, sandbox_ids=[sb.id], state_dir=gw.config.state_dir)
     assert left == [], left
+
+
+def test_a_desktop_inside_a_vm_and_its_console_in_chromium(browser: Any, desktop: Any,
+                                                            loop_thread: Any,
+                                                            leftovers: Any) -> None:
+    """A qemu desktop sandbox: noVNC shows the Xvnc desktop running inside the microVM
+    (its colour, its name) through the same bridge as a netns desktop; ``?port=console``
+    shows QEMU's own display of the VM (its serial console) through that bridge too."""
+    require_programs("qemu-system-x86_64")
+    gw, _ = desktop
+    info = loop_thread.run(gw.create_sandbox(backend="qemu", profile="desktop"), timeout=180)
+    try:
+        state = open_desktop(browser, info.desktop_url, info.colour)
+        assert state["status"] == f"Connected (unencrypted) to sandport {info.id}", state
+        browser.get(info.desktop_url + "&port=console")
+        state = poll(browser, lambda s: "noVNC_connected" in s["cls"] and s["w"] > 20)
+        assert "noVNC_connected" in state["cls"], f"{state}\n{diagnose(browser)}"
+        assert state["status"] == f"Connected (unencrypted) to QEMU (sandport-{info.id})"
+    finally:
+        browser.get("about:blank")
+        loop_thread.run(gw.destroy_sandbox(info.id), timeout=60)
+    assert leftovers(bridge=None, sandbox_ids=[info.id], state_dir=gw.config.state_dir) == []

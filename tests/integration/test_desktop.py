@@ -224,7 +224,7 @@ def test_desktop_link_and_websocket_check_tokens_before_the_upgrade(desktops: An
 def test_guest_processes_run_inside_the_sandbox(desktops: Any, loop_thread: Any) -> None:
     gw, a, _ = desktops
     sb = gw._sandboxes[a.id]
-    found = loop_thread.run(gw._backend.inspect(sb.spec))
+    found = loop_thread.run(sb.backend.inspect(sb.spec))
     assert found.exists and found.link_up
     assert found.services == {"Xvnc": True, "openbox": True, "xmessage": True, "agent": True}
     me = os.stat("/proc/self/ns/net").st_ino
@@ -238,7 +238,7 @@ def test_destroy_leaves_nothing(desktops: Any, loop_thread: Any, leftovers: Any)
     gw, _, _ = desktops
     info = loop_thread.run(gw.create_sandbox())
     sb = gw._sandboxes[info.id]
-    pids = loop_thread.run(gw._backend.inspect(sb.spec)).pids
+    pids = loop_thread.run(sb.backend.inspect(sb.spec)).pids
     assert pids
     loop_thread.run(gw.destroy_sandbox(info.id))
     assert leftovers(bridge=None, sandbox_ids=[info.id], state_dir=gw.config.state_dir) == []

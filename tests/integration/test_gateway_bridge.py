@@ -49,8 +49,7 @@ def test_503_while_the_sandbox_boots_then_the_same_url_works(
     gateway_factory: Any, loop_thread: Any
 ) -> None:
     gw: Gateway = gateway_factory()
-    assert gw._backend is not None
-    backend = gw._backend
+    backend = gw._backends["netns"]
     real_start = backend.start
 
     async def slow_start(spec: Any) -> None:  # the guest boots for a second longer

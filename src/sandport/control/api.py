@@ -154,7 +154,7 @@ class SandboxApi(Protocol):
     async def create_sandbox(self, *, profile: str = ..., vnc_port: int = ...,
                              publish: list[PortMapping] | None = ...,
                              options: ForwardOptions | None = ...,
-                             session_ttl: float | None = ...) -> Any:
+                             session_ttl: float | None = ..., backend: str = ...) -> Any:
         """Create a sandbox and wait until it is ready; its info."""
         ...
 
@@ -239,6 +239,11 @@ class SandboxApi(Protocol):
         """Keep an agent's report."""
         ...
 
+    def read_log(self, sandbox_id: str, name: str, offset: int,
+                 limit: int) -> tuple[bytes, int, list[str]]:
+        """(bytes from ``offset``, the next offset, the log names); SandboxNotFound."""
+        ...
+
 
 PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -249,7 +254,11 @@ class SandboxCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["desktop"] = Field("desktop", description="guest profile")
+    profile: Literal["desktop", "echo"] = Field(
+        "desktop", description="guest profile: desktop (Xvnc + openbox), echo (TCP/UDP echo "
+                               "on 7, HTTP on 80; qemu only)")
+    backend: Literal["netns", "qemu"] = Field(
+        "netns", description="netns: a network namespace; qemu: a microVM")
     publish: list[str] = Field(
         default_factory=list,
         description="host port forwards, docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
@@ -481,7 +490,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             info = await gateway.create_sandbox(profile=body.profile, vnc_port=body.vnc_port,
                                                 publish=mappings,
-                                                session_ttl=body.session_ttl_seconds)
+                                                session_ttl=body.session_ttl_seconds,
+                                                backend=body.backend)
         except SandboxFailed as exc:
             raise ApiError(503, "not_ready", _words(exc)) from None
         except UsageError as exc:
@@ -595,6 +605,28 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         except SandboxNotFound:
             raise ApiError(404, "unknown_session", f"no session {session_id!r}") from None
         return SessionOut.of(rec)
+
+    @router.get("/sandboxes/{sandbox_id}/logs", tags=["sandboxes"],
+                summary="A guest log (a VM's serial console by default) from an offset",
+                response_class=Response,
+                responses={200: {"content": {"text/plain": {}},
+                                 "description": "the bytes; X-Next-Offset: where to go on; "
+                                                "X-Logs: the log names"}})
+    async def read_log(
+        sandbox_id: str,
+        name: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                   description="serial (VMs), Xvnc, openbox, agent, qemu...")]
+        = "",
+        offset: Annotated[int, Query(ge=-(1 << 30), le=1 << 40, description=(
+            "where to start; negative: that many bytes before the end"))] = -65536,
+        limit: Annotated[int, Query(ge=1, le=1 << 20)] = 1 << 20,
+    ) -> Response:
+        try:
+            data, nxt, names = gateway.read_log(sandbox_id, name, offset, limit)
+        except SandboxNotFound as exc:
+            raise ApiError(404, "not_found", _words(exc)) from None
+        return Response(data, media_type="text/plain; charset=utf-8",
+                        headers={"X-Next-Offset": str(nxt), "X-Logs": ",".join(names)})
 
     @router.get("/sandboxes/{sandbox_id}/credentials", response_model=CredentialList,
                 tags=["sessions"], summary="What the sandbox's guest posted, decrypted")

@@ -251,7 +251,7 @@ def _wants_html(request: Request) -> bool:
 
 
 def desktop_redirect_target(
-    request: Request, sandbox_id: str, token: str, password: str
+    request: Request, sandbox_id: str, token: str, password: str, port_key: str = "vnc"
 ) -> str:
     """The noVNC URL that opens a sandbox's desktop.
 
@@ -260,7 +260,7 @@ def desktop_redirect_target(
     are given explicitly: noVNC would otherwise fall back to values an earlier session
     left in the browser's localStorage.
     """
-    ws_path = f"s/{sandbox_id}/ports/vnc/ws?token={token}"
+    ws_path = f"s/{sandbox_id}/ports/{port_key}/ws?token={token}"
     secure = request.url.scheme == "https"
     port = request.url.port or (443 if secure else 80)
     params = {
@@ -294,12 +294,15 @@ def build_app(registry: Registry, *, novnc_dir: Path,
 
     async def desktop(request: Request) -> Response:
         sandbox_id = request.path_params["sandbox"]
-        verdict = authorise(registry, presented_token(request), sandbox_id, "vnc", "http")
+        # ?port=console opens a VM's console (QEMU's display) instead of its desktop.
+        port_key = "console" if request.query_params.get("port") == "console" else "vnc"
+        verdict = authorise(registry, presented_token(request), sandbox_id, port_key, "http")
         if isinstance(verdict, Refusal):
             return verdict.response(wants_html=_wants_html(request))
         sb, _, _ = verdict
         token = presented_token(request) or ""
-        target = desktop_redirect_target(request, sb.id, token, sb.secrets.get("vnc_password", ""))
+        password = sb.secrets.get("vnc_password", "") if port_key == "vnc" else ""
+        target = desktop_redirect_target(request, sb.id, token, password, port_key)
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
 
     async def websocket_bridge(websocket: WebSocket) -> None:
@@ -429,7 +432,8 @@ class GatewayRouter:
         sb, port, grant = verdict
         if port is None:  # authorise() returns a port whenever it is asked for one
             raise RuntimeError("authorise() returned no port")
-        return BridgeRoute(target=Target(host=sb.ip, port=port.port),
+        target = Target(path=port.path) if port.path else Target(host=sb.ip, port=port.port)
+        return BridgeRoute(target=target,
                            labels=(sb.id, port.name),
                            starting=sb.state is SandboxState.STARTING,
                            grant=grant)

@@ -29,7 +29,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,6 +67,7 @@ from sandport.errors import (
     SandboxNotFound,
     StateDirBusy,
     Unauthorized,
+    UsageError,
 )
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink
@@ -74,13 +75,15 @@ from sandport.net.pool import AddressPool
 from sandport.probe import (
     ProbeResult,
     probe_agent_health,
+    probe_http,
     probe_rfb_tcp,
     probe_rfb_ws,
     wait_until,
 )
-from sandport.sandbox.base import SandboxSpec
+from sandport.sandbox.base import Backend, SandboxSpec
 from sandport.sandbox.netns import AGENT_PORT, NetnsBackend, netns_name, spec_from_record
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
+from sandport.sandbox.qemu import QemuBackend
 from sandport.sandbox.state import (
     SandboxState,
     SessionState,
@@ -91,6 +94,7 @@ from sandport.sandbox.state import (
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+Probe = Callable[[], Awaitable[ProbeResult]]
 RUN_DIR = Path("/run/sandport")  # per-boot locks shared by every gateway on this host
 MAX_RESTARTS = 3  # guest service restarts within RESTART_WINDOW before a sandbox fails
 RESTART_WINDOW = 300.0
@@ -170,6 +174,7 @@ class Sandbox:
     spec: SandboxSpec
     live: LiveSandbox
     token: str
+    backend: Backend
     probes: list[ProbeResult] = field(default_factory=list)
     last_probe: ProbeResult | None = None
     ready_seconds: float | None = None
@@ -246,7 +251,8 @@ class Gateway:
         self._front: WsBridge | None = None
         self._lock_file: TextIO | None = None
         self._bridge_lock: TextIO | None = None
-        self._backend: NetnsBackend | None = None
+        #: The backends by name (netns, qemu); a sandbox knows its own.
+        self._backends: dict[str, Backend] = {}
         self._bridge_created = False
         self.forwards = ForwardTable(config.net.bridge)
         #: Readiness probes of ready sandboxes, by sandbox id (see _monitor).
@@ -309,7 +315,8 @@ class Gateway:
         preflight.require_capabilities()
         programs = preflight.require_programs()
         novnc = preflight.find_novnc()
-        self._backend = NetnsBackend(programs)
+        self._backends = {"netns": NetnsBackend(programs),
+                          "qemu": QemuBackend(image_cache=cfg.image_cache, accel=cfg.qemu_accel)}
         self._lock_state_dir()
         self.events, self._session_changed = EventHub(), asyncio.Event()  # this loop's
         try:
@@ -431,10 +438,13 @@ class Gateway:
         until it is deleted, so callers see what happened.
         """
         assert self._store is not None
-        assert self._backend is not None
         for rec in self._store.sandboxes():
             state = SandboxState(rec.state)
-            prof = get_profile(rec.profile)
+            backend = self._backends.get(rec.backend)
+            if backend is None:
+                log.error("sandbox %s: unknown backend %r in the store; left alone", rec.id,
+                          rec.backend)
+                continue
             try:
                 secrets = self._unseal_secrets(rec)
                 why = ""
@@ -444,24 +454,25 @@ class Gateway:
                                     prefixlen=rec.prefixlen, bridge=rec.bridge,
                                     state_dir=self.config.state_dir,
                                     secrets={k: v for k, v in secrets.items() if k != "token"},
-                                    agent_url=self.agent_url)
+                                    agent_url=self.agent_url if backend.runs_agent else "")
             if state in (SandboxState.STOPPING, SandboxState.STOPPED):  # was being deleted
                 progress(f"removing sandbox {rec.id}: it was being deleted")
-                await self._backend.destroy(spec)
+                await backend.destroy(spec)
                 self._store.remove_sandbox(rec.id)
                 continue
             live = LiveSandbox(id=rec.id, ip=rec.ip, state=state, token_hash=rec.token_hash,
-                               ports=prof.ports, secrets=spec.secrets, reason=rec.reason)
+                               ports=backend.ports(spec), secrets=spec.secrets,
+                               reason=rec.reason)
             sb = Sandbox(spec=spec, live=live, token=secrets.get("token", ""),
-                         agent_token_hash=rec.agent_token_hash)
+                         backend=backend, agent_token_hash=rec.agent_token_hash)
             self._sandboxes[rec.id] = sb
             if state is SandboxState.FAILED:
-                await self._backend.destroy(spec)  # resources of a failed one never stay
+                await backend.destroy(spec)  # resources of a failed one never stay
                 continue
             if not why and state not in (SandboxState.READY, SandboxState.DEGRADED):
                 why = f"the gateway stopped while the sandbox was {state.value}"
             if not why:
-                why = await self._backend.adopt(spec) or ""
+                why = await backend.adopt(spec) or ""
             if not why:
                 try:
                     await self._restore_forwards(sb)
@@ -473,7 +484,7 @@ class Gateway:
                 log.warning("sandbox %s: %s", rec.id, reason)
                 with contextlib.suppress(Exception):
                     await self.forwards.remove_sandbox(rec.id)
-                await self._backend.destroy(spec)
+                await backend.destroy(spec)
                 self._set_state(sb, SandboxState.FAILED, reason)
                 continue
             self._restore_grants(sb)
@@ -829,6 +840,30 @@ class Gateway:
                  "data": json.loads(self._box.open(r.sealed, f"credentials/{r.id}"))}
                 for r in self._store.credentials(sandbox_id)]
 
+    def read_log(self, sandbox_id: str, name: str = "", offset: int = -65536,
+                 limit: int = 1 << 20) -> tuple[bytes, int, list[str]]:
+        """A guest log from ``offset`` (negative: from the end): ``(bytes, next offset,
+        every log name)``. ``name`` "" is the VM's serial console, or the first log.
+
+        Raises:
+            SandboxNotFound: no such sandbox, or no such log (the message lists them).
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        logs = sb.spec.workdir / "logs"
+        names = sorted(p.stem for p in logs.glob("*.log")) if logs.is_dir() else []
+        name = name or ("serial" if "serial" in names else (names[0] if names else ""))
+        if name not in names:
+            raise SandboxNotFound(f"sandbox {sandbox_id} has no log {name!r}; it has "
+                                  f"{', '.join(names) or 'none yet'}")
+        with open(logs / f"{name}.log", "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size + offset) if offset < 0 else min(offset, size)
+            f.seek(start)
+            data = f.read(limit)
+        return data, start + len(data), names
+
     def agent_report(self, sandbox_id: str, report: dict[str, Any]) -> None:
         """Keep a guest agent's latest report (the first one is an event)."""
         sb = self._sandboxes.get(sandbox_id)
@@ -844,6 +879,7 @@ class Gateway:
         self, *, profile: str = "desktop", vnc_port: int = 0,
         publish: list[PortMapping] | None = None, options: ForwardOptions | None = None,
         progress: Progress = _quiet, session_ttl: float | None = None,
+        backend: str = "netns",
     ) -> SandboxInfo:
         """Create a sandbox, start its services and return once it is proven ready.
 
@@ -856,6 +892,7 @@ class Gateway:
             progress: called with a short line before each step.
             session_ttl: also open a session (``waiting`` until the sandbox is ready)
                 that lasts this many seconds; its id is in the info.
+            backend: ``netns`` (a network namespace) or ``qemu`` (a microVM).
 
         Raises:
             PortInUseError: ``vnc_port`` or a published port is taken (nothing is left
@@ -864,10 +901,15 @@ class Gateway:
             SandboxFailed: a step failed or the guest never answered; the reason says
                 which hop and what it answered.
         """
-        if (self._store is None or self._pool is None or self._backend is None
-                or self._box is None):
+        if self._store is None or self._pool is None or self._box is None:
             raise RuntimeError("gateway not started")
         prof = get_profile(profile)
+        be = self._backends.get(backend)
+        if be is None:
+            raise UsageError(f"unknown backend {backend!r}; known: {', '.join(self._backends)}")
+        if backend not in prof.backends:
+            raise UsageError(f"profile {prof.name} runs in the {' or '.join(prof.backends)} "
+                             f"backend, not {backend}")
         t0 = time.perf_counter()
         sandbox_id = self._new_id()
         address = self._pool.lease(sandbox_id)
@@ -880,11 +922,12 @@ class Gateway:
             bridge=self.config.net.bridge,
             workdir=self.config.state_dir / "sandboxes" / sandbox_id,
             secrets={**prof.new_secrets(), "agent_token": new_token()},
-            agent_url=self.agent_url,
+            agent_url=self.agent_url if be.runs_agent else "",
         )
         live = LiveSandbox(id=sandbox_id, ip=str(address), state=SandboxState.CREATING,
-                           token_hash=hash_token(token), ports=prof.ports, secrets=spec.secrets)
-        sb = Sandbox(spec=spec, live=live, token=token,
+                           token_hash=hash_token(token), ports=be.ports(spec),
+                           secrets=spec.secrets)
+        sb = Sandbox(spec=spec, live=live, token=token, backend=be,
                      agent_token_hash=hash_token(spec.secrets["agent_token"]))
         # Secrets are sealed: the database alone opens no desktop and impersonates no agent.
         sealed = self._box.seal(json.dumps({"token": token, **spec.secrets}).encode(),
@@ -892,7 +935,7 @@ class Gateway:
         created = {"state": live.state.value, "from": "", "reason": "", "ip": str(address),
                    "profile": prof.name}
         seq = self._store.add_sandbox(
-            sandbox_id=sandbox_id, backend=self._backend.name, profile=prof.name,
+            sandbox_id=sandbox_id, backend=be.name, profile=prof.name,
             state=live.state.value, ip=str(address), prefixlen=spec.address.network.prefixlen,
             bridge=spec.bridge, token_hash=live.token_hash,
             agent_token_hash=sb.agent_token_hash, secrets=sealed,
@@ -902,11 +945,12 @@ class Gateway:
         if session_ttl is not None:
             self.create_session(sandbox_id, session_ttl)
         try:
-            progress(f"sandbox {sandbox_id}: network namespace, {address} on {spec.bridge}")
-            await self._backend.create(spec)
+            what = "network namespace" if be.name == "netns" else "microVM tap"
+            progress(f"sandbox {sandbox_id}: {what}, {address} on {spec.bridge}")
+            await be.create(spec)
             self._set_state(sb, SandboxState.STARTING)
             progress(f"sandbox {sandbox_id}: starting {prof.summary.split(';')[0]}")
-            await self._backend.start(spec)
+            await be.start(spec)
             await self._publish(sb, vnc_port, publish or [], options, progress)
             await self._await_ready(sb, progress)
         except BaseException as exc:
@@ -925,16 +969,19 @@ class Gateway:
 
     async def _publish(self, sb: Sandbox, vnc_port: int, publish: list[PortMapping],
                        options: ForwardOptions | None, progress: Progress) -> None:
-        """Forward the profile's VNC port and the ``publish`` ports to the host."""
-        vnc = sb.live.ports[0]
+        """Forward the profile's primary port (a desktop's VNC; ``vnc_port`` on the host)
+        and the ``publish`` ports to the host."""
+        primary = get_profile(sb.spec.profile).primary
         mode = self.config.forward_mode
         progress(f"sandbox {sb.spec.id}: forwarding ports ({mode} mode)")
-        vnc_mapping = PortMapping(host_ip=self.config.forward_host, host_port=vnc_port,
-                                  guest_port=vnc.port)
+        mapping = PortMapping(host_ip=self.config.forward_host,
+                              host_port=vnc_port if primary.protocol == "rfb" else 0,
+                              guest_port=primary.port)
         try:
-            await self._add_forwards(sb, [(vnc.name, vnc_mapping)], ForwardOptions(mode=mode))
+            await self._add_forwards(sb, [(primary.name, mapping)], ForwardOptions(mode=mode))
         except PortInUseError as exc:
-            raise PortInUseError(exc.host, exc.port, what="VNC port") from None
+            what = "VNC port" if primary.protocol == "rfb" else f"{primary.name} port"
+            raise PortInUseError(exc.host, exc.port, what=what) from None
         if publish:
             await self._add_forwards(sb, [(f"{m.guest_port}/{m.protocol}", m) for m in publish],
                                      options or ForwardOptions(mode=mode))
@@ -1071,8 +1118,24 @@ class Gateway:
     def _forward(self, sandbox_id: str, name: str) -> Forward | None:
         return next((f for f in self.forwards.of(sandbox_id) if f.name == name), None)
 
+    def _primary_probe(self, sb: Sandbox, timeout: float) -> tuple[str, Probe] | None:
+        """``(label, probe)`` of the profile's primary port through its host forward:
+        an RFB handshake for a desktop, an HTTP GET for an HTTP service."""
+        primary = get_profile(sb.spec.profile).primary
+        fwd = self._forward(sb.spec.id, primary.name)
+        if fwd is None:
+            return None
+        host, port = connect_host(self.config.forward_host), fwd.host_port
+        if primary.protocol == "rfb":
+            password = sb.spec.secrets.get("vnc_password")
+            return (f"VNC through the host port {host}:{port} ({fwd.mode} forward)",
+                    lambda: probe_rfb_tcp(host, port, password=password, timeout=timeout))
+        return (f"{primary.name} through the host port {host}:{port} ({fwd.mode} forward)",
+                lambda: probe_http(host, port, timeout=timeout))
+
     async def _monitor(self, sb: Sandbox, first_delay: float | None = None) -> None:
-        """Probe a ready sandbox's VNC through its host port, every ``probe_interval``.
+        """Probe a ready sandbox's primary port through its host forward, every
+        ``probe_interval``.
 
         A failed probe turns it ``degraded`` with the reason; the next good probe turns it
         ``ready`` again. A guest service that exited is restarted (``degraded`` meanwhile;
@@ -1082,29 +1145,26 @@ class Gateway:
         interval = self.config.probe_interval
         timeout = min(3.0, max(1.0, 2 * interval))
         restarts: list[float] = []  # when guest services were restarted, recent ones
-        password = sb.spec.secrets.get("vnc_password")
-        host = connect_host(self.config.forward_host)
         delay = interval if first_delay is None else first_delay
         while True:
             await asyncio.sleep(delay)
             delay = interval
             if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
                 return
-            fwd = self._forward(sb.spec.id, "vnc")
-            dead = self._backend.failure(sb.spec) if self._backend is not None else None
+            dead = sb.backend.failure(sb.spec)
             if dead is not None:
                 if not await self._restart_services(sb, dead, restarts):
                     return
                 continue  # the next probe tells whether it is back
-            if self._backend is not None and await self._backend.revive_agent(sb.spec):
+            if await sb.backend.revive_agent(sb.spec):
                 log.warning("sandbox %s: the guest agent had exited; started it again",
                             sb.spec.id)
                 self._record_event("agent.restarted", sb.spec.id, {})
-            if fwd is None:
-                ok, why = False, "no VNC forward"
+            probe = self._primary_probe(sb, timeout)
+            if probe is None:
+                ok, why = False, "the forward of its primary port is gone"
             else:
-                result = await probe_rfb_tcp(host, fwd.host_port, password=password,
-                                             timeout=timeout)
+                result = await probe[1]()
                 sb.last_probe = result
                 ok, why = result.ok, f"{result.hop}: {result.detail} (stage {result.stage})"
             if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
@@ -1120,7 +1180,6 @@ class Gateway:
         More than :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW` seconds, or a restart
         that fails, turns the sandbox failed (returns False: stop monitoring).
         """
-        assert self._backend is not None
         now = time.monotonic()
         restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW]
         if sb.live.state is SandboxState.READY:
@@ -1131,8 +1190,8 @@ class Gateway:
             return False
         restarts.append(now)
         try:
-            await self._backend.stop(sb.spec)
-            await self._backend.start(sb.spec)
+            await sb.backend.stop(sb.spec)
+            await sb.backend.start(sb.spec)
         except Exception as exc:
             self._set_state(sb, SandboxState.FAILED, f"restart failed: {exc}")
             return False
@@ -1140,15 +1199,14 @@ class Gateway:
         return True
 
     async def _await_ready(self, sb: Sandbox, progress: Progress) -> None:
-        """Probe every path a user takes until each completes the RFB handshake."""
-        if self._backend is None:
-            raise RuntimeError("gateway not started")
-        backend, spec = self._backend, sb.spec
+        """Probe every path a user takes until each answers its protocol: the primary port
+        through its host forward, a desktop's VNC through the WebSocket bridge too, and
+        the guest agent."""
+        backend, spec = sb.backend, sb.spec
         password = spec.secrets.get("vnc_password")
-        fwd = self._forward(spec.id, "vnc")
-        if fwd is None:
-            raise RuntimeError(f"sandbox {spec.id} has no VNC forward")
-        host = connect_host(self.config.forward_host)
+        primary = self._primary_probe(sb, 3.0)
+        if primary is None:
+            raise RuntimeError(f"sandbox {spec.id} has no forward of its primary port")
         ws_host = connect_host(self.config.listen_host)
         ws_host = f"[{ws_host}]" if ":" in ws_host else ws_host
         ws_scheme = "wss" if self.config.tls is not None else "ws"
@@ -1161,13 +1219,11 @@ class Gateway:
         def give_up() -> str | None:  # no waiting out the timeout for what already died
             return backend.failure(spec, agent=True)
 
-        hops = [
-            (f"VNC through the host port {host}:{fwd.host_port} ({fwd.mode} forward)",
-             lambda: probe_rfb_tcp(host, fwd.host_port, password=password, timeout=3.0)),
-            ("VNC through the WebSocket bridge",
-             lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0,
-                                  ssl_context=probe_ssl)),
-        ]
+        hops: list[tuple[str, Probe]] = [primary]
+        if get_profile(spec.profile).primary.protocol == "rfb":
+            hops.append(("VNC through the WebSocket bridge",
+                         lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0,
+                                              ssl_context=probe_ssl)))
         if spec.agent_url:  # credentials and health go through it: it answers first
             hops.append(("the guest agent", lambda: probe_agent_health(
                 str(spec.ip), AGENT_PORT, sandbox_id=spec.id, timeout=3.0)))
@@ -1178,9 +1234,11 @@ class Gateway:
             )
             sb.probes.append(result)
             if not result.ok:
+                console = backend.diagnostics(spec)
                 raise SandboxFailed(
                     f"sandbox {spec.id} did not become ready: {label}: {result.detail} "
-                    f"(stage {result.stage}, {attempts} attempts)",
+                    f"(stage {result.stage}, {attempts} attempts)"
+                    + (f"; guest console: {console}" if console else ""),
                     hint=f"guest logs are in {spec.workdir / 'logs'}",
                 )
 
@@ -1189,7 +1247,7 @@ class Gateway:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
-        fwd = self._forward(sandbox_id, "vnc")
+        fwd = self._forward(sandbox_id, "vnc")  # desktops only
         return SandboxInfo(
             id=sandbox_id,
             ip=sb.live.ip,
@@ -1234,8 +1292,7 @@ class Gateway:
             await self.forwards.remove_sandbox(sandbox_id)
         if self._front is not None:  # browsers see why, not a session that hangs
             self._front.close_sessions(sandbox_id, 1001, "the sandbox was destroyed")
-        if self._backend is not None:
-            await self._backend.destroy(sb.spec)
+        await sb.backend.destroy(sb.spec)
         with contextlib.suppress(Exception):
             self._set_state(sb, SandboxState.STOPPED)
         del self._sandboxes[sandbox_id]

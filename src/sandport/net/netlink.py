@@ -198,6 +198,23 @@ def create_sandbox_link(
             ns.route("add", dst="0.0.0.0/0", gateway=str(gateway))
 
 
+def create_tap(ifname: str, bridge: str) -> None:
+    """Create TAP device ``ifname`` (for a VM) as an isolated, up port of ``bridge``.
+
+    Like a sandbox's veth end: the host reaches the VM, VMs and sandboxes do not reach
+    each other. Idempotent.
+    """
+    with IPRoute() as ipr:
+        br = _lookup(ipr, bridge)
+        if br is None:
+            raise NetworkConflict(f"bridge {bridge} vanished", hint="restart the gateway")
+        if _lookup(ipr, ifname) is None:
+            ipr.link("add", ifname=ifname, kind="tuntap", mode="tap")
+        index = _lookup(ipr, ifname)
+        ipr.link("set", index=index, master=br, state="up")
+        ipr.brport("set", index=index, isolated=1)
+
+
 def delete_netns(name: str) -> bool:
     """Delete the named namespace if it exists; True if it did.
 

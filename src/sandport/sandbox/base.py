@@ -24,11 +24,14 @@ class GuestPort:
         name: short name users and URLs use (``vnc``).
         port: the port inside the guest.
         protocol: what readiness speaks to it: ``rfb``, ``http`` or ``tcp``.
+        path: a Unix socket on the host that serves it instead of the guest's address
+            (a VM's console: QEMU's own VNC display); ``port`` is then 0.
     """
 
     name: str
     port: int
     protocol: str = "tcp"
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +87,8 @@ class Backend(Protocol):
     """A way to run sandboxes (netns, qemu, external)."""
 
     name: str
+    #: Whether its sandboxes run the guest agent (credentials, /health).
+    runs_agent: bool
 
     async def create(self, spec: SandboxSpec) -> None:
         """Create the isolated guest and its network link."""
@@ -115,6 +120,10 @@ class Backend(Protocol):
         Returns None when its isolation unit and every essential service still run (they
         are this backend's again: :meth:`stop`, :meth:`failure` work on them), else why not.
         """
+        ...
+
+    def diagnostics(self, spec: SandboxSpec) -> str:
+        """The guest's last words for an error message (a VM's serial console), or ""."""
         ...
 
     async def revive_agent(self, spec: SandboxSpec) -> bool:

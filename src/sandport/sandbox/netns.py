@@ -61,6 +61,7 @@ class NetnsBackend:
     """Sandboxes as network namespaces with host programs running inside them."""
 
     name = "netns"
+    runs_agent = True
 
     def __init__(self, programs: dict[str, str]) -> None:
         """Args:
@@ -70,7 +71,7 @@ class NetnsBackend:
         self._procs: dict[str, list[procs.GuestProcess]] = {}
 
     def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
-        """The guest ports of the sandbox's profile."""
+        """The guest ports of the sandbox's profile (a namespace has no console)."""
         return get_profile(spec.profile).ports
 
     async def create(self, spec: SandboxSpec) -> None:
@@ -130,6 +131,10 @@ class NetnsBackend:
                     f"exited with status {proc.returncode}"
                 return f"{proc.name} {status}: {tail}"
         return None
+
+    def diagnostics(self, spec: SandboxSpec) -> str:
+        """Nothing beyond :meth:`failure`: a guest program's own output is in its log."""
+        return ""
 
     async def revive_agent(self, spec: SandboxSpec) -> bool:
         """Start the guest agent again if it exited (the desktop is left alone); True if

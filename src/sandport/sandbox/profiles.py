@@ -27,13 +27,21 @@ class Profile:
 
     Attributes:
         name: the profile's name.
-        ports: the guest ports its services serve; readiness probes each one.
+        ports: the guest ports its services serve; the first is the one readiness
+            probes, through a host forward made for it.
         summary: one line for ``--help`` and docs.
+        backends: the backends that can run it.
     """
 
     name: str
     ports: tuple[GuestPort, ...]
     summary: str
+    backends: tuple[str, ...] = ("netns", "qemu")
+
+    @property
+    def primary(self) -> GuestPort:
+        """The port readiness is proven on (through its host forward, made for it)."""
+        return self.ports[0]
 
     def new_secrets(self) -> dict[str, str]:
         """Fresh per-sandbox secrets for this profile."""
@@ -53,6 +61,13 @@ PROFILES: dict[str, Profile] = {
         ports=(GuestPort(name="vnc", port=VNC_PORT, protocol="rfb"),),
         summary="Xvnc (VNC Authentication, random password) + openbox; "
         "a background colour and a window naming the sandbox",
+    ),
+    "echo": Profile(
+        name="echo",
+        ports=(GuestPort(name="http", port=80, protocol="http"),
+               GuestPort(name="echo", port=7, protocol="tcp")),
+        summary="TCP and UDP echo on port 7, an HTTP server on 80 naming the sandbox",
+        backends=("qemu",),
     ),
 }
 

@@ -1,0 +1,159 @@
+"""QEMU microVM sandboxes through a real gateway: TAP on the bridge, forwards, readiness,
+logs, isolation from netns sandboxes, and nothing left after destroy (QEMU under TCG)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import record, require_programs
+from nethelpers import free_port, run_in_netns
+from sandport.control.gateway import Gateway
+from sandport.errors import SandboxFailed
+from sandport.forward.spec import parse_port_spec
+from sandport.sandbox import profiles
+from sandport.sandbox.base import GuestPort
+from sandport.sandbox.qemu import _qemu_pids, tap_name
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def gw(gateway_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    require_programs("qemu-system-x86_64", "busybox")
+    gateway: Gateway = gateway_factory(probe_interval=1.0, ready_timeout=90.0)
+    return gateway
+
+
+def echo_tcp(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"hello vm\n")
+        got = b""
+        while len(got) < 9:
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def echo_udp(port: int) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(5)
+        u.sendto(b"dgram vm", ("127.0.0.1", port))
+        return u.recv(64)
+
+
+def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thread: Any,
+                                                           leftovers: Any) -> None:
+    tcp, udp = free_port(), free_port(socket.SOCK_DGRAM)
+    publish = parse_port_spec(f"{tcp}:7") + parse_port_spec(f"{udp}:7/udp")
+    t0 = time.monotonic()
+    info = loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo", publish=publish),
+                           timeout=180)
+    record(f"qemu echo sandbox ready (TCG, HTTP through its forward): "
+           f"{time.monotonic() - t0:.2f} s")
+    assert info.state == "ready"
+    assert echo_tcp(tcp) == b"hello vm\n"
+    assert echo_udp(udp) == b"dgram vm"
+    http = next(f for f in info.forwards if f["name"] == "http")
+    page = httpx.get(f"http://{http['host']}/", timeout=10)
+    assert page.status_code == 200 and f"sandport echo {info.id}" in page.text
+    # The address came from the pool, to the guest on the kernel command line.
+    assert ipaddress.ip_address(info.ip) in gw.config.net.subnet
+    (pid,) = _qemu_pids(info.id)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    append = argv[argv.index(b"-append") + 1].decode()
+    mask = gw.config.net.subnet.netmask
+    assert f"ip={info.ip}::{gw.config.net.gateway_ip}:{mask}::eth0:off" in append
+    serial, nxt, names = gw.read_log(info.id)
+    assert f"SANDPORT-GUEST net eth0 {info.ip}/" in serial.decode(errors="replace")
+    assert "serial" in names and nxt > 0
+    # The CLI's route: the API answers the serial log as text.
+    r = httpx.get(f"{gw.base_url}/api/sandboxes/{info.id}/logs", timeout=10,
+                  headers={"Authorization": f"Bearer {gw.admin_token}"})
+    assert r.status_code == 200 and "SANDPORT-GUEST" in r.text and "serial" in r.headers["x-logs"]
+    assert loop_thread.run(gw._sandboxes[info.id].backend.status(  # type: ignore[attr-defined]
+        gw._sandboxes[info.id].spec)) == "running"
+    loop_thread.run(gw.destroy_sandbox(info.id), timeout=60)
+    assert not _qemu_pids(info.id)
+    assert tap_name(info.id) not in subprocess.run(["ip", "-o", "link"], text=True,
+                                                   capture_output=True).stdout
+    assert not (gw.config.state_dir / "sandboxes" / info.id).exists()  # sockets, logs, initrd
+    assert leftovers(bridge=None, sandbox_ids=[info.id], state_dir=gw.config.state_dir) == []
+
+
+def test_a_vm_and_a_netns_sandbox_at_once_are_isolated(gw: Gateway, loop_thread: Any) -> None:
+    vm = loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo"), timeout=180)
+    ns = loop_thread.run(gw.create_sandbox(), timeout=60)
+    try:
+        # Both reachable from the host ...
+        http = next(f for f in vm.forwards if f["name"] == "http")
+        assert httpx.get(f"http://{http['host']}/", timeout=10).status_code == 200
+        r = asyncio.run(_rfb(ns.vnc_host, ns.vnc_port, ns.vnc_password))
+        assert r.ok, r
+        # ... but not from each other: the netns sandbox cannot reach the VM.
+        out = run_in_netns(f"sp-{ns.id}", _CONNECT, vm.ip, "80")
+        assert out.strip() == "unreachable", out
+    finally:
+        for sandbox_id in (vm.id, ns.id):
+            loop_thread.run(gw.destroy_sandbox(sandbox_id), timeout=60)
+
+
+def test_a_vm_that_boots_but_never_serves_fails_with_its_console(
+        gateway_factory: Any, loop_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest boots and serves port 80, but readiness waits for 81 (a profile whose
+    service never comes up): the sandbox fails after the ready timeout, and the reason
+    ends with the guest's last console lines; nothing is left."""
+    require_programs("qemu-system-x86_64")
+    echo = profiles.PROFILES["echo"]
+    broken = dataclasses.replace(echo, ports=(
+        GuestPort(name="http", port=81, protocol="http"), *echo.ports[1:]))
+    monkeypatch.setitem(profiles.PROFILES, "echo", broken)
+    gw: Gateway = gateway_factory(ready_timeout=8.0)
+    with pytest.raises(SandboxFailed) as failed:
+        loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo"), timeout=120)
+    message = str(failed.value)
+    assert "did not become ready" in message and "Connection refused" in message, message
+    assert "guest console:" in message and "SANDPORT-GUEST" in message, message
+    assert gw.sandbox_ids() == []
+    assert not [p for p in _all_qemu() if str(gw.config.state_dir) in p]
+
+
+def test_profiles_name_the_backends_they_run_in(gw: Gateway, loop_thread: Any) -> None:
+    from sandport.errors import UsageError
+
+    with pytest.raises(UsageError, match="runs in the qemu backend, not netns"):
+        loop_thread.run(gw.create_sandbox(profile="echo"))
+    with pytest.raises(UsageError, match="unknown backend 'firecracker'"):
+        loop_thread.run(gw.create_sandbox(backend="firecracker"))
+
+
+_CONNECT = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+    print("reached")
+except OSError:
+    print("unreachable")
+"""
+
+
+async def _rfb(host: str, port: int, password: str) -> Any:
+    from sandport.probe import probe_rfb_tcp
+
+    return await probe_rfb_tcp(host, port, password=password, timeout=5)
+
+
+def _all_qemu() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], text=True, capture_output=True).stdout
+    return [line for line in out.splitlines() if "qemu-system" in line]
