@@ -181,6 +181,36 @@ def eventually_sync(cond: Callable[[], bool], within: float = 3.0) -> None:
         time.sleep(0.05)
 
 
+VM_SLOTS = 2  # QEMU VMs at once across every test worker: these machines have 2 cores
+
+
+@contextlib.contextmanager
+def vm_slot(timeout: float = 600.0) -> Iterator[None]:
+    """Hold one of :data:`VM_SLOTS` places for a QEMU VM for the ``with`` block.
+
+    Test files run in parallel (xdist); a ``flock`` on a shared file per slot keeps the
+    VMs that run at once to two, whichever files they come from.
+    """
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for i in range(VM_SLOTS):
+            lock = open(f"/tmp/sandport-test-vm-slot-{i}.lock", "a")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            try:
+                yield
+            finally:
+                lock.close()
+            return
+        assert time.monotonic() < deadline, f"no VM slot free within {timeout:g} s"
+        time.sleep(0.2)
+
+
 def fd_count() -> int:
     """Open file descriptors of this process."""
     return len(os.listdir("/proc/self/fd"))

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import require, require_programs
+from conftest import require, require_programs, vm_slot
 from nethelpers import RemoteHost, remote_host
 from sandport.bridge.tls import TlsConfig
 from tlshelpers import make_ca, spki_sha256
@@ -308,6 +308,11 @@ def test_a_desktop_inside_a_vm_and_its_console_in_chromium(browser: Any, desktop
     shows QEMU's own display of the VM (its serial console) through that bridge too."""
     require_programs("qemu-system-x86_64")
     gw, _ = desktop
+    with vm_slot():
+        _vm_desktop_in_chromium(browser, gw, loop_thread, leftovers)
+
+
+def _vm_desktop_in_chromium(browser: Any, gw: Any, loop_thread: Any, leftovers: Any) -> None:
     info = loop_thread.run(gw.create_sandbox(backend="qemu", profile="desktop"), timeout=180)
     try:
         state = open_desktop(browser, info.desktop_url, info.colour)

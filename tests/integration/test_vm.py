@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import record, require_programs
+from conftest import record, require_programs, vm_slot
 from nethelpers import free_port, run_in_netns
 from sandport.control.gateway import Gateway
 from sandport.errors import SandboxFailed
@@ -53,6 +54,13 @@ def echo_udp(port: int) -> bytes:
         return u.recv(64)
 
 
+@pytest.fixture(autouse=True)
+def _one_vm_slot() -> Any:
+    """Each test here runs at most one VM at a time: it takes one of the two slots."""
+    with vm_slot():
+        yield
+
+
 def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thread: Any,
                                                            leftovers: Any) -> None:
     tcp, udp = free_port(), free_port(socket.SOCK_DGRAM)
@@ -82,6 +90,14 @@ def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thre
     r = httpx.get(f"{gw.base_url}/api/sandboxes/{info.id}/logs", timeout=10,
                   headers={"Authorization": f"Bearer {gw.admin_token}"})
     assert r.status_code == 200 and "SANDPORT-GUEST" in r.text and "serial" in r.headers["x-logs"]
+    cli = subprocess.run([sys.executable, "-m", "sandport", "sandbox", "logs", info.id,
+                          "--state-dir", str(gw.config.state_dir)], capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert cli.returncode == 0 and "Run /init as init process" in cli.stdout, cli.stderr
+    bad = subprocess.run([sys.executable, "-m", "sandport", "sandbox", "logs", info.id,
+                          "--name", "nope", "--state-dir", str(gw.config.state_dir)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert bad.returncode == 2 and "has no log 'nope'" in bad.stderr and "serial" in bad.stderr
     assert loop_thread.run(gw._sandboxes[info.id].backend.status(  # type: ignore[attr-defined]
         gw._sandboxes[info.id].spec)) == "running"
     loop_thread.run(gw.destroy_sandbox(info.id), timeout=60)

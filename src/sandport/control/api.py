@@ -614,7 +614,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                                                 "X-Logs: the log names"}})
     async def read_log(
         sandbox_id: str,
-        name: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        name: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{0,64}$",
                                    description="serial (VMs), Xvnc, openbox, agent, qemu...")]
         = "",
         offset: Annotated[int, Query(ge=-(1 << 30), le=1 << 40, description=(
