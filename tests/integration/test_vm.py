@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,10 +50,17 @@ def echo_tcp(port: int) -> bytes:
 
 
 def echo_udp(port: int) -> bytes:
+    """Send a datagram and read the echo; like any UDP client, try again (a few times):
+    readiness proves the HTTP service, the UDP echo may bind a moment later."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.settimeout(5)
-        u.sendto(b"dgram vm", ("127.0.0.1", port))
-        return u.recv(64)
+        u.settimeout(1)
+        for _ in range(10):
+            u.sendto(b"dgram vm", ("127.0.0.1", port))
+            try:
+                return u.recv(64)
+            except OSError:
+                continue
+        return b""
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +152,46 @@ def test_a_vm_that_boots_but_never_serves_fails_with_its_console(
     assert "guest console:" in message and "SANDPORT-GUEST" in message, message
     assert gw.sandbox_ids() == []
     assert not [p for p in _all_qemu() if str(gw.config.state_dir) in p]
+
+
+def test_a_vm_that_exits_fails_with_qemus_words(gw: Gateway, loop_thread: Any) -> None:
+    info = loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo"), timeout=180)
+    live = gw.lookup(info.id)
+    assert live is not None
+    (pid,) = _qemu_pids(info.id)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while live.state.value != "failed" and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert live.state.value == "failed", live.state
+    assert "QEMU exited" in live.reason and "guest console:" in live.reason, live.reason
+    assert time.monotonic() - t0 < gw.config.probe_interval + 2.0  # within an interval
+    loop_thread.run(gw.destroy_sandbox(info.id), timeout=60)
+    assert tap_name(info.id) not in subprocess.run(["ip", "-o", "link"], text=True,
+                                                   capture_output=True).stdout
+
+
+def test_destroy_during_boot_leaves_nothing(gw: Gateway, loop_thread: Any,
+                                            leftovers: Any) -> None:
+    before = set(gw.sandbox_ids())
+    creating = asyncio.run_coroutine_threadsafe(
+        gw.create_sandbox(backend="qemu", profile="echo"), loop_thread.loop)
+    deadline = time.monotonic() + 30
+    new: list[str] = []
+    while time.monotonic() < deadline and not (new and _qemu_pids(new[0])):
+        new = sorted(set(gw.sandbox_ids()) - before)
+        time.sleep(0.02)
+    assert new and _qemu_pids(new[0]), "the VM never started"
+    (sandbox_id,) = new
+    loop_thread.run(gw.destroy_sandbox(sandbox_id), timeout=60)  # while it boots
+    with pytest.raises(SandboxFailed, match="deleted while it started"):
+        creating.result(60)
+    assert sandbox_id not in gw.sandbox_ids()
+    assert not _qemu_pids(sandbox_id)
+    assert tap_name(sandbox_id) not in subprocess.run(["ip", "-o", "link"], text=True,
+                                                      capture_output=True).stdout
+    assert not (gw.config.state_dir / "sandboxes" / sandbox_id).exists()
+    assert leftovers(bridge=None, sandbox_ids=[sandbox_id], state_dir=gw.config.state_dir) == []
 
 
 def test_profiles_name_the_backends_they_run_in(gw: Gateway, loop_thread: Any) -> None:

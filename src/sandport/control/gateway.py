@@ -955,6 +955,9 @@ class Gateway:
             await self._await_ready(sb, progress)
         except BaseException as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if sandbox_id not in self._sandboxes:  # deleted (DELETE) while it started
+                raise SandboxFailed(f"sandbox {sandbox_id} was deleted while it started: "
+                                    f"{reason}") from None
             with contextlib.suppress(Exception):
                 self._set_state(sb, SandboxState.FAILED, reason)
             await self.destroy_sandbox(sandbox_id)
@@ -1152,6 +1155,9 @@ class Gateway:
             if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED):
                 return
             dead = sb.backend.failure(sb.spec)
+            if dead is not None and not sb.backend.restarts_services:
+                self._set_state(sb, SandboxState.FAILED, dead)  # a VM that exited
+                return
             if dead is not None:
                 if not await self._restart_services(sb, dead, restarts):
                     return
@@ -1217,6 +1223,8 @@ class Gateway:
         deadline = loop.time() + self.config.ready_timeout
 
         def give_up() -> str | None:  # no waiting out the timeout for what already died
+            if sb.live.state in (SandboxState.STOPPING, SandboxState.STOPPED):
+                return "the sandbox was deleted while it started"
             return backend.failure(spec, agent=True)
 
         hops: list[tuple[str, Probe]] = [primary]

@@ -89,6 +89,9 @@ class Backend(Protocol):
     name: str
     #: Whether its sandboxes run the guest agent (credentials, /health).
     runs_agent: bool
+    #: Whether the readiness monitor restarts guest services that exited (netns), or a
+    #: sandbox whose guest died is failed with the reason (a VM: QEMU exited).
+    restarts_services: bool
 
     async def create(self, spec: SandboxSpec) -> None:
         """Create the isolated guest and its network link."""

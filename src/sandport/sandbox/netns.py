@@ -62,6 +62,7 @@ class NetnsBackend:
 
     name = "netns"
     runs_agent = True
+    restarts_services = True
 
     def __init__(self, programs: dict[str, str]) -> None:
         """Args:

@@ -109,6 +109,7 @@ class QemuBackend:
 
     name = "qemu"
     runs_agent = False  # the images carry no Python yet
+    restarts_services = False  # a VM that exits is failed with QEMU's last words
 
     def __init__(self, *, image_cache: Path = images.DEFAULT_IMAGE_CACHE,
                  accel: str = "auto") -> None:
