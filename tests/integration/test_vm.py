@@ -18,8 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import record, require_programs, vm_slot
+from conftest import (
+    record,
+    remove_gateway_leftovers,
+    require_programs,
+    test_net_names,
+    vm_slot,
+)
 from nethelpers import free_port, run_in_netns
+from sandport.config import GatewayConfig, NetConfig
 from sandport.control.gateway import Gateway
 from sandport.errors import SandboxFailed
 from sandport.forward.spec import parse_port_spec
@@ -118,9 +125,13 @@ def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thre
 
 
 def test_a_vm_and_a_netns_sandbox_at_once_are_isolated(gw: Gateway, loop_thread: Any) -> None:
-    vm = loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo"), timeout=180)
+    vm = loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo", memory_mb=320,
+                                           vcpus=2), timeout=180)
     ns = loop_thread.run(gw.create_sandbox(), timeout=60)
     try:
+        (pid,) = _qemu_pids(vm.id)  # the limits it was given
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"-m") + 1] == b"320" and argv[argv.index(b"-smp") + 1] == b"2"
         # Both reachable from the host ...
         http = next(f for f in vm.forwards if f["name"] == "http")
         assert httpx.get(f"http://{http['host']}/", timeout=10).status_code == 200
@@ -194,6 +205,39 @@ def test_destroy_during_boot_leaves_nothing(gw: Gateway, loop_thread: Any,
     assert leftovers(bridge=None, sandbox_ids=[sandbox_id], state_dir=gw.config.state_dir) == []
 
 
+def test_a_restarted_gateway_adopts_a_running_vm(loop_thread: Any, tmp_path: Path) -> None:
+    """A gateway that goes away without stopping its VMs (a crash; here: a start that
+    failed after adopting, which leaves them running) -> the next one adopts the VM:
+    same forward, QEMU still running, ready again."""
+    bridge, subnet = test_net_names()
+    cfg = GatewayConfig(listen_port=0, state_dir=tmp_path / "state", probe_interval=0.5,
+                        net=NetConfig(bridge=bridge, subnet=subnet))
+    port = free_port()
+    try:
+        first = Gateway(cfg)
+        loop_thread.run(first.start())
+        info = loop_thread.run(first.create_sandbox(
+            backend="qemu", profile="echo", publish=parse_port_spec(f"{port}:7")), timeout=180)
+        (pid,) = _qemu_pids(info.id)
+        loop_thread.run(first.stop(keep_sandboxes=True))
+        assert _qemu_pids(info.id) == [pid]  # the VM runs on without a gateway
+        second = Gateway(cfg)
+        loop_thread.run(second.start())
+        try:
+            again = second.info(info.id)
+            assert again.state == "ready" and again.forwards == info.forwards
+            assert echo_tcp(port) == b"hello vm\n"
+            sb = second._sandboxes[info.id]
+            assert loop_thread.run(sb.backend.status(sb.spec)) == "running"  # type: ignore[attr-defined]
+            time.sleep(1.5)  # a few probes of the adopted VM
+            assert second.info(info.id).last_probe["ok"] is True  # type: ignore[index]
+        finally:
+            loop_thread.run(second.stop())
+        assert not _qemu_pids(info.id)
+    finally:
+        remove_gateway_leftovers(bridge=bridge, state_dir=cfg.state_dir)
+
+
 def test_profiles_name_the_backends_they_run_in(gw: Gateway, loop_thread: Any) -> None:
     from sandport.errors import UsageError
 
@@ -201,6 +245,8 @@ def test_profiles_name_the_backends_they_run_in(gw: Gateway, loop_thread: Any) -
         loop_thread.run(gw.create_sandbox(profile="echo"))
     with pytest.raises(UsageError, match="unknown backend 'firecracker'"):
         loop_thread.run(gw.create_sandbox(backend="firecracker"))
+    with pytest.raises(UsageError, match="limits are for qemu sandboxes"):
+        loop_thread.run(gw.create_sandbox(memory_mb=512))
 
 
 _CONNECT = r"""

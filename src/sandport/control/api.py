@@ -154,7 +154,8 @@ class SandboxApi(Protocol):
     async def create_sandbox(self, *, profile: str = ..., vnc_port: int = ...,
                              publish: list[PortMapping] | None = ...,
                              options: ForwardOptions | None = ...,
-                             session_ttl: float | None = ..., backend: str = ...) -> Any:
+                             session_ttl: float | None = ..., backend: str = ...,
+                             memory_mb: int | None = ..., vcpus: int | None = ...) -> Any:
         """Create a sandbox and wait until it is ready; its info."""
         ...
 
@@ -259,6 +260,9 @@ class SandboxCreate(BaseModel):
                                "on 7, HTTP on 80; qemu only)")
     backend: Literal["netns", "qemu"] = Field(
         "netns", description="netns: a network namespace; qemu: a microVM")
+    memory_mb: int | None = Field(None, ge=128, le=16384,
+                                  description="a VM's memory (qemu; default by profile)")
+    vcpus: int | None = Field(None, ge=1, le=8, description="a VM's CPUs (qemu; default 1)")
     publish: list[str] = Field(
         default_factory=list,
         description="host port forwards, docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
@@ -491,7 +495,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             info = await gateway.create_sandbox(profile=body.profile, vnc_port=body.vnc_port,
                                                 publish=mappings,
                                                 session_ttl=body.session_ttl_seconds,
-                                                backend=body.backend)
+                                                backend=body.backend,
+                                                memory_mb=body.memory_mb, vcpus=body.vcpus)
         except SandboxFailed as exc:
             raise ApiError(503, "not_ready", _words(exc)) from None
         except UsageError as exc:

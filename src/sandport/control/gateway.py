@@ -496,7 +496,7 @@ class Gateway:
                 self._monitor(sb, first_delay=0.0), name=f"sandbox {rec.id} readiness")
         # Links on our bridge that no sandbox explains (e.g. the store was deleted by hand).
         for port in await asyncio.to_thread(netlink.bridge_ports, self.config.net.bridge):
-            owner = port.removeprefix("sp-").removesuffix("-v")
+            owner = port.removeprefix("sp-").rsplit("-", 1)[0]  # sp-<id>-v (veth), -t (tap)
             if port.startswith("sp-") and owner not in self._sandboxes:
                 log.warning("removing stray link %s from bridge %s", port, self.config.net.bridge)
                 await asyncio.to_thread(netlink.delete_link, port)
@@ -879,7 +879,7 @@ class Gateway:
         self, *, profile: str = "desktop", vnc_port: int = 0,
         publish: list[PortMapping] | None = None, options: ForwardOptions | None = None,
         progress: Progress = _quiet, session_ttl: float | None = None,
-        backend: str = "netns",
+        backend: str = "netns", memory_mb: int | None = None, vcpus: int | None = None,
     ) -> SandboxInfo:
         """Create a sandbox, start its services and return once it is proven ready.
 
@@ -893,6 +893,7 @@ class Gateway:
             session_ttl: also open a session (``waiting`` until the sandbox is ready)
                 that lasts this many seconds; its id is in the info.
             backend: ``netns`` (a network namespace) or ``qemu`` (a microVM).
+            memory_mb, vcpus: a VM's memory and CPUs (default: the profile's).
 
         Raises:
             PortInUseError: ``vnc_port`` or a published port is taken (nothing is left
@@ -910,6 +911,9 @@ class Gateway:
         if backend not in prof.backends:
             raise UsageError(f"profile {prof.name} runs in the {' or '.join(prof.backends)} "
                              f"backend, not {backend}")
+        if (memory_mb is not None or vcpus is not None) and backend != "qemu":
+            raise UsageError("memory and vCPU limits are for qemu sandboxes (a namespace "
+                             "shares the host's)")
         t0 = time.perf_counter()
         sandbox_id = self._new_id()
         address = self._pool.lease(sandbox_id)
@@ -923,6 +927,7 @@ class Gateway:
             workdir=self.config.state_dir / "sandboxes" / sandbox_id,
             secrets={**prof.new_secrets(), "agent_token": new_token()},
             agent_url=self.agent_url if be.runs_agent else "",
+            memory_mb=memory_mb, vcpus=vcpus,
         )
         live = LiveSandbox(id=sandbox_id, ip=str(address), state=SandboxState.CREATING,
                            token_hash=hash_token(token), ports=be.ports(spec),

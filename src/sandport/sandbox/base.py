@@ -49,6 +49,8 @@ class SandboxSpec:
             agent's token (``agent_token``).
         agent_url: where the guest agent reports (the gateway's agent listener on the
             bridge); "" runs no agent.
+        memory_mb, vcpus: a VM's limits (None: the profile's default); a namespace
+            shares the host's.
     """
 
     id: str
@@ -59,6 +61,8 @@ class SandboxSpec:
     workdir: Path
     secrets: dict[str, str] = field(default_factory=dict)
     agent_url: str = ""
+    memory_mb: int | None = None
+    vcpus: int | None = None
 
     @property
     def ip(self) -> ipaddress.IPv4Address:

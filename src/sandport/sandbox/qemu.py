@@ -174,7 +174,8 @@ class QemuBackend:
                    f"{kernel_ip_arg(spec)}")
         argv = [
             qemu, "-M", "microvm", "-accel", f"{accel},tb-size=64" if accel == "tcg" else accel,
-            "-m", str(MEMORY_MB.get(spec.profile, 256)), "-smp", "1",
+            "-m", str(spec.memory_mb or MEMORY_MB.get(spec.profile, 256)),
+            "-smp", str(spec.vcpus or 1),
             "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
             "-name", f"sandport-{spec.id}",
             "-kernel", str(image.kernel), "-initrd", str(initrd), "-append", cmdline,
