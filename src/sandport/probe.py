@@ -230,7 +230,12 @@ async def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[st
         try:
             writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
             await writer.drain()
-            raw = await reader.read(1 << 20)
+            raw = b""
+            while len(raw) < 1 << 20:  # HTTP/1.0: the answer ends when the server closes
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                raw += chunk
         finally:
             writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")

@@ -32,6 +32,7 @@ from sandport.errors import UsageError
 from sandport.probe import probe_rfb_tcp
 from sandport.proto.rfb import obfuscate_password
 from sandport.sandbox import images
+from sandport.sandbox.qemu import MEMORY_MB
 
 pytestmark = pytest.mark.vm
 
@@ -470,7 +471,8 @@ def test_desktop_image_boots_to_vnc(cache: Path, net: Net, tmp_path: Path) -> No
         image.manifest["inputs"].keys()
     sandbox_id = f"t{secrets.token_hex(3)}"
     password = "pw" + secrets.token_hex(3)
-    with boot(image, net, tmp_path, _seed(sandbox_id, password), STATIC_IP) as vm:
+    with boot(image, net, tmp_path, _seed(sandbox_id, password), STATIC_IP,
+              memory_mb=MEMORY_MB["desktop"]) as vm:
         deadline = time.monotonic() + BOOT_TIMEOUT
         banner = b""
         while not banner:
@@ -484,7 +486,8 @@ def test_desktop_image_boots_to_vnc(cache: Path, net: Net, tmp_path: Path) -> No
                 time.sleep(0.05)
         banner_at = time.monotonic() - vm.started
         assert banner == b"RFB 003.008\n"
-        record(f"image desktop: qemu start -> RFB banner {banner_at:.1f} s (TCG, 256 MB)")
+        record(f"image desktop: qemu start -> RFB banner {banner_at:.1f} s "
+               f"(TCG, {MEMORY_MB['desktop']} MB)")
         vm.wait_for(f"{images.MARKER} services desktop started")
 
         good = asyncio.run(probe_rfb_tcp(GUEST_IP, 5901, password=password, timeout=10))

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import eventually_sync
 from sandport.control.gateway import Gateway
-from sandport.sandbox.netns import AGENT_PORT
+from sandport.sandbox.base import AGENT_PORT
 
 pytestmark = pytest.mark.integration
 

@@ -80,8 +80,8 @@ from sandport.probe import (
     probe_rfb_ws,
     wait_until,
 )
-from sandport.sandbox.base import Backend, SandboxSpec
-from sandport.sandbox.netns import AGENT_PORT, NetnsBackend, netns_name, spec_from_record
+from sandport.sandbox.base import AGENT_PORT, Backend, SandboxSpec
+from sandport.sandbox.netns import NetnsBackend, netns_name, spec_from_record
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
 from sandport.sandbox.qemu import QemuBackend
 from sandport.sandbox.state import (
@@ -454,7 +454,8 @@ class Gateway:
                                     prefixlen=rec.prefixlen, bridge=rec.bridge,
                                     state_dir=self.config.state_dir,
                                     secrets={k: v for k, v in secrets.items() if k != "token"},
-                                    agent_url=self.agent_url if backend.runs_agent else "")
+                                    agent_url=self.agent_url
+                                    if backend.runs_agent(rec.profile) else "")
             if state in (SandboxState.STOPPING, SandboxState.STOPPED):  # was being deleted
                 progress(f"removing sandbox {rec.id}: it was being deleted")
                 await backend.destroy(spec)
@@ -926,7 +927,7 @@ class Gateway:
             bridge=self.config.net.bridge,
             workdir=self.config.state_dir / "sandboxes" / sandbox_id,
             secrets={**prof.new_secrets(), "agent_token": new_token()},
-            agent_url=self.agent_url if be.runs_agent else "",
+            agent_url=self.agent_url if be.runs_agent(prof.name) else "",
             memory_mb=memory_mb, vcpus=vcpus,
         )
         live = LiveSandbox(id=sandbox_id, ip=str(address), state=SandboxState.CREATING,

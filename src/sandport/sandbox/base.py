@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+#: The guest agent's port inside every sandbox that runs it (namespace or VM).
+AGENT_PORT = 7412
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestPort:
@@ -91,11 +94,13 @@ class Backend(Protocol):
     """A way to run sandboxes (netns, qemu, external)."""
 
     name: str
-    #: Whether its sandboxes run the guest agent (credentials, /health).
-    runs_agent: bool
     #: Whether the readiness monitor restarts guest services that exited (netns), or a
     #: sandbox whose guest died is failed with the reason (a VM: QEMU exited).
     restarts_services: bool
+
+    def runs_agent(self, profile: str) -> bool:
+        """Whether its sandboxes of ``profile`` run the guest agent (credentials, /health)."""
+        ...
 
     async def create(self, spec: SandboxSpec) -> None:
         """Create the isolated guest and its network link."""

@@ -107,12 +107,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from sandport.errors import MissingPackage, SandportError, UsageError
+from sandport.sandbox.base import AGENT_PORT
 from sandport.sandbox.profiles import DESKTOP_GEOMETRY, VNC_DISPLAY, VNC_PORT
 
 log = logging.getLogger(__name__)
 
 #: Bump when the image layout changes in a way the other inputs do not capture.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"  # 2, 3: the desktop image runs the guest agent
 DEFAULT_IMAGE_CACHE = Path("/var/cache/sandport/images")
 #: The profiles an image can be built for.
 IMAGE_PROFILES = ("echo", "desktop")
@@ -133,6 +134,10 @@ GUEST_MODULE_DIR = "/usr/lib/sandport/modules"
 #: The prefix of every line /init writes for the backend.
 MARKER = "SANDPORT-GUEST"
 SEED_ENV = "/etc/sandport/seed.env"
+#: The guest agent in the desktop image (``sandport/agent.py``, stdlib only), and its port.
+GUEST_AGENT = "/usr/lib/sandport/agent.py"
+AGENT_SOURCE = Path(__file__).resolve().parent.parent / "agent.py"
+GUEST_AGENT_PORT = AGENT_PORT
 SEED_VNC_PASSWORD = "/etc/sandport/vncpasswd"  # noqa: S105 - a path, not a password
 ECHO_PORT = 7
 HTTP_PORT = 80
@@ -213,8 +218,12 @@ class _HostPlan:
 _PLANS = {
     "echo": _HostPlan(programs=("busybox", "socat")),
     "desktop": _HostPlan(
-        programs=("busybox", "Xvnc", "xkbcomp", "openbox", "xmessage", "xsetroot"),
+        # python3.11 (Debian's) runs the guest agent; its stdlib is copied pruned
+        # (:data:`_PYTHON_SKIP`).
+        programs=("busybox", "Xvnc", "xkbcomp", "openbox", "xmessage", "xsetroot",
+                  "python3.11"),
         paths=(
+            "/usr/lib/python3.11",
             "/usr/share/X11/xkb",  # keymaps: Xvnc runs xkbcomp on them at start
             "/usr/share/X11/locale",  # Xlib's locale database (xmessage)
             "/etc/fonts",  # fontconfig (openbox draws its titles with it)
@@ -233,6 +242,7 @@ _PLANS = {
 }
 #: Data path -> the Debian package that provides it (for the error message).
 _PATH_PACKAGES = {
+    "/usr/lib/python3.11": "libpython3.11-stdlib",
     "/usr/share/X11/xkb": "xkb-data",
     "/usr/share/X11/locale": "libx11-data",
     "/etc/fonts": "fontconfig-config",
@@ -528,6 +538,8 @@ ip link set lo up
 SANDPORT_SANDBOX_ID=unseeded
 SANDPORT_COLOUR='@DEFAULT_COLOUR@'
 SANDPORT_DESKTOP_NAME=
+SANDPORT_AGENT_TOKEN=
+SANDPORT_GATEWAY_URL=
 if [ ! -r @SEED_ENV@ ]; then
   say "warning no @SEED_ENV@: defaults in use"
 elif ! sh -n @SEED_ENV@ 2>/dev/console; then
@@ -630,7 +642,17 @@ start_desktop() {
        "${NET_ADDR%/*}" "$SANDPORT_COLOUR")" </dev/null >/dev/console 2>&1 &
   await_ports tcp:@VNC_PORT@ && say "services desktop started"
 }
+# The guest agent (/health, credentials to the gateway) when the seed names its gateway;
+# started first: Python's start-up overlaps the desktop's.
+AGENT=
+if [ -n "$SANDPORT_AGENT_TOKEN" ] && [ -n "$SANDPORT_GATEWAY_URL" ]; then
+  SANDPORT_AGENT_TOKEN=$SANDPORT_AGENT_TOKEN SANDPORT_GATEWAY_URL=$SANDPORT_GATEWAY_URL \
+    SANDPORT_AGENT_LISTEN=0.0.0.0:@AGENT_PORT@ \
+    python3.11 -I -S @GUEST_AGENT@ </dev/null >/dev/console 2>&1 &
+  AGENT=1
+fi
 start_desktop
+[ -z "$AGENT" ] || { await_ports tcp:@AGENT_PORT@ && say "services agent started"; }
 """
 
 _INIT_END = r"""
@@ -675,6 +697,7 @@ def init_script(profile: str) -> str:
         "SEED_VNC_PASSWORD": SEED_VNC_PASSWORD, "ECHO_PORT": str(ECHO_PORT),
         "HTTP_PORT": str(HTTP_PORT), "DISPLAY": str(VNC_DISPLAY), "VNC_PORT": str(VNC_PORT),
         "GEOMETRY": f"{width}x{height}", "BLACKLIST": str(XVNC_BLACKLIST_THRESHOLD),
+        "AGENT_PORT": str(GUEST_AGENT_PORT), "GUEST_AGENT": GUEST_AGENT,
     }
     for name, value in values.items():
         body = body.replace(f"@{name}@", value)
@@ -695,6 +718,7 @@ def guest_files(profile: str) -> dict[str, tuple[bytes, int]]:
         "/etc/group": (b"root:x:0:\ntty:x:5:\nnogroup:x:65534:\n", 0o644),
         "/etc/hosts": (hosts.encode(), 0o644),
         "/etc/nsswitch.conf": (b"passwd: files\ngroup: files\nhosts: files\n", 0o644),
+        **({GUEST_AGENT: (AGENT_SOURCE.read_bytes(), 0o644)} if profile == "desktop" else {}),
     }
 
 
@@ -1293,9 +1317,16 @@ def _mirror(root: Path, host_path: str) -> None:
                 shutil.copystat(host, guest)
             resolved = host
         elif host.is_dir():
-            shutil.copytree(host, guest, symlinks=True, dirs_exist_ok=True)
+            skip = _PYTHON_SKIP if str(host).startswith("/usr/lib/python3") else None
+            shutil.copytree(host, guest, symlinks=True, dirs_exist_ok=True, ignore=skip)
         elif not os.path.lexists(guest):
             shutil.copy2(host, guest)
+
+
+#: Parts of Python's stdlib the guest agent never imports: tests, tools, the static library.
+_PYTHON_SKIP = shutil.ignore_patterns(
+    "test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+    "pydoc_data", "distutils", "config-3.*", "dist-packages", "site-packages")
 
 
 def _assemble_root(root: Path, profile: str, kernel: _Kernel) -> None:

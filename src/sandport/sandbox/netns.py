@@ -21,7 +21,7 @@ from sandport.errors import SandboxFailed
 from sandport.net import netlink
 from sandport.proto.rfb import obfuscate_password
 from sandport.sandbox import procs
-from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
+from sandport.sandbox.base import AGENT_PORT, GuestPort, Inspection, SandboxSpec
 from sandport.sandbox.profiles import (
     DESKTOP_GEOMETRY,
     VNC_DISPLAY,
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 NAME_PREFIX = "sp-"
 GUEST_TMP = "/tmp"  # where a guest sees its workdir/tmp
 AGENT = Path(__file__).resolve().parent.parent / "agent.py"  # stdlib only, run with -I -S
-AGENT_PORT = 7412  # the guest agent's own port inside every sandbox
 PIDS_FILE = "pids.json"  # in the workdir: the guest services, for adoption after a crash
 X_SOCKET_TIMEOUT = 15.0
 ONESHOT_TIMEOUT = 10.0
@@ -61,7 +60,6 @@ class NetnsBackend:
     """Sandboxes as network namespaces with host programs running inside them."""
 
     name = "netns"
-    runs_agent = True
     restarts_services = True
 
     def __init__(self, programs: dict[str, str]) -> None:
@@ -70,6 +68,10 @@ class NetnsBackend:
         """
         self._programs = programs
         self._procs: dict[str, list[procs.GuestProcess]] = {}
+
+    def runs_agent(self, profile: str) -> bool:
+        """Every namespace runs the guest agent."""
+        return True
 
     def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
         """The guest ports of the sandbox's profile (a namespace has no console)."""

@@ -46,6 +46,9 @@ STOP_GRACE = 5.0
 #: Guest memory by profile: the whole root is a ramfs, so the image must fit twice
 #: (the archive and what it unpacks to) with room for the services.
 MEMORY_MB = {"echo": 256, "desktop": 512}
+#: vCPUs by profile: a desktop starts Xvnc, openbox and the agent's Python at once, and
+#: QEMU's multi-threaded TCG runs them on two host cores (about 6 s to ready, not 8).
+VCPUS = {"desktop": 2}
 
 
 def tap_name(sandbox_id: str) -> str:
@@ -108,7 +111,6 @@ class QemuBackend:
     """Sandboxes as QEMU microVMs (see the module docstring)."""
 
     name = "qemu"
-    runs_agent = False  # the images carry no Python yet
     restarts_services = False  # a VM that exits is failed with QEMU's last words
 
     def __init__(self, *, image_cache: Path = images.DEFAULT_IMAGE_CACHE,
@@ -131,6 +133,10 @@ class QemuBackend:
                                  hint="apt-get install qemu-system-x86   (or run `make demo`)")
         return path
 
+    def runs_agent(self, profile: str) -> bool:
+        """The desktop image carries the guest agent (and Python for it); echo does not."""
+        return profile == "desktop"
+
     def accel(self) -> tuple[str, str]:
         """The accelerator for new VMs, and why."""
         if self._accel != "auto":
@@ -145,9 +151,13 @@ class QemuBackend:
         log.info("sandbox %s: tap %s on %s", spec.id, tap_name(spec.id), spec.bridge)
 
     def _seed(self, spec: SandboxSpec) -> bytes:
-        env = images.seed_env({"SANDPORT_SANDBOX_ID": spec.id,
-                               "SANDPORT_COLOUR": colour_hex(desktop_colour(spec.id)),
-                               "SANDPORT_DESKTOP_NAME": desktop_name(spec.id)})
+        values = {"SANDPORT_SANDBOX_ID": spec.id,
+                  "SANDPORT_COLOUR": colour_hex(desktop_colour(spec.id)),
+                  "SANDPORT_DESKTOP_NAME": desktop_name(spec.id)}
+        if spec.agent_url:  # the desktop image's guest agent
+            values |= {"SANDPORT_GATEWAY_URL": spec.agent_url,
+                       "SANDPORT_AGENT_TOKEN": spec.secrets.get("agent_token", "")}
+        env = images.seed_env(values)
         files = {images.SEED_ENV: (env, 0o600)}
         if "vnc_password" in spec.secrets:
             files[images.SEED_VNC_PASSWORD] = (
@@ -175,7 +185,7 @@ class QemuBackend:
         argv = [
             qemu, "-M", "microvm", "-accel", f"{accel},tb-size=64" if accel == "tcg" else accel,
             "-m", str(spec.memory_mb or MEMORY_MB.get(spec.profile, 256)),
-            "-smp", str(spec.vcpus or 1),
+            "-smp", str(spec.vcpus or VCPUS.get(spec.profile, 1)),
             "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
             "-name", f"sandport-{spec.id}",
             "-kernel", str(image.kernel), "-initrd", str(initrd), "-append", cmdline,
