@@ -268,3 +268,30 @@ async def _rfb(host: str, port: int, password: str) -> Any:
 def _all_qemu() -> list[str]:
     out = subprocess.run(["ps", "-eo", "args"], text=True, capture_output=True).stdout
     return [line for line in out.splitlines() if "qemu-system" in line]
+
+
+def test_missing_qemu_is_named_and_leaves_nothing(gw: Gateway, loop_thread: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandport.errors import MissingPackage
+    from sandport.sandbox import qemu
+
+    monkeypatch.setattr(qemu, "QEMU", "qemu-system-nonexistent")
+    before = set(gw.sandbox_ids())
+    with pytest.raises(MissingPackage, match="Debian package qemu-system-x86"):
+        loop_thread.run(gw.create_sandbox(backend="qemu", profile="echo"), timeout=60)
+    assert set(gw.sandbox_ids()) == before
+    assert " sp-" not in subprocess.run(["ip", "-o", "link", "show", "master",
+                                         gw.config.net.bridge], text=True,
+                                        capture_output=True).stdout
+
+
+def test_the_accelerator_is_kvm_only_where_it_is_real(tmp_path: Path) -> None:
+    from sandport.sandbox.qemu import choose_accel
+
+    kvm, pvm = tmp_path / "kvm", tmp_path / "kvm_pvm"
+    assert choose_accel(kvm, pvm) == ("tcg", "no usable /dev/kvm")
+    kvm.touch(mode=0o600)
+    assert choose_accel(kvm, pvm) == ("kvm", "/dev/kvm is usable")
+    pvm.mkdir()
+    accel, why = choose_accel(kvm, pvm)
+    assert accel == "tcg" and "kvm_pvm" in why
