@@ -120,14 +120,15 @@ async def terminate(proc: GuestProcess, *, grace: float = STOP_GRACE) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
-            await asyncio.wait_for(_wait(proc), grace)
+            await asyncio.wait_for(wait_exit(proc), grace)
             return
         except TimeoutError:
             log.warning("%s (pid %d) ignored %s", proc.name, proc.pid, sig.name)
-    await _wait(proc)
+    await wait_exit(proc)
 
 
-async def _wait(proc: GuestProcess) -> None:
+async def wait_exit(proc: GuestProcess) -> None:
+    """Until ``proc`` has exited (our child: waited for; adopted: polled)."""
     if proc.process is not None:
         await proc.process.wait()
         return

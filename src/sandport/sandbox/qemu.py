@@ -253,10 +253,13 @@ class QemuBackend:
         proc = self._procs.pop(spec.id, None)
         if proc is None or not proc.running:
             return
-        with contextlib.suppress(OSError, TimeoutError, ValueError):
+        try:
             await qmp(spec.workdir / "qmp.sock", "quit")
+        except (OSError, TimeoutError, ValueError):
+            await procs.terminate(proc)  # no monitor: signals
+            return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_wait(proc), STOP_GRACE)
+            await asyncio.wait_for(procs.wait_exit(proc), STOP_GRACE)
             return
         await procs.terminate(proc)
 
@@ -285,14 +288,6 @@ class QemuBackend:
         """QEMU's own view of the VM (``running``, ``paused``...), via QMP."""
         doc = await qmp(spec.workdir / "qmp.sock", "query-status")
         return str(doc.get("status", "unknown"))
-
-
-async def _wait(proc: procs.GuestProcess) -> None:
-    while proc.running:
-        if proc.process is not None:
-            await proc.process.wait()
-            return
-        await asyncio.sleep(0.05)
 
 
 def _qemu_pids(sandbox_id: str) -> list[int]:
