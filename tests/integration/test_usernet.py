@@ -11,7 +11,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
+import struct
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,10 @@ from typing import Any
 import pytest
 
 from conftest import require_programs, require_root
+from nethelpers import ECHO_SERVER, guest_server
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tap import TapTransport, tap_into_netns
+from sandport.usernet.udp import UdpNat
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +51,53 @@ exit 0
 """
 
 
+class DnsServer:
+    """A DNS server on 127.0.0.1 that answers every A query with ANSWER (a thread)."""
+
+    ANSWER = ipaddress.IPv4Address("10.201.240.99")
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.questions: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                continue
+            end = 12
+            while query[end]:
+                end += 1 + query[end]
+            question = query[12:end + 5]  # name, type, class
+            self.questions.append(question)
+            answer = (b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + self.ANSWER.packed
+                      if question[-4:-2] == b"\x00\x01" else b"")
+            header = query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if answer else 0, 0, 0)
+            self.sock.sendto(header + question + answer, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
 @pytest.fixture
-def served_netns(loop_thread: Any) -> Iterator[tuple[str, LinkServices, TapTransport]]:
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def served_netns(loop_thread: Any, dns: DnsServer
+                 ) -> Iterator[tuple[str, LinkServices, TapTransport, UdpNat]]:
     require_root()
     require_programs("busybox")
     tag = secrets.token_hex(3)
@@ -58,6 +110,7 @@ def served_netns(loop_thread: Any) -> Iterator[tuple[str, LinkServices, TapTrans
                                        network=NETWORK, guest_ip=GUEST, mtu=65520))
         transport = TapTransport(
             fd, lambda frames: [r for f in frames for r in link.handle(f)])
+        nat = UdpNat(link, transport.send, dns_upstream=("127.0.0.1", dns.port))
 
         async def start() -> None:
             assert transport is not None
@@ -65,21 +118,21 @@ def served_netns(loop_thread: Any) -> Iterator[tuple[str, LinkServices, TapTrans
 
         loop_thread.run(start())
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        yield netns, link, transport
+        yield netns, link, transport, nat
     finally:
         if transport is not None:
             t = transport
 
             async def stop() -> None:
+                nat.close()
                 t.close()
 
             loop_thread.run(stop())
         subprocess.run(["ip", "netns", "del", netns], check=False)
 
 
-def test_udhcpc_gets_its_lease_from_usernet_and_pings_the_gateway(
-        served_netns: Any, tmp_path: Path) -> None:
-    netns, link, transport = served_netns
+def lease(netns: str, tmp_path: Path) -> dict[str, str]:
+    """Run busybox udhcpc in ``netns`` against usernet; what the lease said."""
     script = tmp_path / "lease.sh"
     script.write_text(LEASE_SCRIPT)
     script.chmod(0o755)
@@ -90,10 +143,16 @@ def test_udhcpc_gets_its_lease_from_usernet_and_pings_the_gateway(
                        env={**os.environ, "LEASE_OUT": str(out)}, capture_output=True,
                        text=True, timeout=30, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    lease = dict(kv.split("=", 1) for kv in out.read_text().split())
-    assert lease["ip"] == str(GUEST) and lease["router"] == str(GATEWAY)
-    assert lease["mask"] == "24" and lease["dns"] == str(GATEWAY)
-    assert lease["mtu"] == "65520" and lease["serverid"] == str(GATEWAY)
+    return dict(kv.split("=", 1) for kv in out.read_text().split())
+
+
+def test_udhcpc_gets_its_lease_from_usernet_and_pings_the_gateway(
+        served_netns: Any, tmp_path: Path) -> None:
+    netns, link, transport, _ = served_netns
+    got = lease(netns, tmp_path)
+    assert got["ip"] == str(GUEST) and got["router"] == str(GATEWAY)
+    assert got["mask"] == "24" and got["dns"] == str(GATEWAY)
+    assert got["mtu"] == "65520" and got["serverid"] == str(GATEWAY)
     addrs = subprocess.run(["ip", "-n", netns, "-4", "-o", "addr", "show", "eth0"],
                            capture_output=True, text=True, check=True).stdout
     assert f"inet {GUEST}/24" in addrs
@@ -106,3 +165,39 @@ def test_udhcpc_gets_its_lease_from_usernet_and_pings_the_gateway(
     assert link.handled["arp_reply"] >= 1 and link.handled["icmp_echo_reply"] == 3
     assert link.guest_mac is not None and transport.frames_in >= 5
     assert not transport.errors
+
+
+def test_dns_through_the_forwarder_and_udp_echo_through_a_forward(
+        served_netns: Any, tmp_path: Path, dns: DnsServer, loop_thread: Any) -> None:
+    netns, _, _, nat = served_netns
+    lease(netns, tmp_path)
+    # DNS: the guest asks the gateway; usernet forwards to the test's server on loopback.
+    r = subprocess.run(["ip", "netns", "exec", netns, "busybox", "nslookup",
+                        "echo.sandport.test", str(GATEWAY)], capture_output=True, text=True,
+                       timeout=30, check=False)
+    assert f"Address: {DnsServer.ANSWER}" in r.stdout, (r.stdout, nat.dropped, nat.relayed)
+    assert any(b"\x04echo\x08sandport\x04test" in q for q in dns.questions)
+    # An inbound UDP forward: host client -> 127.0.0.1:port -> usernet -> guest :7 -> back.
+    port = loop_thread.run(nat.add_forward("127.0.0.1", 0, 7))
+    log = tmp_path / "echo.log"
+    with guest_server(netns, ECHO_SERVER, str(log)):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(2)
+            for n in range(3):
+                payload = f"datagram {n} ".encode() * 50
+                u.sendto(payload, ("127.0.0.1", port))
+                assert u.recv(65536) == payload
+        # The guest saw the loopback client as the gateway address (it cannot answer
+        # 127.0.0.1).
+        assert log.read_text().splitlines()[0] == f"udp {GATEWAY}"
+    # Egress is denied by default: the gateway's port 9 (host loopback) is not allowed.
+    sent = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c",
+                           "import socket, sys; socket.socket(socket.AF_INET, "
+                           "socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 9))", str(GATEWAY)],
+                          capture_output=True, text=True, timeout=10, check=False)
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 3
+    while not nat.dropped["udp_egress_denied"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nat.dropped["udp_egress_denied"] == 1
+    assert nat.relayed["to_guest"] >= 4 and nat.relayed["to_client"] == 3

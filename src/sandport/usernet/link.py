@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Final
@@ -146,6 +147,9 @@ class LinkServices:
         self.guest_mac: bytes | None = None
         self.dropped: collections.Counter[str] = collections.Counter()
         self.handled: collections.Counter[str] = collections.Counter()
+        #: IPv4 these services do not answer goes here (NAT, forwards); it returns the
+        #: frames to send, or None: not its business either (then counted as unhandled).
+        self.ipv4_hook: Callable[[EthernetFrame, IPv4Packet], list[bytes] | None] | None = None
 
     def handle(self, frame: bytes) -> list[bytes]:
         """Process one Ethernet frame from the guest.
@@ -204,6 +208,10 @@ class LinkServices:
                 return self._dhcp(DhcpMessage.parse(udp.payload))
         elif ip.proto == PROTO_ICMP and ip.dst == self.config.gateway_ip:
             return self._icmp(eth, ip, IcmpEcho.parse(ip.payload))
+        if self.ipv4_hook is not None:
+            out = self.ipv4_hook(eth, ip)
+            if out is not None:
+                return out
         return self._drop("unhandled_ipv4")
 
     def _icmp(self, eth: EthernetFrame, ip: IPv4Packet, echo: IcmpEcho) -> list[bytes]:
