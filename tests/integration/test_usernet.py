@@ -8,6 +8,7 @@ goes through the stack. Traffic stays inside the test's own namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import require_programs, require_root
+from conftest import require_programs, require_root, vm_slot
 from nethelpers import ECHO_SERVER, guest_server
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tap import TapTransport, tap_into_netns
@@ -201,3 +202,71 @@ def test_dns_through_the_forwarder_and_udp_echo_through_a_forward(
         time.sleep(0.05)
     assert nat.dropped["udp_egress_denied"] == 1
     assert nat.relayed["to_guest"] >= 4 and nat.relayed["to_client"] == 3
+
+
+@pytest.mark.vm
+def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_udp(
+        loop_thread: Any, tmp_path: Path) -> None:
+    """The echo image on ``-netdev stream`` (no TAP, no bridge): its init's udhcpc gets the
+    lease from usernet, and a host client's datagrams reach its UDP echo through an
+    inbound forward and come back."""
+    require_programs("qemu-system-x86_64")
+    from sandport.sandbox import images
+    from sandport.sandbox.qemu import host_khz
+    from sandport.usernet.stream import StreamTransport, listen_stream
+
+    network = ipaddress.IPv4Network("10.201.241.0/24")
+    gateway, guest = network.network_address + 1, network.network_address + 20
+    image = images.find_image("echo") or images.build_image("echo")
+    link = LinkServices(LinkConfig(gateway_ip=gateway, gateway_mac=GATEWAY_MAC,
+                                   network=network, guest_ip=guest, mtu=1500))
+    stream = StreamTransport(lambda frames: [r for f in frames for r in link.handle(f)])
+    nat = UdpNat(link, stream.send)
+    sock = tmp_path / "net.sock"
+    server = loop_thread.run(listen_stream(sock, stream))
+    port = loop_thread.run(nat.add_forward("127.0.0.1", 0, 7))
+    seed = images.seed_archive({images.SEED_ENV: (
+        images.seed_env({"SANDPORT_SANDBOX_ID": "usernet1"}), 0o600)})
+    initrd = tmp_path / "initrd.cpio"
+    images.write_initrd(image, seed, initrd)
+    serial = tmp_path / "serial.log"
+    try:
+        with vm_slot():
+            qemu = subprocess.Popen([
+                "qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "256",
+                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(initrd),
+                "-append", f"{images.KERNEL_CMDLINE} tsc_early_khz={host_khz()} ip=dhcp",
+                "-serial", f"file:{serial}",
+                "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
+                "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
+            ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                text = ""
+                while "services echo started" not in text and time.monotonic() < deadline:
+                    assert qemu.poll() is None, qemu.communicate()[1]
+                    time.sleep(0.1)
+                    text = serial.read_text(errors="replace") if serial.exists() else ""
+                assert f"SANDPORT-GUEST net eth0 {guest}/24 gw {gateway}" in text, text[-2000:]
+                assert link.handled["dhcp_ack"] == 1 and stream.frames_in > 0
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.settimeout(1)
+                    got = b""
+                    for _ in range(10):
+                        u.sendto(b"through usernet", ("127.0.0.1", port))
+                        with contextlib.suppress(OSError):
+                            got = u.recv(100)
+                            break
+                assert got == b"through usernet", (nat.dropped, nat.relayed, link.dropped)
+            finally:
+                qemu.kill()
+                qemu.wait(10)
+    finally:
+
+        async def stop() -> None:
+            nat.close()
+            server.close()
+
+        loop_thread.run(stop())
