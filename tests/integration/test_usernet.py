@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import require_programs, require_root, vm_slot
+from conftest import record, require_programs, require_root, vm_slot
 from nethelpers import ECHO_SERVER, guest_server
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tap import TapTransport, tap_into_netns
@@ -270,3 +270,128 @@ def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_udp(
             server.close()
 
         loop_thread.run(stop())
+
+
+@pytest.fixture
+def stack_netns(loop_thread: Any, dns: DnsServer) -> Iterator[tuple[str, Any, Any]]:
+    """A namespace served by the whole stack (Usernet) on a TAP, its lease taken; a TCP
+    service of the test's own on the host's loopback, allowed as egress."""
+    require_root()
+    require_programs("busybox")
+    from sandport.usernet.stack import Usernet
+    from sandport.usernet.udp import EgressRule
+
+    host_service = socket.socket()
+    host_service.bind(("127.0.0.1", 0))
+    host_service.listen()
+    service_port = host_service.getsockname()[1]
+    tag = secrets.token_hex(3)
+    netns = f"sp-u{tag}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    holder: dict[str, Any] = {}
+    try:
+        fd = tap_into_netns(f"sp-u{tag}-t", netns)
+        def handle(frames: list[bytes]) -> list[bytes]:
+            return list(holder["net"].handle(frames))
+
+        transport = TapTransport(fd, handle)
+        net = Usernet(LinkConfig(gateway_ip=GATEWAY, gateway_mac=GATEWAY_MAC,
+                                 network=NETWORK, guest_ip=GUEST, mtu=65520),
+                      transport.send, dns_upstream=("127.0.0.1", dns.port),
+                      egress=(EgressRule(network=ipaddress.IPv4Network("127.0.0.1/32"),
+                                         port=service_port),))
+        holder.update(net=net, transport=transport)
+
+        async def start() -> None:
+            transport.start()
+
+        loop_thread.run(start())
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        yield netns, net, (host_service, service_port)
+    finally:
+        if "transport" in holder:
+            async def stop() -> None:
+                holder["net"].close()
+                holder["transport"].close()
+
+            loop_thread.run(stop())
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+        host_service.close()
+
+
+def _echo(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := c.recv(65536):
+            got += chunk
+        return got
+
+
+def test_tcp_through_usernet_forwards_and_outbound(stack_netns: Any, tmp_path: Path,
+                                                    loop_thread: Any) -> None:
+    import hashlib
+
+    netns, net, (host_service, service_port) = stack_netns
+    lease(netns, tmp_path)
+    port = loop_thread.run(net.add_forward("tcp", "127.0.0.1", 0, 7))
+    log = tmp_path / "echo.log"
+    with guest_server(netns, ECHO_SERVER, str(log)):
+        # A round trip, then three at once, each with its own data.
+        assert _echo(port, b"hello usernet\n") == b"hello usernet\n"
+        results: dict[int, bytes] = {}
+        payloads = {n: os.urandom(200_000 + n) for n in range(3)}
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(
+            n, _echo(port, payloads[n]))) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == payloads
+        # 256 MiB each way on one connection, checked with sha256 both ways.
+        size, chunk = 256 << 20, os.urandom(1 << 20)
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        received = 0
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            def writer() -> None:
+                for _ in range(size // len(chunk)):
+                    c.sendall(chunk)
+                    sent.update(chunk)
+                c.shutdown(socket.SHUT_WR)
+
+            w = threading.Thread(target=writer)
+            w.start()
+            while data := c.recv(1 << 20):
+                got.update(data)
+                received += len(data)
+            w.join(120)
+        assert received == size and got.hexdigest() == sent.hexdigest()
+        took = time.monotonic() - t0
+        record(f"usernet TCP (TAP, MTU 65520): 256 MiB each way on one connection in "
+               f"{took:.1f} s ({2 * size / took / 1e6:.0f} MB/s both ways together)")
+        assert log.read_text().splitlines()[0] == f"tcp {GATEWAY}"  # loopback -> gateway
+    # Outbound: from inside, the gateway address is the host's loopback (allowed port).
+    host_service.settimeout(10)
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2])),"
+         " timeout=10); s.sendall(b'from the guest'); s.shutdown(socket.SHUT_WR); "
+         "print(s.recv(100).decode())", str(GATEWAY), str(service_port)],
+        stdout=subprocess.PIPE, text=True)
+    conn, _ = host_service.accept()
+    with conn:
+        conn.settimeout(10)
+        assert conn.recv(100) == b"from the guest"
+        conn.sendall(b"hello from the host")
+    out, _ = client.communicate(timeout=20)
+    assert out.strip() == "hello from the host"
+    # A port not on the allow-list: refused (an RST), counted.
+    refused = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import socket, sys\ntry:\n socket.create_connection((sys.argv[1], 9), timeout=5)\n"
+         "except ConnectionRefusedError: print('refused')", str(GATEWAY)],
+        capture_output=True, text=True, timeout=20, check=False)
+    assert refused.stdout.strip() == "refused", refused.stdout + refused.stderr
+    assert net.tcp.dropped["tcp_egress_denied"] == 1

@@ -1,0 +1,69 @@
+"""usernet as one object: link services, UDP and TCP for one guest link.
+
+::
+
+    net = Usernet(LinkConfig(...), send=transport.send, dns_upstream=("127.0.0.1", 53),
+                  egress=(EgressRule(network=IPv4Network("127.0.0.1/32"), port=8080),))
+    transport = TapTransport(fd, net.handle)      # or StreamTransport(net.handle)
+    await net.add_forward("tcp", "127.0.0.1", 0, 7)
+
+Frames from the guest go to :meth:`handle`; the link services answer ARP, ICMP echo and
+DHCP; other IPv4 goes to the UDP or the TCP half. The gateway address stands for this
+host's loopback, reachable only through the egress allow-list (deny by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from sandport.proto.packets.ethernet import EthernetFrame
+from sandport.proto.packets.ipv4 import PROTO_TCP, IPv4Packet
+from sandport.usernet.link import LinkConfig, LinkServices
+from sandport.usernet.tcp import TcpNat
+from sandport.usernet.udp import LOOPBACK, EgressRule, UdpNat
+
+Send = Callable[[list[bytes]], None]
+
+
+class Usernet:
+    """A user-mode network for one guest (see the module docstring)."""
+
+    def __init__(self, config: LinkConfig, send: Send, *,
+                 dns_upstream: tuple[str, int] | None = None,
+                 egress: tuple[EgressRule, ...] = ()) -> None:
+        self.link = LinkServices(config)
+        self.egress = egress
+        self.udp = UdpNat(self.link, send, dns_upstream=dns_upstream, egress=egress)
+        self.tcp = TcpNat(self.link, send, allowed=self._tcp_target)
+        self.link.ipv4_hook = self._ipv4
+
+    def handle(self, frames: list[bytes]) -> list[bytes]:
+        """A batch of guest frames; the frames to send back at once."""
+        return [reply for frame in frames for reply in self.link.handle(frame)]
+
+    def _ipv4(self, eth: EthernetFrame, ip: IPv4Packet) -> list[bytes] | None:
+        if ip.proto == PROTO_TCP:
+            return self.tcp.on_ipv4(eth, ip)
+        return self.udp.on_ipv4(eth, ip)
+
+    def _tcp_target(self, ip: IPv4Address, port: int) -> tuple[str, int] | None:
+        host = LOOPBACK if ip == self.link.config.gateway_ip else ip
+        if any(rule.allows(host, port) for rule in self.egress):
+            return str(host), port
+        return None
+
+    async def add_forward(self, protocol: str, host_ip: str, host_port: int,
+                          guest_port: int) -> int:
+        """Forward ``host_ip:host_port`` (0: a free port) to the guest's ``guest_port``
+        over ``protocol`` (tcp, udp); the bound port."""
+        if protocol == "tcp":
+            return await self.tcp.add_forward(host_ip, host_port, guest_port)
+        if protocol == "udp":
+            return await self.udp.add_forward(host_ip, host_port, guest_port)
+        raise ValueError(f"protocol {protocol!r} is not tcp or udp")
+
+    def close(self) -> None:
+        """Reset every connection, close every flow and listener."""
+        self.tcp.close()
+        self.udp.close()
