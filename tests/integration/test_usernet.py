@@ -205,26 +205,34 @@ def test_dns_through_the_forwarder_and_udp_echo_through_a_forward(
 
 
 @pytest.mark.vm
-def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_udp(
+def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_tcp_and_udp(
         loop_thread: Any, tmp_path: Path) -> None:
     """The echo image on ``-netdev stream`` (no TAP, no bridge): its init's udhcpc gets the
-    lease from usernet, and a host client's datagrams reach its UDP echo through an
-    inbound forward and come back."""
+    lease from usernet, and host clients reach its TCP and UDP echo through usernet's
+    inbound forwards."""
     require_programs("qemu-system-x86_64")
     from sandport.sandbox import images
     from sandport.sandbox.qemu import host_khz
+    from sandport.usernet.stack import Usernet
     from sandport.usernet.stream import StreamTransport, listen_stream
 
     network = ipaddress.IPv4Network("10.201.241.0/24")
     gateway, guest = network.network_address + 1, network.network_address + 20
     image = images.find_image("echo") or images.build_image("echo")
-    link = LinkServices(LinkConfig(gateway_ip=gateway, gateway_mac=GATEWAY_MAC,
-                                   network=network, guest_ip=guest, mtu=1500))
-    stream = StreamTransport(lambda frames: [r for f in frames for r in link.handle(f)])
-    nat = UdpNat(link, stream.send)
+    holder: dict[str, Usernet] = {}
+
+    def handle(frames: list[bytes]) -> list[bytes]:
+        return holder["net"].handle(frames)
+
+    stream = StreamTransport(handle)
+    net = holder["net"] = Usernet(LinkConfig(gateway_ip=gateway, gateway_mac=GATEWAY_MAC,
+                                             network=network, guest_ip=guest, mtu=1500),
+                                  stream.send)
+    link, nat = net.link, net.udp
     sock = tmp_path / "net.sock"
     server = loop_thread.run(listen_stream(sock, stream))
-    port = loop_thread.run(nat.add_forward("127.0.0.1", 0, 7))
+    port = loop_thread.run(net.add_forward("udp", "127.0.0.1", 0, 7))
+    tcp_port = loop_thread.run(net.add_forward("tcp", "127.0.0.1", 0, 7))
     seed = images.seed_archive({images.SEED_ENV: (
         images.seed_env({"SANDPORT_SANDBOX_ID": "usernet1"}), 0o600)})
     initrd = tmp_path / "initrd.cpio"
@@ -260,13 +268,15 @@ def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_udp(
                             got = u.recv(100)
                             break
                 assert got == b"through usernet", (nat.dropped, nat.relayed, link.dropped)
+                payload = os.urandom(300_000)  # many MSS-sized segments at MTU 1500
+                assert _echo(tcp_port, payload) == payload, net.tcp.counters
             finally:
                 qemu.kill()
                 qemu.wait(10)
     finally:
 
         async def stop() -> None:
-            nat.close()
+            net.close()
             server.close()
 
         loop_thread.run(stop())
