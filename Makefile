@@ -25,7 +25,7 @@ test-unit: setup
 	$(BIN)/pytest -m unit -p no:cacheprovider tests
 
 bench: setup
-	$(BIN)/python bench/run.py && $(BIN)/python bench/ws.py && $(BIN)/python bench/ready.py
+	$(BIN)/python bench/run.py && $(BIN)/python bench/ws.py && $(BIN)/python bench/ready.py && $(BIN)/python bench/usernet.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build src/*.egg-info

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # Runtime: Xvnc + openbox desktop, xsetroot/xmessage for the sandbox's face, noVNC.
 # Tests: x11vnc (-storepasswd cross-check), chromium + chromedriver (browser tier),
 # websockify (the peer the bridge is compared with), nftables/iproute2 (hygiene checks).
-# Bench (`make bench`): iperf3 (load), socat and passt (pasta: the forwarders compared with).
+# Bench (`make bench`): iperf3 (load), socat and passt (pasta: the forwarders compared with),
+# slirp4netns (the user-mode stack usernet is compared with).
 # QEMU microVM sandboxes: qemu-system-x86 runs them; busybox-static is their userland and
 # lz4 packs their initramfs (`sandport image build` copies the desktop programs above and
 # socat, the echo image's UDP echo, into the image).
@@ -16,7 +17,7 @@ PACKAGES=(
   tigervnc-standalone-server openbox x11-xserver-utils x11-utils fonts-dejavu-core
   novnc x11vnc chromium chromium-driver websockify
   iproute2 nftables procps python3-venv
-  iperf3 socat passt
+  iperf3 socat passt slirp4netns
   qemu-system-x86 busybox-static lz4
 )
 

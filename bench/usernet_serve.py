@@ -1,0 +1,57 @@
+"""Serve a namespace's TAP with usernet, in a process of its own (for bench/usernet.py).
+
+    python bench/usernet_serve.py NETNS MTU ALLOW_PORT
+
+Creates TAP ``sp-bench-ut`` moved into NETNS as eth0 (10.201.252.2/24 via .1, static),
+allows the guest to reach 127.0.0.1:ALLOW_PORT through the gateway address, prints
+"ready" and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import subprocess
+import sys
+
+import uvloop
+
+from sandport.usernet.link import LinkConfig
+from sandport.usernet.stack import Usernet
+from sandport.usernet.tap import TapTransport, tap_into_netns
+from sandport.usernet.udp import EgressRule
+
+NETWORK = ipaddress.IPv4Network("10.201.252.0/24")
+GATEWAY, GUEST = NETWORK.network_address + 1, NETWORK.network_address + 2
+
+
+async def serve(netns: str, mtu: int, port: int) -> None:
+    fd = await asyncio.to_thread(tap_into_netns, "sp-bench-ut", netns)
+    holder: dict[str, Usernet] = {}
+    def handle(frames: list[bytes]) -> list[bytes]:
+        return holder["net"].handle(frames)
+
+    transport = TapTransport(fd, handle)
+    holder["net"] = Usernet(
+        LinkConfig(gateway_ip=GATEWAY, gateway_mac=bytes.fromhex("52540000fe01"),
+                   network=NETWORK, guest_ip=GUEST, mtu=mtu),
+        transport.send,
+        egress=(EgressRule(network=ipaddress.IPv4Network("127.0.0.1/32"), port=port),))
+    transport.start()
+    for cmd in (["link", "set", "lo", "up"], ["link", "set", "eth0", "mtu", str(mtu), "up"],
+                ["addr", "add", f"{GUEST}/24", "dev", "eth0"],
+                ["route", "add", "default", "via", str(GATEWAY)]):
+        subprocess.run(["ip", "-n", netns, *cmd], check=True)  # noqa: ASYNC221 - set-up
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    holder["net"].close()
+    transport.close()
+
+
+if __name__ == "__main__":
+    uvloop.run(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
