@@ -26,6 +26,7 @@ import pytest
 
 from conftest import record, require_programs, require_root, vm_slot
 from nethelpers import ECHO_SERVER, guest_server
+from sandport.forward.spec import parse_port_spec
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tap import TapTransport, tap_into_netns
 from sandport.usernet.udp import UdpNat
@@ -205,16 +206,22 @@ def test_dns_through_the_forwarder_and_udp_echo_through_a_forward(
 
 
 @pytest.mark.vm
-def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_tcp_and_udp(
-        loop_thread: Any, tmp_path: Path) -> None:
-    """The echo image on ``-netdev stream`` (no TAP, no bridge): its init's udhcpc gets the
-    lease from usernet, and host clients reach its TCP and UDP echo through usernet's
-    inbound forwards."""
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_qemu_guest_on_usernet_gets_a_lease_and_echoes_tcp_and_udp(
+        loop_thread: Any, tmp_path: Path, kind: str) -> None:
+    """The echo image on ``-netdev stream`` or ``-netdev dgram`` (no TAP, no bridge): its
+    init's udhcpc gets the lease from usernet, and host clients reach its TCP and UDP
+    echo through usernet's inbound forwards."""
     require_programs("qemu-system-x86_64")
     from sandport.sandbox import images
     from sandport.sandbox.qemu import host_khz
     from sandport.usernet.stack import Usernet
-    from sandport.usernet.stream import StreamTransport, listen_stream
+    from sandport.usernet.stream import (
+        DgramTransport,
+        StreamTransport,
+        bind_dgram,
+        listen_stream,
+    )
 
     network = ipaddress.IPv4Network("10.201.241.0/24")
     gateway, guest = network.network_address + 1, network.network_address + 20
@@ -224,15 +231,23 @@ def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_tcp_and_udp(
     def handle(frames: list[bytes]) -> list[bytes]:
         return holder["net"].handle(frames)
 
-    stream = StreamTransport(handle)
+    sock, theirs = tmp_path / "net.sock", tmp_path / "qemu.sock"
+    stream: StreamTransport | DgramTransport = StreamTransport(handle) if kind == "stream" \
+        else DgramTransport(handle, theirs)
     net = holder["net"] = Usernet(LinkConfig(gateway_ip=gateway, gateway_mac=GATEWAY_MAC,
                                              network=network, guest_ip=guest, mtu=1500),
                                   stream.send)
     link, nat = net.link, net.udp
-    sock = tmp_path / "net.sock"
-    server = loop_thread.run(listen_stream(sock, stream))
+    server = loop_thread.run(listen_stream(sock, stream)) \
+        if isinstance(stream, StreamTransport) else None
+    if isinstance(stream, DgramTransport):
+        loop_thread.run(bind_dgram(sock, stream))
+    netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}" if kind == "stream" \
+        else (f"dgram,id=n0,local.type=unix,local.path={theirs},"
+              f"remote.type=unix,remote.path={sock}")
     port = loop_thread.run(net.add_forward("udp", "127.0.0.1", 0, 7))
-    tcp_port = loop_thread.run(net.add_forward("tcp", "127.0.0.1", 0, 7))
+    (tcp_mapping,) = parse_port_spec("127.0.0.1:0:7")  # the -p syntax
+    tcp_port = loop_thread.run(net.publish(tcp_mapping))
     seed = images.seed_archive({images.SEED_ENV: (
         images.seed_env({"SANDPORT_SANDBOX_ID": "usernet1"}), 0o600)})
     initrd = tmp_path / "initrd.cpio"
@@ -246,7 +261,7 @@ def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_tcp_and_udp(
                 "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(initrd),
                 "-append", f"{images.KERNEL_CMDLINE} tsc_early_khz={host_khz()} ip=dhcp",
                 "-serial", f"file:{serial}",
-                "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
+                "-netdev", netdev,
                 "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
             ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE)  # fmt: skip
@@ -277,7 +292,10 @@ def test_a_qemu_guest_on_netdev_stream_gets_a_lease_and_echoes_tcp_and_udp(
 
         async def stop() -> None:
             net.close()
-            server.close()
+            if server is not None:
+                server.close()
+            if isinstance(stream, DgramTransport) and stream.transport is not None:
+                stream.transport.close()
 
         loop_thread.run(stop())
 

@@ -6,6 +6,8 @@
                   egress=(EgressRule(network=IPv4Network("127.0.0.1/32"), port=8080),))
     transport = TapTransport(fd, net.handle)      # or StreamTransport(net.handle)
     await net.add_forward("tcp", "127.0.0.1", 0, 7)
+    for mapping in parse_port_spec("10007:7/tcp+udp"):     # or the -p syntax
+        await net.publish(mapping)
 
 Frames from the guest go to :meth:`handle`; the link services answer ARP, ICMP echo and
 DHCP; other IPv4 goes to the UDP or the TCP half. The gateway address stands for this
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
+from sandport.forward.spec import PortMapping
 from sandport.proto.packets.ethernet import EthernetFrame
 from sandport.proto.packets.ipv4 import PROTO_TCP, IPv4Packet
 from sandport.usernet.link import LinkConfig, LinkServices
@@ -62,6 +65,12 @@ class Usernet:
         if protocol == "udp":
             return await self.udp.add_forward(host_ip, host_port, guest_port)
         raise ValueError(f"protocol {protocol!r} is not tcp or udp")
+
+    async def publish(self, mapping: PortMapping) -> int:
+        """A ``-p`` mapping (:func:`sandport.forward.spec.parse_port_spec`, one protocol
+        each); the bound host port."""
+        return await self.add_forward(mapping.protocol, mapping.host_ip, mapping.host_port,
+                                      mapping.guest_port)
 
     def close(self) -> None:
         """Reset every connection, close every flow and listener."""

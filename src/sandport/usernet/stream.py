@@ -1,4 +1,5 @@
-"""QEMU's ``-netdev stream`` transport: Ethernet frames on a Unix stream socket.
+"""QEMU's ``-netdev stream`` and ``-netdev dgram`` transports: Ethernet frames on Unix
+sockets (the dgram one: :class:`DgramTransport`, one frame per datagram).
 
 Each frame is preceded by its length as a 4-byte big-endian number (no FCS, no vnet
 header). QEMU connects as the client (``server=off``), so usernet listens first::
@@ -15,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 from pathlib import Path
 
 from sandport.usernet.tap import Handler
@@ -86,3 +88,63 @@ async def listen_stream(path: Path, transport: StreamTransport) -> asyncio.Serve
         path.unlink()  # noqa: ASYNC240 - a local socket file, instant
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(lambda: transport, str(path))
+
+
+class DgramTransport(asyncio.DatagramProtocol):
+    """QEMU's ``-netdev dgram`` over Unix datagram sockets: one frame per datagram.
+
+    usernet binds ``ours`` and sends to QEMU's socket ``theirs``::
+
+        -netdev dgram,id=n0,local.type=unix,local.path=<theirs>,
+                remote.type=unix,remote.path=<ours>
+    """
+
+    def __init__(self, handler: Handler, theirs: Path) -> None:
+        self._handler = handler
+        self.theirs = str(theirs)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if not data or len(data) > MAX_FRAME:
+            self.errors["bad_length"] += 1
+            return
+        self.frames_in += 1
+        try:
+            replies = self._handler([data])
+        except Exception:  # the stack must never die of one frame
+            log.exception("usernet: handler failed on a frame")
+            self.errors["handler"] += 1
+            return
+        self.send(replies)
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors[f"tx_{type(exc).__name__}"] += 1  # QEMU not (yet) there: a lost frame
+
+    def send(self, frames: list[bytes]) -> None:
+        """One datagram per frame to QEMU's socket."""
+        if self.transport is None:
+            self.errors["tx_no_socket"] += len(frames)
+            return
+        for frame in frames:
+            self.transport.sendto(frame, self.theirs)
+            self.frames_out += 1
+
+
+async def bind_dgram(ours: Path, transport: DgramTransport) -> None:
+    """Bind ``ours`` (QEMU's ``remote.path``) for ``transport``."""
+    with contextlib.suppress(FileNotFoundError):
+        ours.unlink()  # noqa: ASYNC240 - a local socket file, instant
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # uvloop takes no path here
+    try:
+        sock.bind(str(ours))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: transport, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
