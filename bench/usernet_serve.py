@@ -17,10 +17,10 @@ import sys
 
 import uvloop
 
+from sandport.usernet.egress import EgressRule
 from sandport.usernet.link import LinkConfig
 from sandport.usernet.stack import Usernet
 from sandport.usernet.tap import TapTransport, tap_into_netns
-from sandport.usernet.udp import EgressRule
 
 NETWORK = ipaddress.IPv4Network("10.201.252.0/24")
 GATEWAY, GUEST = NETWORK.network_address + 1, NETWORK.network_address + 2

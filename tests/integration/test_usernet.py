@@ -306,8 +306,8 @@ def stack_netns(loop_thread: Any, dns: DnsServer) -> Iterator[tuple[str, Any, An
     service of the test's own on the host's loopback, allowed as egress."""
     require_root()
     require_programs("busybox")
+    from sandport.usernet.egress import EgressRule
     from sandport.usernet.stack import Usernet
-    from sandport.usernet.udp import EgressRule
 
     host_service = socket.socket()
     host_service.bind(("127.0.0.1", 0))

@@ -114,15 +114,12 @@ class LiveSandbox:
         return None
 
 
-#: What an access token can open: ``ws`` the WebSocket bridge, ``http`` the desktop page.
-KINDS = ("ws", "http")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Grant:
     """An extra access token of one sandbox, valid until ``expires_at`` (Unix time).
 
-    ``ports`` (names or numbers) and ``kinds`` (:data:`KINDS`) limit it; empty: all.
+    ``ports`` (names or numbers) and ``kinds`` (``ws``: the WebSocket bridge, ``http``:
+    the desktop page) limit it; empty: all.
     """
 
     id: str
@@ -203,7 +200,7 @@ def authorise(
     """Check sandbox, token, port, the token's scope and readiness, in that order.
 
     Returns the sandbox, the port (when asked for one) and the id of the access token
-    that opened it ("" for the sandbox's own). ``kind`` is what is opened (:data:`KINDS`).
+    that opened it ("" for the sandbox's own). ``kind`` is what is opened (ws, http).
     """
     sb = registry.lookup(sandbox_id)
     if sb is None:

@@ -134,10 +134,9 @@ GUEST_MODULE_DIR = "/usr/lib/sandport/modules"
 #: The prefix of every line /init writes for the backend.
 MARKER = "SANDPORT-GUEST"
 SEED_ENV = "/etc/sandport/seed.env"
-#: The guest agent in the desktop image (``sandport/agent.py``, stdlib only), and its port.
+#: The guest agent in the desktop image (``sandport/agent.py``, stdlib only; on AGENT_PORT).
 GUEST_AGENT = "/usr/lib/sandport/agent.py"
 AGENT_SOURCE = Path(__file__).resolve().parent.parent / "agent.py"
-GUEST_AGENT_PORT = AGENT_PORT
 SEED_VNC_PASSWORD = "/etc/sandport/vncpasswd"  # noqa: S105 - a path, not a password
 ECHO_PORT = 7
 HTTP_PORT = 80
@@ -697,7 +696,7 @@ def init_script(profile: str) -> str:
         "SEED_VNC_PASSWORD": SEED_VNC_PASSWORD, "ECHO_PORT": str(ECHO_PORT),
         "HTTP_PORT": str(HTTP_PORT), "DISPLAY": str(VNC_DISPLAY), "VNC_PORT": str(VNC_PORT),
         "GEOMETRY": f"{width}x{height}", "BLACKLIST": str(XVNC_BLACKLIST_THRESHOLD),
-        "AGENT_PORT": str(GUEST_AGENT_PORT), "GUEST_AGENT": GUEST_AGENT,
+        "AGENT_PORT": str(AGENT_PORT), "GUEST_AGENT": GUEST_AGENT,
     }
     for name, value in values.items():
         body = body.replace(f"@{name}@", value)

@@ -27,6 +27,7 @@ to ``ciaddr`` if the client already has an address (renewal), otherwise unicast 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import struct
 from collections.abc import Callable
@@ -295,6 +296,29 @@ class LinkServices:
         packet = IPv4Packet(src=src_ip, dst=dst_ip, proto=PROTO_UDP, payload=segment)
         self.handled[{DHCPOFFER: "dhcp_offer", DHCPACK: "dhcp_ack"}.get(kind, "dhcp_nak")] += 1
         return self._eth(dst_mac, ETH_IPV4, packet.build())
+
+    # -- for the NAT halves (UDP, TCP) ----------------------------------------------------
+
+    def to_guest_frame(self, src: IPv4Address, proto: int, segment: bytes) -> bytes | None:
+        """An IPv4 packet from ``src`` to the guest carrying ``segment``, framed for the
+        guest's MAC; None while that MAC is unknown (counted as ``guest_mac_unknown``).
+
+        Raises:
+            ValueError: the packet would be larger than IPv4 allows.
+        """
+        if self.guest_mac is None:
+            self.dropped["guest_mac_unknown"] += 1
+            return None
+        packet = IPv4Packet(src=src, dst=self.config.guest_ip, proto=proto, payload=segment)
+        return self._eth(self.guest_mac, ETH_IPV4, packet.build())
+
+    def guest_view(self, host: str) -> IPv4Address:
+        """The address the guest sees a host client at: its own address, or the gateway
+        address for a loopback (or IPv6) client, which the guest could not answer."""
+        ip = ipaddress.ip_address(host)
+        if ip.is_loopback or not isinstance(ip, IPv4Address):
+            return self.config.gateway_ip
+        return ip
 
     def _eth(self, dst: bytes, ethertype: int, payload: bytes) -> bytes:
         src = self.config.gateway_mac

@@ -17,14 +17,14 @@ host's loopback, reachable only through the egress allow-list (deny by default).
 from __future__ import annotations
 
 from collections.abc import Callable
-from ipaddress import IPv4Address
 
 from sandport.forward.spec import PortMapping
 from sandport.proto.packets.ethernet import EthernetFrame
 from sandport.proto.packets.ipv4 import PROTO_TCP, IPv4Packet
+from sandport.usernet.egress import EgressRule
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tcp import TcpNat
-from sandport.usernet.udp import LOOPBACK, EgressRule, UdpNat
+from sandport.usernet.udp import UdpNat
 
 Send = Callable[[list[bytes]], None]
 
@@ -36,9 +36,8 @@ class Usernet:
                  dns_upstream: tuple[str, int] | None = None,
                  egress: tuple[EgressRule, ...] = ()) -> None:
         self.link = LinkServices(config)
-        self.egress = egress
         self.udp = UdpNat(self.link, send, dns_upstream=dns_upstream, egress=egress)
-        self.tcp = TcpNat(self.link, send, allowed=self._tcp_target)
+        self.tcp = TcpNat(self.link, send, allowed=self.udp.egress.target)
         self.link.ipv4_hook = self._ipv4
 
     def handle(self, frames: list[bytes]) -> list[bytes]:
@@ -49,12 +48,6 @@ class Usernet:
         if ip.proto == PROTO_TCP:
             return self.tcp.on_ipv4(eth, ip)
         return self.udp.on_ipv4(eth, ip)
-
-    def _tcp_target(self, ip: IPv4Address, port: int) -> tuple[str, int] | None:
-        host = LOOPBACK if ip == self.link.config.gateway_ip else ip
-        if any(rule.allows(host, port) for rule in self.egress):
-            return str(host), port
-        return None
 
     async def add_forward(self, protocol: str, host_ip: str, host_port: int,
                           guest_port: int) -> int:

@@ -13,30 +13,25 @@ stack at once, and the stack's replies go out in one write.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
 from pathlib import Path
 
-from sandport.usernet.tap import Handler
+from sandport.usernet.transport import MAX_FRAME, FrameTransport, Handler
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 65536 + 14
 LENGTH = 4
 
 
-class StreamTransport(asyncio.Protocol):
+class StreamTransport(FrameTransport, asyncio.Protocol):
     """One QEMU connection: length-prefixed frames in, replies out."""
 
     def __init__(self, handler: Handler) -> None:
-        self._handler = handler
+        super().__init__(handler)
         self._buf = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.frames_in = 0
-        self.frames_out = 0
-        self.errors: collections.Counter[str] = collections.Counter()
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,16 +52,7 @@ class StreamTransport(asyncio.Protocol):
                 break
             frames.append(bytes(self._buf[LENGTH:LENGTH + size]))
             del self._buf[:LENGTH + size]
-        if not frames:
-            return
-        self.frames_in += len(frames)
-        try:
-            replies = self._handler(frames)
-        except Exception:  # the stack must never die of one batch
-            log.exception("usernet: handler failed on a batch of %d frames", len(frames))
-            self.errors["handler"] += 1
-            return
-        self.send(replies)
+        self.deliver(frames)
 
     def send(self, frames: list[bytes]) -> None:
         """Write frames to QEMU (dropped while no QEMU is connected, as on a cable)."""
@@ -90,7 +76,7 @@ async def listen_stream(path: Path, transport: StreamTransport) -> asyncio.Serve
     return await loop.create_unix_server(lambda: transport, str(path))
 
 
-class DgramTransport(asyncio.DatagramProtocol):
+class DgramTransport(FrameTransport, asyncio.DatagramProtocol):
     """QEMU's ``-netdev dgram`` over Unix datagram sockets: one frame per datagram.
 
     usernet binds ``ours`` and sends to QEMU's socket ``theirs``::
@@ -100,12 +86,9 @@ class DgramTransport(asyncio.DatagramProtocol):
     """
 
     def __init__(self, handler: Handler, theirs: Path) -> None:
-        self._handler = handler
+        super().__init__(handler)
         self.theirs = str(theirs)
         self.transport: asyncio.DatagramTransport | None = None
-        self.frames_in = 0
-        self.frames_out = 0
-        self.errors: collections.Counter[str] = collections.Counter()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -114,14 +97,7 @@ class DgramTransport(asyncio.DatagramProtocol):
         if not data or len(data) > MAX_FRAME:
             self.errors["bad_length"] += 1
             return
-        self.frames_in += 1
-        try:
-            replies = self._handler([data])
-        except Exception:  # the stack must never die of one frame
-            log.exception("usernet: handler failed on a frame")
-            self.errors["handler"] += 1
-            return
-        self.send(replies)
+        self.deliver([data])
 
     def error_received(self, exc: Exception) -> None:
         self.errors[f"tx_{type(exc).__name__}"] += 1  # QEMU not (yet) there: a lost frame

@@ -12,25 +12,22 @@ whole batch to the stack, then writes every reply.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import logging
 import os
 import struct
-from collections.abc import Callable
 
 from pyroute2 import IPRoute
+
+from sandport.usernet.transport import MAX_FRAME, FrameTransport, Handler
 
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-MAX_FRAME = 65536 + 14  # the largest frame at MTU 65520 fits
 BATCH = 64  # frames per wakeup at most, so one busy guest cannot starve the loop
-
-Handler = Callable[[list[bytes]], list[bytes]]
 
 
 def open_tap(name: str) -> int:
@@ -57,15 +54,12 @@ def tap_into_netns(name: str, netns: str, guest_name: str = "eth0") -> int:
     return fd
 
 
-class TapTransport:
+class TapTransport(FrameTransport):
     """Reads frame batches from a TAP fd into ``handler``; writes its replies back."""
 
     def __init__(self, fd: int, handler: Handler) -> None:
+        super().__init__(handler)
         self.fd = fd
-        self._handler = handler
-        self.frames_in = 0
-        self.frames_out = 0
-        self.errors: collections.Counter[str] = collections.Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -97,16 +91,7 @@ class TapTransport:
             if not frame:
                 break
             batch.append(frame)
-        if not batch:
-            return
-        self.frames_in += len(batch)
-        try:
-            replies = self._handler(batch)
-        except Exception:  # the stack must never die of one batch
-            log.exception("usernet: handler failed on a batch of %d frames", len(batch))
-            self.errors["handler"] += 1
-            return
-        self.send(replies)
+        self.deliver(batch)
 
     def close(self) -> None:
         """Stop serving and close the fd (the device goes away with it)."""

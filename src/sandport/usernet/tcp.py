@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from ipaddress import IPv4Address
 from typing import cast
 
 from sandport.proto.packets.errors import MalformedFrame
-from sandport.proto.packets.ethernet import ETH_IPV4, EthernetFrame
+from sandport.proto.packets.ethernet import EthernetFrame
 from sandport.proto.packets.ipv4 import PROTO_TCP, IPv4Packet
 from sandport.proto.packets.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 from sandport.usernet.link import LinkServices
@@ -394,15 +393,10 @@ class TcpNat:
 
     def to_guest(self, peer_ip: IPv4Address, seg: TcpSegment) -> None:
         """Frame a segment from ``peer_ip`` to the guest and send it."""
-        cfg = self.link.config
-        mac = self.link.guest_mac
-        if mac is None:
-            self.dropped["guest_mac_unknown"] += 1
-            return
-        packet = IPv4Packet(src=peer_ip, dst=cfg.guest_ip, proto=PROTO_TCP,
-                            payload=seg.build(peer_ip, cfg.guest_ip)).build()
-        self._send([EthernetFrame(dst=mac, src=cfg.gateway_mac, ethertype=ETH_IPV4,
-                                  payload=packet).build()])
+        frame = self.link.to_guest_frame(
+            peer_ip, PROTO_TCP, seg.build(peer_ip, self.link.config.guest_ip))
+        if frame is not None:
+            self._send([frame])
 
     # -- inbound forwards -------------------------------------------------------------
 
@@ -422,10 +416,7 @@ class TcpNat:
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 t = cast(asyncio.Transport, transport)
                 host, port = t.get_extra_info("peername")[:2]
-                ip = ipaddress.ip_address(host)
-                seen = nat.link.config.gateway_ip \
-                    if ip.is_loopback or not isinstance(ip, IPv4Address) else ip
-                key: GuestKey = (guest_port, seen, int(port))
+                key: GuestKey = (guest_port, nat.link.guest_view(host), int(port))
                 if key in nat.flows or len(nat.flows) >= MAX_FLOWS:
                     nat.dropped["tcp_forward_refused"] += 1
                     t.abort()

@@ -21,18 +21,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from typing import cast
 
 from sandport.proto.packets.errors import MalformedFrame
-from sandport.proto.packets.ethernet import ETH_IPV4, EthernetFrame
+from sandport.proto.packets.ethernet import EthernetFrame
 from sandport.proto.packets.ipv4 import PROTO_UDP, IPv4Packet
 from sandport.proto.packets.udp import UdpDatagram
+from sandport.usernet.egress import Egress, EgressRule
 from sandport.usernet.link import LinkServices
 
 log = logging.getLogger(__name__)
@@ -41,22 +41,9 @@ DNS_PORT = 53
 IDLE_TIMEOUT = 60.0
 MAX_FLOWS = 4096
 MAX_PENDING = 64  # datagrams queued while a flow's socket opens
-LOOPBACK = IPv4Address("127.0.0.1")
 
 Send = Callable[[list[bytes]], None]
 GuestKey = tuple[int, IPv4Address, int]  # guest port, peer address, peer port (guest's view)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EgressRule:
-    """Guest traffic to ``network`` (and ``port``, if given) may leave this host."""
-
-    network: IPv4Network
-    port: int | None = None
-
-    def allows(self, ip: IPv4Address, port: int) -> bool:
-        """True if ``ip:port`` matches."""
-        return ip in self.network and (self.port is None or self.port == port)
 
 
 @dataclass(slots=True)
@@ -106,7 +93,8 @@ class UdpNat:
                  egress: tuple[EgressRule, ...] = (),
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.link, self._send = link, send
-        self.dns_upstream, self.egress, self.idle_timeout = dns_upstream, egress, idle_timeout
+        self.dns_upstream, self.idle_timeout = dns_upstream, idle_timeout
+        self.egress = Egress(link.config.gateway_ip, egress)
         self.flows: dict[GuestKey, _Flow] = {}
         self.listeners: list[_Listener] = []
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -158,15 +146,10 @@ class UdpNat:
         return []
 
     def _target(self, ip: IPv4Address, port: int) -> tuple[str, int] | None:
-        cfg = self.link.config
-        if ip == cfg.gateway_ip:
-            if port == DNS_PORT and self.dns_upstream is not None:
-                return self.dns_upstream
-            return (str(LOOPBACK), port) if self._allowed(LOOPBACK, port) else None
-        return (str(ip), port) if self._allowed(ip, port) else None
-
-    def _allowed(self, ip: IPv4Address, port: int) -> bool:
-        return any(rule.allows(ip, port) for rule in self.egress)
+        if ip == self.link.config.gateway_ip and port == DNS_PORT and \
+                self.dns_upstream is not None:
+            return self.dns_upstream
+        return self.egress.target(ip, port)
 
     def _open(self, key: GuestKey, view: tuple[IPv4Address, int],
               target: tuple[str, int]) -> _Flow:
@@ -191,23 +174,16 @@ class UdpNat:
 
     def to_guest(self, guest_port: int, source: tuple[IPv4Address, int], data: bytes) -> None:
         """Send ``data`` to the guest's ``guest_port`` from ``source``."""
-        cfg = self.link.config
-        mac = self.link.guest_mac
-        if mac is None:
-            self.dropped["guest_mac_unknown"] += 1
-            return
         try:
             segment = UdpDatagram(sport=source[1], dport=guest_port,
-                                  payload=data).build(source[0], cfg.guest_ip)
-            packet = IPv4Packet(src=source[0], dst=cfg.guest_ip, proto=PROTO_UDP,
-                                payload=segment).build()
+                                  payload=data).build(source[0], self.link.config.guest_ip)
+            frame = self.link.to_guest_frame(source[0], PROTO_UDP, segment)
         except ValueError:
             self.dropped["udp_too_large"] += 1
             return
-        frame = EthernetFrame(dst=mac, src=cfg.gateway_mac, ethertype=ETH_IPV4,
-                              payload=packet).build()
-        self.relayed["to_guest"] += 1
-        self._send([frame])
+        if frame is not None:
+            self.relayed["to_guest"] += 1
+            self._send([frame])
 
     # -- inbound forwards -------------------------------------------------------------------
 
@@ -224,10 +200,7 @@ class UdpNat:
 
     def from_client(self, listener: _Listener, data: bytes, client: tuple[str, int]) -> None:
         """A host client's datagram to a forward: on to the guest, from the client."""
-        cfg = self.link.config
-        ip = ipaddress.ip_address(client[0])
-        seen = cfg.gateway_ip if ip.is_loopback or not isinstance(ip, IPv4Address) else ip
-        port = client[1]
+        seen, port = self.link.guest_view(client[0]), client[1]
         key: GuestKey = (listener.guest_port, seen, port)
         flow = self.flows.get(key)
         if flow is not None and flow.client not in (None, client):

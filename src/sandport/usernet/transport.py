@@ -1,0 +1,41 @@
+"""What every usernet transport (TAP, QEMU stream, QEMU dgram) shares: hand each batch of
+guest frames to the stack, send the replies back, count what went wrong."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: Guest frames in, frames to send back out (the stack: ``Usernet.handle``).
+Handler = Callable[[list[bytes]], list[bytes]]
+MAX_FRAME = 65536 + 14  # the largest frame at MTU 65520 fits
+
+
+class FrameTransport:
+    """A batch of frames from the guest goes to ``handler``; its replies to :meth:`send`."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self.frames_in = 0
+        self.frames_out = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def deliver(self, frames: list[bytes]) -> None:
+        """Hand ``frames`` to the stack and send what it answers."""
+        if not frames:
+            return
+        self.frames_in += len(frames)
+        try:
+            replies = self._handler(frames)
+        except Exception:  # the stack must never die of one batch
+            log.exception("usernet: handler failed on a batch of %d frames", len(frames))
+            self.errors["handler"] += 1
+            return
+        self.send(replies)
+
+    def send(self, frames: list[bytes]) -> None:
+        """Write frames to the guest."""
+        raise NotImplementedError
