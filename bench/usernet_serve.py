@@ -1,10 +1,10 @@
 """Serve a namespace's TAP with usernet, in a process of its own (for bench/usernet.py).
 
-    python bench/usernet_serve.py NETNS MTU ALLOW_PORT
+    python bench/usernet_serve.py NETNS MTU ALLOW_PORT [offload|plain]
 
 Creates TAP ``sp-bench-ut`` moved into NETNS as eth0 (10.201.252.2/24 via .1, static),
-allows the guest to reach 127.0.0.1:ALLOW_PORT through the gateway address, prints
-"ready" and serves until SIGTERM.
+with offloads (the default) or plain frames, allows the guest to reach
+127.0.0.1:ALLOW_PORT through the gateway address, prints "ready" and serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ NETWORK = ipaddress.IPv4Network("10.201.252.0/24")
 GATEWAY, GUEST = NETWORK.network_address + 1, NETWORK.network_address + 2
 
 
-async def serve(netns: str, mtu: int, port: int) -> None:
-    fd = await asyncio.to_thread(tap_into_netns, "sp-bench-ut", netns)
+async def serve(netns: str, mtu: int, port: int, offload: bool) -> None:
+    fd = await asyncio.to_thread(tap_into_netns, "sp-bench-ut", netns, offload=offload)
     holder: dict[str, Usernet] = {}
     def handle(frames: list[bytes]) -> list[bytes]:
         return holder["net"].handle(frames)
@@ -36,7 +36,7 @@ async def serve(netns: str, mtu: int, port: int) -> None:
     holder["net"] = Usernet(
         LinkConfig(gateway_ip=GATEWAY, gateway_mac=bytes.fromhex("52540000fe01"),
                    network=NETWORK, guest_ip=GUEST, mtu=mtu),
-        transport.send,
+        transport.send, vnet=transport.vnet,
         egress=(EgressRule(network=ipaddress.IPv4Network("127.0.0.1/32"), port=port),))
     transport.start()
     for cmd in (["link", "set", "lo", "up"], ["link", "set", "eth0", "mtu", str(mtu), "up"],
@@ -54,4 +54,5 @@ async def serve(netns: str, mtu: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    mode = sys.argv[4] if len(sys.argv) > 4 else "offload"
+    uvloop.run(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), mode == "offload"))

@@ -594,3 +594,47 @@ def test_fuzz_tcp_random_bytes(data: bytes) -> None:
 @FUZZ
 def test_fuzz_tcp_mutated(data: bytes) -> None:
     _tcp_parse_round_trip(data)
+
+
+# -- the virtio-net header of a TAP with offloads ---------------------------------------------
+
+from sandport.proto.packets.vnet import (  # noqa: E402 - this part's own imports
+    GSO_TCPV4,
+    NEEDS_CSUM,
+    PLAIN,
+    VnetHeader,
+)
+
+
+def test_vnet_header_layout_is_virtio_legacy_little_endian() -> None:
+    # struct virtio_net_hdr (virtio 1.x section 5.1.6): u8 flags, u8 gso_type, then
+    # le16 hdr_len, gso_size, csum_start, csum_offset.
+    header = VnetHeader(NEEDS_CSUM, GSO_TCPV4, 54, 1460, 34, 16)
+    wire = struct.pack("<BBHHHH", 1, 1, 54, 1460, 34, 16)
+    assert header.build() == wire and bytes(10) == PLAIN
+    assert VnetHeader.parse(wire + bytes(60)) == header
+    assert VnetHeader.parse(PLAIN) == VnetHeader()
+    with pytest.raises(ValueError, match="out of range"):
+        VnetHeader(gso_size=1 << 16).build()
+
+
+VNET_BAD = [
+    Bad("vnet-short", VnetHeader.parse, bytes(9), "vnet_short"),
+    Bad("vnet-csum-past-frame", VnetHeader.parse,
+        struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 16) + bytes(51), "vnet_bad_csum"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", VNET_BAD, ids=[c.id for c in VNET_BAD])
+def test_vnet_malformed(case: Bad) -> None:
+    with pytest.raises(MalformedFrame) as exc:
+        case.parser(case.wire)
+    assert exc.value.reason == case.reason
+
+
+@given(st.binary(max_size=80))
+@FUZZ
+def test_fuzz_vnet_header(data: bytes) -> None:
+    with contextlib.suppress(MalformedFrame):
+        header = VnetHeader.parse(data)
+        assert header.build() == data[:10]

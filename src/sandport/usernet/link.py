@@ -148,15 +148,22 @@ class LinkServices:
         self.guest_mac: bytes | None = None
         self.dropped: collections.Counter[str] = collections.Counter()
         self.handled: collections.Counter[str] = collections.Counter()
-        #: IPv4 these services do not answer goes here (NAT, forwards); it returns the
-        #: frames to send, or None: not its business either (then counted as unhandled).
-        self.ipv4_hook: Callable[[EthernetFrame, IPv4Packet], list[bytes] | None] | None = None
+        #: IPv4 these services do not answer goes here (NAT, forwards), with the frame's
+        #: ``offloaded`` flag; it returns the frames to send, or None: not its business
+        #: either (then counted as unhandled).
+        self.ipv4_hook: Callable[[EthernetFrame, IPv4Packet, bool], list[bytes] | None] | \
+            None = None
+        #: What goes before every frame to the guest: a plain virtio-net header on a TAP
+        #: with offloads (`sandport.proto.packets.vnet`), else nothing.
+        self.frame_prefix = b""
 
-    def handle(self, frame: bytes) -> list[bytes]:
+    def handle(self, frame: bytes, *, offloaded: bool = False) -> list[bytes]:
         """Process one Ethernet frame from the guest.
 
         Args:
             frame: The frame, without FCS.
+            offloaded: The guest's kernel left the TCP/UDP checksum to the device (a TAP
+                with offloads): it is not verified.
 
         Returns:
             Frames to send to the guest, in order; empty if the frame needs no answer or
@@ -173,7 +180,7 @@ class LinkServices:
             if eth.ethertype == ETH_ARP:
                 return self._arp(ArpPacket.parse(eth.payload))
             if eth.ethertype == ETH_IPV4:
-                return self._ipv4(eth, IPv4Packet.parse(eth.payload))
+                return self._ipv4(eth, IPv4Packet.parse(eth.payload), offloaded)
             return self._drop("unsupported_ethertype")
         except MalformedFrame as exc:
             logger.debug("dropped frame from the guest: %s", exc)
@@ -202,15 +209,15 @@ class LinkServices:
 
     # -- IPv4 ------------------------------------------------------------------------------
 
-    def _ipv4(self, eth: EthernetFrame, ip: IPv4Packet) -> list[bytes]:
+    def _ipv4(self, eth: EthernetFrame, ip: IPv4Packet, offloaded: bool) -> list[bytes]:
         if ip.proto == PROTO_UDP and ip.dst in (_LIMITED_BROADCAST, self.config.gateway_ip):
-            udp = UdpDatagram.parse(ip.payload, ip.src, ip.dst)
+            udp = UdpDatagram.parse(ip.payload, ip.src, ip.dst, verify_checksum=not offloaded)
             if udp.dport == DHCP_SERVER_PORT:
                 return self._dhcp(DhcpMessage.parse(udp.payload))
         elif ip.proto == PROTO_ICMP and ip.dst == self.config.gateway_ip:
             return self._icmp(eth, ip, IcmpEcho.parse(ip.payload))
         if self.ipv4_hook is not None:
-            out = self.ipv4_hook(eth, ip)
+            out = self.ipv4_hook(eth, ip, offloaded)
             if out is not None:
                 return out
         return self._drop("unhandled_ipv4")
@@ -322,4 +329,5 @@ class LinkServices:
 
     def _eth(self, dst: bytes, ethertype: int, payload: bytes) -> bytes:
         src = self.config.gateway_mac
-        return EthernetFrame(dst=dst, src=src, ethertype=ethertype, payload=payload).build()
+        frame = EthernetFrame(dst=dst, src=src, ethertype=ethertype, payload=payload).build()
+        return self.frame_prefix + frame if self.frame_prefix else frame

@@ -12,6 +12,11 @@
 Frames from the guest go to :meth:`handle`; the link services answer ARP, ICMP echo and
 DHCP; other IPv4 goes to the UDP or the TCP half. The gateway address stands for this
 host's loopback, reachable only through the egress allow-list (deny by default).
+
+On a TAP opened with offloads (``TapTransport.vnet``) every frame both ways starts with a
+virtio-net header (`sandport.proto.packets.vnet`); pass ``vnet=True`` so the stack reads
+and writes it: the guest's kernel then leaves checksums to us and sends TCP in 64 KiB
+segments, and so do we.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sandport.forward.spec import PortMapping
+from sandport.proto.packets.errors import MalformedFrame
 from sandport.proto.packets.ethernet import EthernetFrame
 from sandport.proto.packets.ipv4 import PROTO_TCP, IPv4Packet
+from sandport.proto.packets.vnet import NEEDS_CSUM, PLAIN, VnetHeader
 from sandport.usernet.egress import EgressRule
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tcp import TcpNat
 from sandport.usernet.udp import UdpNat
 
 Send = Callable[[list[bytes]], None]
+PLAIN_LEN = len(PLAIN)
 
 
 class Usernet:
@@ -34,20 +42,39 @@ class Usernet:
 
     def __init__(self, config: LinkConfig, send: Send, *,
                  dns_upstream: tuple[str, int] | None = None,
-                 egress: tuple[EgressRule, ...] = ()) -> None:
+                 egress: tuple[EgressRule, ...] = (), vnet: bool = False) -> None:
         self.link = LinkServices(config)
         self.udp = UdpNat(self.link, send, dns_upstream=dns_upstream, egress=egress)
-        self.tcp = TcpNat(self.link, send, allowed=self.udp.egress.target)
+        self.tcp = TcpNat(self.link, send, allowed=self.udp.egress.target, vnet=vnet)
         self.link.ipv4_hook = self._ipv4
+        self.vnet = vnet
+        if vnet:
+            self.link.frame_prefix = PLAIN
 
     def handle(self, frames: list[bytes]) -> list[bytes]:
-        """A batch of guest frames; the frames to send back at once."""
-        return [reply for frame in frames for reply in self.link.handle(frame)]
+        """A batch of guest frames; the frames to send back at once (segments of TCP
+        connections go out through ``send`` at the end of the batch)."""
+        replies: list[bytes] = []
+        fast, link = self.tcp.fast, self.link
+        for frame in frames:
+            offloaded = False
+            data: bytes | memoryview = frame
+            if self.vnet:
+                try:
+                    offloaded = bool(VnetHeader.parse(frame).flags & NEEDS_CSUM)
+                except MalformedFrame as exc:
+                    link.dropped[exc.reason] += 1
+                    continue
+                data = memoryview(frame)[PLAIN_LEN:]  # the frame behind the header
+            if not fast(data, offloaded):
+                replies += link.handle(bytes(data), offloaded=offloaded)
+        self.tcp.flush()
+        return replies
 
-    def _ipv4(self, eth: EthernetFrame, ip: IPv4Packet) -> list[bytes] | None:
+    def _ipv4(self, eth: EthernetFrame, ip: IPv4Packet, offloaded: bool) -> list[bytes] | None:
         if ip.proto == PROTO_TCP:
-            return self.tcp.on_ipv4(eth, ip)
-        return self.udp.on_ipv4(eth, ip)
+            return self.tcp.on_ipv4(eth, ip, offloaded)
+        return self.udp.on_ipv4(eth, ip, offloaded)
 
     async def add_forward(self, protocol: str, host_ip: str, host_port: int,
                           guest_port: int) -> int:

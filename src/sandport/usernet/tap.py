@@ -7,6 +7,13 @@ with us. Whatever the sandbox's kernel sends on ``eth0`` arrives here as frames,
 frames we write appear on its ``eth0`` (the pasta model: no bridge, no veth, no host
 routing). Frames are batched: each wakeup reads until the device is empty and hands the
 whole batch to the stack, then writes every reply.
+
+With ``offload=True`` (the default) the device is opened with ``IFF_VNET_HDR`` and told
+(``TUNSETOFFLOAD``) that we take partial checksums and TCP segmentation: the sandbox's
+kernel stops computing TCP/UDP checksums for us and hands over TCP in segments of up to
+64 KiB whatever the MTU, as it does for QEMU's virtio-net. Every frame both ways then starts
+with a virtio-net header (`sandport.proto.packets.vnet`): give the stack ``vnet=True``
+(`TapTransport.vnet` says which).
 """
 
 from __future__ import annotations
@@ -20,30 +27,48 @@ import struct
 
 from pyroute2 import IPRoute
 
+from sandport.proto.packets.vnet import VNET_HEADER
 from sandport.usernet.transport import MAX_FRAME, FrameTransport, Handler
 
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01  # we take packets with partial checksums
+TUN_F_TSO4 = 0x02  # ... and IPv4 TCP segments larger than the MTU
+IFREQ = struct.Struct("16sH22x")
 BATCH = 64  # frames per wakeup at most, so one busy guest cannot starve the loop
 
 
-def open_tap(name: str) -> int:
-    """A non-blocking fd of a new TAP device ``name`` in this network namespace."""
+def open_tap(name: str, *, offload: bool = True) -> int:
+    """A non-blocking fd of a new TAP device ``name`` in this network namespace (with
+    ``offload``: virtio-net headers, partial checksums and TCP segmentation offload)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(name.encode(), flags))
+        if offload:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
     except OSError:
         os.close(fd)
         raise
     return fd
 
 
-def tap_into_netns(name: str, netns: str, guest_name: str = "eth0") -> int:
+def has_vnet_header(fd: int) -> bool:
+    """Whether the TAP behind ``fd`` puts a virtio-net header before each frame."""
+    buf = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ.size))
+    return bool(IFREQ.unpack(buf)[1] & IFF_VNET_HDR)
+
+
+def tap_into_netns(name: str, netns: str, guest_name: str = "eth0", *,
+                   offload: bool = True) -> int:
     """Make TAP ``name``, move it into ``netns`` as ``guest_name``; return its fd."""
-    fd = open_tap(name)
+    fd = open_tap(name, offload=offload)
     try:
         with IPRoute() as ipr:
             (index,) = ipr.link_lookup(ifname=name)
@@ -60,6 +85,8 @@ class TapTransport(FrameTransport):
     def __init__(self, fd: int, handler: Handler) -> None:
         super().__init__(handler)
         self.fd = fd
+        #: frames both ways carry a virtio-net header (the device has offloads)
+        self.vnet = has_vnet_header(fd)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -82,7 +109,7 @@ class TapTransport(FrameTransport):
         batch: list[bytes] = []
         while len(batch) < BATCH:
             try:
-                frame = os.read(self.fd, MAX_FRAME)
+                frame = os.read(self.fd, MAX_FRAME + VNET_HEADER.size)
             except BlockingIOError:
                 break
             except OSError as exc:

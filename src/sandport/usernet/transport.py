@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 #: Guest frames in, frames to send back out (the stack: ``Usernet.handle``).
 Handler = Callable[[list[bytes]], list[bytes]]
-MAX_FRAME = 65536 + 14  # the largest frame at MTU 65520 fits
+MAX_FRAME = 14 + 0xFFFF  # Ethernet and the largest IPv4 packet (MTU 65520 fits)
 
 
 class FrameTransport:

@@ -105,13 +105,14 @@ class UdpNat:
 
     # -- from the guest ---------------------------------------------------------------------
 
-    def on_ipv4(self, eth: EthernetFrame, ip: IPv4Packet) -> list[bytes] | None:
+    def on_ipv4(self, eth: EthernetFrame, ip: IPv4Packet, offloaded: bool = False
+                ) -> list[bytes] | None:
         """A guest UDP datagram the link services did not answer; None: not UDP."""
         if ip.proto != PROTO_UDP:
             return None
         cfg = self.link.config
         try:
-            udp = UdpDatagram.parse(ip.payload, ip.src, ip.dst)
+            udp = UdpDatagram.parse(ip.payload, ip.src, ip.dst, verify_checksum=not offloaded)
         except MalformedFrame as exc:
             self.dropped[exc.reason] += 1
             return []

@@ -42,6 +42,8 @@ __all__ = [
     "PROTO_UDP",
     "IPv4Packet",
     "checksum",
+    "fold_checksum",
+    "ones_sum",
     "pseudo_header_checksum",
 ]
 
@@ -83,6 +85,23 @@ def checksum(data: bytes) -> int:
     if total == 0 and data.strip(b"\x00"):
         total = 0xFFFF
     return ~total & 0xFFFF
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """The ones' complement sum of ``data`` as 16-bit big-endian words, modulo 0xFFFF
+    (0 stands for both zeros; sums of several parts add up before `fold`).
+
+    ``data`` must start at an even offset of whatever it is part of; an odd final byte is
+    padded with a zero byte.
+    """
+    value = int.from_bytes(data, "big")
+    return (value << 8 if len(data) % 2 else value) % 0xFFFF
+
+
+def fold_checksum(total: int) -> int:
+    """The checksum to store for a sum of `ones_sum` parts (never 0: in ones' complement
+    0xFFFF is the same zero, and UDP reserves 0 for "no checksum")."""
+    return 0xFFFF - total % 0xFFFF
 
 
 def pseudo_header_checksum(src: IPv4Address, dst: IPv4Address, proto: int, segment: bytes) -> int:

@@ -113,8 +113,13 @@ class TcpSegment:
     urgent: int = 0
 
     @classmethod
-    def parse(cls, data: bytes, src: IPv4Address, dst: IPv4Address) -> Self:
+    def parse(cls, data: bytes, src: IPv4Address, dst: IPv4Address, *,
+              verify_checksum: bool = True) -> Self:
         """Parse a segment (a whole IPv4 payload) sent from ``src`` to ``dst``.
+
+        ``verify_checksum=False`` is for segments whose checksum a local kernel left to the
+        device (`sandport.proto.packets.vnet.NEEDS_CSUM`): no wire could have corrupted
+        them, and the field holds only the pseudo-header sum.
 
         Raises:
             MalformedFrame: ``tcp_short`` (under 20 bytes), ``tcp_bad_offset`` (data offset
@@ -129,7 +134,7 @@ class TcpSegment:
         header_length = (off >> 4) * 4
         if not TCP_HEADER.size <= header_length <= len(data):
             raise MalformedFrame("tcp_bad_offset", f"offset {off >> 4}, {len(data)} bytes")
-        if pseudo_header_checksum(src, dst, PROTO_TCP, data) != 0:
+        if verify_checksum and pseudo_header_checksum(src, dst, PROTO_TCP, data) != 0:
             raise MalformedFrame("tcp_bad_checksum")
         mss, wscale, sack_permitted = _parse_options(data[TCP_HEADER.size : header_length])
         if flags & SYN and flags & (FIN | RST):

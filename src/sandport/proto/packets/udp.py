@@ -48,8 +48,11 @@ class UdpDatagram:
     payload: bytes
 
     @classmethod
-    def parse(cls, data: bytes, src: IPv4Address, dst: IPv4Address) -> Self:
+    def parse(cls, data: bytes, src: IPv4Address, dst: IPv4Address, *,
+              verify_checksum: bool = True) -> Self:
         """Parse a datagram (an IPv4 payload) sent from ``src`` to ``dst``.
+
+        ``verify_checksum=False``: as for `TcpSegment.parse` (a checksum left to the device).
 
         Raises:
             MalformedFrame: ``udp_short`` (under 8 bytes), ``udp_bad_length`` (length field
@@ -61,7 +64,7 @@ class UdpDatagram:
         if not UDP_HEADER.size <= length <= len(data):
             raise MalformedFrame("udp_bad_length", f"length {length}, {len(data)} bytes")
         datagram = data[:length]
-        if check and pseudo_header_checksum(src, dst, PROTO_UDP, datagram) != 0:
+        if check and verify_checksum and pseudo_header_checksum(src, dst, PROTO_UDP, datagram) != 0:
             raise MalformedFrame("udp_bad_checksum")
         return cls(sport=sport, dport=dport, payload=bytes(datagram[UDP_HEADER.size :]))
 
