@@ -28,15 +28,10 @@ GATEWAY, GUEST = NETWORK.network_address + 1, NETWORK.network_address + 2
 
 async def serve(netns: str, mtu: int, port: int, offload: bool) -> None:
     fd = await asyncio.to_thread(tap_into_netns, "sp-bench-ut", netns, offload=offload)
-    holder: dict[str, Usernet] = {}
-    def handle(frames: list[bytes]) -> list[bytes]:
-        return holder["net"].handle(frames)
-
-    transport = TapTransport(fd, handle)
-    holder["net"] = Usernet(
-        LinkConfig(gateway_ip=GATEWAY, gateway_mac=bytes.fromhex("52540000fe01"),
-                   network=NETWORK, guest_ip=GUEST, mtu=mtu),
-        transport.send, vnet=transport.vnet,
+    transport = TapTransport(fd)
+    net = Usernet.on(
+        transport, LinkConfig(gateway_ip=GATEWAY, gateway_mac=bytes.fromhex("52540000fe01"),
+                              network=NETWORK, guest_ip=GUEST, mtu=mtu),
         egress=(EgressRule(network=ipaddress.IPv4Network("127.0.0.1/32"), port=port),))
     transport.start()
     for cmd in (["link", "set", "lo", "up"], ["link", "set", "eth0", "mtu", str(mtu), "up"],
@@ -49,7 +44,10 @@ async def serve(netns: str, mtu: int, port: int, offload: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    holder["net"].close()
+    print(f"usernet counters: tcp {dict(net.tcp.counters)}, dropped "  # for a look after a run
+          f"{dict(net.tcp.dropped + net.link.dropped)}, transport {dict(transport.errors)}",
+          file=sys.stderr)
+    net.close()
     transport.close()
 
 

@@ -226,17 +226,12 @@ def test_a_qemu_guest_on_usernet_gets_a_lease_and_echoes_tcp_and_udp(
     network = ipaddress.IPv4Network("10.201.241.0/24")
     gateway, guest = network.network_address + 1, network.network_address + 20
     image = images.find_image("echo") or images.build_image("echo")
-    holder: dict[str, Usernet] = {}
-
-    def handle(frames: list[bytes]) -> list[bytes]:
-        return holder["net"].handle(frames)
-
     sock, theirs = tmp_path / "net.sock", tmp_path / "qemu.sock"
-    stream: StreamTransport | DgramTransport = StreamTransport(handle) if kind == "stream" \
-        else DgramTransport(handle, theirs)
-    net = holder["net"] = Usernet(LinkConfig(gateway_ip=gateway, gateway_mac=GATEWAY_MAC,
-                                             network=network, guest_ip=guest, mtu=1500),
-                                  stream.send)
+    stream: StreamTransport | DgramTransport = StreamTransport() if kind == "stream" \
+        else DgramTransport(theirs)
+    net = Usernet.on(stream, LinkConfig(gateway_ip=gateway, gateway_mac=GATEWAY_MAC,
+                                        network=network, guest_ip=guest))
+    assert net.link.config.mtu == 1500  # the default on QEMU's sockets
     link, nat = net.link, net.udp
     server = loop_thread.run(listen_stream(sock, stream)) \
         if isinstance(stream, StreamTransport) else None
@@ -322,17 +317,12 @@ def stack_netns(request: pytest.FixtureRequest, loop_thread: Any, dns: DnsServer
     holder: dict[str, Any] = {}
     try:
         fd = tap_into_netns(f"sp-u{tag}-t", netns, offload=request.param == "offload")
-
-        def handle(frames: list[bytes]) -> list[bytes]:
-            return list(holder["net"].handle(frames))
-
-        transport = TapTransport(fd, handle)
-        net = Usernet(LinkConfig(gateway_ip=GATEWAY, gateway_mac=GATEWAY_MAC,
-                                 network=NETWORK, guest_ip=GUEST, mtu=65520),
-                      transport.send, dns_upstream=("127.0.0.1", dns.port),
-                      vnet=transport.vnet,
-                      egress=(EgressRule(network=ipaddress.IPv4Network("127.0.0.1/32"),
-                                         port=service_port),))
+        transport = TapTransport(fd)
+        net = Usernet.on(transport, LinkConfig(gateway_ip=GATEWAY, gateway_mac=GATEWAY_MAC,
+                                               network=NETWORK, guest_ip=GUEST),
+                         dns_upstream=("127.0.0.1", dns.port),
+                         egress=(EgressRule(network=ipaddress.IPv4Network("127.0.0.1/32"),
+                                            port=service_port),))
         holder.update(net=net, transport=transport)
 
         async def start() -> None:
@@ -367,7 +357,7 @@ def test_tcp_through_usernet_forwards_and_outbound(stack_netns: Any, tmp_path: P
     import hashlib
 
     netns, net, (host_service, service_port) = stack_netns
-    lease(netns, tmp_path)
+    assert lease(netns, tmp_path)["mtu"] == "65520"  # the default on a TAP
     port = loop_thread.run(net.add_forward("tcp", "127.0.0.1", 0, 7))
     log = tmp_path / "echo.log"
     with guest_server(netns, ECHO_SERVER, str(log)):
@@ -407,7 +397,8 @@ def test_tcp_through_usernet_forwards_and_outbound(stack_netns: Any, tmp_path: P
         took = time.monotonic() - t0
         mode = "with offloads" if net.vnet else "plain"
         record(f"usernet TCP (TAP {mode}, MTU 65520): 256 MiB each way on one connection in "
-               f"{took:.1f} s ({2 * size / took / 1e6:.0f} MB/s both ways together)")
+               f"{took:.1f} s ({2 * size / took / 1e6:.0f} MB/s both ways together, "
+               f"{net.tcp.counters['timeouts']} retransmission timeouts)")
         assert log.read_text().splitlines()[0] == f"tcp {GATEWAY}"  # loopback -> gateway
     # Outbound: from inside, the gateway address is the host's loopback (allowed port).
     host_service.settimeout(10)

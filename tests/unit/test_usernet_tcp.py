@@ -10,6 +10,7 @@ built by those parsers' builders, not by the code under test.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import socket
@@ -362,3 +363,20 @@ def test_usernet_handle_survives_any_batch(vnet: bool, frames: list[bytes],
         flow._cancel_timer()
         net.close()
     run(check)
+
+
+def test_a_stack_on_a_transport_takes_its_mtu_unless_told() -> None:
+    from sandport.usernet.stream import StreamTransport
+
+    unset = LinkConfig(gateway_ip=GW, gateway_mac=GW_MAC, network=CONFIG.network,
+                       guest_ip=GUEST)
+    stream = StreamTransport()
+    net = Usernet.on(stream, unset)
+    assert net.link.config.mtu == 1500 and net.tcp.mss == 1460 and not net.vnet
+    assert stream.handler == net.handle
+    told = Usernet.on(StreamTransport(), dataclasses.replace(unset, mtu=9000))
+    assert told.link.config.mtu == 9000 and told.tcp.mss == 8960
+    assert unset.link_mtu == 1500  # a link without a transport: Ethernet's
+    lonely = StreamTransport()
+    lonely.deliver([b"frame"])  # no stack yet: counted, dropped
+    assert lonely.errors["no_handler"] == 1

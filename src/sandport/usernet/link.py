@@ -72,7 +72,7 @@ from sandport.proto.packets.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Icmp
 from sandport.proto.packets.ipv4 import IPV4_MAX_LENGTH, PROTO_ICMP, PROTO_UDP, IPv4Packet
 from sandport.proto.packets.udp import UdpDatagram
 
-__all__ = ["MAX_FRAME", "LinkConfig", "LinkServices"]
+__all__ = ["DEFAULT_MTU", "MAX_FRAME", "LinkConfig", "LinkServices"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ _LIMITED_BROADCAST: Final = IPv4Address("255.255.255.255")
 _ZERO: Final = IPv4Address(0)
 _TTL: Final = 64
 _MIN_MTU: Final = 68  # RFC 791: every IPv4 host must take 68-byte packets (RFC 2132 9.1)
+#: The link MTU when neither the configuration nor a transport says: Ethernet's.
+DEFAULT_MTU: Final = 1500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +97,9 @@ class LinkConfig:
         network: The link's subnet, e.g. ``10.201.240.0/24``; both addresses lie inside.
         guest_ip: The one address the DHCP server hands out.
         dns_ip: DNS server announced in option 6; ``None`` announces ``gateway_ip``.
-        mtu: Link MTU announced in option 26.
+        mtu: Link MTU announced in option 26; ``None``: the transport's default when the
+            stack is made with `sandport.usernet.stack.Usernet.on` (65520 on a TAP, 1500
+            on QEMU's sockets), else `DEFAULT_MTU`. `link_mtu` is the value in force.
         lease_seconds: Lease time announced in option 51.
 
     Raises:
@@ -109,7 +113,7 @@ class LinkConfig:
     network: IPv4Network
     guest_ip: IPv4Address
     dns_ip: IPv4Address | None = None
-    mtu: int = 1500
+    mtu: int | None = None
     lease_seconds: int = 3600
 
     def __post_init__(self) -> None:
@@ -124,10 +128,15 @@ class LinkConfig:
                 raise ValueError(f"{name} {addr} is not a host address of {self.network}")
         if self.gateway_ip == self.guest_ip:
             raise ValueError(f"gateway_ip and guest_ip are both {self.guest_ip}")
-        if not _MIN_MTU <= self.mtu <= IPV4_MAX_LENGTH:
+        if not _MIN_MTU <= self.link_mtu <= IPV4_MAX_LENGTH:
             raise ValueError(f"mtu {self.mtu} is not in {_MIN_MTU}..{IPV4_MAX_LENGTH}")
         if not 0 < self.lease_seconds < 0xFFFFFFFF:
             raise ValueError(f"lease_seconds {self.lease_seconds} is not in 1..2**32-2")
+
+    @property
+    def link_mtu(self) -> int:
+        """The MTU in force: ``mtu``, or `DEFAULT_MTU`."""
+        return self.mtu if self.mtu is not None else DEFAULT_MTU
 
 
 class LinkServices:
@@ -277,7 +286,7 @@ class LinkServices:
             OPT_SUBNET_MASK: cfg.network.netmask.packed,
             OPT_ROUTER: cfg.gateway_ip.packed,
             OPT_DNS: dns.packed,
-            OPT_MTU: struct.pack("!H", cfg.mtu),
+            OPT_MTU: struct.pack("!H", cfg.link_mtu),
             OPT_BROADCAST: cfg.network.broadcast_address.packed,
         }
         return options

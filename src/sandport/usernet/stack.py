@@ -2,9 +2,10 @@
 
 ::
 
-    net = Usernet(LinkConfig(...), send=transport.send, dns_upstream=("127.0.0.1", 53),
-                  egress=(EgressRule(network=IPv4Network("127.0.0.1/32"), port=8080),))
-    transport = TapTransport(fd, net.handle)      # or StreamTransport(net.handle)
+    transport = TapTransport(tap_into_netns("sp-x-t", "sp-x"))   # or StreamTransport() ...
+    net = Usernet.on(transport, LinkConfig(...), dns_upstream=("127.0.0.1", 53),
+                     egress=(EgressRule(network=IPv4Network("127.0.0.1/32"), port=8080),))
+    transport.start()
     await net.add_forward("tcp", "127.0.0.1", 0, 7)
     for mapping in parse_port_spec("10007:7/tcp+udp"):     # or the -p syntax
         await net.publish(mapping)
@@ -21,7 +22,9 @@ segments, and so do we.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from sandport.forward.spec import PortMapping
 from sandport.proto.packets.errors import MalformedFrame
@@ -31,6 +34,7 @@ from sandport.proto.packets.vnet import NEEDS_CSUM, PLAIN, VnetHeader
 from sandport.usernet.egress import EgressRule
 from sandport.usernet.link import LinkConfig, LinkServices
 from sandport.usernet.tcp import TcpNat
+from sandport.usernet.transport import FrameTransport
 from sandport.usernet.udp import UdpNat
 
 Send = Callable[[list[bytes]], None]
@@ -50,6 +54,18 @@ class Usernet:
         self.vnet = vnet
         if vnet:
             self.link.frame_prefix = PLAIN
+
+    @classmethod
+    def on(cls, transport: FrameTransport, config: LinkConfig, **options: Any) -> Usernet:
+        """A stack serving ``transport``: its frames come here and ours go out through it,
+        with its virtio-net headers if it has them; a link MTU left unset becomes the
+        transport's default (65520 on a TAP, 1500 on QEMU's sockets). ``options``: as
+        for the constructor."""
+        if config.mtu is None:
+            config = dataclasses.replace(config, mtu=transport.default_mtu)
+        net = cls(config, transport.send, vnet=transport.vnet, **options)
+        transport.handler = net.handle
+        return net
 
     def handle(self, frames: list[bytes]) -> list[bytes]:
         """A batch of guest frames; the frames to send back at once (segments of TCP

@@ -28,7 +28,7 @@ LENGTH = 4
 class StreamTransport(FrameTransport, asyncio.Protocol):
     """One QEMU connection: length-prefixed frames in, replies out."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler | None = None) -> None:
         super().__init__(handler)
         self._buf = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -85,7 +85,7 @@ class DgramTransport(FrameTransport, asyncio.DatagramProtocol):
                 remote.type=unix,remote.path=<ours>
     """
 
-    def __init__(self, handler: Handler, theirs: Path) -> None:
+    def __init__(self, theirs: Path, handler: Handler | None = None) -> None:
         super().__init__(handler)
         self.theirs = str(theirs)
         self.transport: asyncio.DatagramTransport | None = None

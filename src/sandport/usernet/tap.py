@@ -82,10 +82,12 @@ def tap_into_netns(name: str, netns: str, guest_name: str = "eth0", *,
 class TapTransport(FrameTransport):
     """Reads frame batches from a TAP fd into ``handler``; writes its replies back."""
 
-    def __init__(self, fd: int, handler: Handler) -> None:
+    #: A TAP is a kernel's own link: no wire, so the largest MTU (as pasta defaults to).
+    default_mtu = 65520
+
+    def __init__(self, fd: int, handler: Handler | None = None) -> None:
         super().__init__(handler)
         self.fd = fd
-        #: frames both ways carry a virtio-net header (the device has offloads)
         self.vnet = has_vnet_header(fd)
         self._loop: asyncio.AbstractEventLoop | None = None
 

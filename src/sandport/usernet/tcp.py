@@ -52,6 +52,10 @@ RCV_BUFFER = 4 << 20  # what we let the guest send before the host socket drains
 OUT_LIMIT = 4 << 20  # host bytes buffered for the guest before the host side pauses
 RTO = 0.3  # retransmission timeout toward the guest (a local link: no RTT estimation)
 SYN_RETRIES = 5
+#: Segments in flight to the guest at most, whatever its window: a TAP queues at most
+#: ~1000 frames the guest sends (its ACKs among them) and drops the rest; a longer burst
+#: loses the ACKs that would clock the next one, and the connection waits for a timeout.
+INFLIGHT_SEGMENTS = 128
 MAX_FLOWS = 4096
 M32 = 0xFFFFFFFF
 #: Ethernet, a 20-byte IPv4 header and a 20-byte TCP header: what `TcpNat.fast` reads and
@@ -311,10 +315,11 @@ class TcpFlow:
         if self.state is not State.ESTABLISHED:
             return
         largest = self.nat.max_segment(self)
+        window = min(self.guest_wnd, INFLIGHT_SEGMENTS * largest)
         while not self.fin_sent:  # after our FIN there is nothing new to send
             inflight = seq_diff(self.snd_nxt, self.snd_una)
             unsent = len(self.out) - inflight
-            room = self.guest_wnd - inflight
+            room = window - inflight
             if unsent <= 0 or room <= 0:
                 break
             size = min(unsent, room, largest)
@@ -326,10 +331,14 @@ class TcpFlow:
             self.snd_nxt = (self.snd_nxt + 1) & M32
             self.fin_sent = True
         if seq_diff(self.snd_nxt, self.snd_una) > 0:
-            self._arm(self._retransmit, RTO)
+            self._arm(self._timeout, RTO)
         elif self.host is not None and self.host.transport is not None and \
                 len(self.out) < OUT_LIMIT // 2:
             self.host.transport.resume_reading()
+
+    def _timeout(self) -> None:
+        self.nat.counters["timeouts"] += 1
+        self._retransmit()
 
     def _retransmit(self) -> None:
         """Go back to the last ACK and send again (the guest lost or dropped something)."""
@@ -505,7 +514,7 @@ class TcpNat:
         self.counters: collections.Counter[str] = collections.Counter()
         self.dropped: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.mss = link.config.mtu - 40
+        self.mss = link.config.link_mtu - 40
         self._out: list[bytes] = []  # frames to the guest, sent at the end of this turn
         self._dirty: dict[GuestKey, TcpFlow] = {}  # flows with bytes or an ACK due
         self._flush_due = False
