@@ -133,12 +133,15 @@ class Route:
             ``Retry-After`` (try the same URL again), not 502.
         grant: the access token the session was opened with ("" for the sandbox's own);
             :meth:`WsBridge.close_sessions` closes a revoked or expired one's sessions.
+        diagnosis: what ``sandport doctor`` last found broken on the way to the target
+            (added to a refusal's message), or "".
     """
 
     target: Target
     labels: tuple[str, str] = ("", "")
     starting: bool = False
     grant: str = ""
+    diagnosis: str = ""
 
 
 class Router(Protocol):
@@ -235,13 +238,15 @@ class BridgeStats:
 
 
 class Refusal(Exception):
-    """A pre-upgrade refusal: HTTP status, a short error name and a message."""
+    """A pre-upgrade refusal: HTTP status, a short error name and a message; for a target
+    that failed, ``hop``: where on the path (``sandport doctor``'s hop names)."""
 
     def __init__(self, status: int, error: str, message: str,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
+                 headers: Sequence[tuple[str, str]] = (), hop: str = "") -> None:
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
         self.headers = tuple(headers)
+        self.hop = hop
 
 
 def json_response(status: int, doc: dict[str, Any],
@@ -625,15 +630,17 @@ class WsBridge:
         except TimeoutError:
             raise Refusal(504, "target_timeout",
                           f"the target {target} did not answer within "
-                          f"{self.config.limits.connect_timeout:g} s") from None
+                          f"{self.config.limits.connect_timeout:g} s",
+                          hop="guest reachability") from None
         except ConnectionRefusedError:
             raise Refusal(502, "target_refused",
                           f"the target {target} refused the connection "
-                          "(nothing listens there)") from None
+                          "(nothing listens there)", hop="guest service") from None
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise Refusal(502, "target_unreachable",
-                          f"the target {target} is unreachable: {reason}") from None
+                          f"the target {target} is unreachable: {reason}",
+                          hop="guest reachability") from None
         session.target = proto
 
     def web_response(self, request: Request) -> Response:
@@ -1107,7 +1114,10 @@ class _Session(asyncio.Protocol):
                 self.admitted = False
                 if route.starting and r.status in (502, 504):
                     raise Refusal(503, "not_ready", f"the sandbox is starting: {r.message}; "
-                                  "try the same URL again", [("Retry-After", "2")]) from None
+                                  "try the same URL again", [("Retry-After", "2")],
+                                  hop=r.hop) from None
+                if route.diagnosis:
+                    r.message = f"{r.message}; sandport doctor: {route.diagnosis}"
                 raise
             except BaseException:
                 bridge.release(self)
@@ -1146,8 +1156,10 @@ class _Session(asyncio.Protocol):
         except Refusal as r:
             bridge.stats.refused[r.status] += 1
             log.info("%s: %s refused: %d %s", self.cid, self.client[0], r.status, r.message)
-            self._respond(json_response(r.status, {"error": r.error, "message": r.message},
-                                        r.headers))
+            doc = {"error": r.error, "message": r.message}
+            if r.hop:
+                doc["hop"] = r.hop
+            self._respond(json_response(r.status, doc, r.headers))
         except Exception:  # a bug must not leave the client waiting for an answer
             log.exception("%s: handling the request from %s failed", self.cid, self.client[0])
             if self.upgraded:

@@ -54,6 +54,7 @@ from sandport.control.events import EventHub, sse_stream
 from sandport.control.forwards import ForwardOptions
 from sandport.control.store import EventRecord, SessionRecord
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
+from sandport.doctor import Report as DoctorReport
 from sandport.errors import (
     Conflict,
     PortInUseError,
@@ -245,6 +246,11 @@ class SandboxApi(Protocol):
         """(bytes from ``offset``, the next offset, the log names); SandboxNotFound."""
         ...
 
+    async def doctor(self, sandbox_id: str, *, port: str | None = None,
+                     token: str | None = None) -> DoctorReport:
+        """Walk the path to a sandbox hop by hop (:mod:`sandport.doctor`)."""
+        ...
+
 
 PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -411,6 +417,31 @@ class EventList(BaseModel):
     last: int
 
 
+class DoctorRow(BaseModel):
+    """One check of the walk: the hop, what was checked, the outcome, the evidence, and
+    for a failure the likely cause and the fix."""
+
+    hop: Literal["gateway", "route", "host network", "guest reachability",
+                 "guest service", "end to end"]
+    check: str
+    status: Literal["ok", "fail", "warn", "skip"]
+    evidence: str
+    fix: str
+    port: str = Field(description="the exposed port the row is about; empty: the sandbox")
+
+
+class DoctorOut(BaseModel):
+    """``sandport doctor --json``: every check in walking order; ``failed`` is the first
+    failing one, the broken hop (docs/doctor.schema.json)."""
+
+    version: int
+    sandbox: str | None
+    healthy: bool
+    failed: DoctorRow | None
+    took: float = Field(description="seconds the walk took")
+    rows: list[DoctorRow]
+
+
 class ForwardList(BaseModel):
     """Forwards of a sandbox."""
 
@@ -428,10 +459,12 @@ class Probe(BaseModel):
 
 
 class Readiness(BaseModel):
-    """The probes that declared the sandbox ready, and the monitor's latest."""
+    """The probes that declared the sandbox ready, the monitor's latest, and what
+    ``sandport doctor`` found broken when the sandbox degraded (None while healthy)."""
 
     probes: list[Probe]
     last: Probe | None
+    diagnosis: DoctorRow | None = None
 
 
 class VncAddress(BaseModel):
@@ -632,6 +665,19 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             raise ApiError(404, "not_found", _words(exc)) from None
         return Response(data, media_type="text/plain; charset=utf-8",
                         headers={"X-Next-Offset": str(nxt), "X-Logs": ",".join(names)})
+
+    @router.get("/sandboxes/{sandbox_id}/doctor", response_model=DoctorOut,
+                tags=["sandboxes"], responses=ERRORS,
+                summary="Walk the path to the sandbox hop by hop; name the broken hop")
+    async def doctor(
+        sandbox_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+        port: Annotated[PortKey | None, Query(description="one port (name or number)")]
+        = None,
+        token: Annotated[str | None, Query(max_length=256, description=(
+            "a token someone uses for the sandbox (a link's ?token=): checked too"))] = None,
+    ) -> DoctorOut:
+        report = await gateway.doctor(sandbox_id, port=port, token=token or None)
+        return DoctorOut.model_validate(report.as_json())
 
     @router.get("/sandboxes/{sandbox_id}/credentials", response_model=CredentialList,
                 tags=["sessions"], summary="What the sandbox's guest posted, decrypted")

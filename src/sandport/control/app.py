@@ -86,6 +86,9 @@ class LiveSandbox:
     reason: str = ""
     #: Extra access tokens (links that expire), by id: see :class:`Grant`.
     grants: dict[str, Grant] = field(default_factory=dict)
+    #: What ``sandport doctor`` found broken when the sandbox degraded (hop: evidence;
+    #: fix), "" while healthy: refusals carry it so a browser shows the reason.
+    diagnosis: str = ""
 
     def check(self, presented: str | None) -> tuple[TokenCheck, str, bool]:
         """``(verdict, grant id, expired)`` for a presented token: the sandbox's own token
@@ -171,6 +174,7 @@ class Refusal:
     message: str
     sandbox: str = ""
     retry_after: int | None = None
+    hop: str = ""  # where on the path it broke: sandport doctor's hop names
 
     def response(self, *, wants_html: bool = False) -> Response:
         """A JSON (or, for browsers, HTML) response carrying the reason."""
@@ -178,11 +182,14 @@ class Refusal:
         body: dict[str, Any] = {"error": self.error, "message": self.message}
         if self.sandbox:
             body["sandbox"] = self.sandbox
+        if self.hop:
+            body["hop"] = self.hop
         if wants_html:
+            hop = f"<p id=hop>broken hop: {html.escape(self.hop)}</p>" if self.hop else ""
             page = (
                 "<!doctype html><meta charset=utf-8><title>sandport: refused</title>"
                 f"<h1>{self.status} {html.escape(self.error.replace('_', ' '))}</h1>"
-                f"<p id=reason>{html.escape(self.message)}</p>"
+                f"<p id=reason>{html.escape(self.message)}</p>{hop}"
             )
             return HTMLResponse(page, status_code=self.status, headers=headers)
         return JSONResponse(body, status_code=self.status, headers=headers)
@@ -205,19 +212,20 @@ def authorise(
     sb = registry.lookup(sandbox_id)
     if sb is None:
         return Refusal(status=404, error="unknown_sandbox",
-                       message=f"no sandbox {sandbox_id!r} on this gateway", sandbox=sandbox_id)
+                       message=f"no sandbox {sandbox_id!r} on this gateway", sandbox=sandbox_id,
+                       hop="route")
     verdict, grant, expired = sb.check(token)
     if verdict is TokenCheck.MISSING:
         return Refusal(status=401, error="missing_token",
                        message="this sandbox needs an access token: add ?token=... to the URL",
-                       sandbox=sandbox_id)
+                       sandbox=sandbox_id, hop="route")
     if verdict is TokenCheck.INVALID and expired:
         return Refusal(status=403, error="token_expired", message="the access token expired",
-                       sandbox=sandbox_id)
+                       sandbox=sandbox_id, hop="route")
     if verdict is TokenCheck.INVALID:
         return Refusal(status=403, error="invalid_token",
                        message="the access token is not valid for this sandbox",
-                       sandbox=sandbox_id)
+                       sandbox=sandbox_id, hop="route")
     port = None
     if port_key is not None:
         port = sb.port(port_key)
@@ -225,19 +233,20 @@ def authorise(
             known = ", ".join(f"{p.name} ({p.port})" for p in sb.ports)
             return Refusal(status=404, error="unknown_port",
                            message=f"sandbox {sandbox_id} exposes no port {port_key!r}; "
-                           f"it exposes {known}", sandbox=sandbox_id)
+                           f"it exposes {known}", sandbox=sandbox_id, hop="route")
     scope = sb.grants.get(grant) if grant else None
     if scope is not None and not scope.allows(port, kind):
         what = f"port {port.name}" if port is not None else "this"
         return Refusal(status=403, error="out_of_scope",
                        message=f"the access token does not open {what} as {kind} (it opens "
                        f"ports {', '.join(scope.ports) or 'all'}, as "
-                       f"{', '.join(scope.kinds) or 'any kind'})", sandbox=sandbox_id)
+                       f"{', '.join(scope.kinds) or 'any kind'})", sandbox=sandbox_id,
+                       hop="route")
     if sb.state not in (SandboxState.READY, SandboxState.STARTING, SandboxState.DEGRADED):
         detail = f": {sb.reason}" if sb.reason else ""
         return Refusal(status=503, error="not_ready",
                        message=f"sandbox {sandbox_id} is {sb.state.value}{detail}",
-                       sandbox=sandbox_id,
+                       sandbox=sandbox_id, hop="route",
                        retry_after=NOT_READY_RETRY_AFTER
                        if sb.state is SandboxState.CREATING else None)
     return sb, port, grant
@@ -323,18 +332,21 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (
                 exc.strerror or type(exc).__name__)
+            hop = "guest service" if isinstance(exc, ConnectionRefusedError) else \
+                "guest reachability"
             log.warning("%s %s -> %s %s:%d: %s", conn_id, client, sb.id, sb.ip, port.port, reason)
             if sb.state is SandboxState.STARTING:
                 refusal = Refusal(
-                    status=503, error="not_ready", sandbox=sb.id,
+                    status=503, error="not_ready", sandbox=sb.id, hop=hop,
                     retry_after=NOT_READY_RETRY_AFTER,
                     message=f"sandbox {sb.id} is starting; {port.name} ({sb.ip}:{port.port}) "
                     f"does not answer yet: {reason}")
             else:
+                doctor = f"; sandport doctor: {sb.diagnosis}" if sb.diagnosis else ""
                 refusal = Refusal(
-                    status=502, error="guest_unreachable", sandbox=sb.id,
+                    status=502, error="guest_unreachable", sandbox=sb.id, hop=hop,
                     message=f"the guest service {port.name} ({sb.ip}:{port.port}) did not "
-                    f"accept the connection: {reason}")
+                    f"accept the connection: {reason}{doctor}")
             await websocket.send_denial_response(refusal.response())
             return
         await websocket.accept(subprotocol=choose_subprotocol(websocket.scope["subprotocols"]))
@@ -425,7 +437,8 @@ class GatewayRouter:
         verdict = authorise(self.registry, token, m["sandbox"], m["port"])
         if isinstance(verdict, Refusal):
             headers = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
-            raise BridgeRefusal(verdict.status, verdict.error, verdict.message, headers)
+            raise BridgeRefusal(verdict.status, verdict.error, verdict.message, headers,
+                                hop=verdict.hop)
         sb, port, grant = verdict
         if port is None:  # authorise() returns a port whenever it is asked for one
             raise RuntimeError("authorise() returned no port")
@@ -433,4 +446,4 @@ class GatewayRouter:
         return BridgeRoute(target=target,
                            labels=(sb.id, port.name),
                            starting=sb.state is SandboxState.STARTING,
-                           grant=grant)
+                           grant=grant, diagnosis=sb.diagnosis)

@@ -59,7 +59,22 @@ from sandport.control.store import (
     SqliteStore,
     StateStore,
 )
-from sandport.control.tokens import TokenCheck, check_token, hash_token, new_token
+from sandport.control.tokens import (
+    TokenCheck,
+    check_token,
+    fingerprint,
+    hash_token,
+    new_token,
+)
+from sandport.doctor import (
+    ForwardFacts,
+    PortFacts,
+    Report,
+    Row,
+    Subject,
+    TokenFacts,
+    diagnose,
+)
 from sandport.errors import (
     Conflict,
     PortInUseError,
@@ -70,7 +85,7 @@ from sandport.errors import (
     UsageError,
 )
 from sandport.forward.spec import PortMapping
-from sandport.net import netlink
+from sandport.net import netlink, nft
 from sandport.net.pool import AddressPool
 from sandport.probe import (
     ProbeResult,
@@ -163,6 +178,11 @@ def _release_lock(lock: TextIO, *, delete: bool) -> None:
     lock.close()
 
 
+def _when(at: float) -> str:
+    """A Unix time as the doctor says it: UTC, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -184,6 +204,8 @@ class Sandbox:
     agent_token_hash: str = ""
     agent_report: dict[str, Any] | None = None
     agent_report_at: float | None = None
+    #: The doctor's failing check when it last degraded (None while healthy).
+    diagnosis: Row | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +228,8 @@ class SandboxInfo:
     #: Readiness: the probes that declared it ready, and the monitor's latest.
     probes: list[dict[str, Any]] = field(default_factory=list)
     last_probe: dict[str, Any] | None = None
+    #: The doctor's failing check when the sandbox degraded (None while healthy).
+    diagnosis: dict[str, Any] | None = None
     #: The guest agent's latest report, and when it came (Unix time).
     agent: dict[str, Any] | None = None
     agent_report_at: float | None = None
@@ -225,7 +249,8 @@ class SandboxInfo:
             "ready_seconds": self.ready_seconds,
             "forwards": self.forwards,
             "reason": self.reason,
-            "readiness": {"probes": self.probes, "last": self.last_probe},
+            "readiness": {"probes": self.probes, "last": self.last_probe,
+                          "diagnosis": self.diagnosis},
             "agent": {"report": self.agent, "reported_at": self.agent_report_at},
         }
 
@@ -1058,7 +1083,8 @@ class Gateway:
         sb.grant_timers[grant.id] = loop.call_later(
             ttl, self._end_grant, sandbox_id, grant.id, "the access token expired")
         self._record_event("token.created", sandbox_id,
-                           {"id": grant.id, "expires_at": grant.expires_at, **scope})
+                           {"id": grant.id, "expires_at": grant.expires_at, **scope,
+                            "fingerprint": fingerprint(grant.token_hash)})
         log.info("sandbox %s: access token %s, valid %g s", sandbox_id, grant.id, ttl)
         return {"id": grant.id, "token": token, "expires_at": grant.expires_at, **scope,
                 "desktop_url": f"{self.base_url}/s/{sandbox_id}/?token={token}"}
@@ -1183,8 +1209,26 @@ class Gateway:
                 return  # it changed while we probed
             if not ok and sb.live.state is SandboxState.READY:
                 self._set_state(sb, SandboxState.DEGRADED, why)
+                await self._diagnose(sb)
             elif ok and sb.live.state is SandboxState.DEGRADED:
+                sb.diagnosis, sb.live.diagnosis = None, ""
                 self._set_state(sb, SandboxState.READY)
+
+    async def _diagnose(self, sb: Sandbox) -> None:
+        """Name the broken hop of a sandbox that degraded (``sandport doctor``), for its
+        readiness details and the reasons refusals give."""
+        try:
+            report = await self.doctor(sb.spec.id)
+        except Exception:  # a diagnosis must never stop the monitor
+            log.exception("sandbox %s: the doctor failed", sb.spec.id)
+            return
+        row = report.failed
+        sb.diagnosis = row
+        sb.live.diagnosis = "" if row is None else \
+            f"{row.hop} hop, {row.check}: {row.evidence}" + (f" — {row.fix}" if row.fix else "")
+        if row is not None:
+            log.warning("sandbox %s: doctor: %s", sb.spec.id, sb.live.diagnosis)
+            self._record_event("sandbox.diagnosis", sb.spec.id, row.as_json())
 
     async def _restart_services(self, sb: Sandbox, why: str, restarts: list[float]) -> bool:
         """A guest service exited: degraded, then restart the profile's services.
@@ -1280,11 +1324,138 @@ class Gateway:
             last_probe=_probe_json(sb.last_probe) if sb.last_probe is not None else None,
             agent=sb.agent_report,
             agent_report_at=sb.agent_report_at,
+            diagnosis=sb.diagnosis.as_json() if sb.diagnosis is not None else None,
         )
 
     def sandbox_ids(self) -> list[str]:
         """Ids of the running sandboxes."""
         return list(self._sandboxes)
+
+    # Doctor ----------------------------------------------------------------------------
+
+    async def doctor(self, sandbox_id: str, *, port: str | None = None,
+                     token: str | None = None) -> Report:
+        """Walk the path to ``sandbox_id`` (its ``port``; all by default) hop by hop and
+        name the broken hop (:mod:`sandport.doctor`). ``token``: a token someone uses for
+        it (a link), checked too. A sandbox that was deleted gives a report saying when."""
+        return await diagnose(self._subject(sandbox_id, port, token))
+
+    def _subject(self, sandbox_id: str, port: str | None, token: str | None) -> Subject:
+        sb = self._sandboxes.get(sandbox_id)
+        facts = self._token_facts(sandbox_id, token, port) if token else None
+        if sb is None:
+            gone = self._gone(sandbox_id)
+            if facts is not None and facts.verdict == "deleted":
+                gone = facts.detail
+            return Subject(sandbox=sandbox_id, known=False, gone=gone)
+        net = self.config.net
+        forwards = self.forwards.of(sandbox_id)
+        ports = []
+        for guest_port in sb.live.ports:
+            own = [f for f in forwards if f.name == guest_port.name or
+                   (f.mapping.guest_port == guest_port.port and f.mapping.protocol == "tcp"
+                    and not guest_port.path)]
+            protocol = guest_port.protocol if guest_port.protocol in ("rfb", "http") else "tcp"
+            ports.append(PortFacts(
+                name=guest_port.name, guest_port=guest_port.port, protocol=protocol,
+                path=guest_port.path, ws=True, forwards=tuple(
+                    ForwardFacts(id=f.id, protocol=f.mapping.protocol, host=f.mapping.host_ip,
+                                 host_port=f.host_port, mode=f.mode,
+                                 rule=f.rule().comment if f.mode == "kernel" else "")
+                    for f in own)))
+        named = {p.name for p in ports}
+        for f in forwards:  # app ports published by number
+            attached = f.name in named or (f.mapping.protocol == "tcp" and any(
+                f.mapping.guest_port == p.guest_port and not p.path for p in ports))
+            if not attached:
+                named.add(f.name)
+                ports.append(PortFacts(
+                    name=f.name, guest_port=f.mapping.guest_port,
+                    protocol="udp" if f.mapping.protocol == "udp" else "tcp",
+                    forwards=(ForwardFacts(id=f.id, protocol=f.mapping.protocol,
+                                           host=f.mapping.host_ip, host_port=f.host_port,
+                                           mode=f.mode, rule=f.rule().comment
+                                           if f.mode == "kernel" else ""),)))
+        if sb.spec.agent_url:
+            ports.append(PortFacts(name="agent", guest_port=AGENT_PORT, protocol="agent"))
+        chains = nft.chain_names(net.bridge)
+        nft_rules: list[tuple[str, str]] = []
+        if self.forwards.nft_available and any(f.mode == "kernel" for f in forwards):
+            nft_rules = nft.rules_of(net.bridge)
+        ws_host = connect_host(self.config.listen_host)
+        ws_host = f"[{ws_host}]" if ":" in ws_host else ws_host
+        scheme = "wss" if self.config.tls is not None else "ws"
+        return Subject(
+            sandbox=sandbox_id, known=True, state=sb.live.state.value,
+            reason=sb.live.reason, ip=sb.live.ip, bridge=net.bridge,
+            pool_gateway=f"{net.gateway_ip}/{net.subnet.prefixlen}",
+            link=sb.backend.host_link(sb.spec), ports=tuple(ports),
+            vnc_password=sb.spec.secrets.get("vnc_password"),
+            service_failure=sb.backend.failure(sb.spec),
+            logs=str(sb.spec.workdir / "logs"),
+            nft_rules=tuple(nft_rules), chains=(chains[0], chains[1]),
+            ws_base=f"{scheme}://{ws_host}:{self.http_port}", token=sb.token,
+            forward_host=connect_host(self.config.forward_host), token_facts=facts,
+            port_asked=port, known_ports=tuple(p.name for p in ports))
+
+    def _gone(self, sandbox_id: str) -> str:
+        """What became of a sandbox that is not here, from the event log ("" if unknown)."""
+        if self._store is None:
+            return ""
+        for event in reversed(self._store.events(sandbox_id=sandbox_id, limit=100_000)):
+            if event.kind == "sandbox.deleted":
+                return f"sandbox {sandbox_id} was deleted at {_when(event.at)} (event " \
+                       f"#{event.seq})"
+            if event.kind == "sandbox.state" and event.data.get("state") == "failed":
+                return f"sandbox {sandbox_id} failed at {_when(event.at)}: " \
+                       f"{event.data.get('reason', '')}; it is gone since"
+        return ""
+
+    def _token_facts(self, sandbox_id: str, token: str, port: str | None) -> TokenFacts:
+        """What ``token`` is: this sandbox's, an access token of it (in scope of ``port``?),
+        expired or revoked, another sandbox's, a deleted sandbox's, or unknown."""
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is not None:
+            verdict, grant_id, expired = sb.live.check(token)
+            if verdict is TokenCheck.OK and not grant_id:
+                return TokenFacts(verdict="own", detail="the sandbox's own token (all ports)")
+            grant = sb.live.grants.get(grant_id)
+            if verdict is TokenCheck.OK and grant is not None:
+                guest_port = sb.live.port(port) if port else None
+                allows = grant.allows(guest_port, "ws") or grant.allows(guest_port, "http")
+                scope = f"ports {', '.join(grant.ports) or 'all'}, as " \
+                        f"{', '.join(grant.kinds) or 'any kind'}"
+                left = grant.expires_at - time.time()
+                return TokenFacts(verdict="grant", allows=allows,
+                                  detail=f"access token {grant.id}: {scope}, expires in "
+                                  f"{left:.0f} s" + ("" if allows else
+                                                     f"; it does not open port {port}"))
+            if expired:
+                return TokenFacts(verdict="expired",
+                                  detail=f"access token {grant_id} of sandbox {sandbox_id} "
+                                  "expired")
+        for other in self._sandboxes.values():
+            if other.live.id != sandbox_id and other.live.check(token)[0] is TokenCheck.OK:
+                return TokenFacts(verdict="other", detail=f"the token belongs to sandbox "
+                                  f"{other.live.id}, not {sandbox_id}")
+        mark = fingerprint(hash_token(token))
+        if self._store is not None:
+            revoked: set[str] = set()
+            for event in reversed(self._store.events(limit=100_000)):
+                if event.kind == "token.revoked":
+                    revoked.add(str(event.data.get("id")))
+                elif event.kind == "sandbox.deleted" and mark in event.data.get("tokens", []):
+                    return TokenFacts(verdict="deleted", detail=f"the token is sandbox "
+                                      f"{event.sandbox_id}'s, which was deleted at "
+                                      f"{_when(event.at)} (event #{event.seq})")
+                elif event.kind == "token.created" and \
+                        event.data.get("fingerprint") == mark and \
+                        event.data.get("id") in revoked:
+                    return TokenFacts(verdict="revoked", detail=f"access token "
+                                      f"{event.data.get('id')} of sandbox "
+                                      f"{event.sandbox_id} was revoked")
+        return TokenFacts(verdict="unknown",
+                          detail="no sandbox of this gateway has this token, now or before")
 
     async def destroy_sandbox(self, sandbox_id: str) -> None:
         """Stop forwards and guest, remove namespace, link, files, record and lease."""
@@ -1302,6 +1473,10 @@ class Gateway:
             with contextlib.suppress(Exception):
                 self._set_state(sb, SandboxState.STOPPING)
         self._end_sessions(sandbox_id, SessionState.CANCELLED, "the sandbox was deleted")
+        # Its tokens' fingerprints: the doctor can tell a link of a deleted sandbox.
+        self._record_event("sandbox.deleted", sandbox_id, {"tokens": [
+            fingerprint(h) for h in (sb.live.token_hash,
+                                     *(g.token_hash for g in sb.live.grants.values()))]})
         with contextlib.suppress(Exception):
             await self.forwards.remove_sandbox(sandbox_id)
         if self._front is not None:  # browsers see why, not a session that hangs

@@ -29,6 +29,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def fingerprint(token_hash: str) -> str:
+    """A short, non-secret name for a token: the start of its hash (the event log keeps
+    it, so a token of a deleted sandbox or a revoked link can be recognised later)."""
+    return token_hash[:16]
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None."""
     scheme, _, value = (authorization or "").partition(" ")

@@ -126,6 +126,10 @@ class Backend(Protocol):
         """The guest ports the profile serves."""
         ...
 
+    def host_link(self, spec: SandboxSpec) -> str:
+        """The host end of the sandbox's link, a port of the bridge (veth end, TAP)."""
+        ...
+
     async def adopt(self, spec: SandboxSpec) -> str | None:
         """Take over a sandbox a gateway that died left running.
 

@@ -77,6 +77,10 @@ class NetnsBackend:
         """The guest ports of the sandbox's profile (a namespace has no console)."""
         return get_profile(spec.profile).ports
 
+    def host_link(self, spec: SandboxSpec) -> str:
+        """The host end of the sandbox's veth pair."""
+        return host_ifname(spec.id)
+
     async def create(self, spec: SandboxSpec) -> None:
         """Create namespace, veth and addresses; the host end joins the bridge isolated."""
         for sub in ("tmp", "logs", "tmp/home"):

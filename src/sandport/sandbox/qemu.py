@@ -126,6 +126,10 @@ class QemuBackend:
                             path=str(spec.workdir / CONSOLE_SOCKET))
         return (*get_profile(spec.profile).ports, console)
 
+    def host_link(self, spec: SandboxSpec) -> str:
+        """The VM's TAP device."""
+        return tap_name(spec.id)
+
     def _qemu(self) -> str:
         path = shutil.which(QEMU)
         if path is None:

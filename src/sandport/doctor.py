@@ -1,0 +1,603 @@
+"""``sandport doctor``: walk the path of a connection hop by hop and name the broken hop.
+
+The path (see the design brief) is walked in order, for a sandbox and each port it exposes::
+
+    gateway ─► route ─► host network ─► guest reachability ─► guest service ─► end to end
+
+1. **gateway**: the process, and the listener of every forward where the store says it is
+   (who holds the port if not us);
+2. **route**: the sandbox, the port and the token are known; the token is valid and in
+   scope; a sandbox that was deleted says when;
+3. **host network**: the bridge exists with the pool's address; the sandbox's link (veth or
+   TAP) exists, is up and is a port of the bridge; the nft DNAT rules a kernel forward
+   needs (prerouting and output, ``route_localnet``); no nft rule elsewhere drops the
+   guest's address;
+4. **guest reachability**: an ICMP echo to the guest, explained with its ARP state;
+5. **guest service**: each port answers its protocol at the guest's address (an RFB
+   handshake with the stored password, an HTTP status, the agent's ``/health``);
+6. **end to end**: the same through the user's path: each host forward, and for a desktop
+   the WebSocket bridge.
+
+Each check is a :class:`Row`: hop, check, status (``ok``, ``fail``, ``warn``, ``skip``),
+the evidence, and for a failure the likely cause and fix in a sentence. Once a check fails,
+the later hops of that port are skipped (a row each, saying why): the first failure is the
+broken hop. :func:`diagnose` walks it from what the gateway knows (a :class:`Subject`);
+the CLI adds the gateway's own rows (process up, API answering) from outside.
+
+The JSON form (:meth:`Report.as_json`) is described by ``docs/doctor.schema.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandport.net import inspect
+from sandport.probe import (
+    ProbeResult,
+    probe_agent_health,
+    probe_http,
+    probe_rfb_tcp,
+    probe_rfb_ws,
+    run_rfb_handshake,
+)
+from sandport.proto.rfb import Stage
+
+#: The hops, in walking order.
+HOPS = ("gateway", "route", "host network", "guest reachability", "guest service",
+        "end to end")
+OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
+PROBE_TIMEOUT = 2.0  # per protocol probe; a walk stays well under 5 s when a hop is down
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One check of the walk.
+
+    Attributes:
+        hop: one of :data:`HOPS`.
+        check: what was checked, in a few words (``bridge address``).
+        status: ``ok``, ``fail``, ``warn`` (works, but worth knowing) or ``skip``.
+        evidence: what was found: addresses, states, what a server said.
+        fix: for a failure, the likely cause and what to do, in a sentence.
+        port: the exposed port the row is about (its name); "" for the whole sandbox.
+    """
+
+    hop: str
+    check: str
+    status: str
+    evidence: str
+    fix: str = ""
+    port: str = ""
+
+    def as_json(self) -> dict[str, str]:
+        """The row as ``--json`` and the API give it."""
+        return {"hop": self.hop, "check": self.check, "status": self.status,
+                "evidence": self.evidence, "fix": self.fix, "port": self.port}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """Every row of one walk."""
+
+    sandbox: str | None
+    rows: tuple[Row, ...]
+    took: float
+
+    @property
+    def healthy(self) -> bool:
+        """No check failed."""
+        return all(r.status != FAIL for r in self.rows)
+
+    @property
+    def failed(self) -> Row | None:
+        """The first failing check: the broken hop."""
+        return next((r for r in self.rows if r.status == FAIL), None)
+
+    def with_rows(self, before: list[Row]) -> Report:
+        """The report with ``before`` (the CLI's own gateway rows) in front."""
+        return Report(sandbox=self.sandbox, rows=(*before, *self.rows), took=self.took)
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as ``sandport doctor --json`` prints it (docs/doctor.schema.json)."""
+        failed = self.failed
+        return {
+            "version": SCHEMA_VERSION,
+            "sandbox": self.sandbox,
+            "healthy": self.healthy,
+            "failed": failed.as_json() if failed is not None else None,
+            "took": round(self.took, 3),
+            "rows": [r.as_json() for r in self.rows],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Report:
+        """A report the API sent."""
+        return cls(sandbox=doc.get("sandbox"), took=float(doc.get("took", 0.0)),
+                   rows=tuple(Row(**r) for r in doc.get("rows", [])))
+
+
+# -- what the gateway tells the doctor --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardFacts:
+    """One host forward of a port.
+
+    Attributes:
+        id: the forward's id (``f3``).
+        protocol: ``tcp`` or ``udp``.
+        host: the host address it listens on (``0.0.0.0``: every address).
+        host_port: the host port.
+        mode: ``kernel`` (nft DNAT) or ``proxy`` (the userspace relay).
+        rule: a kernel forward's nft rule comment (how its rules are found).
+    """
+
+    id: str
+    protocol: str
+    host: str
+    host_port: int
+    mode: str
+    rule: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortFacts:
+    """One port of the sandbox as the walk sees it.
+
+    Attributes:
+        name: its name (``vnc``, ``agent``, a number for an app port).
+        guest_port: the port inside the guest (0 for a Unix socket on the host).
+        protocol: ``rfb``, ``http``, ``agent``, ``tcp`` or ``udp``.
+        path: a Unix socket serving it instead of the guest's address (a VM's console).
+        forwards: its host forwards.
+        ws: whether the WebSocket bridge serves it (``/s/{id}/ports/{name}/ws``).
+    """
+
+    name: str
+    guest_port: int
+    protocol: str
+    path: str = ""
+    forwards: tuple[ForwardFacts, ...] = ()
+    ws: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenFacts:
+    """What the gateway knows of a token presented to the doctor.
+
+    Attributes:
+        verdict: ``own`` (the sandbox's token), ``grant`` (an access token of it),
+            ``expired``, ``revoked``, ``other`` (another sandbox's), ``deleted`` (a
+            deleted sandbox's) or ``unknown``.
+        detail: the words for it (its scope and expiry, the other sandbox, when deleted).
+        allows: for a grant: whether it opens the port asked about.
+    """
+
+    verdict: str
+    detail: str
+    allows: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subject:
+    """Everything the walk needs of one sandbox (the gateway builds it).
+
+    ``known`` False means there is no such sandbox; ``gone`` then says what happened
+    to it (deleted when), if anything is known.
+    """
+
+    sandbox: str
+    known: bool
+    gone: str = ""
+    state: str = ""
+    reason: str = ""
+    ip: str = ""
+    bridge: str = ""
+    pool_gateway: str = ""  # the bridge's expected address, "10.201.0.1/16"
+    link: str = ""  # the host end of the sandbox's link (veth or TAP)
+    ports: tuple[PortFacts, ...] = ()
+    vnc_password: str | None = None
+    service_failure: str | None = None  # the backend's word on an exited guest service
+    logs: str = ""  # where the guest's logs are
+    nft_rules: tuple[tuple[str, str], ...] = ()  # (chain, comment) of our table
+    chains: tuple[str, str] = ("", "")  # our (prerouting, output) chains
+    ws_base: str = ""  # ws://host:port of the bridge
+    token: str = ""  # the sandbox's own token (for the end-to-end WebSocket probe)
+    forward_host: str = "127.0.0.1"  # where host forwards are reached from this host
+    token_facts: TokenFacts | None = None
+    port_asked: str | None = None
+    known_ports: tuple[str, ...] = ()
+    agent_sandbox: bool = False  # the sandbox runs the guest agent
+    pid: int = field(default_factory=os.getpid)
+
+
+class Walk:
+    """Rows in walking order; after a failure the later hops of that port are skipped."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self._blocked: dict[str, str] = {}  # port ("" = all) -> why later hops are skipped
+
+    def blocked(self, port: str = "") -> str | None:
+        """Why checks of ``port`` are skipped, or None."""
+        return self._blocked.get("") or (self._blocked.get(port) if port else None)
+
+    def skipped(self, hop: str, check: str, port: str = "") -> bool:
+        """Record ``check`` as skipped if an earlier hop of ``port`` failed (then the
+        check is not run at all: a dead hop costs no timeouts further on)."""
+        why = self.blocked(port)
+        if why is None:
+            return False
+        self.rows.append(Row(hop=hop, check=check, status=SKIP, port=port,
+                             evidence=f"skipped: {why}"))
+        return True
+
+    def add(self, hop: str, check: str, ok: bool | None, evidence: str, fix: str = "",
+            *, port: str = "", warn: bool = False) -> bool:
+        """Record a check (``ok`` None: informational); False if it failed or is skipped."""
+        why = self.blocked(port)
+        if why is not None:
+            self.rows.append(Row(hop=hop, check=check, status=SKIP, port=port,
+                                 evidence=f"skipped: {why}"))
+            return False
+        status = OK if ok or ok is None else (WARN if warn else FAIL)
+        self.rows.append(Row(hop=hop, check=check, status=status, evidence=evidence,
+                             fix=fix if status != OK else "", port=port))
+        if status == FAIL:
+            self._blocked[port] = f"{hop} failed ({check})"
+        return status != FAIL
+
+
+# -- the walk ---------------------------------------------------------------------------
+
+
+async def diagnose(subject: Subject) -> Report:
+    """Walk the path of ``subject`` (see the module docstring); never raises for what it
+    finds, only reports it."""
+    t0 = time.monotonic()
+    walk = Walk()
+    await _gateway(walk, subject)
+    if _route(walk, subject):
+        await _host_network(walk, subject)
+        await _reachability(walk, subject)
+        await _services(walk, subject)
+        await _end_to_end(walk, subject)
+    else:  # nothing to walk: one row per hop says so
+        for hop in HOPS[2:]:
+            walk.add(hop, "not walked", None, "")
+    return Report(sandbox=subject.sandbox, rows=tuple(walk.rows), took=time.monotonic() - t0)
+
+
+def _ports(subject: Subject) -> tuple[PortFacts, ...]:
+    if subject.port_asked is None:
+        return subject.ports
+    return tuple(p for p in subject.ports if subject.port_asked in (p.name, str(p.guest_port)))
+
+
+async def _gateway(walk: Walk, s: Subject) -> None:
+    walk.add("gateway", "process", True, f"sandport gateway, pid {s.pid}")
+    for port in _ports(s):
+        for f in port.forwards:
+            fid, proto, host, host_port, mode = f.id, f.protocol, f.host, f.host_port, f.mode
+            check = f"listener {proto} {_addr(host, host_port)}"
+            find = inspect.listeners if mode == "proxy" and proto == "tcp" else inspect.bound
+            holders = await asyncio.to_thread(find, host_port, proto)
+            ours = [h for h in holders if h.pid == s.pid]
+            if ours:
+                what = "listens" if find is inspect.listeners else (
+                    "is bound (nft DNAT serves it)" if mode == "kernel" else "is bound")
+                walk.add("gateway", check, True, f"forward {fid} ({mode}): the gateway "
+                         f"{what} on {ours[0].address}", port=port.name)
+            elif holders:
+                other = holders[0]
+                walk.add("gateway", check, False,
+                         f"forward {fid} ({mode}): {other.address} is held by pid {other.pid}"
+                         f" ({other.command or 'unknown'}), not by this gateway",
+                         f"another program took {_addr(host, host_port)}: stop it, or remove "
+                         f"the forward and publish another host port", port=port.name)
+            else:
+                walk.add("gateway", check, False,
+                         f"forward {fid} ({mode}): nothing listens on {_addr(host, host_port)}"
+                         " although the store has this forward",
+                         "the forward's listener is gone (closed behind sandport's back): "
+                         "remove and add the forward again, or restart `sandport up`, which "
+                         "restores every forward of the store", port=port.name)
+
+
+def _route(walk: Walk, s: Subject) -> bool:
+    if not s.known:
+        walk.add("route", "sandbox", False,
+                 s.gone or f"no sandbox {s.sandbox!r} on this gateway",
+                 "a link or token outlives its sandbox: create a new sandbox and use its "
+                 "URL" if s.gone else "check the id (`sandport sandbox list`)")
+        return False
+    evidence = f"sandbox {s.sandbox}: {s.state}" + (f" ({s.reason})" if s.reason else "")
+    if s.state == "degraded":  # routed; the walk finds what degrades it
+        walk.add("route", "sandbox", False, evidence, "see the failing hop below",
+                 warn=True)
+    else:
+        walk.add("route", "sandbox", s.state in ("ready", "starting"), evidence,
+                 f"the sandbox is {s.state}: {s.reason or 'see its events'}; delete it and "
+                 "create another")
+    if s.port_asked is not None and not _ports(s):
+        walk.add("route", "port", False,
+                 f"sandbox {s.sandbox} exposes no port {s.port_asked!r}; it exposes "
+                 f"{', '.join(s.known_ports)}", "ask for one of the ports it exposes")
+        return False
+    if s.token_facts is not None:
+        t = s.token_facts
+        good = t.verdict in ("own", "grant") and t.allows
+        walk.add("route", "token", good, t.detail, {
+            "expired": "the link expired: ask for a new one (`sandport token create`)",
+            "revoked": "the link was revoked: ask for a new one",
+            "other": "use the URL of the sandbox the token belongs to",
+            "deleted": "the token's sandbox was deleted; a token dies with its sandbox: "
+                       "create a new sandbox and use its URL",
+            "unknown": "the token is wrong (a typo, or from another gateway)",
+        }.get(t.verdict, "use a token whose scope includes this port (`sandport token "
+              "create --port ...`)"))
+    return True
+
+
+async def _host_network(walk: Walk, s: Subject) -> None:
+    hop = "host network"
+    br = await asyncio.to_thread(inspect.link_facts, s.bridge)
+    if not br.exists:
+        walk.add(hop, "bridge", False, f"bridge {s.bridge} does not exist",
+                 "someone deleted sandport's bridge: restart `sandport up` (it creates it)")
+    elif s.pool_gateway not in br.addresses:
+        has = ", ".join(br.addresses) or "no IPv4 address"
+        walk.add(hop, "bridge address", False,
+                 f"bridge {s.bridge} has {has}; the pool needs {s.pool_gateway} (the guests' "
+                 "gateway)", f"the bridge was re-addressed, so guests on the pool's subnet no "
+                 f"longer reach it: `ip addr flush dev {s.bridge} && ip addr add "
+                 f"{s.pool_gateway} dev {s.bridge}`, or restart `sandport up`, which "
+                 "re-addresses its bridge")
+    elif not br.up:
+        walk.add(hop, "bridge", False, f"bridge {s.bridge} is down",
+                 f"`ip link set {s.bridge} up`")
+    else:
+        walk.add(hop, "bridge address", True, f"{s.bridge} up with {s.pool_gateway}")
+    link = await asyncio.to_thread(inspect.link_facts, s.link)
+    if not link.exists:
+        walk.add(hop, "sandbox link", False, f"{s.link} does not exist",
+                 "the sandbox's link was deleted: delete the sandbox and create another")
+    elif link.master != s.bridge:
+        walk.add(hop, "sandbox link", False,
+                 f"{s.link} is not a port of {s.bridge} (its master: {link.master or 'none'})",
+                 f"the link was detached from the bridge: `ip link set {s.link} master "
+                 f"{s.bridge} && bridge link set dev {s.link} isolated on`")
+    elif not link.up:
+        walk.add(hop, "sandbox link", False, f"{s.link} is down", f"`ip link set {s.link} up`")
+    else:
+        iso = "" if link.isolated is None else (", isolated" if link.isolated else
+                                                ", not isolated")
+        walk.add(hop, "sandbox link", True, f"{s.link} up, a port of {s.bridge}{iso}")
+    await _nft_rules(walk, s)
+    if walk.skipped(hop, "firewall"):
+        return
+    drops = await asyncio.to_thread(inspect.rules_dropping, s.ip)
+    if drops:
+        d = drops[0]
+        walk.add(hop, "firewall", False,
+                 f"nft table {d.family} {d.table}, chain {d.chain}: `{d.text}` ({d.verdict}s "
+                 f"traffic of {s.ip}, rule handle {d.handle})"
+                 + (f"; and {len(drops) - 1} more" if len(drops) > 1 else ""),
+                 f"a firewall rule outside sandport blocks the sandbox: `nft delete rule "
+                 f"{d.family} {d.table} {d.chain} handle {d.handle}` if it is not wanted")
+    else:
+        walk.add(hop, "firewall", True, f"no nft rule drops or rejects {s.ip}")
+
+
+async def _nft_rules(walk: Walk, s: Subject) -> None:
+    """The DNAT rules of the sandbox's kernel forwards: in output (local clients) and, for
+    a non-loopback address, in prerouting (remote clients); ``route_localnet``."""
+    pre, out = s.chains
+    have = set(s.nft_rules)
+    for port in _ports(s):
+        for f in port.forwards:
+            if f.mode != "kernel":
+                continue
+            fid, proto, host, host_port = f.id, f.protocol, f.host, f.host_port
+            check = f"nft DNAT {proto} {_addr(host, host_port)}"
+            in_out, in_pre = (out, f.rule) in have, (pre, f.rule) in have
+            loopback = host.startswith("127.")
+            if not in_out and not in_pre:
+                walk.add("host network", check, False,
+                         f"forward {fid}: no DNAT rule in table ip sandport",
+                         "the table was changed by someone else: restart `sandport up` "
+                         "(it rewrites its rules) or remove and add the forward",
+                         port=port.name)
+            elif not in_out:
+                walk.add("host network", check, False,
+                         f"forward {fid}: the DNAT rule for {_addr(host, host_port)} is only in "
+                         f"prerouting ({pre}), not in output ({out})",
+                         f"nothing listens on {_addr(host, host_port)}; the forward is in kernel "
+                         "mode but the DNAT rule covers only prerouting, which local clients "
+                         "never pass — add the output-chain rule (sandport does this; the "
+                         "table was changed by someone else): restart `sandport up`",
+                         port=port.name)
+            elif not in_pre and not loopback:
+                walk.add("host network", check, False,
+                         f"forward {fid}: the DNAT rule is only in output ({out}): clients on "
+                         "other machines are not forwarded",
+                         "add the prerouting rule (sandport does this; the table was changed "
+                         "by someone else): restart `sandport up`", port=port.name)
+            elif loopback and not _route_localnet(s.bridge):
+                walk.add("host network", check, False,
+                         f"forward {fid}: route_localnet is off on {s.bridge}: packets from "
+                         "127.0.0.1 are not routed to the guest",
+                         f"`sysctl -w net.ipv4.conf.{s.bridge}.route_localnet=1` (sandport "
+                         "sets it; someone reset it)", port=port.name)
+            else:
+                chains = "output" if loopback else "prerouting and output"
+                walk.add("host network", check, True,
+                         f"forward {fid}: DNAT to {s.ip} in {chains}", port=port.name)
+
+
+def _route_localnet(bridge: str) -> bool:
+    try:
+        return Path(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet").read_text().strip() \
+            == "1"
+    except OSError:
+        return False
+
+
+async def _reachability(walk: Walk, s: Subject) -> None:
+    if walk.skipped("guest reachability", "ping"):
+        return
+    result = await asyncio.to_thread(inspect.ping, s.ip, 1.0)
+    if result.ok:
+        walk.add("guest reachability", "ping", True,
+                 f"{s.ip} answers ICMP echo in {1000 * (result.rtt or 0):.1f} ms")
+        return
+    arp = await asyncio.to_thread(inspect.neighbour_state, s.ip)
+    if arp in ("failed", "incomplete", None):
+        why = (f"ARP for {s.ip} is {arp or 'absent'}: nothing on {s.bridge} answers for "
+               "that address")
+        fix = ("the guest's link is down or not on the bridge, or the guest has another "
+               f"address; check {s.link} (host network hop) and the guest's network in its "
+               "logs")
+    else:
+        why = f"ARP for {s.ip} is {arp}: the guest is there but does not answer ICMP"
+        fix = ("something drops ICMP to or from the guest (a firewall rule in the guest or "
+               "on the host), or the guest hangs")
+    walk.add("guest reachability", "ping", False, f"{result.detail}; {why}", fix)
+
+
+async def _services(walk: Walk, s: Subject) -> None:
+    hop = "guest service"
+    for port in _ports(s):
+        if port.protocol == "udp":
+            walk.add(hop, f"{port.name} udp {port.guest_port}", None,
+                     "UDP has no handshake to probe", port=port.name)
+            continue
+        where = port.path or _addr(s.ip, port.guest_port)
+        check = f"{port.name} at {where}"
+        if walk.skipped(hop, check, port.name):
+            continue
+        if port.path:
+            result = await _rfb_unix(port.path)
+        else:
+            result = await _probe_port(port, s.ip, port.guest_port, s)
+        if result.ok:
+            walk.add(hop, check, True, result.detail, port=port.name)
+            continue
+        walk.add(hop, check, False, _service_evidence(port, result, s),
+                 _service_fix(port, result, s), port=port.name)
+
+
+async def _probe_port(port: PortFacts, host: str, number: int, s: Subject) -> ProbeResult:
+    if port.protocol == "rfb":
+        return await probe_rfb_tcp(host, number, password=s.vnc_password or None,
+                                   timeout=PROBE_TIMEOUT)
+    if port.protocol == "http":
+        return await probe_http(host, number, timeout=PROBE_TIMEOUT)
+    if port.protocol == "agent":
+        return await probe_agent_health(host, number, sandbox_id=s.sandbox,
+                                        timeout=PROBE_TIMEOUT)
+    t0 = time.perf_counter()
+    outcome, detail = await asyncio.to_thread(inspect.connect_outcome, host, number,
+                                              PROBE_TIMEOUT)
+    return ProbeResult(ok=outcome == "open", hop=f"tcp {host}:{number}", stage="connect",
+                       detail=detail, elapsed=time.perf_counter() - t0)
+
+
+async def _rfb_unix(path: str) -> ProbeResult:
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                async def send(data: bytes) -> None:
+                    writer.write(data)
+                    await writer.drain()
+
+                return await run_rfb_handshake(lambda: reader.read(65536), send,
+                                               hop=f"unix {path}", password=None,
+                                               stop_at=Stage.SECURITY_TYPES)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as exc:
+        return ProbeResult(ok=False, hop=f"unix {path}", stage="connect",
+                           detail=str(exc) or type(exc).__name__,
+                           elapsed=time.perf_counter() - t0)
+
+
+def _service_evidence(port: PortFacts, result: ProbeResult, s: Subject) -> str:
+    text = f"{result.detail} (stage {result.stage})"
+    if s.service_failure and result.stage == "connect":
+        text += f"; {s.service_failure}"
+    return text
+
+
+def _service_fix(port: PortFacts, result: ProbeResult, s: Subject) -> str:
+    detail = result.detail.lower()
+    server = {"rfb": "the VNC server (Xvnc)", "agent": "the guest agent",
+              "http": "the HTTP service"}.get(port.protocol, "the guest service")
+    if result.stage == "auth" or "authentication" in detail:
+        return (f"the VNC password sandport stored for sandbox {s.sandbox} is not the "
+                "server's: the server's password file was changed, or the store's secret; "
+                "delete and recreate the sandbox")
+    if "refused" in detail:
+        return (f"nothing listens on {port.guest_port} inside the sandbox: {server} is not "
+                "running. sandport restarts a desktop's services within the probe interval; "
+                f"if it keeps exiting, read its log in {s.logs or 'the sandbox logs'}")
+    if "no answer" in detail or "timed out" in detail:
+        return (f"{server} accepts nothing in {PROBE_TIMEOUT:g} s: it hangs, or a firewall "
+                "in the guest drops the port")
+    return f"{server} does not speak its protocol on {port.guest_port}: see its log"
+
+
+async def _end_to_end(walk: Walk, s: Subject) -> None:
+    hop = "end to end"
+    for port in _ports(s):
+        for f in port.forwards:
+            fid, proto, host, host_port, mode = f.id, f.protocol, f.host, f.host_port, f.mode
+            check = f"{port.name} through {_addr(host, host_port)} ({mode})"
+            if walk.skipped(hop, check, port.name):
+                continue
+            if proto != "tcp":
+                walk.add(hop, check, None, "UDP has no handshake to probe", port=port.name)
+                continue
+            result = await _probe_port(port, _connect_host(host, s), host_port, s)
+            walk.add(hop, check, result.ok, result.detail if result.ok else
+                     f"{result.hop}: {result.detail} (stage {result.stage})",
+                     "the earlier hops are fine, so the forward itself loses the connection: "
+                     f"see `sandport forward list` for forward {fid} and the gateway's log",
+                     port=port.name)
+        if port.ws and port.protocol == "rfb" and s.ws_base:
+            if walk.skipped(hop, f"{port.name} through the WebSocket bridge", port.name):
+                continue
+            url = f"{s.ws_base}/s/{s.sandbox}/ports/{port.name}/ws?token={s.token}"
+            result = await _ws_probe(url, s)
+            walk.add(hop, f"{port.name} through the WebSocket bridge", result.ok,
+                     result.detail if result.ok else f"{result.detail} (stage {result.stage})",
+                     "the WebSocket bridge loses what the guest serves: see the gateway's log",
+                     port=port.name)
+
+
+async def _ws_probe(url: str, s: Subject) -> ProbeResult:
+    ssl_context = None
+    if url.startswith("wss:"):
+        ssl_context = ssl.create_default_context()
+        ssl_context.check_hostname = False
+        ssl_context.verify_mode = ssl.CERT_NONE  # our own certificate, probed by address
+    return await probe_rfb_ws(url, password=s.vnc_password or None, timeout=PROBE_TIMEOUT,
+                              ssl_context=ssl_context)
+
+
+def _connect_host(host: str, s: Subject) -> str:
+    return s.forward_host if host in ("0.0.0.0", "", "::") else host
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
