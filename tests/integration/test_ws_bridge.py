@@ -238,7 +238,7 @@ def test_a_large_download_arrives_whole_with_pings_between(
                 assert len(pongs) >= 4
                 await asyncio.wait_for(asyncio.gather(*pongs), 5)  # all arrived
                 await ws.send(b"d")
-                assert await closes(ws) == (1000, "the target closed the connection")
+                assert await closes(ws) == (1000, "the target closed the connection (hop: guest service)")
                 assert bridge.stats.bytes_to_client == size
                 assert bridge.stats.spliced == (1 if zero_copy else 0)
 
@@ -279,7 +279,8 @@ def test_a_target_reset_mid_session_is_a_1011_with_the_reason(
                 await ws.send(b"g")
                 code, reason = await closes(ws)
                 assert (code, reason) == (1011, "the target connection failed: Connection "
-                                                "reset by peer"), (code, reason)
+                                                "reset by peer (hop: guest service)"), \
+                    (code, reason)
 
         run(main)
     finally:
@@ -391,7 +392,7 @@ def test_a_target_that_speaks_first_loses_nothing(run: Callable[..., Any]) -> No
                 for _ in range(3):
                     async with connect(url(bridge), subprotocols=["binary"]) as ws:
                         assert await ws.recv() == b"RFB 003.008\n"
-                        assert await closes(ws) == (1000, "the target closed the connection")
+                        assert await closes(ws) == (1000, "the target closed the connection (hop: guest service)")
 
         run(main)
     finally:
@@ -561,7 +562,7 @@ def test_every_close_has_a_code_and_a_reason(run: Callable[..., Any], guest: Rem
         async with (server, WsBridge(BridgeConfig(target=target)) as bridge,
                     connect(url(bridge)) as ws):
             assert await ws.recv() == b"bye"
-            assert await closes(ws) == (1000, "the target closed the connection")
+            assert await closes(ws) == (1000, "the target closed the connection (hop: guest service)")
         limits = BridgeLimits(idle_timeout=0.3, max_message=1000)
         async with WsBridge(BridgeConfig(target=echo_target(guest), limits=limits)) as bridge:
             async with connect(url(bridge)) as ws:

@@ -96,6 +96,17 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
 CLOSE_INTERNAL = 1011
+#: Close reasons when the target ends a session; the hop is ``sandport doctor``'s name for
+#: where the path broke (the guest's service closed or reset it; or the guest went away).
+TARGET_CLOSED = "the target closed the connection (hop: guest service)"
+
+
+def target_failed(exc: BaseException) -> str:
+    """The close reason for a target connection that failed mid-session."""
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    hop = "guest service" if isinstance(exc, ConnectionResetError) else "guest reachability"
+    return f"the target connection failed: {reason} (hop: {hop})"
+
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -701,15 +712,14 @@ class _TargetSide(asyncio.Protocol):
         self.session.from_target(data)
 
     def eof_received(self) -> bool:
-        self.session.close(CLOSE_NORMAL, "the target closed the connection")
+        self.session.close(CLOSE_NORMAL, TARGET_CLOSED)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is None:
-            self.session.close(CLOSE_NORMAL, "the target closed the connection")
+            self.session.close(CLOSE_NORMAL, TARGET_CLOSED)
         else:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            self.session.close(CLOSE_INTERNAL, f"the target connection failed: {reason}")
+            self.session.close(CLOSE_INTERNAL, target_failed(exc))
 
     def pause_writing(self) -> None:
         self.session.pause_client()
@@ -1021,10 +1031,9 @@ class _Session(asyncio.Protocol):
 
     def _zc_target_end(self, exc: OSError | None) -> None:
         if exc is None:
-            self.close(CLOSE_NORMAL, "the target closed the connection")
+            self.close(CLOSE_NORMAL, TARGET_CLOSED)
         else:
-            self.close(CLOSE_INTERNAL, f"the target connection failed: "
-                                       f"{exc.strerror or exc}")
+            self.close(CLOSE_INTERNAL, target_failed(exc))
 
     def _zc_client_error(self, exc: OSError) -> None:
         if not self.closed:
