@@ -214,7 +214,12 @@ class Subject:
     token_facts: TokenFacts | None = None
     port_asked: str | None = None
     known_ports: tuple[str, ...] = ()
-    agent_sandbox: bool = False  # the sandbox runs the guest agent
+    #: The guest agent's latest report (its /health: listening sockets, processes) and
+    #: its age in seconds, if the sandbox runs an agent that reported.
+    agent_report: dict[str, Any] | None = None
+    agent_report_age: float | None = None
+    #: Forwards the store has for the sandbox that the gateway does not run (described).
+    unrun_forwards: tuple[str, ...] = ()
     pid: int = field(default_factory=os.getpid)
 
 
@@ -283,6 +288,11 @@ def _ports(subject: Subject) -> tuple[PortFacts, ...]:
 
 async def _gateway(walk: Walk, s: Subject) -> None:
     walk.add("gateway", "process", True, f"sandport gateway, pid {s.pid}")
+    for forward in s.unrun_forwards:
+        walk.add("gateway", "forward in the store", False,
+                 f"the store has {forward}, but the gateway does not run it",
+                 "restoring it failed (see the gateway's log): restart `sandport up`, which "
+                 "restores every forward of the store, or remove the forward")
     for port in _ports(s):
         for f in port.forwards:
             fid, proto, host, host_port, mode = f.id, f.protocol, f.host, f.host_port, f.mode
@@ -454,11 +464,12 @@ async def _reachability(walk: Walk, s: Subject) -> None:
     if walk.skipped("guest reachability", "ping"):
         return
     result = await asyncio.to_thread(inspect.ping, s.ip, 1.0)
+    arp = await asyncio.to_thread(inspect.neighbour_state, s.ip)
     if result.ok:
         walk.add("guest reachability", "ping", True,
-                 f"{s.ip} answers ICMP echo in {1000 * (result.rtt or 0):.1f} ms")
+                 f"{s.ip} answers ICMP echo in {1000 * (result.rtt or 0):.1f} ms (ARP "
+                 f"{arp or 'no entry'})")
         return
-    arp = await asyncio.to_thread(inspect.neighbour_state, s.ip)
     if arp in ("failed", "incomplete", None):
         why = (f"ARP for {s.ip} is {arp or 'absent'}: nothing on {s.bridge} answers for "
                "that address")
@@ -488,7 +499,9 @@ async def _services(walk: Walk, s: Subject) -> None:
         else:
             result = await _probe_port(port, s.ip, port.guest_port, s)
         if result.ok:
-            walk.add(hop, check, True, result.detail, port=port.name)
+            inside = _inside(s) if port.protocol == "agent" else ""
+            walk.add(hop, check, True, result.detail + (f"; {inside}" if inside else ""),
+                     port=port.name)
             continue
         walk.add(hop, check, False, _service_evidence(port, result, s),
                  _service_fix(port, result, s), port=port.name)
@@ -535,7 +548,23 @@ def _service_evidence(port: PortFacts, result: ProbeResult, s: Subject) -> str:
     text = f"{result.detail} (stage {result.stage})"
     if s.service_failure and result.stage == "connect":
         text += f"; {s.service_failure}"
+    inside = _inside(s)
+    if inside and result.stage == "connect":
+        text += f"; {inside}"
     return text
+
+
+def _inside(s: Subject) -> str:
+    """What the guest agent last saw inside the guest: listening ports, processes."""
+    report = s.agent_report
+    if not report:
+        return ""
+    tcp = sorted({int(x.get("port", 0)) for x in report.get("listening", [])
+                  if x.get("proto") == "tcp"})
+    names = sorted({str(p.get("name", "")) for p in report.get("processes", [])} - {""})
+    age = f" {s.agent_report_age:.0f} s ago" if s.agent_report_age is not None else ""
+    return (f"the guest agent saw{age}: TCP ports {', '.join(map(str, tcp)) or 'none'} "
+            f"listening; processes {', '.join(names) or 'none'}")
 
 
 def _service_fix(port: PortFacts, result: ProbeResult, s: Subject) -> str:

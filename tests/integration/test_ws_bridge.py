@@ -35,6 +35,9 @@ from tlshelpers import make_ca
 
 pytestmark = pytest.mark.integration
 
+#: The close a client sees when the target ends the session: the reason names the hop.
+CLOSED_BY_TARGET = "the target closed the connection (hop: guest service)"
+
 MiB = 1024 * 1024
 
 
@@ -238,7 +241,7 @@ def test_a_large_download_arrives_whole_with_pings_between(
                 assert len(pongs) >= 4
                 await asyncio.wait_for(asyncio.gather(*pongs), 5)  # all arrived
                 await ws.send(b"d")
-                assert await closes(ws) == (1000, "the target closed the connection (hop: guest service)")
+                assert await closes(ws) == (1000, CLOSED_BY_TARGET)
                 assert bridge.stats.bytes_to_client == size
                 assert bridge.stats.spliced == (1 if zero_copy else 0)
 
@@ -392,7 +395,7 @@ def test_a_target_that_speaks_first_loses_nothing(run: Callable[..., Any]) -> No
                 for _ in range(3):
                     async with connect(url(bridge), subprotocols=["binary"]) as ws:
                         assert await ws.recv() == b"RFB 003.008\n"
-                        assert await closes(ws) == (1000, "the target closed the connection (hop: guest service)")
+                        assert await closes(ws) == (1000, CLOSED_BY_TARGET)
 
         run(main)
     finally:
@@ -562,7 +565,7 @@ def test_every_close_has_a_code_and_a_reason(run: Callable[..., Any], guest: Rem
         async with (server, WsBridge(BridgeConfig(target=target)) as bridge,
                     connect(url(bridge)) as ws):
             assert await ws.recv() == b"bye"
-            assert await closes(ws) == (1000, "the target closed the connection (hop: guest service)")
+            assert await closes(ws) == (1000, CLOSED_BY_TARGET)
         limits = BridgeLimits(idle_timeout=0.3, max_message=1000)
         async with WsBridge(BridgeConfig(target=echo_target(guest), limits=limits)) as bridge:
             async with connect(url(bridge)) as ws:

@@ -1396,7 +1396,14 @@ class Gateway:
             nft_rules=tuple(nft_rules), chains=(chains[0], chains[1]),
             ws_base=f"{scheme}://{ws_host}:{self.http_port}", token=sb.token,
             forward_host=connect_host(self.config.forward_host), token_facts=facts,
-            port_asked=port, known_ports=tuple(p.name for p in ports))
+            port_asked=port, known_ports=tuple(p.name for p in ports),
+            agent_report=sb.agent_report,
+            agent_report_age=time.time() - sb.agent_report_at
+            if sb.agent_report_at is not None else None,
+            unrun_forwards=tuple(
+                f"forward {r.id} ({r.protocol} {r.host_ip}:{r.host_port} -> {r.guest_port})"
+                for r in (self._store.forwards(sandbox_id) if self._store is not None else [])
+                if r.id not in {f.id for f in forwards}))
 
     def _gone(self, sandbox_id: str) -> str:
         """What became of a sandbox that is not here, from the event log ("" if unknown)."""
