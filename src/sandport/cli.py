@@ -930,12 +930,14 @@ def _print_doctor(gateway_rows: list[Row], reports: list[Report],
     sections += [(f"sandbox {r.sandbox}", list(r.rows)) for r in reports]
     for title, rows in sections:
         table = Table(title=title, title_justify="left", expand=False, show_lines=False)
-        for column in ("HOP", "CHECK", "RESULT", "EVIDENCE", "FIX"):
+        fixes = any(r.fix for r in rows)
+        for column in ("HOP", "CHECK", "RESULT", "EVIDENCE", *(("FIX",) if fixes else ())):
             table.add_column(column, overflow="fold")
         for r in rows:
             style = DOCTOR_STYLE.get(r.status, "")
-            table.add_row(r.hop, escape(r.check + (f" [{r.port}]" if r.port else "")),
-                          f"[{style}]{r.status}[/]", escape(r.evidence), escape(r.fix))
+            cells = [r.hop, escape(r.check + (f" [{r.port}]" if r.port else "")),
+                     f"[{style}]{r.status}[/]", escape(r.evidence)]
+            table.add_row(*cells, *((escape(r.fix),) if fixes else ()))
         out.print(table)
     failed = next((r for r in gateway_rows if r.status == "fail"), None) or next(
         (rep.failed for rep in reports if rep.failed is not None), None)
@@ -948,7 +950,11 @@ def _print_doctor(gateway_rows: list[Row], reports: list[Report],
         err.print("healthy: the gateway answers; it runs no sandboxes")
     else:
         took = sum(r.took for r in reports)
-        err.print(f"[green]healthy[/]: every hop answers ({took:.1f} s)")
+        warns = [r for rep in reports for r in rep.rows if r.status == "warn"]
+        err.print(f"[green]healthy[/]: every hop answers ({took:.1f} s)"
+                  + (f"; [yellow]{len(warns)} warning(s)[/]: "
+                     f"{escape('; '.join(f'{w.check}: {w.fix}' for w in warns))}"
+                     if warns else ""))
 
 
 image_app = typer.Typer(help="Guest images of QEMU microVM sandboxes: a Debian kernel and a "

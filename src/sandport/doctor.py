@@ -386,9 +386,13 @@ async def _host_network(walk: Walk, s: Subject) -> None:
                  f"{s.bridge} && bridge link set dev {s.link} isolated on`")
     elif not link.up:
         walk.add(hop, "sandbox link", False, f"{s.link} is down", f"`ip link set {s.link} up`")
+    elif link.isolated is False:
+        walk.add(hop, "sandbox link", False,
+                 f"{s.link} up, a port of {s.bridge}, but not isolated: other sandboxes on "
+                 "the bridge can reach this one", f"`bridge link set dev {s.link} isolated "
+                 "on` (sandport sets it; someone turned it off)", warn=True)
     else:
-        iso = "" if link.isolated is None else (", isolated" if link.isolated else
-                                                ", not isolated")
+        iso = "" if link.isolated is None else ", isolated"
         walk.add(hop, "sandbox link", True, f"{s.link} up, a port of {s.bridge}{iso}")
     await _nft_rules(walk, s)
     if walk.skipped(hop, "firewall"):

@@ -307,3 +307,13 @@ def test_a_degraded_sandbox_carries_the_doctors_finding(gateway_factory: Any,
     eventually_sync(lambda: api()["state"] == "ready", within=15)
     assert api()["readiness"]["diagnosis"] is None
     loop_thread.run(own.destroy_sandbox(info.id))
+
+
+def test_a_sandbox_link_that_lost_its_isolation_is_a_warning(gw: Gateway, loop_thread: Any,
+                                                            sandbox: Any) -> None:
+    link = f"sp-{sandbox.id}-v"
+    subprocess.run(["bridge", "link", "set", "dev", link, "isolated", "off"], check=True)
+    report = walk(gw, loop_thread, sandbox.id)
+    [row] = [r for r in report.rows if r.check == "sandbox link"]
+    assert report.healthy and row.status == "warn", row
+    assert "not isolated" in row.evidence and f"bridge link set dev {link} isolated on" in row.fix
