@@ -116,6 +116,16 @@ def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thre
     assert bad.returncode == 2 and "has no log 'nope'" in bad.stderr and "serial" in bad.stderr
     assert loop_thread.run(gw._sandboxes[info.id].backend.status(  # type: ignore[attr-defined]
         gw._sandboxes[info.id].spec)) == "running"
+    # The doctor walks a VM too: its TAP on the bridge, ping, HTTP and TCP at the guest,
+    # the console over QEMU's own VNC socket, each forward.
+    report = loop_thread.run(gw.doctor(info.id), timeout=60)
+    rows = {(r.hop, r.check): r for r in report.rows}
+    assert report.healthy, [r for r in report.rows if r.status != "ok"]
+    assert rows[("host network", "sandbox link")].evidence.startswith(tap_name(info.id))
+    console = [r for r in report.rows if r.port == "console" and r.hop == "guest service"]
+    assert console and "RFB" in console[0].evidence
+    assert any(r.hop == "end to end" and r.port == "http" and "200" in r.evidence
+               for r in report.rows)
     loop_thread.run(gw.destroy_sandbox(info.id), timeout=60)
     assert not _qemu_pids(info.id)
     assert tap_name(info.id) not in subprocess.run(["ip", "-o", "link"], text=True,
