@@ -87,6 +87,14 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
 
 
+def _parse_attach_subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        raise UsageError(f"--attach-subnet {text!r} is not an IPv4 network (e.g. "
+                         "10.0.0.0/24)") from None
+
+
 def _parse_subnet(text: str) -> ipaddress.IPv4Network:
     try:
         return ipaddress.IPv4Network(text, strict=True)
@@ -291,6 +299,13 @@ def up(
     probe_interval: Annotated[float, typer.Option(
         help="Seconds between readiness probes of ready sandboxes (degraded on a failure).",
         min=0.1)] = 5.0,
+    attach_subnet: Annotated[list[str] | None, typer.Option(
+        help="A network in which `sandport attach` may front VMs or containers of other "
+             "managers (repeatable); none by default: attaching is off.",
+        metavar="CIDR")] = None,
+    attach_grace: Annotated[float, typer.Option(
+        help="Seconds an attached target may not answer before it is failed.",
+        min=0.1)] = 60.0,
     agent_port: Annotated[int, typer.Option(
         help="Port on the bridge address where guest agents reach the gateway.",
         min=1, max=65535)] = DEFAULT_AGENT_PORT,
@@ -342,6 +357,8 @@ def up(
             probe_interval=probe_interval,
             agent_port=agent_port,
             secret_key_file=secret_key_file.absolute() if secret_key_file else None,
+            attach_subnets=tuple(_parse_attach_subnet(t) for t in attach_subnet or ()),
+            attach_grace=attach_grace,
         )
     except SandportError as exc:
         _error(exc)
@@ -728,6 +745,90 @@ def sandbox_logs(
         _cli_call(run)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+@app.command()
+def attach(
+    name: Annotated[str, typer.Argument(help="Your name for the target (shown in lists).")],
+    ip: Annotated[str, typer.Option(help="The target's IPv4 address.", metavar="ADDR")],
+    publish: Annotated[list[str] | None, typer.Option(
+        "--publish", "-p", help=f"Forward a port: {escape(SPEC_SYNTAX)}. Repeatable.",
+        metavar="SPEC")] = None,
+    profile: Annotated[str, typer.Option(
+        help="desktop (VNC on 5901), http (80 or --port) or tcp (--port): what readiness "
+             "speaks to it.")] = "desktop",
+    port: Annotated[int, typer.Option(help="Primary port of an http or tcp target.",
+                                      min=0, max=65535)] = 0,
+    vnc_password_file: Annotated[Path | None, typer.Option(
+        help="File holding the desktop's VNC password (plain text, first line).")] = None,
+    interface: Annotated[str, typer.Option(
+        help="Host interface the target is reached through (checked against the route).",
+        metavar="IFACE")] = "",
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Front a VM or container that sandport did not create: forwards, the WebSocket bridge
+    and noVNC, readiness and the doctor, as for its own sandboxes; nothing is created in the
+    guest. The gateway must allow the target's network (`sandport up --attach-subnet`).
+
+    Examples: sandport attach fc-42 --ip 172.16.0.2 --vnc-password-file pw.txt;
+    sandport attach api-7 --ip 10.1.0.7 --profile http --port 8080 -p 18080:8080
+    """
+
+    def run() -> None:
+        password = None
+        if vnc_password_file is not None:
+            try:
+                password = vnc_password_file.read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise UsageError(f"cannot read the VNC password from {vnc_password_file}: "
+                                 f"{exc}") from None
+        sb = _api(state_dir, "POST", "/api/attach", {
+            "name": name, "ip": ip, "publish": publish or [], "profile": profile,
+            "port": port, "vnc_password": password, "interface": interface},
+            timeout=600.0)
+        err.print(escape(f"attached {ip} as sandbox {sb['id']} ({sb['state']}): "
+                         f"{sb['desktop_url']}"))
+        out.print(json.dumps(sb, indent=2), markup=False)
+
+    _cli_call(run)
+
+
+@app.command()
+def detach(
+    ids: Annotated[list[str], typer.Argument(help="Ids of attached targets.", metavar="ID...")],
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Stop fronting attached targets: their forwards and bridge sessions close (with a
+    reason); the targets themselves are left as they are."""
+
+    def run() -> None:
+        for sandbox_id in ids:
+            _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}",
+                 timeout=60.0)
+            err.print(escape(f"detached {sandbox_id}"))
+
+    _cli_call(run)
+
+
+@app.command()
+def retarget(
+    sandbox_id: Annotated[str, typer.Argument(help="Id of an attached target.", metavar="ID")],
+    ip: Annotated[str | None, typer.Option(help="Its new address.", metavar="ADDR")] = None,
+    gone: Annotated[bool, typer.Option(help="It is gone (its VM or container stopped).")]
+        = False,
+    reason: Annotated[str, typer.Option(help="Words for logs and close reasons.")] = "",
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Tell the gateway an attached target moved (--ip) or is gone (--gone): live
+    connections close with the reason, links and tokens stay valid, new connections go to
+    the new address."""
+
+    def run() -> None:
+        sb = _api(state_dir, "POST", f"/api/sandboxes/{quote(sandbox_id, safe='')}/target",
+                  {"ip": ip, "gone": gone, "reason": reason}, timeout=120.0)
+        err.print(escape(f"sandbox {sb['id']}: {sb['state']} at {sb['ip']}"))
+
+    _cli_call(run)
 
 
 @sandbox_app.command("rm")

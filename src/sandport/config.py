@@ -80,6 +80,10 @@ class GatewayConfig:
         image_cache: where the qemu backend finds (and builds) its guest images.
         qemu_accel: ``auto`` (kvm where usable and not paravirtual, else tcg), ``kvm``
             or ``tcg``.
+        attach_subnets: the networks targets may be attached in (``sandport attach``);
+            none by default: sandport relays into no network it was not told about.
+        attach_grace: seconds an attached target may stay ``degraded`` (not answering)
+            before it is ``failed`` with the doctor's reason.
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -100,6 +104,8 @@ class GatewayConfig:
     agent_port: int = DEFAULT_AGENT_PORT
     image_cache: Path = DEFAULT_IMAGE_CACHE
     qemu_accel: str = "auto"
+    attach_subnets: tuple[ipaddress.IPv4Network, ...] = ()
+    attach_grace: float = 60.0
 
     @property
     def scheme(self) -> str:

@@ -220,6 +220,9 @@ class Subject:
     agent_report_age: float | None = None
     #: Forwards the store has for the sandbox that the gateway does not run (described).
     unrun_forwards: tuple[str, ...] = ()
+    #: An attached target (sandport did not create it): the host network hop checks the
+    #: interface it is reached through (``link``), not sandport's bridge.
+    external: bool = False
     pid: int = field(default_factory=os.getpid)
 
 
@@ -358,6 +361,46 @@ def _route(walk: Walk, s: Subject) -> bool:
 
 async def _host_network(walk: Walk, s: Subject) -> None:
     hop = "host network"
+    if s.external:
+        await _route_link(walk, s)
+    else:
+        await _bridge_and_link(walk, s)
+    await _nft_rules(walk, s)
+    if walk.skipped(hop, "firewall"):
+        return
+    drops = await asyncio.to_thread(inspect.rules_dropping, s.ip)
+    if drops:
+        d = drops[0]
+        walk.add(hop, "firewall", False,
+                 f"nft table {d.family} {d.table}, chain {d.chain}: `{d.text}` ({d.verdict}s "
+                 f"traffic of {s.ip}, rule handle {d.handle})"
+                 + (f"; and {len(drops) - 1} more" if len(drops) > 1 else ""),
+                 f"a firewall rule outside sandport blocks the sandbox: `nft delete rule "
+                 f"{d.family} {d.table} {d.chain} handle {d.handle}` if it is not wanted")
+    else:
+        walk.add(hop, "firewall", True, f"no nft rule drops or rejects {s.ip}")
+
+
+async def _route_link(walk: Walk, s: Subject) -> None:
+    """An attached target: the route to it and the interface it goes out through."""
+    if not s.link:
+        walk.add("host network", "route", False, f"no route to {s.ip} from this host",
+                 f"the target's network is not reachable: add a route (`ip route add {s.ip} "
+                 "dev IFACE`), or tell sandport its new address if it moved")
+        return
+    link = await asyncio.to_thread(inspect.link_facts, s.link)
+    if not link.exists or not link.up:
+        walk.add("host network", "route", False,
+                 f"{s.ip} is reached through {s.link}, which "
+                 + ("does not exist" if not link.exists else "is down"),
+                 f"bring {s.link} up, or tell sandport the target's new address")
+        return
+    walk.add("host network", "route", True, f"{s.ip} via {s.link} (up"
+             + (f", {', '.join(link.addresses)}" if link.addresses else "") + ")")
+
+
+async def _bridge_and_link(walk: Walk, s: Subject) -> None:
+    hop = "host network"
     br = await asyncio.to_thread(inspect.link_facts, s.bridge)
     if not br.exists:
         walk.add(hop, "bridge", False, f"bridge {s.bridge} does not exist",
@@ -394,20 +437,6 @@ async def _host_network(walk: Walk, s: Subject) -> None:
     else:
         iso = "" if link.isolated is None else ", isolated"
         walk.add(hop, "sandbox link", True, f"{s.link} up, a port of {s.bridge}{iso}")
-    await _nft_rules(walk, s)
-    if walk.skipped(hop, "firewall"):
-        return
-    drops = await asyncio.to_thread(inspect.rules_dropping, s.ip)
-    if drops:
-        d = drops[0]
-        walk.add(hop, "firewall", False,
-                 f"nft table {d.family} {d.table}, chain {d.chain}: `{d.text}` ({d.verdict}s "
-                 f"traffic of {s.ip}, rule handle {d.handle})"
-                 + (f"; and {len(drops) - 1} more" if len(drops) > 1 else ""),
-                 f"a firewall rule outside sandport blocks the sandbox: `nft delete rule "
-                 f"{d.family} {d.table} {d.chain} handle {d.handle}` if it is not wanted")
-    else:
-        walk.add(hop, "firewall", True, f"no nft rule drops or rejects {s.ip}")
 
 
 async def _nft_rules(walk: Walk, s: Subject) -> None:

@@ -74,6 +74,10 @@ class Conflict(SandportError):
     """The request clashes with the current state (e.g. a session that already ended)."""
 
 
+class Forbidden(UsageError):
+    """Refused by policy (e.g. a target outside the networks a gateway may attach)."""
+
+
 class Unauthorized(SandportError):
     """A credential is missing (``missing`` true) or wrong."""
 

@@ -242,6 +242,37 @@ async def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[st
     return head.split(b"\r\n", 1)[0].decode(errors="replace"), body
 
 
+async def probe_tcp(host: str, port: int, *, timeout: float = 3.0) -> ProbeResult:
+    """A TCP service accepts a connection through this hop (for services with no
+    protocol sandport speaks; a forward's own listener accepting is not proof, so the
+    connection must stay open: a proxy that cannot reach its target closes it at once)."""
+    hop = f"tcp {host}:{port}"
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                try:  # a relay whose target refuses closes (EOF/RST) at once
+                    async with asyncio.timeout(min(0.3, timeout / 4)):
+                        data = await reader.read(1)
+                    if not data:
+                        return _failed(hop, "the connection was closed at once: nothing "
+                                       "serves behind this port", t0, "open")
+                except TimeoutError:
+                    pass  # open and silent: a server waiting for the client to speak
+                except ConnectionResetError:
+                    return _failed(hop, "the connection was reset at once: nothing serves "
+                                   "behind this port", t0, "open")
+            finally:
+                writer.close()
+    except TimeoutError:
+        return _failed(hop, f"no answer in {timeout:g} s", t0)
+    except OSError as exc:
+        return _failed(hop, _os_error_text(exc), t0)
+    return ProbeResult(ok=True, hop=hop, stage="open", detail="accepts connections",
+                       elapsed=time.perf_counter() - t0)
+
+
 async def probe_http(host: str, port: int, *, path: str = "/",
                      timeout: float = 3.0) -> ProbeResult:
     """An HTTP service answers ``GET path`` through this hop (any status below 500)."""

@@ -57,6 +57,7 @@ from sandport.control.tokens import TokenCheck, bearer_token, check_token
 from sandport.doctor import Report as DoctorReport
 from sandport.errors import (
     Conflict,
+    Forbidden,
     PortInUseError,
     SandboxFailed,
     SandboxNotFound,
@@ -251,9 +252,52 @@ class SandboxApi(Protocol):
         """Walk the path to a sandbox hop by hop (:mod:`sandport.doctor`)."""
         ...
 
+    async def attach(self, *, ip: str, name: str = ..., profile: str = ..., port: int = ...,
+                     vnc_port: int = ..., publish: list[PortMapping] | None = ...,
+                     vnc_password: str | None = ..., interface: str = ...) -> Any:
+        """Front a guest sandport did not create; its info once it answers."""
+        ...
+
+    async def retarget(self, sandbox_id: str, *, ip: str | None = ..., gone: bool = ...,
+                       reason: str = ...) -> Any:
+        """An attached target moved or is gone."""
+        ...
+
 
 PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class AttachIn(BaseModel):
+    """A guest sandport did not create, to front (``sandport attach``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ip: str = Field(description="the target's IPv4 address (in the gateway's "
+                                "--attach-subnet networks)", max_length=15)
+    name: str = Field("", max_length=64, description="its owner's name for it")
+    profile: Literal["desktop", "http", "tcp"] = Field(
+        "desktop", description="what readiness speaks: desktop (VNC on 5901), http (80 or "
+                               "port), tcp (port)")
+    port: int = Field(0, ge=0, le=65535, description="primary port of an http/tcp target")
+    vnc_port: int = Field(0, ge=0, le=65535, description="host port of a desktop's VNC "
+                                                         "forward; 0: a free one")
+    publish: list[str] = Field(default_factory=list, max_length=64,
+                               description="more ports: -p specs (proxy mode)")
+    vnc_password: str | None = Field(None, max_length=64,
+                                     description="the desktop's VNC password")
+    interface: str = Field("", max_length=15, pattern=r"^[A-Za-z0-9_.@-]{0,15}$",
+                           description="the host interface it is reached through (checked)")
+
+
+class TargetIn(BaseModel):
+    """What the owner of an attached target says: it moved (``ip``) or is ``gone``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ip: str | None = Field(None, max_length=15, description="its new address")
+    gone: bool = Field(False, description="it is gone (its VM or container stopped)")
+    reason: str = Field("", max_length=200, description="words for logs and close reasons")
 
 
 class SandboxCreate(BaseModel):
@@ -489,6 +533,8 @@ class SandboxOut(BaseModel):
     reason: str
     ip: str
     profile: str
+    backend: str = Field("", description="netns, qemu, or external (an attached target)")
+    name: str = Field("", description="an attached target's name")
     desktop_url: str
     token: str
     vnc: VncAddress
@@ -534,6 +580,51 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             raise ApiError(503, "not_ready", _words(exc)) from None
         except UsageError as exc:
             raise _port_conflict(exc) from None
+        return out(info.id)
+
+    @router.post("/attach", status_code=201, response_model=SandboxOut,
+                 summary="Front a guest sandport did not create; answers once it answers",
+                 responses={**CONFLICT, 403: {"model": ErrorOut, "description":
+                                              "the address is outside --attach-subnet"},
+                            503: {"model": ErrorOut, "description":
+                                  "it did not answer its protocol: the hop and why"}})
+    async def attach(body: AttachIn) -> SandboxOut:
+        mappings = _mappings(body.publish)
+        try:
+            info = await gateway.attach(
+                ip=body.ip, name=body.name, profile=body.profile, port=body.port,
+                vnc_port=body.vnc_port, publish=mappings, vnc_password=body.vnc_password,
+                interface=body.interface)
+        except Forbidden as exc:
+            raise ApiError(403, "forbidden_target", _words(exc)) from None
+        except Conflict as exc:
+            raise ApiError(409, "already_attached", _words(exc)) from None
+        except SandboxFailed as exc:
+            raise ApiError(503, "not_ready", _words(exc)) from None
+        except UsageError as exc:
+            raise _port_conflict(exc) from None
+        return out(info.id)
+
+    @router.post("/sandboxes/{sandbox_id}/target", response_model=SandboxOut,
+                 responses={**CONFLICT, 403: {"model": ErrorOut, "description":
+                                              "the new address is outside --attach-subnet"},
+                            503: {"model": ErrorOut, "description":
+                                  "it does not answer at the new address"}},
+                 summary="An attached target moved to a new address, or is gone")
+    async def retarget(sandbox_id: str, body: TargetIn) -> SandboxOut:
+        try:
+            info = await gateway.retarget(sandbox_id, ip=body.ip, gone=body.gone,
+                                          reason=body.reason)
+        except SandboxNotFound as exc:
+            raise ApiError(404, "unknown_target", _words(exc)) from None
+        except Forbidden as exc:
+            raise ApiError(403, "forbidden_target", _words(exc)) from None
+        except Conflict as exc:
+            raise ApiError(409, "conflict", _words(exc)) from None
+        except SandboxFailed as exc:
+            raise ApiError(503, "not_ready", _words(exc)) from None
+        except UsageError as exc:
+            raise ApiError(422, "invalid", _words(exc)) from None
         return out(info.id)
 
     @router.get("/sandboxes", response_model=SandboxList, summary="Every sandbox")

@@ -93,9 +93,17 @@ from sandport.probe import (
     probe_http,
     probe_rfb_tcp,
     probe_rfb_ws,
+    probe_tcp,
     wait_until,
 )
 from sandport.sandbox.base import AGENT_PORT, Backend, SandboxSpec
+from sandport.sandbox.external import (
+    ATTACH_PROFILES,
+    ExternalBackend,
+    check_target,
+    resolve_ip,
+    route_to,
+)
 from sandport.sandbox.netns import NetnsBackend, netns_name, spec_from_record
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
 from sandport.sandbox.qemu import QemuBackend
@@ -230,6 +238,9 @@ class SandboxInfo:
     last_probe: dict[str, Any] | None = None
     #: The doctor's failing check when the sandbox degraded (None while healthy).
     diagnosis: dict[str, Any] | None = None
+    #: The backend (``netns``, ``qemu``, ``external``) and an attached target's name.
+    backend: str = ""
+    name: str = ""
     #: The guest agent's latest report, and when it came (Unix time).
     agent: dict[str, Any] | None = None
     agent_report_at: float | None = None
@@ -251,6 +262,8 @@ class SandboxInfo:
             "reason": self.reason,
             "readiness": {"probes": self.probes, "last": self.last_probe,
                           "diagnosis": self.diagnosis},
+            "backend": self.backend,
+            "name": self.name,
             "agent": {"report": self.agent, "reported_at": self.agent_report_at},
         }
 
@@ -340,7 +353,7 @@ class Gateway:
         preflight.require_capabilities()
         programs = preflight.require_programs()
         novnc = preflight.find_novnc()
-        self._backends = {"netns": NetnsBackend(programs),
+        self._backends = {"external": ExternalBackend(), "netns": NetnsBackend(programs),
                           "qemu": QemuBackend(image_cache=cfg.image_cache, accel=cfg.qemu_accel)}
         self._lock_state_dir()
         self.events, self._session_changed = EventHub(), asyncio.Event()  # this loop's
@@ -481,6 +494,11 @@ class Gateway:
                                     secrets={k: v for k, v in secrets.items() if k != "token"},
                                     agent_url=self.agent_url
                                     if backend.runs_agent(rec.profile) else "")
+            if rec.backend == "external":
+                spec = dataclasses.replace(
+                    spec, name=str(rec.info.get("name", "")),
+                    interface=str(rec.info.get("interface", "")),
+                    target_port=int(rec.info.get("target_port", 0)))
             if state in (SandboxState.STOPPING, SandboxState.STOPPED):  # was being deleted
                 progress(f"removing sandbox {rec.id}: it was being deleted")
                 await backend.destroy(spec)
@@ -1001,12 +1019,174 @@ class Gateway:
                  "; ".join(f"{p.hop} {p.detail} ({p.elapsed * 1000:.0f} ms)" for p in sb.probes))
         return self.info(sandbox_id)
 
+    async def attach(
+        self, *, ip: str, name: str = "", profile: str = "desktop", port: int = 0,
+        vnc_port: int = 0, publish: list[PortMapping] | None = None,
+        vnc_password: str | None = None, interface: str = "",
+        progress: Progress = _quiet,
+    ) -> SandboxInfo:
+        """Front a guest sandport did not create (a VM or container of another manager)
+        at ``ip``: forwards, the WebSocket bridge, readiness and the doctor, as for a
+        sandbox; nothing is created in the guest (see :mod:`sandport.sandbox.external`).
+
+        Args:
+            ip: the target's IPv4 address; it must lie in ``attach_subnets``.
+            name: its owner's name for it (shown, searchable).
+            profile: ``desktop`` (VNC on 5901), ``http`` (80 or ``port``) or ``tcp``
+                (``port``): what readiness speaks to its primary port.
+            port: the primary port of an ``http`` or ``tcp`` target.
+            vnc_port: host port of a desktop's VNC forward; 0 picks a free one.
+            publish: more ports to forward (proxy mode).
+            vnc_password: the desktop's VNC password (None: the server asks for none).
+            interface: the host interface the target is reached through (checked).
+
+        Raises:
+            Forbidden: the address is outside ``attach_subnets``.
+            UsageError: no route to it, a bad profile or port, the port of a forward taken.
+            Conflict: a sandbox or attached target already has this address.
+            SandboxFailed: it does not answer its protocol within ``ready_timeout``.
+        """
+        if self._pool is None or self._store is None or self._box is None:
+            raise RuntimeError("gateway not started")
+        target = resolve_ip(ip)
+        check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet)
+        if profile not in ATTACH_PROFILES:
+            raise UsageError(f"an attached target's profile is one of "
+                             f"{', '.join(ATTACH_PROFILES)}, not {profile!r}")
+        if profile == "tcp" and not 0 < port < 65536:
+            raise UsageError("a tcp target needs its port (--port N): readiness connects "
+                             "to it")
+        if not 0 <= port < 65536:
+            raise UsageError(f"port {port} is outside 1-65535")
+        for other in self._sandboxes.values():
+            if other.live.ip == str(target):
+                raise Conflict(f"{target} is already attached as sandbox {other.spec.id}"
+                               + (f" ({other.spec.name})" if other.spec.name else ""))
+        be = self._backends["external"]
+        t0 = time.perf_counter()
+        sandbox_id = self._new_id()
+        token = new_token()
+        secrets_ = {"vnc_password": vnc_password} if vnc_password else {}
+        spec = SandboxSpec(
+            id=sandbox_id, profile=profile, address=ipaddress.IPv4Interface(f"{target}/32"),
+            gateway=target, bridge=interface,
+            workdir=self.config.state_dir / "sandboxes" / sandbox_id, secrets=secrets_,
+            name=name, interface=interface, target_port=port,
+        )
+        live = LiveSandbox(id=sandbox_id, ip=str(target), state=SandboxState.CREATING,
+                           token_hash=hash_token(token), ports=be.ports(spec),
+                           secrets=spec.secrets)
+        sb = Sandbox(spec=spec, live=live, token=token, backend=be)
+        sealed = self._box.seal(json.dumps({"token": token, **spec.secrets}).encode(),
+                                f"sandboxes/{sandbox_id}")
+        created = {"state": live.state.value, "from": "", "reason": "", "ip": str(target),
+                   "profile": profile, "attached": name or str(target)}
+        seq = self._store.add_sandbox(
+            sandbox_id=sandbox_id, backend=be.name, profile=profile, state=live.state.value,
+            ip=str(target), prefixlen=32, bridge=interface, token_hash=live.token_hash,
+            secrets=sealed, event=("sandbox.state", created))
+        self._published(seq, "sandbox.state", sandbox_id, created)
+        self._store.set_state(sandbox_id, live.state.value, info={
+            "name": name, "interface": interface, "target_port": port})
+        self._sandboxes[sandbox_id] = sb
+        try:
+            progress(f"sandbox {sandbox_id}: attaching {target}" + (f" ({name})" if name else ""))
+            await be.create(spec)
+            self._set_state(sb, SandboxState.STARTING)
+            await self._publish(sb, vnc_port, publish or [], ForwardOptions(mode="proxy"),
+                                progress)
+            await self._await_ready(sb, progress)
+        except BaseException as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if sandbox_id in self._sandboxes:
+                with contextlib.suppress(Exception):
+                    self._set_state(sb, SandboxState.FAILED, reason)
+                await self.destroy_sandbox(sandbox_id)
+            raise
+        sb.ready_seconds = round(time.perf_counter() - t0, 3)
+        self._set_state(sb, SandboxState.READY)
+        self._monitors[sandbox_id] = asyncio.create_task(
+            self._monitor(sb), name=f"sandbox {sandbox_id} readiness")
+        return self.info(sandbox_id)
+
+    async def retarget(self, sandbox_id: str, *, ip: str | None = None, gone: bool = False,
+                       reason: str = "") -> SandboxInfo:
+        """The owner of an attached target says it moved to ``ip``, or is ``gone``.
+
+        Moved: live connections are closed with the reason, the forwards (same ids, same
+        host ports) and the bridge go to the new address, tokens stay valid, readiness is
+        proven again. Gone: the target is ``failed`` with the reason; its forwards and
+        live connections are closed.
+
+        Raises:
+            SandboxNotFound: no such attached target.
+            Forbidden, UsageError, Conflict: as for :meth:`attach` (the new address).
+        """
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or sb.backend.name != "external":
+            raise SandboxNotFound(f"no attached target {sandbox_id!r}")
+        if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED) and not gone:
+            raise Conflict(f"attached target {sandbox_id} is {sb.live.state.value}: attach "
+                           "it again (detach, attach) rather than moving it")
+        if gone == (ip is not None):
+            raise UsageError("say where the target moved (ip) or that it is gone, one of them")
+        monitor = self._monitors.pop(sandbox_id, None)
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+        if gone:
+            why = f"its owner says it is gone{': ' + reason if reason else ''}"
+            if self._front is not None:
+                self._front.close_sessions(sandbox_id, 1001, f"the target is gone: {reason}"
+                                           if reason else "the target is gone")
+            with contextlib.suppress(Exception):
+                await self.forwards.remove_sandbox(sandbox_id)
+            if sb.live.state is not SandboxState.FAILED:
+                self._set_state(sb, SandboxState.FAILED, why)
+            return self.info(sandbox_id)
+        assert ip is not None
+        target = resolve_ip(ip)
+        check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet)
+        for other in self._sandboxes.values():
+            if other is not sb and other.live.ip == str(target):
+                raise Conflict(f"{target} is already attached as sandbox {other.spec.id}")
+        await asyncio.to_thread(route_to, target, sb.spec.interface)
+        old = sb.live.ip
+        moved = f"the target moved from {old} to {target}" + (f": {reason}" if reason else "")
+        if self._front is not None:  # browsers reconnect with the same URL
+            self._front.close_sessions(sandbox_id, 1012, moved)
+        sb.spec = dataclasses.replace(sb.spec, address=ipaddress.IPv4Interface(f"{target}/32"),
+                                      gateway=target)
+        sb.live.ip = str(target)
+        if self._store is not None:
+            self._store.move_sandbox(sandbox_id, str(target))
+        for fwd in self.forwards.of(sandbox_id):  # same ids and host ports, new target
+            await self.forwards.remove(fwd.id)
+            await self.forwards.add(sandbox=sandbox_id, guest_ip=str(target),
+                                    mappings=[(fwd.name, fwd.mapping)], options=fwd.options,
+                                    ids=[fwd.id])
+        self._record_event("sandbox.moved", sandbox_id, {"from": old, "to": str(target),
+                                                          "reason": reason})
+        if sb.live.state is SandboxState.READY:  # until readiness is proven again
+            self._set_state(sb, SandboxState.DEGRADED, moved)
+        sb.probes.clear()
+        try:
+            await self._await_ready(sb, _quiet)
+        except SandboxFailed as exc:
+            self._set_state(sb, SandboxState.FAILED, str(exc).splitlines()[0])
+            raise
+        if sb.live.state is not SandboxState.READY:
+            self._set_state(sb, SandboxState.READY)
+        self._monitors[sandbox_id] = asyncio.create_task(
+            self._monitor(sb), name=f"sandbox {sandbox_id} readiness")
+        return self.info(sandbox_id)
+
     async def _publish(self, sb: Sandbox, vnc_port: int, publish: list[PortMapping],
                        options: ForwardOptions | None, progress: Progress) -> None:
         """Forward the profile's primary port (a desktop's VNC; ``vnc_port`` on the host)
         and the ``publish`` ports to the host."""
-        primary = get_profile(sb.spec.profile).primary
-        mode = self.config.forward_mode
+        primary = sb.live.ports[0]
+        mode = "proxy" if sb.backend.name == "external" else self.config.forward_mode
         progress(f"sandbox {sb.spec.id}: forwarding ports ({mode} mode)")
         mapping = PortMapping(host_ip=self.config.forward_host,
                               host_port=vnc_port if primary.protocol == "rfb" else 0,
@@ -1155,8 +1335,9 @@ class Gateway:
 
     def _primary_probe(self, sb: Sandbox, timeout: float) -> tuple[str, Probe] | None:
         """``(label, probe)`` of the profile's primary port through its host forward:
-        an RFB handshake for a desktop, an HTTP GET for an HTTP service."""
-        primary = get_profile(sb.spec.profile).primary
+        an RFB handshake for a desktop, an HTTP GET for an HTTP service, a connect for
+        a TCP one."""
+        primary = sb.live.ports[0]
         fwd = self._forward(sb.spec.id, primary.name)
         if fwd is None:
             return None
@@ -1165,6 +1346,9 @@ class Gateway:
             password = sb.spec.secrets.get("vnc_password")
             return (f"VNC through the host port {host}:{port} ({fwd.mode} forward)",
                     lambda: probe_rfb_tcp(host, port, password=password, timeout=timeout))
+        if primary.protocol == "tcp":
+            return (f"{primary.name} through the host port {host}:{port} ({fwd.mode} "
+                    "forward)", lambda: probe_tcp(host, port, timeout=timeout))
         return (f"{primary.name} through the host port {host}:{port} ({fwd.mode} forward)",
                 lambda: probe_http(host, port, timeout=timeout))
 
@@ -1181,6 +1365,7 @@ class Gateway:
         timeout = min(3.0, max(1.0, 2 * interval))
         restarts: list[float] = []  # when guest services were restarted, recent ones
         delay = interval if first_delay is None else first_delay
+        degraded_since = time.monotonic()
         while True:
             await asyncio.sleep(delay)
             delay = interval
@@ -1209,10 +1394,19 @@ class Gateway:
                 return  # it changed while we probed
             if not ok and sb.live.state is SandboxState.READY:
                 self._set_state(sb, SandboxState.DEGRADED, why)
+                degraded_since = time.monotonic()
                 await self._diagnose(sb)
             elif ok and sb.live.state is SandboxState.DEGRADED:
                 sb.diagnosis, sb.live.diagnosis = None, ""
                 self._set_state(sb, SandboxState.READY)
+            elif not ok and sb.backend.name == "external" and \
+                    time.monotonic() - degraded_since > self.config.attach_grace:
+                # Not ours to restart: after the grace it is failed, with the doctor's word.
+                await self._diagnose(sb)
+                finding = sb.live.diagnosis or why
+                self._set_state(sb, SandboxState.FAILED, f"no answer for "
+                                f"{self.config.attach_grace:g} s: {finding}")
+                return
 
     async def _diagnose(self, sb: Sandbox) -> None:
         """Name the broken hop of a sandbox that degraded (``sandport doctor``), for its
@@ -1278,7 +1472,7 @@ class Gateway:
             return backend.failure(spec, agent=True)
 
         hops: list[tuple[str, Probe]] = [primary]
-        if get_profile(spec.profile).primary.protocol == "rfb":
+        if sb.live.ports[0].protocol == "rfb":
             hops.append(("VNC through the WebSocket bridge",
                          lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0,
                                               ssl_context=probe_ssl)))
@@ -1325,6 +1519,8 @@ class Gateway:
             agent=sb.agent_report,
             agent_report_at=sb.agent_report_at,
             diagnosis=sb.diagnosis.as_json() if sb.diagnosis is not None else None,
+            backend=sb.backend.name,
+            name=sb.spec.name,
         )
 
     def sandbox_ids(self) -> list[str]:
@@ -1338,9 +1534,12 @@ class Gateway:
         """Walk the path to ``sandbox_id`` (its ``port``; all by default) hop by hop and
         name the broken hop (:mod:`sandport.doctor`). ``token``: a token someone uses for
         it (a link), checked too. A sandbox that was deleted gives a report saying when."""
-        return await diagnose(self._subject(sandbox_id, port, token))
+        sb = self._sandboxes.get(sandbox_id)
+        link = await asyncio.to_thread(sb.backend.host_link, sb.spec) if sb else ""
+        return await diagnose(self._subject(sandbox_id, port, token, link))
 
-    def _subject(self, sandbox_id: str, port: str | None, token: str | None) -> Subject:
+    def _subject(self, sandbox_id: str, port: str | None, token: str | None,
+                 link: str) -> Subject:
         sb = self._sandboxes.get(sandbox_id)
         facts = self._token_facts(sandbox_id, token, port) if token else None
         if sb is None:
@@ -1389,7 +1588,7 @@ class Gateway:
             sandbox=sandbox_id, known=True, state=sb.live.state.value,
             reason=sb.live.reason, ip=sb.live.ip, bridge=net.bridge,
             pool_gateway=f"{net.gateway_ip}/{net.subnet.prefixlen}",
-            link=sb.backend.host_link(sb.spec), ports=tuple(ports),
+            link=link, ports=tuple(ports),
             vnc_password=sb.spec.secrets.get("vnc_password"),
             service_failure=sb.backend.failure(sb.spec),
             logs=str(sb.spec.workdir / "logs"),
@@ -1400,6 +1599,7 @@ class Gateway:
             agent_report=sb.agent_report,
             agent_report_age=time.time() - sb.agent_report_at
             if sb.agent_report_at is not None else None,
+            external=sb.backend.name == "external",
             unrun_forwards=tuple(
                 f"forward {r.id} ({r.protocol} {r.host_ip}:{r.host_port} -> {r.guest_port})"
                 for r in (self._store.forwards(sandbox_id) if self._store is not None else [])

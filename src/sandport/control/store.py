@@ -220,6 +220,10 @@ class StateStore(Protocol):
         """Every sandbox record, oldest first."""
         ...
 
+    def move_sandbox(self, sandbox_id: str, ip: str) -> None:
+        """An attached target's new address."""
+        ...
+
     # leases (sandport.net.pool.LeaseBook)
     def leased_addresses(self) -> set[str]:
         """Every leased address."""
@@ -406,6 +410,12 @@ class SqliteStore:
                     "DELETE FROM leases WHERE address=? AND owner=?", (row["ip"], sandbox_id)
                 )
             db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+
+    def move_sandbox(self, sandbox_id: str, ip: str) -> None:
+        """An attached target's new address."""
+        with self.transaction() as db:
+            db.execute("UPDATE sandboxes SET ip=?, updated_at=? WHERE id=?",
+                       (ip, time.time(), sandbox_id))
 
     def sandboxes(self) -> list[SandboxRecord]:
         """Every sandbox record, oldest first."""

@@ -54,6 +54,10 @@ class SandboxSpec:
             bridge); "" runs no agent.
         memory_mb, vcpus: a VM's limits (None: the profile's default); a namespace
             shares the host's.
+        name: an attached target's name (its owner's word for it).
+        interface: the host interface an attached target is reached through ("": the
+            route's).
+        target_port: an attached ``tcp``/``http`` target's primary port.
     """
 
     id: str
@@ -66,6 +70,9 @@ class SandboxSpec:
     agent_url: str = ""
     memory_mb: int | None = None
     vcpus: int | None = None
+    name: str = ""
+    interface: str = ""
+    target_port: int = 0
 
     @property
     def ip(self) -> ipaddress.IPv4Address:

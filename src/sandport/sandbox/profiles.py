@@ -61,6 +61,7 @@ PROFILES: dict[str, Profile] = {
         ports=(GuestPort(name="vnc", port=VNC_PORT, protocol="rfb"),),
         summary="Xvnc (VNC Authentication, random password) + openbox; "
         "a background colour and a window naming the sandbox",
+        backends=("netns", "qemu", "external"),
     ),
     "echo": Profile(
         name="echo",
@@ -68,6 +69,17 @@ PROFILES: dict[str, Profile] = {
                GuestPort(name="echo", port=7, protocol="tcp")),
         summary="TCP and UDP echo on port 7, an HTTP server on 80 naming the sandbox",
         backends=("qemu",),
+    ),
+    # Attached targets (sandport runs nothing in them): what readiness speaks.
+    "http": Profile(
+        name="http", ports=(GuestPort(name="http", port=80, protocol="http"),),
+        summary="an attached target serving HTTP (on 80 or --port)",
+        backends=("external",),
+    ),
+    "tcp": Profile(
+        name="tcp", ports=(GuestPort(name="tcp", port=0, protocol="tcp"),),
+        summary="an attached target serving TCP on --port (it must accept a connection)",
+        backends=("external",),
     ),
 }
 

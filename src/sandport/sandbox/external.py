@@ -1,0 +1,184 @@
+"""The external backend: a guest sandport did not create, attached by address.
+
+Most teams already have a VM manager (Firecracker under their own controller,
+cloud-hypervisor, containers); sandport fronts what it runs: it records the target's
+address, probes readiness the same way (RFB, HTTP, TCP through the host forward), and
+exposes its ports with forwards and the WebSocket bridge. It creates nothing in the guest
+and nothing on the guest's network: :meth:`ExternalBackend.destroy` (``detach``) removes
+only sandport's own files; the gateway removes the forwards it made.
+
+Safety: sandport must not become an open relay into the host's networks. A target must
+lie in one of the gateway's ``attach_subnets`` (none by default: attaching is off until an
+operator names the networks), must not lie in the gateway's own sandbox pool, and must be
+routable from this host (the route, and the interface if one is named, are checked when
+attaching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+
+from pyroute2 import IPRoute, NetlinkError
+
+from sandport.errors import Forbidden, UsageError
+from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
+from sandport.sandbox.profiles import get_profile
+
+log = logging.getLogger(__name__)
+
+#: The profiles an attached target can have: what readiness speaks to its primary port.
+ATTACH_PROFILES = ("desktop", "http", "tcp")
+
+
+def check_target(ip: ipaddress.IPv4Address, *, allowed: tuple[ipaddress.IPv4Network, ...],
+                 pool: ipaddress.IPv4Network) -> None:
+    """Refuse a target outside the allow-list, in the pool, or not a unicast host address.
+
+    Raises:
+        Forbidden: not in ``allowed`` (the reason names the list and how to extend it).
+        UsageError: an address no guest can have (loopback, multicast ...) or one of
+            the gateway's own pool.
+    """
+    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local or \
+            ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise UsageError(f"{ip} cannot be a guest's address (loopback, multicast, "
+                         "link-local or unspecified)")
+    if ip in pool:
+        raise UsageError(f"{ip} is in this gateway's own sandbox pool {pool}",
+                         hint="attach guests of other managers, on other networks")
+    if not any(ip in net for net in allowed):
+        listed = ", ".join(map(str, allowed)) or "none"
+        raise Forbidden(
+            f"{ip} is not in the networks this gateway may attach targets in ({listed}): "
+            "sandport does not relay into networks it was not told about",
+            hint="start the gateway with --attach-subnet CIDR (repeatable) for the "
+                 "networks your VM manager uses")
+
+
+def route_to(ip: ipaddress.IPv4Address, interface: str = "") -> str:
+    """The interface this host reaches ``ip`` through, directly (no router between).
+
+    Raises:
+        UsageError: no route, a route through a router (the guest is not on a link of
+            this host: sandport sends nothing beyond its own links), or a route that does
+            not go out through ``interface``.
+    """
+    via = None
+    with IPRoute() as ipr:
+        if interface and not ipr.link_lookup(ifname=interface):
+            raise UsageError(f"interface {interface} does not exist",
+                             hint="name the interface the target is reached through "
+                                  "(`ip -brief link`)")
+        try:
+            routes = ipr.route("get", dst=str(ip))
+        except NetlinkError as exc:
+            raise UsageError(f"no route to {ip}: {exc.args[1] if len(exc.args) > 1 else exc}",
+                             hint=f"add one (`ip route add {ip} dev IFACE`) or attach the "
+                                  "target on a network this host is on") from None
+        if not routes:
+            raise UsageError(f"no route to {ip}")
+        index = routes[0].get_attr("RTA_OIF")
+        via = routes[0].get_attr("RTA_GATEWAY")
+        links = ipr.get_links(index) if index else []
+        name = links[0].get_attr("IFLA_IFNAME") if links else ""
+    if via:
+        raise UsageError(
+            f"{ip} is reached through the router {via} on {name}, not on a network of this "
+            "host: sandport attaches guests on this host's own links (a TAP, a bridge, a "
+            "veth)", hint=f"if the guest is on this host, add its route (`ip route add {ip} "
+            "dev IFACE`)")
+    if not name or name == "lo":
+        raise UsageError(f"{ip} routes to this host itself ({name or 'no interface'}), not "
+                         "to a guest")
+    if interface and name != interface:
+        raise UsageError(f"{ip} is reached through {name}, not {interface}",
+                         hint=f"fix the route (`ip route replace {ip} dev {interface}`) or "
+                              "drop --interface")
+    return str(name)
+
+
+class ExternalBackend:
+    """Targets that someone else runs (see the module docstring)."""
+
+    name = "external"
+    restarts_services = False  # not ours to restart: degraded, then failed after a grace
+
+    def runs_agent(self, profile: str) -> bool:
+        """An attached guest runs no sandport agent."""
+        return False
+
+    def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
+        """The profile's ports; a ``tcp`` target's primary is the port given to attach."""
+        if spec.profile == "tcp":
+            return (GuestPort(name="tcp", port=spec.target_port, protocol="tcp"),)
+        if spec.profile == "http" and spec.target_port:
+            return (GuestPort(name="http", port=spec.target_port, protocol="http"),)
+        return get_profile(spec.profile).ports
+
+    def host_link(self, spec: SandboxSpec) -> str:
+        """The interface the target is reached through (given, or the route's)."""
+        if spec.interface:
+            return spec.interface
+        try:
+            return route_to(spec.ip)
+        except UsageError:
+            return ""
+
+    async def create(self, spec: SandboxSpec) -> None:
+        """Check the route to the target; make sandport's own directory for it."""
+        await asyncio.to_thread(route_to, spec.ip, spec.interface)
+        (spec.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        log.info("sandbox %s: attached %s (%s)", spec.id, spec.ip, spec.name or "no name")
+
+    async def start(self, spec: SandboxSpec) -> None:
+        """Nothing: the target's owner runs it."""
+
+    async def stop(self, spec: SandboxSpec) -> None:
+        """Nothing: the target's owner runs it."""
+
+    async def destroy(self, spec: SandboxSpec) -> None:
+        """Detach: remove sandport's own files; the target is left as it is."""
+        await asyncio.to_thread(shutil.rmtree, spec.workdir, True)
+
+    async def inspect(self, spec: SandboxSpec) -> Inspection:
+        """Whether the target's primary port accepts a connection."""
+        primary = self.ports(spec)[0]
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(str(spec.ip), primary.port), 2.0)
+        except (OSError, TimeoutError):
+            return Inspection(exists=True, link_up=bool(self.host_link(spec)),
+                              services={primary.name: False}, pids=())
+        writer.close()
+        return Inspection(exists=True, link_up=True, services={primary.name: True}, pids=())
+
+    async def adopt(self, spec: SandboxSpec) -> str | None:
+        """A restarted gateway keeps fronting the target (readiness is probed at once)."""
+        return None
+
+    def diagnostics(self, spec: SandboxSpec) -> str:
+        """sandport sees no console of a guest it did not start."""
+        return ""
+
+    async def revive_agent(self, spec: SandboxSpec) -> bool:
+        """No agent to revive."""
+        return False
+
+    def failure(self, spec: SandboxSpec, *, agent: bool = False) -> str | None:
+        """sandport runs no process of the target: only its probes can tell."""
+        return None
+
+
+def resolve_ip(text: str) -> ipaddress.IPv4Address:
+    """An IPv4 address from user input.
+
+    Raises:
+        UsageError: not an IPv4 address.
+    """
+    try:
+        return ipaddress.IPv4Address(text.strip())
+    except ValueError:
+        raise UsageError(f"{text!r} is not an IPv4 address") from None
