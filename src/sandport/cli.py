@@ -824,6 +824,9 @@ def retarget(
     the new address."""
 
     def run() -> None:
+        if gone == (ip is not None):
+            raise UsageError("say where the target moved (--ip ADDR) or that it is gone "
+                             "(--gone), one of them")
         sb = _api(state_dir, "POST", f"/api/sandboxes/{quote(sandbox_id, safe='')}/target",
                   {"ip": ip, "gone": gone, "reason": reason}, timeout=120.0)
         err.print(escape(f"sandbox {sb['id']}: {sb['state']} at {sb['ip']}"))

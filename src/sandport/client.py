@@ -120,8 +120,23 @@ class Sandbox(_Resource):
         return self
 
     def delete(self) -> None:
-        """Stop and remove it."""
+        """Stop and remove it (an attached target: detach; the target stays as it is)."""
         self.client.request("DELETE", f"/api/sandboxes/{quote(self.id, safe='')}")
+
+    detach = delete
+
+    def moved(self, ip: str, reason: str = "") -> Sandbox:
+        """An attached target moved to ``ip``: live connections close with ``reason``,
+        links and tokens stay valid; returns once it answers at the new address."""
+        self.doc = self.client.request("POST", f"{self._path}/target",
+                                       {"ip": ip, "reason": reason})
+        return self
+
+    def gone(self, reason: str = "") -> Sandbox:
+        """An attached target is gone (its VM or container stopped): failed, closed."""
+        self.doc = self.client.request("POST", f"{self._path}/target",
+                                       {"gone": True, "reason": reason})
+        return self
 
     @property
     def _path(self) -> str:
@@ -262,6 +277,21 @@ class Client:
                                                       "session_ttl_seconds": session_ttl,
                                                       "backend": backend})
         return Sandbox(self, doc)
+
+    def attach(self, ip: str, *, name: str = "", profile: str = "desktop", port: int = 0,
+               publish: list[str] | None = None, vnc_password: str | None = None,
+               interface: str = "") -> Sandbox:
+        """Front a VM or container sandport did not create (``sandport attach``); returns
+        once it answers its protocol. Detach with :meth:`Sandbox.detach`.
+
+        Raises:
+            ApiError: 403 the address is outside the gateway's --attach-subnet networks,
+                409 already attached or a port taken, 422 no route or a bad spec, 503 it
+                does not answer.
+        """
+        return Sandbox(self, self.request("POST", "/api/attach", {
+            "ip": ip, "name": name, "profile": profile, "port": port,
+            "publish": publish or [], "vnc_password": vnc_password, "interface": interface}))
 
     def sandboxes(self) -> list[Sandbox]:
         """Every sandbox of the gateway."""

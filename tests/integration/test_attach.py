@@ -187,3 +187,34 @@ def test_targets_outside_the_allow_list_or_unroutable_are_refused(
             loop_thread.run(other.retarget(info.id, ip="10.202.0.5"))
     finally:
         loop_thread.run(other.destroy_sandbox(info.id))
+
+
+def test_the_cli_and_the_sdk_attach_mark_gone_and_detach(
+        gateway_factory: Any, hand_made: HandMade, tmp_path: Path) -> None:
+    import sys
+
+    from sandport.client import Client
+
+    gw: Gateway = gateway_factory(attach_subnets=(hand_made.network,))
+    secret = tmp_path / "pw.txt"
+    secret.write_text(hand_made.password + "\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sandport", *args, "--state-dir",
+                               str(gw.config.state_dir)], capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    r = cli("attach", "by-cli", "--ip", hand_made.ip, "--vnc-password-file", str(secret))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["backend"] == "external" and doc["state"] == "ready" and doc["name"] == "by-cli"
+    again = cli("attach", "twice", "--ip", hand_made.ip)
+    assert again.returncode == 2 and "already attached" in again.stderr
+    sdk = Client.from_state_dir(gw.config.state_dir)
+    target = sdk.sandbox(doc["id"]).gone("the VM was stopped")
+    assert target.state == "failed" and "the VM was stopped" in target.reason
+    bad = cli("retarget", doc["id"])
+    assert bad.returncode == 2 and "one of them" in bad.stderr
+    assert cli("detach", doc["id"]).returncode == 0
+    assert doc["id"] not in gw.sandbox_ids() and hand_made.xvnc.poll() is None
+    assert f"inet {hand_made.ip}/" in hand_made.sh("ip", "-4", "addr", "show", "eth0")

@@ -1125,11 +1125,11 @@ class Gateway:
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.backend.name != "external":
             raise SandboxNotFound(f"no attached target {sandbox_id!r}")
+        if gone == (ip is not None):
+            raise UsageError("say where the target moved (ip) or that it is gone, one of them")
         if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED) and not gone:
             raise Conflict(f"attached target {sandbox_id} is {sb.live.state.value}: attach "
                            "it again (detach, attach) rather than moving it")
-        if gone == (ip is not None):
-            raise UsageError("say where the target moved (ip) or that it is gone, one of them")
         monitor = self._monitors.pop(sandbox_id, None)
         if monitor is not None:
             monitor.cancel()
@@ -1687,7 +1687,9 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.forwards.remove_sandbox(sandbox_id)
         if self._front is not None:  # browsers see why, not a session that hangs
-            self._front.close_sessions(sandbox_id, 1001, "the sandbox was destroyed")
+            self._front.close_sessions(
+                sandbox_id, 1001, "the target was detached: sandport no longer fronts it"
+                if sb.backend.name == "external" else "the sandbox was destroyed")
         await sb.backend.destroy(sb.spec)
         with contextlib.suppress(Exception):
             self._set_state(sb, SandboxState.STOPPED)
