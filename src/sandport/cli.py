@@ -801,13 +801,7 @@ def detach(
     """Stop fronting attached targets: their forwards and bridge sessions close (with a
     reason); the targets themselves are left as they are."""
 
-    def run() -> None:
-        for sandbox_id in ids:
-            _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}",
-                 timeout=60.0)
-            err.print(escape(f"detached {sandbox_id}"))
-
-    _cli_call(run)
+    _remove(state_dir, ids, "detached")
 
 
 @app.command()
@@ -841,11 +835,17 @@ def sandbox_rm(
 ) -> None:
     """Stop and remove sandboxes."""
 
+    _remove(state_dir, ids, "removed")
+
+
+def _remove(state_dir: Path, ids: list[str], done: str) -> None:
+    """DELETE each sandbox (or attached target), saying ``done ID`` for each."""
+
     def run() -> None:
         for sandbox_id in ids:
             _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}",
                  timeout=60.0)
-            err.print(escape(f"removed {sandbox_id}"))
+            err.print(escape(f"{done} {sandbox_id}"))
 
     _cli_call(run)
 

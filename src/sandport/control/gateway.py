@@ -993,7 +993,8 @@ class Gateway:
         self._sandboxes[sandbox_id] = sb
         if session_ttl is not None:
             self.create_session(sandbox_id, session_ttl)
-        try:
+
+        async def steps() -> None:
             what = "network namespace" if be.name == "netns" else "microVM tap"
             progress(f"sandbox {sandbox_id}: {what}, {address} on {spec.bridge}")
             await be.create(spec)
@@ -1002,6 +1003,16 @@ class Gateway:
             await be.start(spec)
             await self._publish(sb, vnc_port, publish or [], options, progress)
             await self._await_ready(sb, progress)
+
+        return await self._bring_up(sb, steps, t0)
+
+    async def _bring_up(self, sb: Sandbox, steps: Callable[[], Awaitable[None]],
+                        t0: float) -> SandboxInfo:
+        """Run the steps that make a new sandbox ready; then ready and monitored. A step
+        that fails fails the sandbox and removes what was made (and raises)."""
+        sandbox_id = sb.spec.id
+        try:
+            await steps()
         except BaseException as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if sandbox_id not in self._sandboxes:  # deleted (DELETE) while it started
@@ -1089,25 +1100,16 @@ class Gateway:
         self._store.set_state(sandbox_id, live.state.value, info={
             "name": name, "interface": interface, "target_port": port})
         self._sandboxes[sandbox_id] = sb
-        try:
+
+        async def steps() -> None:
             progress(f"sandbox {sandbox_id}: attaching {target}" + (f" ({name})" if name else ""))
             await be.create(spec)
             self._set_state(sb, SandboxState.STARTING)
             await self._publish(sb, vnc_port, publish or [], ForwardOptions(mode="proxy"),
                                 progress)
             await self._await_ready(sb, progress)
-        except BaseException as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if sandbox_id in self._sandboxes:
-                with contextlib.suppress(Exception):
-                    self._set_state(sb, SandboxState.FAILED, reason)
-                await self.destroy_sandbox(sandbox_id)
-            raise
-        sb.ready_seconds = round(time.perf_counter() - t0, 3)
-        self._set_state(sb, SandboxState.READY)
-        self._monitors[sandbox_id] = asyncio.create_task(
-            self._monitor(sb), name=f"sandbox {sandbox_id} readiness")
-        return self.info(sandbox_id)
+
+        return await self._bring_up(sb, steps, t0)
 
     async def retarget(self, sandbox_id: str, *, ip: str | None = None, gone: bool = False,
                        reason: str = "") -> SandboxInfo:
