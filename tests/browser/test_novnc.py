@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from attachhelpers import HandMade, hand_made  # noqa: F401 - a fixture
 from conftest import require, require_programs, vm_slot
 from nethelpers import RemoteHost, remote_host
 from sandport.bridge.tls import TlsConfig
@@ -331,3 +332,31 @@ def _vm_desktop_in_chromium(browser: Any, gw: Any, loop_thread: Any, leftovers: 
         browser.get("about:blank")
         loop_thread.run(gw.destroy_sandbox(info.id), timeout=60)
     assert leftovers(bridge=None, sandbox_ids=[info.id], state_dir=gw.config.state_dir) == []
+
+
+def test_an_attached_desktop_in_chromium_and_after_it_moved(
+        browser: Any, gateway_factory: Any, loop_thread: Any, remote: RemoteHost,
+        hand_made: HandMade) -> None:
+    """A desktop sandport did not create (a namespace with Xvnc made by hand), attached:
+    noVNC shows it; its owner re-addresses it and tells sandport; the same URL shows it
+    again."""
+    gw = gateway_factory(listen_host=remote.host_ip, attach_subnets=(hand_made.network,))
+    info = loop_thread.run(gw.attach(ip=hand_made.ip, name="by-hand",
+                                     vnc_password=hand_made.password))
+
+    def shows_it() -> None:
+        browser.get(info.desktop_url)
+        state = poll(browser, lambda s: "noVNC_connected" in s["cls"] and s["w"] == 640)
+        if "noVNC_connected" not in state["cls"]:
+            pytest.fail(f"noVNC did not connect: {state}\n{diagnose(browser)}")
+        assert state["status"] == "Connected (unencrypted) to by-hand", state
+        assert (state["w"], state["h"]) == (640, 480), state
+
+    shows_it()
+    new_ip = str(hand_made.network.network_address + 3)
+    prefix = hand_made.network.prefixlen
+    hand_made.sh("ip", "addr", "del", f"{hand_made.ip}/{prefix}", "dev", "eth0")
+    hand_made.sh("ip", "addr", "add", f"{new_ip}/{prefix}", "dev", "eth0")
+    loop_thread.run(gw.retarget(info.id, ip=new_ip, reason="migrated"))
+    shows_it()
+    loop_thread.run(gw.destroy_sandbox(info.id))

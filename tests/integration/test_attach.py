@@ -9,87 +9,24 @@ and on detach leaves it exactly as it was, with nothing of sandport behind.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import secrets
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from attachhelpers import HandMade, hand_made  # noqa: F401 - a fixture
 from conftest import free_test_subnet, require_programs, require_root
 from sandport.control.gateway import Gateway
 from sandport.errors import Conflict, Forbidden, UsageError
 from sandport.probe import probe_rfb_ws
-from sandport.proto.rfb import obfuscate_password
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class HandMade:
-    """A namespace with Xvnc on eth0, made the way another VM manager would."""
-
-    netns: str
-    host_link: str
-    network: ipaddress.IPv4Network
-    ip: str
-    password: str
-    xvnc: subprocess.Popen[bytes]
-
-    def sh(self, *argv: str) -> str:
-        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], check=True,
-                              capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def hand_made(tmp_path: Path) -> Iterator[HandMade]:
-    require_root()
-    require_programs("Xvnc")
-    tag = secrets.token_hex(3)
-    netns, host_link = f"sp-x{tag}", f"sp-x{tag}-h"
-    network = free_test_subnet()
-    host_ip, guest_ip = network.network_address + 1, network.network_address + 2
-    password = "hand-pw1"
-    (tmp_path / "passwd").write_bytes(obfuscate_password(password))
-    xvnc: subprocess.Popen[bytes] | None = None
-    try:
-        for cmd in (["ip", "netns", "add", netns],
-                    ["ip", "link", "add", host_link, "type", "veth", "peer", "name",
-                     f"sp-x{tag}-g"],
-                    ["ip", "link", "set", f"sp-x{tag}-g", "netns", netns, "name", "eth0"],
-                    ["ip", "addr", "add", f"{host_ip}/{network.prefixlen}", "dev", host_link],
-                    ["ip", "link", "set", host_link, "up"],
-                    ["ip", "-n", netns, "addr", "add", f"{guest_ip}/{network.prefixlen}",
-                     "dev", "eth0"],
-                    ["ip", "-n", netns, "link", "set", "eth0", "up"],
-                    ["ip", "-n", netns, "link", "set", "lo", "up"]):
-            subprocess.run(cmd, check=True)
-        display = 200 + int(tag, 16) % 600  # its own X display number: no clash
-        xvnc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "Xvnc", f":{display}", "-rfbport", "5901",
-             "-SecurityTypes", "VncAuth", "-PasswordFile", str(tmp_path / "passwd"),
-             "-geometry", "640x480", "-desktop", "by-hand", "-nolisten", "tcp"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        made = HandMade(netns=netns, host_link=host_link, network=network, ip=str(guest_ip),
-                        password=password, xvnc=xvnc)
-        deadline = time.monotonic() + 15
-        while ":5901" not in made.sh("ss", "-ltn") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield made
-    finally:
-        if xvnc is not None:
-            xvnc.kill()
-            xvnc.wait(10)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-        subprocess.run(["ip", "link", "del", host_link], check=False, capture_output=True)
 
 
 def capture(port: int, password: str, path: Path) -> Image.Image:
@@ -218,3 +155,100 @@ def test_the_cli_and_the_sdk_attach_mark_gone_and_detach(
     assert cli("detach", doc["id"]).returncode == 0
     assert doc["id"] not in gw.sandbox_ids() and hand_made.xvnc.poll() is None
     assert f"inet {hand_made.ip}/" in hand_made.sh("ip", "-4", "addr", "show", "eth0")
+
+
+@pytest.mark.vm
+def test_a_qemu_guest_started_without_sandport_echoes_through_forwards(
+        gateway_factory: Any, loop_thread: Any, tmp_path: Path) -> None:
+    """The second stand-in: QEMU started by the test on a TAP of its own (no sandport),
+    the echo image inside; attached as a tcp target, TCP and UDP echo through forwards."""
+    import socket
+
+    from conftest import vm_slot
+    from nethelpers import free_port
+    from sandport.forward.spec import parse_port_spec
+    from sandport.sandbox import images
+    from sandport.sandbox.qemu import host_khz
+
+    require_root()
+    require_programs("qemu-system-x86_64", "busybox")
+    tag = secrets.token_hex(3)
+    tap, network = f"sp-q{tag}", free_test_subnet()
+    host_ip, guest_ip = network.network_address + 1, network.network_address + 2
+    image = images.find_image("echo") or images.build_image("echo")
+    seed = images.seed_archive({images.SEED_ENV: (
+        images.seed_env({"SANDPORT_SANDBOX_ID": "by-hand"}), 0o600)})
+    initrd, serial = tmp_path / "initrd.cpio", tmp_path / "serial.log"
+    images.write_initrd(image, seed, initrd)
+    gw: Gateway = gateway_factory(attach_subnets=(network,), ready_timeout=90.0)
+    qemu: subprocess.Popen[bytes] | None = None
+    try:
+        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                    ["ip", "addr", "add", f"{host_ip}/{network.prefixlen}", "dev", tap],
+                    ["ip", "link", "set", tap, "up"]):
+            subprocess.run(cmd, check=True)
+        with vm_slot():
+            qemu = subprocess.Popen([
+                "qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "256",
+                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(initrd),
+                "-append", f"{images.KERNEL_CMDLINE} tsc_early_khz={host_khz()} "
+                f"ip={guest_ip}::{host_ip}:{network.netmask}::eth0:off",
+                "-serial", f"file:{serial}",
+                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:57",
+            ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            tcp, udp = free_port(), free_port(socket.SOCK_DGRAM)
+            publish = [*parse_port_spec(f"127.0.0.1:{tcp}:7"),
+                       *parse_port_spec(f"127.0.0.1:{udp}:7/udp")]
+            # attach waits (ready_timeout) until the guest's echo accepts connections
+            info = loop_thread.run(gw.attach(ip=str(guest_ip), name="qemu-by-hand",
+                                             profile="tcp", port=7, publish=publish,
+                                             interface=tap), timeout=120)
+            assert info.state == "ready"
+            with socket.create_connection(("127.0.0.1", tcp), timeout=10) as c:
+                c.sendall(b"hello attached vm\n")
+                got = b""
+                while len(got) < 18:
+                    chunk = c.recv(64)
+                    if not chunk:
+                        break
+                    got += chunk
+            assert got == b"hello attached vm\n"
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(1)
+                answer = b""
+                for _ in range(10):
+                    u.sendto(b"dgram attached", ("127.0.0.1", udp))
+                    try:
+                        answer = u.recv(64)
+                        break
+                    except OSError:
+                        continue
+            assert answer == b"dgram attached"
+            report = loop_thread.run(gw.doctor(info.id))
+            assert report.healthy, [r for r in report.rows if r.status != "ok"]
+            loop_thread.run(gw.destroy_sandbox(info.id))
+            assert qemu.poll() is None  # detached: the VM runs on
+    finally:
+        if qemu is not None:
+            qemu.kill()
+            qemu.wait(10)
+        subprocess.run(["ip", "link", "del", tap], check=False, capture_output=True)
+
+
+def test_a_target_that_stops_answering_degrades_then_fails_with_the_doctors_reason(
+        gateway_factory: Any, loop_thread: Any, hand_made: HandMade) -> None:
+    from conftest import eventually_sync
+
+    gw: Gateway = gateway_factory(attach_subnets=(hand_made.network,), probe_interval=0.3,
+                                  attach_grace=1.5)
+    info = loop_thread.run(gw.attach(ip=hand_made.ip, vnc_password=hand_made.password))
+    hand_made.xvnc.kill()  # its owner's VNC server dies; sandport cannot restart it
+    hand_made.xvnc.wait(10)
+    eventually_sync(lambda: gw.info(info.id).state == "degraded", within=10)
+    eventually_sync(lambda: gw.info(info.id).state == "failed", within=15)
+    failed = gw.info(info.id)
+    assert "no answer for 1.5 s" in failed.reason and "guest service hop" in failed.reason, \
+        failed.reason
+    loop_thread.run(gw.destroy_sandbox(info.id))
