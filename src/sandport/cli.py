@@ -764,6 +764,10 @@ def attach(
     interface: Annotated[str, typer.Option(
         help="Host interface the target is reached through (checked against the route).",
         metavar="IFACE")] = "",
+    netns: Annotated[str, typer.Option(
+        help="The network namespace the target lives in (a container's), by `ip netns` "
+             "name or the PID of a process in it; --ip is then an address in there, its "
+             "127.0.0.1 too.", metavar="NAME|PID")] = "",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Front a VM or container that sandport did not create: forwards, the WebSocket bridge
@@ -771,7 +775,9 @@ def attach(
     guest. The gateway must allow the target's network (`sandport up --attach-subnet`).
 
     Examples: sandport attach fc-42 --ip 172.16.0.2 --vnc-password-file pw.txt;
-    sandport attach api-7 --ip 10.1.0.7 --profile http --port 8080 -p 18080:8080
+    sandport attach api-7 --ip 10.1.0.7 --profile http --port 8080 -p 18080:8080;
+    sandport attach web --netns "$(docker inspect -f '{{.State.Pid}}' web)" --ip 127.0.0.1
+    --profile http --port 8000 -p 18000:8000
     """
 
     def run() -> None:
@@ -784,7 +790,8 @@ def attach(
                                  f"{exc}") from None
         sb = _api(state_dir, "POST", "/api/attach", {
             "name": name, "ip": ip, "publish": publish or [], "profile": profile,
-            "port": port, "vnc_password": password, "interface": interface},
+            "port": port, "vnc_password": password, "interface": interface,
+            "netns": netns},
             timeout=600.0)
         err.print(escape(f"attached {ip} as sandbox {sb['id']} ({sb['state']}): "
                          f"{sb['desktop_url']}"))

@@ -223,6 +223,9 @@ class Subject:
     #: An attached target (sandport did not create it): the host network hop checks the
     #: interface it is reached through (``link``), not sandport's bridge.
     external: bool = False
+    #: The network namespace (file) an attached target lives in: the walk cannot look
+    #: into it from the host, so its guest hops are proven end to end.
+    netns: str = ""
     pid: int = field(default_factory=os.getpid)
 
 
@@ -382,7 +385,16 @@ async def _host_network(walk: Walk, s: Subject) -> None:
 
 
 async def _route_link(walk: Walk, s: Subject) -> None:
-    """An attached target: the route to it and the interface it goes out through."""
+    """An attached target: the route to it and the interface it goes out through (or the
+    namespace it lives in)."""
+    if s.netns:
+        there = os.path.exists(s.netns)  # noqa: ASYNC240 - a /proc or /run file, instant
+        walk.add("host network", "namespace", there,
+                 f"the target is inside network namespace {s.netns}" if there else
+                 f"its network namespace {s.netns} is gone",
+                 "the container or its namespace is gone: tell sandport where it went "
+                 "(`sandport retarget`), or detach it")
+        return
     if not s.link:
         walk.add("host network", "route", False, f"no route to {s.ip} from this host",
                  f"the target's network is not reachable: add a route (`ip route add {s.ip} "
@@ -496,6 +508,10 @@ def _route_localnet(bridge: str) -> bool:
 async def _reachability(walk: Walk, s: Subject) -> None:
     if walk.skipped("guest reachability", "ping"):
         return
+    if s.netns:
+        walk.add("guest reachability", "ping", None, f"not pinged from the host: {s.ip} is "
+                 f"an address inside {s.netns} (proven end to end below)")
+        return
     result = await asyncio.to_thread(inspect.ping, s.ip, 1.0)
     arp = await asyncio.to_thread(inspect.neighbour_state, s.ip)
     if result.ok:
@@ -522,6 +538,11 @@ async def _services(walk: Walk, s: Subject) -> None:
         if port.protocol == "udp":
             walk.add(hop, f"{port.name} udp {port.guest_port}", None,
                      "UDP has no handshake to probe", port=port.name)
+            continue
+        if s.netns:
+            walk.add(hop, f"{port.name} at {_addr(s.ip, port.guest_port)}", None,
+                     f"inside {s.netns}: probed through the forward (end to end)",
+                     port=port.name)
             continue
         where = port.path or _addr(s.ip, port.guest_port)
         check = f"{port.name} at {where}"

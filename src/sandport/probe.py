@@ -20,6 +20,7 @@ from typing import Any
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
+from sandport.net.nsock import connect_in_netns
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.rfb import (
     AuthFailed,
@@ -242,15 +243,21 @@ async def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[st
     return head.split(b"\r\n", 1)[0].decode(errors="replace"), body
 
 
-async def probe_tcp(host: str, port: int, *, timeout: float = 3.0) -> ProbeResult:
+async def probe_tcp(host: str, port: int, *, timeout: float = 3.0,
+                    netns: str = "") -> ProbeResult:
     """A TCP service accepts a connection through this hop (for services with no
     protocol sandport speaks; a forward's own listener accepting is not proof, so the
-    connection must stay open: a proxy that cannot reach its target closes it at once)."""
-    hop = f"tcp {host}:{port}"
+    connection must stay open: a proxy that cannot reach its target closes it at once).
+    ``netns``: connect inside that network namespace (a container's)."""
+    hop = f"tcp {host}:{port}" + (f" in {netns}" if netns else "")
     t0 = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            if netns:
+                sock = await connect_in_netns(asyncio.get_running_loop(), netns, host, port)
+                reader, writer = await asyncio.open_connection(sock=sock)
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
             try:
                 try:  # a relay whose target refuses closes (EOF/RST) at once
                     async with asyncio.timeout(min(0.3, timeout / 4)):

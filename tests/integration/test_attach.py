@@ -24,7 +24,9 @@ from attachhelpers import HandMade, hand_made  # noqa: F401 - a fixture
 from conftest import free_test_subnet, require_programs, require_root
 from sandport.control.gateway import Gateway
 from sandport.errors import Conflict, Forbidden, UsageError
+from sandport.forward.spec import parse_port_spec
 from sandport.probe import probe_rfb_ws
+from sandport.proto.rfb import obfuscate_password
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +254,75 @@ def test_a_target_that_stops_answering_degrades_then_fails_with_the_doctors_reas
     assert "no answer for 1.5 s" in failed.reason and "guest service hop" in failed.reason, \
         failed.reason
     loop_thread.run(gw.destroy_sandbox(info.id))
+
+
+def test_a_container_like_namespace_serving_on_its_own_loopback(
+        gateway_factory: Any, loop_thread: Any, tmp_path: Path) -> None:
+    """A namespace with no link to the host at all (like a container with only its own
+    loopback): Xvnc and a UDP echo listen on its 127.0.0.1. Attached with --netns, every
+    connection is made inside it: VNC through the forward and the bridge, UDP echo."""
+    import os
+    import socket
+    import sys
+
+    require_root()
+    require_programs("Xvnc")
+    tag = secrets.token_hex(3)
+    netns = f"sp-c{tag}"
+    (tmp_path / "passwd").write_bytes(obfuscate_password("ns-pw-12"))
+    procs: list[subprocess.Popen[bytes]] = []
+    gw: Gateway = gateway_factory()  # no --attach-subnet: only the namespace's loopback
+    try:
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        display = 200 + int(tag, 16) % 600
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", netns, "Xvnc", f":{display}", "-rfbport", "5901",
+             "-SecurityTypes", "VncAuth", "-PasswordFile", str(tmp_path / "passwd"),
+             "-geometry", "320x240", "-desktop", "in-a-container", "-nolisten", "tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-c",
+             "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "s.bind(('127.0.0.1', 7))\nwhile True:\n d, a = s.recvfrom(2048)\n"
+             " s.sendto(d, a)\n"]))
+        udp = free_udp_port()
+        info = loop_thread.run(gw.attach(
+            ip="127.0.0.1", netns=netns, vnc_password="ns-pw-12", name="container",
+            publish=list(parse_port_spec(f"127.0.0.1:{udp}:7/udp"))))
+        assert info.state == "ready"
+        assert capture(info.vnc_port, "ns-pw-12", tmp_path / "c.png").size == (320, 240)
+        ws = f"ws://127.0.0.1:{gw.http_port}/s/{info.id}/ports/vnc/ws?token={info.token}"
+        through_bridge = asyncio.run(probe_rfb_ws(ws, password="ns-pw-12"))
+        assert through_bridge.ok and through_bridge.desktop == "in-a-container"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(1)
+            answer = b""
+            for _ in range(10):
+                u.sendto(b"in the namespace", ("127.0.0.1", udp))
+                try:
+                    answer = u.recv(64)
+                    break
+                except OSError:
+                    continue
+        assert answer == b"in the namespace"
+        report = loop_thread.run(gw.doctor(info.id))
+        assert report.healthy, [r for r in report.rows if r.status != "ok"]
+        # The gateway's own namespace is not "another namespace": refused.
+        with pytest.raises(Forbidden, match="own network namespace"):
+            loop_thread.run(gw.attach(ip="127.0.0.1", netns=str(os.getpid())))
+        loop_thread.run(gw.destroy_sandbox(info.id))
+        assert all(p.poll() is None for p in procs)  # detached: its services run on
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -65,6 +65,7 @@ from sandport.bridge.targets import Target, TokenPlugin, token_from
 from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.errors import PortInUseError, UsageError
 from sandport.forward.tcp import SPLICE_AVAILABLE
+from sandport.net.nsock import connect_in_netns
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
 from sandport.proto.rfbwatch import RfbWatch, Watch
@@ -635,6 +636,16 @@ class WsBridge:
                                                       ssl=self._target_ssl,
                                                       server_hostname="" if self._target_ssl
                                                       else None)
+                elif target.netns:  # a container's: the socket is made in its namespace
+                    sock = await connect_in_netns(loop, target.netns, target.host,
+                                                  target.port)
+                    try:
+                        await loop.create_connection(
+                            lambda: proto, sock=sock, ssl=self._target_ssl,
+                            server_hostname=target.host if self._target_ssl else None)
+                    except BaseException:
+                        sock.close()
+                        raise
                 else:
                     await loop.create_connection(lambda: proto, target.host, target.port,
                                                  ssl=self._target_ssl)

@@ -41,11 +41,13 @@ MAX_TOKEN_FILE_BYTES = 16 * 1024 * 1024  # a token file larger than this is refu
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
-    """A TCP ``host:port`` or a Unix socket ``path``."""
+    """A TCP ``host:port`` or a Unix socket ``path``; ``netns``: the network namespace
+    (its file) the TCP target lives in, if not ours (a container's)."""
 
     host: str = ""
     port: int = 0
     path: str = ""
+    netns: str = ""
 
     def __str__(self) -> str:
         if self.path:

@@ -254,7 +254,8 @@ class SandboxApi(Protocol):
 
     async def attach(self, *, ip: str, name: str = ..., profile: str = ..., port: int = ...,
                      vnc_port: int = ..., publish: list[PortMapping] | None = ...,
-                     vnc_password: str | None = ..., interface: str = ...) -> Any:
+                     vnc_password: str | None = ..., interface: str = ...,
+                     netns: str = ...) -> Any:
         """Front a guest sandport did not create; its info once it answers."""
         ...
 
@@ -288,6 +289,10 @@ class AttachIn(BaseModel):
                                      description="the desktop's VNC password")
     interface: str = Field("", max_length=15, pattern=r"^[A-Za-z0-9_.@-]{0,15}$",
                            description="the host interface it is reached through (checked)")
+    netns: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+                       description="the network namespace it lives in (a container's): an "
+                                   "`ip netns` name or the PID of a process in it; ip is "
+                                   "then an address in there (127.0.0.1 too)")
 
 
 class TargetIn(BaseModel):
@@ -594,7 +599,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             info = await gateway.attach(
                 ip=body.ip, name=body.name, profile=body.profile, port=body.port,
                 vnc_port=body.vnc_port, publish=mappings, vnc_password=body.vnc_password,
-                interface=body.interface)
+                interface=body.interface, netns=body.netns)
         except Forbidden as exc:
             raise ApiError(403, "forbidden_target", _words(exc)) from None
         except Conflict as exc:

@@ -63,6 +63,7 @@ from sandport.control.api import (
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
+from sandport.net.nsock import connect_in_netns
 from sandport.sandbox.base import GuestPort
 from sandport.sandbox.state import SandboxState
 
@@ -89,6 +90,8 @@ class LiveSandbox:
     #: What ``sandport doctor`` found broken when the sandbox degraded (hop: evidence;
     #: fix), "" while healthy: refusals carry it so a browser shows the reason.
     diagnosis: str = ""
+    #: The network namespace (its file) an attached target lives in, "" for ours.
+    netns: str = ""
 
     def check(self, presented: str | None) -> tuple[TokenCheck, str, bool]:
         """``(verdict, grant id, expired)`` for a presented token: the sandbox's own token
@@ -326,9 +329,14 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         if port is None:  # authorise() returns a port whenever it is asked for one
             raise RuntimeError("authorise() returned no port")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(sb.ip, port.port), CONNECT_TIMEOUT
-            )
+            if sb.netns:  # an attached container's: the socket is made in its namespace
+                sock = await asyncio.wait_for(connect_in_netns(
+                    asyncio.get_running_loop(), sb.netns, sb.ip, port.port), CONNECT_TIMEOUT)
+                reader, writer = await asyncio.open_connection(sock=sock)
+            else:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(sb.ip, port.port), CONNECT_TIMEOUT
+                )
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (
                 exc.strerror or type(exc).__name__)
@@ -442,7 +450,8 @@ class GatewayRouter:
         sb, port, grant = verdict
         if port is None:  # authorise() returns a port whenever it is asked for one
             raise RuntimeError("authorise() returned no port")
-        target = Target(path=port.path) if port.path else Target(host=sb.ip, port=port.port)
+        target = Target(path=port.path) if port.path else Target(host=sb.ip, port=port.port,
+                                                                 netns=sb.netns)
         return BridgeRoute(target=target,
                            labels=(sb.id, port.name),
                            starting=sb.state is SandboxState.STARTING,

@@ -52,12 +52,15 @@ class ForwardOptions:
         proxy_protocol: PROXY protocol version (1, 2) sent to the guest; proxy mode only.
         idle_timeout: Seconds of silence after which a TCP connection is closed; proxy only.
         max_connections: Most TCP connections at once; proxy only.
+        netns: the network namespace (its file) the target lives in, an attached
+            container's: the relay makes its upstream sockets there; proxy only.
     """
 
     mode: str = "auto"
     proxy_protocol: int | None = None
     idle_timeout: float | None = None
     max_connections: int | None = None
+    netns: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +74,8 @@ class ForwardOptions:
             return "a connection limit needs the userspace relay"
         if self.idle_timeout is not None:
             return "an idle timeout needs the userspace relay"
+        if self.netns:
+            return "a target in another network namespace needs the userspace relay"
         return None
 
 
@@ -271,13 +276,14 @@ class ForwardTable:
                 listen_host=mapping.host_ip, listen_port=mapping.host_port,
                 target_host=guest_ip, target_port=mapping.guest_port, name=label,
                 proxy_protocol=options.proxy_protocol, idle_timeout=options.idle_timeout,
-                max_connections=options.max_connections))
+                max_connections=options.max_connections, netns=options.netns))
             port = await _start_relay(relay, mapping)
             fwd.relay = relay
         else:
             relay = UdpForward(UdpForwardSpec(
                 listen_host=mapping.host_ip, listen_port=mapping.host_port,
-                target_host=guest_ip, target_port=mapping.guest_port, name=label))
+                target_host=guest_ip, target_port=mapping.guest_port, name=label,
+                netns=options.netns))
             port = await _start_relay(relay, mapping)
             fwd.relay = relay
         fwd.mapping = PortMapping(host_ip=mapping.host_ip, host_port=port,

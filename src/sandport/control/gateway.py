@@ -86,6 +86,7 @@ from sandport.errors import (
 )
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink, nft
+from sandport.net.nsock import netns_path
 from sandport.net.pool import AddressPool
 from sandport.probe import (
     ProbeResult,
@@ -498,7 +499,8 @@ class Gateway:
                 spec = dataclasses.replace(
                     spec, name=str(rec.info.get("name", "")),
                     interface=str(rec.info.get("interface", "")),
-                    target_port=int(rec.info.get("target_port", 0)))
+                    target_port=int(rec.info.get("target_port", 0)),
+                    netns=str(rec.info.get("netns", "")))
             if state in (SandboxState.STOPPING, SandboxState.STOPPED):  # was being deleted
                 progress(f"removing sandbox {rec.id}: it was being deleted")
                 await backend.destroy(spec)
@@ -506,7 +508,7 @@ class Gateway:
                 continue
             live = LiveSandbox(id=rec.id, ip=rec.ip, state=state, token_hash=rec.token_hash,
                                ports=backend.ports(spec), secrets=spec.secrets,
-                               reason=rec.reason)
+                               reason=rec.reason, netns=spec.netns)
             sb = Sandbox(spec=spec, live=live, token=secrets.get("token", ""),
                          backend=backend, agent_token_hash=rec.agent_token_hash)
             self._sandboxes[rec.id] = sb
@@ -1033,7 +1035,7 @@ class Gateway:
     async def attach(
         self, *, ip: str, name: str = "", profile: str = "desktop", port: int = 0,
         vnc_port: int = 0, publish: list[PortMapping] | None = None,
-        vnc_password: str | None = None, interface: str = "",
+        vnc_password: str | None = None, interface: str = "", netns: str = "",
         progress: Progress = _quiet,
     ) -> SandboxInfo:
         """Front a guest sandport did not create (a VM or container of another manager)
@@ -1050,6 +1052,9 @@ class Gateway:
             publish: more ports to forward (proxy mode).
             vnc_password: the desktop's VNC password (None: the server asks for none).
             interface: the host interface the target is reached through (checked).
+            netns: a network namespace the target lives in, by ``ip netns`` name or by
+                the PID of a process in it (a container's): ``ip`` is an address in
+                there (its own 127.0.0.1 too) and every connection is made in there.
 
         Raises:
             Forbidden: the address is outside ``attach_subnets``.
@@ -1060,7 +1065,12 @@ class Gateway:
         if self._pool is None or self._store is None or self._box is None:
             raise RuntimeError("gateway not started")
         target = resolve_ip(ip)
-        check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet)
+        ns = str(netns_path(netns)) if netns else ""
+        if ns and interface:
+            raise UsageError("--interface and --netns exclude each other: a target in "
+                             "another namespace is reached in there, not through a link")
+        check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet,
+                     netns=ns)
         if profile not in ATTACH_PROFILES:
             raise UsageError(f"an attached target's profile is one of "
                              f"{', '.join(ATTACH_PROFILES)}, not {profile!r}")
@@ -1070,7 +1080,7 @@ class Gateway:
         if not 0 <= port < 65536:
             raise UsageError(f"port {port} is outside 1-65535")
         for other in self._sandboxes.values():
-            if other.live.ip == str(target):
+            if other.live.ip == str(target) and other.spec.netns == ns:
                 raise Conflict(f"{target} is already attached as sandbox {other.spec.id}"
                                + (f" ({other.spec.name})" if other.spec.name else ""))
         be = self._backends["external"]
@@ -1082,11 +1092,11 @@ class Gateway:
             id=sandbox_id, profile=profile, address=ipaddress.IPv4Interface(f"{target}/32"),
             gateway=target, bridge=interface,
             workdir=self.config.state_dir / "sandboxes" / sandbox_id, secrets=secrets_,
-            name=name, interface=interface, target_port=port,
+            name=name, interface=interface, target_port=port, netns=ns,
         )
         live = LiveSandbox(id=sandbox_id, ip=str(target), state=SandboxState.CREATING,
                            token_hash=hash_token(token), ports=be.ports(spec),
-                           secrets=spec.secrets)
+                           secrets=spec.secrets, netns=ns)
         sb = Sandbox(spec=spec, live=live, token=token, backend=be)
         sealed = self._box.seal(json.dumps({"token": token, **spec.secrets}).encode(),
                                 f"sandboxes/{sandbox_id}")
@@ -1098,7 +1108,7 @@ class Gateway:
             secrets=sealed, event=("sandbox.state", created))
         self._published(seq, "sandbox.state", sandbox_id, created)
         self._store.set_state(sandbox_id, live.state.value, info={
-            "name": name, "interface": interface, "target_port": port})
+            "name": name, "interface": interface, "target_port": port, "netns": ns})
         self._sandboxes[sandbox_id] = sb
 
         async def steps() -> None:
@@ -1148,11 +1158,14 @@ class Gateway:
             return self.info(sandbox_id)
         assert ip is not None
         target = resolve_ip(ip)
-        check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet)
+        check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet,
+                     netns=sb.spec.netns)
         for other in self._sandboxes.values():
-            if other is not sb and other.live.ip == str(target):
+            if other is not sb and other.live.ip == str(target) and \
+                    other.spec.netns == sb.spec.netns:
                 raise Conflict(f"{target} is already attached as sandbox {other.spec.id}")
-        await asyncio.to_thread(route_to, target, sb.spec.interface)
+        if not sb.spec.netns:
+            await asyncio.to_thread(route_to, target, sb.spec.interface)
         old = sb.live.ip
         moved = f"the target moved from {old} to {target}" + (f": {reason}" if reason else "")
         if self._front is not None:  # browsers reconnect with the same URL
@@ -1205,6 +1218,8 @@ class Gateway:
     async def _add_forwards(self, sb: Sandbox, mappings: list[tuple[str, PortMapping]],
                             options: ForwardOptions) -> list[Forward]:
         """Publish ports of a sandbox and remember them (a restart publishes them again)."""
+        if sb.spec.netns:  # an attached container's: relayed, sockets made in its namespace
+            options = dataclasses.replace(options, mode="proxy", netns=sb.spec.netns)
         added = await self.forwards.add(sandbox=sb.spec.id, guest_ip=sb.live.ip,
                                         mappings=mappings, options=options)
         if self._store is not None:
@@ -1349,8 +1364,17 @@ class Gateway:
             return (f"VNC through the host port {host}:{port} ({fwd.mode} forward)",
                     lambda: probe_rfb_tcp(host, port, password=password, timeout=timeout))
         if primary.protocol == "tcp":
-            return (f"{primary.name} through the host port {host}:{port} ({fwd.mode} "
-                    "forward)", lambda: probe_tcp(host, port, timeout=timeout))
+            guest, netns = sb.live.ip, sb.spec.netns
+
+            async def service_then_forward() -> ProbeResult:
+                # A relay accepts before its target does: the service must accept first.
+                direct = await probe_tcp(guest, primary.port, timeout=timeout, netns=netns)
+                if not direct.ok:
+                    return direct
+                return await probe_tcp(host, port, timeout=timeout)
+
+            return (f"{primary.name} at the guest, then through the host port {host}:{port} "
+                    f"({fwd.mode} forward)", service_then_forward)
         return (f"{primary.name} through the host port {host}:{port} ({fwd.mode} forward)",
                 lambda: probe_http(host, port, timeout=timeout))
 
@@ -1601,7 +1625,7 @@ class Gateway:
             agent_report=sb.agent_report,
             agent_report_age=time.time() - sb.agent_report_at
             if sb.agent_report_at is not None else None,
-            external=sb.backend.name == "external",
+            external=sb.backend.name == "external", netns=sb.spec.netns,
             unrun_forwards=tuple(
                 f"forward {r.id} ({r.protocol} {r.host_ip}:{r.host_port} -> {r.guest_port})"
                 for r in (self._store.forwards(sandbox_id) if self._store is not None else [])

@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sandport.forward.base import Forward, PortInUse, check_ports, format_addr
+from sandport.net.nsock import namespace_sockets
 from sandport.proto.proxyproto import ProxyHeader
 
 __all__ = [
@@ -197,6 +198,8 @@ class TcpForwardSpec:
             upstream before any client byte; ``None``: send none.
         data_path: ``splice`` (zero-copy through a pipe), ``copy`` (recv/send) or ``auto``
             (splice where the platform has it).
+        netns: the network namespace (its file: /run/netns/NAME, /proc/PID/ns/net) the
+            target lives in, a container's; upstream sockets are made there. "": ours.
     """
 
     listen_host: str = "127.0.0.1"
@@ -209,6 +212,7 @@ class TcpForwardSpec:
     max_connections: int | None = None
     proxy_protocol: int | None = None
     data_path: str = "auto"
+    netns: str = ""
 
     def __post_init__(self) -> None:
         """Check ranges once, so bad configuration fails before any socket exists.
@@ -547,7 +551,7 @@ class _Link:
         timeout = self.fwd.spec.connect_timeout
         try:
             async with asyncio.timeout(timeout):
-                sock = await _open_connection(self.loop, host, port)
+                sock = await _open_connection(self.loop, host, port, self.fwd.spec.netns)
         except TimeoutError:
             self._connect_failed(host, port, f"no answer within {timeout:g} s",
                                  FailureReason.TIMEOUT)
@@ -713,9 +717,10 @@ def _peer(sock: socket.socket) -> str:
 
 
 async def _open_connection(
-    loop: asyncio.AbstractEventLoop, host: str, port: int
+    loop: asyncio.AbstractEventLoop, host: str, port: int, netns: str = ""
 ) -> socket.socket:
-    """A connected non-blocking socket to ``host:port`` (each resolved address in turn).
+    """A connected non-blocking socket to ``host:port`` (each resolved address in turn),
+    made in the network namespace at ``netns`` if one is given (a container's).
 
     Raises:
         OSError: The connect failed; for several addresses, one error naming every errno.
@@ -730,7 +735,8 @@ async def _open_connection(
         addrs = [(family, (host, port))]
     errors: list[OSError] = []
     for af, sockaddr in addrs:
-        sock = socket.socket(af, socket.SOCK_STREAM)
+        sock = namespace_sockets(netns).socket(af, socket.SOCK_STREAM) if netns else \
+            socket.socket(af, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, sockaddr)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sandport.forward.base import Forward, PortInUse, check_ports, format_addr
+from sandport.net.nsock import namespace_sockets
 
 __all__ = [
     "LISTEN_RCVBUF",
@@ -145,6 +146,8 @@ class UdpForwardSpec:
         max_flows: Most flows (client addresses) relayed at once; datagrams from further
             clients are dropped.
         name: Label used in log lines and flow ids; defaults to ``udp:<bound port>``.
+        netns: the network namespace (its file) the target lives in; flow sockets are
+            made there (see :mod:`sandport.net.nsock`). "": ours.
     """
 
     listen_host: str = "127.0.0.1"
@@ -154,6 +157,7 @@ class UdpForwardSpec:
     idle_timeout: float = 60.0
     max_flows: int = 1024
     name: str = ""
+    netns: str = ""
 
     def __post_init__(self) -> None:
         """Check ranges once, so bad configuration fails before any socket exists.
@@ -605,7 +609,19 @@ class UdpForward(Forward):
         loop = asyncio.get_running_loop()
         try:
             try:
-                await loop.create_datagram_endpoint(lambda: flow, remote_addr=(host, port))
+                if self.spec.netns:  # a container's: its socket is made in its namespace
+                    sock = namespace_sockets(self.spec.netns).socket(socket.AF_INET,
+                                                                     socket.SOCK_DGRAM)
+                    try:
+                        sock.setblocking(False)
+                        sock.connect((host, port))
+                    except BaseException:
+                        sock.close()
+                        raise
+                    await loop.create_datagram_endpoint(lambda: flow, sock=sock)
+                else:
+                    await loop.create_datagram_endpoint(lambda: flow,
+                                                        remote_addr=(host, port))
             except OSError as exc:
                 if not flow.closed:
                     self.flow_failed(flow, exc)

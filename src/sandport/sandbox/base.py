@@ -58,6 +58,8 @@ class SandboxSpec:
         interface: the host interface an attached target is reached through ("": the
             route's).
         target_port: an attached ``tcp``/``http`` target's primary port.
+        netns: the network namespace (its file) an attached target lives in (a
+            container's), "" for the host's: its address is an address in there.
     """
 
     id: str
@@ -73,6 +75,7 @@ class SandboxSpec:
     name: str = ""
     interface: str = ""
     target_port: int = 0
+    netns: str = ""
 
     @property
     def ip(self) -> ipaddress.IPv4Address:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import shutil
 
 from pyroute2 import IPRoute, NetlinkError
 
 from sandport.errors import Forbidden, UsageError
+from sandport.net.nsock import namespace_sockets
 from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
 from sandport.sandbox.profiles import get_profile
 
@@ -34,14 +36,24 @@ ATTACH_PROFILES = ("desktop", "http", "tcp")
 
 
 def check_target(ip: ipaddress.IPv4Address, *, allowed: tuple[ipaddress.IPv4Network, ...],
-                 pool: ipaddress.IPv4Network) -> None:
+                 pool: ipaddress.IPv4Network, netns: str = "") -> None:
     """Refuse a target outside the allow-list, in the pool, or not a unicast host address.
+    In another namespace (``netns``, a container's) its own loopback is allowed: the
+    service listens on 127.0.0.1 in there; any other address needs the allow-list too.
 
     Raises:
-        Forbidden: not in ``allowed`` (the reason names the list and how to extend it).
+        Forbidden: not in ``allowed`` (the reason names the list and how to extend it),
+            or ``netns`` is the gateway's own namespace.
         UsageError: an address no guest can have (loopback, multicast ...) or one of
             the gateway's own pool.
     """
+    if netns:
+        own, theirs = os.stat("/proc/self/ns/net"), os.stat(netns)
+        if (own.st_dev, own.st_ino) == (theirs.st_dev, theirs.st_ino):
+            raise Forbidden(f"{netns} is the gateway's own network namespace: a target "
+                            "there is attached by its address, without --netns")
+        if ip.is_loopback:
+            return
     if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local or \
             ip == ipaddress.IPv4Address("255.255.255.255"):
         raise UsageError(f"{ip} cannot be a guest's address (loopback, multicast, "
@@ -119,7 +131,10 @@ class ExternalBackend:
         return get_profile(spec.profile).ports
 
     def host_link(self, spec: SandboxSpec) -> str:
-        """The interface the target is reached through (given, or the route's)."""
+        """The interface the target is reached through (given, or the route's); "" for
+        a target in another namespace (no host link leads there)."""
+        if spec.netns:
+            return ""
         if spec.interface:
             return spec.interface
         try:
@@ -128,8 +143,12 @@ class ExternalBackend:
             return ""
 
     async def create(self, spec: SandboxSpec) -> None:
-        """Check the route to the target; make sandport's own directory for it."""
-        await asyncio.to_thread(route_to, spec.ip, spec.interface)
+        """Check the route to the target (or that its namespace can be entered); make
+        sandport's own directory for it."""
+        if spec.netns:
+            await asyncio.to_thread(namespace_sockets, spec.netns)
+        else:
+            await asyncio.to_thread(route_to, spec.ip, spec.interface)
         (spec.workdir / "logs").mkdir(parents=True, exist_ok=True)
         log.info("sandbox %s: attached %s (%s)", spec.id, spec.ip, spec.name or "no name")
 
