@@ -768,6 +768,9 @@ def attach(
         help="The network namespace the target lives in (a container's), by `ip netns` "
              "name or the PID of a process in it; --ip is then an address in there, its "
              "127.0.0.1 too.", metavar="NAME|PID")] = "",
+    forward_mode: Annotated[str, typer.Option(
+        help="proxy (the userspace relay) or kernel (nft DNAT; not with --netns).")]
+        = "proxy",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Front a VM or container that sandport did not create: forwards, the WebSocket bridge
@@ -791,7 +794,7 @@ def attach(
         sb = _api(state_dir, "POST", "/api/attach", {
             "name": name, "ip": ip, "publish": publish or [], "profile": profile,
             "port": port, "vnc_password": password, "interface": interface,
-            "netns": netns},
+            "netns": netns, "forward_mode": forward_mode},
             timeout=600.0)
         err.print(escape(f"attached {ip} as sandbox {sb['id']} ({sb['state']}): "
                          f"{sb['desktop_url']}"))

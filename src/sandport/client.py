@@ -280,7 +280,8 @@ class Client:
 
     def attach(self, ip: str, *, name: str = "", profile: str = "desktop", port: int = 0,
                publish: list[str] | None = None, vnc_password: str | None = None,
-               interface: str = "", netns: str = "") -> Sandbox:
+               interface: str = "", netns: str = "",
+               forward_mode: str = "proxy") -> Sandbox:
         """Front a VM or container sandport did not create (``sandport attach``); returns
         once it answers its protocol. Detach with :meth:`Sandbox.detach`.
 
@@ -292,7 +293,7 @@ class Client:
         return Sandbox(self, self.request("POST", "/api/attach", {
             "ip": ip, "name": name, "profile": profile, "port": port,
             "publish": publish or [], "vnc_password": vnc_password, "interface": interface,
-            "netns": netns}))
+            "netns": netns, "forward_mode": forward_mode}))
 
     def sandboxes(self) -> list[Sandbox]:
         """Every sandbox of the gateway."""

@@ -485,11 +485,12 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
                          "other machines are not forwarded",
                          "add the prerouting rule (sandport does this; the table was changed "
                          "by someone else): restart `sandport up`", port=port.name)
-            elif loopback and not _route_localnet(s.bridge):
+            elif loopback and not _route_localnet(out_link := s.link if s.external
+                                                  else s.bridge):
                 walk.add("host network", check, False,
-                         f"forward {fid}: route_localnet is off on {s.bridge}: packets from "
+                         f"forward {fid}: route_localnet is off on {out_link}: packets from "
                          "127.0.0.1 are not routed to the guest",
-                         f"`sysctl -w net.ipv4.conf.{s.bridge}.route_localnet=1` (sandport "
+                         f"`sysctl -w net.ipv4.conf.{out_link}.route_localnet=1` (sandport "
                          "sets it; someone reset it)", port=port.name)
             else:
                 chains = "output" if loopback else "prerouting and output"

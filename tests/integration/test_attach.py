@@ -326,3 +326,34 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_kernel_forwards_to_an_attached_target_and_what_detach_gives_back(
+        gateway_factory: Any, loop_thread: Any, hand_made: HandMade, tmp_path: Path) -> None:
+    """nft DNAT to a guest on a link sandport does not own: masquerade and route_localnet
+    on that link while a forward needs them; detach restores the link's settings."""
+    from pathlib import Path as P
+
+    setting = P(f"/proc/sys/net/ipv4/conf/{hand_made.host_link}/route_localnet")
+    assert setting.read_text().strip() == "0"
+    gw: Gateway = gateway_factory(attach_subnets=(hand_made.network,))
+    info = loop_thread.run(gw.attach(ip=hand_made.ip, vnc_password=hand_made.password,
+                                     forward_mode="kernel"))
+    [fwd] = [f for f in gw.forwards.of(info.id)]
+    assert fwd.mode == "kernel" and fwd.options.egress == hand_made.host_link
+    assert setting.read_text().strip() == "1"
+    ruleset = subprocess.run(["nft", "list", "table", "ip", "sandport"], capture_output=True,
+                             text=True, check=True).stdout
+    assert f'oifname "{hand_made.host_link}" ip saddr 127.0.0.0/8 masquerade' in ruleset
+    assert capture(info.vnc_port, hand_made.password, tmp_path / "k.png").size == (640, 480)
+    report = loop_thread.run(gw.doctor(info.id))
+    assert report.healthy, [r for r in report.rows if r.status != "ok"]
+    assert any(r.check.startswith("nft DNAT") and r.status == "ok" for r in report.rows)
+    loop_thread.run(gw.destroy_sandbox(info.id))
+    assert setting.read_text().strip() == "0"  # given back
+    after = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
+                           check=True).stdout
+    assert hand_made.host_link not in after and hand_made.ip not in after
+    with pytest.raises(UsageError, match="kernel forwards cannot reach into"):
+        loop_thread.run(gw.attach(ip="127.0.0.1", netns=hand_made.netns,
+                                  forward_mode="kernel"))

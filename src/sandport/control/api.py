@@ -255,7 +255,7 @@ class SandboxApi(Protocol):
     async def attach(self, *, ip: str, name: str = ..., profile: str = ..., port: int = ...,
                      vnc_port: int = ..., publish: list[PortMapping] | None = ...,
                      vnc_password: str | None = ..., interface: str = ...,
-                     netns: str = ...) -> Any:
+                     netns: str = ..., forward_mode: str = ...) -> Any:
         """Front a guest sandport did not create; its info once it answers."""
         ...
 
@@ -289,6 +289,9 @@ class AttachIn(BaseModel):
                                      description="the desktop's VNC password")
     interface: str = Field("", max_length=15, pattern=r"^[A-Za-z0-9_.@-]{0,15}$",
                            description="the host interface it is reached through (checked)")
+    forward_mode: Literal["proxy", "kernel"] = Field(
+        "proxy", description="its forwards: the userspace relay, or nft DNAT (not with "
+                             "netns)")
     netns: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]{0,64}$",
                        description="the network namespace it lives in (a container's): an "
                                    "`ip netns` name or the PID of a process in it; ip is "
@@ -599,7 +602,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             info = await gateway.attach(
                 ip=body.ip, name=body.name, profile=body.profile, port=body.port,
                 vnc_port=body.vnc_port, publish=mappings, vnc_password=body.vnc_password,
-                interface=body.interface, netns=body.netns)
+                interface=body.interface, netns=body.netns, forward_mode=body.forward_mode)
         except Forbidden as exc:
             raise ApiError(403, "forbidden_target", _words(exc)) from None
         except Conflict as exc:

@@ -29,6 +29,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sandport.errors import PortInUseError, UsageError
@@ -54,6 +55,9 @@ class ForwardOptions:
         max_connections: Most TCP connections at once; proxy only.
         netns: the network namespace (its file) the target lives in, an attached
             container's: the relay makes its upstream sockets there; proxy only.
+        egress: kernel mode to an attached target: the interface it is reached through
+            (its packets from 127.0.0.1 are masqueraded there, ``route_localnet`` and
+            ``forwarding`` are on while a forward needs them, restored after).
     """
 
     mode: str = "auto"
@@ -61,6 +65,7 @@ class ForwardOptions:
     idle_timeout: float | None = None
     max_connections: int | None = None
     netns: str = ""
+    egress: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -128,7 +133,7 @@ class Forward:
         """The DNAT rule of a kernel forward."""
         return nft.DnatRule(host_ip=self.mapping.host_ip, host_port=self.mapping.host_port,
                             guest_ip=self.guest_ip, guest_port=self.mapping.guest_port,
-                            protocol=self.mapping.protocol)
+                            protocol=self.mapping.protocol, egress=self.options.egress)
 
     def summary(self) -> dict[str, Any]:
         """What the forward is: addresses, mode and why."""
@@ -202,6 +207,9 @@ class ForwardTable:
         self._seq = 0
         self._lock = asyncio.Lock()
         self.nft_available = shutil.which("nft") is not None
+        #: Settings of foreign interfaces (attached targets' links) changed for kernel
+        #: forwards, with their values before: restored when no forward needs them.
+        self._egress_before: dict[str, dict[str, str]] = {}
 
     def __iter__(self) -> Any:
         return iter(list(self._forwards.values()))
@@ -321,6 +329,7 @@ class ForwardTable:
                 await _stop(fwd)
             if self.nft_available:
                 await asyncio.to_thread(nft.remove, self.bridge)
+            await asyncio.to_thread(self._egress_settings, set())
 
     async def listing(self) -> list[dict[str, Any]]:
         """Every forward as JSON, with counters (kernel ones read from nft)."""
@@ -335,8 +344,25 @@ class ForwardTable:
         def apply() -> None:
             ingress = nft.ingress_interfaces(rules, netlink.ipv4_interfaces()) if rules else []
             nft.apply(self.bridge, rules, ingress=[i for i in ingress if i != self.bridge])
+            self._egress_settings({r.egress for r in rules if r.egress} - {self.bridge})
 
         await asyncio.to_thread(apply)
+
+    def _egress_settings(self, needed: set[str]) -> None:
+        """``route_localnet`` and ``forwarding`` on exactly the foreign interfaces kernel
+        forwards need; an interface no forward needs any more gets its values back."""
+        for ifname in sorted(needed - set(self._egress_before)):
+            before: dict[str, str] = {}
+            for key in ("route_localnet", "forwarding"):
+                path = Path(f"/proc/sys/net/ipv4/conf/{ifname}/{key}")
+                with contextlib.suppress(OSError):
+                    before[key] = path.read_text().strip()
+                    nft.set_sysctl(f"net/ipv4/conf/{ifname}/{key}", "1")
+            self._egress_before[ifname] = before
+        for ifname in sorted(set(self._egress_before) - needed):
+            for key, value in self._egress_before.pop(ifname).items():
+                with contextlib.suppress(OSError):  # the interface may be gone
+                    nft.set_sysctl(f"net/ipv4/conf/{ifname}/{key}", value)
 
 
 async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> int:

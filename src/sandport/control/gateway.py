@@ -1036,7 +1036,7 @@ class Gateway:
         self, *, ip: str, name: str = "", profile: str = "desktop", port: int = 0,
         vnc_port: int = 0, publish: list[PortMapping] | None = None,
         vnc_password: str | None = None, interface: str = "", netns: str = "",
-        progress: Progress = _quiet,
+        forward_mode: str = "proxy", progress: Progress = _quiet,
     ) -> SandboxInfo:
         """Front a guest sandport did not create (a VM or container of another manager)
         at ``ip``: forwards, the WebSocket bridge, readiness and the doctor, as for a
@@ -1055,6 +1055,10 @@ class Gateway:
             netns: a network namespace the target lives in, by ``ip netns`` name or by
                 the PID of a process in it (a container's): ``ip`` is an address in
                 there (its own 127.0.0.1 too) and every connection is made in there.
+            forward_mode: ``proxy`` (the default for attached targets) or ``kernel``
+                (nft DNAT; ``route_localnet`` and ``forwarding`` go on for the interface
+                the target is reached through while a forward needs them). Not with
+                ``netns``.
 
         Raises:
             Forbidden: the address is outside ``attach_subnets``.
@@ -1071,6 +1075,12 @@ class Gateway:
                              "another namespace is reached in there, not through a link")
         check_target(target, allowed=self.config.attach_subnets, pool=self.config.net.subnet,
                      netns=ns)
+        if forward_mode not in ("proxy", "kernel"):
+            raise UsageError(f"forward mode {forward_mode!r} for an attached target is "
+                             "proxy or kernel")
+        if ns and forward_mode == "kernel":
+            raise UsageError("kernel forwards cannot reach into another network namespace: "
+                             "use proxy mode with --netns")
         if profile not in ATTACH_PROFILES:
             raise UsageError(f"an attached target's profile is one of "
                              f"{', '.join(ATTACH_PROFILES)}, not {profile!r}")
@@ -1115,8 +1125,8 @@ class Gateway:
             progress(f"sandbox {sandbox_id}: attaching {target}" + (f" ({name})" if name else ""))
             await be.create(spec)
             self._set_state(sb, SandboxState.STARTING)
-            await self._publish(sb, vnc_port, publish or [], ForwardOptions(mode="proxy"),
-                                progress)
+            await self._publish(sb, vnc_port, publish or [],
+                                ForwardOptions(mode=forward_mode), progress)
             await self._await_ready(sb, progress)
 
         return await self._bring_up(sb, steps, t0)
@@ -1177,8 +1187,12 @@ class Gateway:
             self._store.move_sandbox(sandbox_id, str(target))
         for fwd in self.forwards.of(sandbox_id):  # same ids and host ports, new target
             await self.forwards.remove(fwd.id)
+            options = fwd.options
+            if options.egress:  # the new address may go out through another link
+                options = dataclasses.replace(options, egress=await asyncio.to_thread(
+                    sb.backend.host_link, sb.spec))
             await self.forwards.add(sandbox=sandbox_id, guest_ip=str(target),
-                                    mappings=[(fwd.name, fwd.mapping)], options=fwd.options,
+                                    mappings=[(fwd.name, fwd.mapping)], options=options,
                                     ids=[fwd.id])
         self._record_event("sandbox.moved", sandbox_id, {"from": old, "to": str(target),
                                                           "reason": reason})
@@ -1201,7 +1215,8 @@ class Gateway:
         """Forward the profile's primary port (a desktop's VNC; ``vnc_port`` on the host)
         and the ``publish`` ports to the host."""
         primary = sb.live.ports[0]
-        mode = "proxy" if sb.backend.name == "external" else self.config.forward_mode
+        mode = options.mode if sb.backend.name == "external" and options is not None \
+            else self.config.forward_mode
         progress(f"sandbox {sb.spec.id}: forwarding ports ({mode} mode)")
         mapping = PortMapping(host_ip=self.config.forward_host,
                               host_port=vnc_port if primary.protocol == "rfb" else 0,
@@ -1220,6 +1235,9 @@ class Gateway:
         """Publish ports of a sandbox and remember them (a restart publishes them again)."""
         if sb.spec.netns:  # an attached container's: relayed, sockets made in its namespace
             options = dataclasses.replace(options, mode="proxy", netns=sb.spec.netns)
+        elif sb.backend.name == "external":  # kernel mode: masquerade on its link
+            egress = await asyncio.to_thread(sb.backend.host_link, sb.spec)
+            options = dataclasses.replace(options, egress=egress)
         added = await self.forwards.add(sandbox=sb.spec.id, guest_ip=sb.live.ip,
                                         mappings=mappings, options=options)
         if self._store is not None:

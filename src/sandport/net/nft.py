@@ -67,6 +67,8 @@ class DnatRule:
         guest_ip: the sandbox's address.
         guest_port: the port inside the sandbox.
         protocol: ``tcp`` or ``udp``.
+        egress: the interface the guest is reached through when it is not on the
+            gateway's bridge (an attached target's TAP or veth); "" for the bridge.
     """
 
     host_ip: str
@@ -74,6 +76,7 @@ class DnatRule:
     guest_ip: str
     guest_port: int
     protocol: str = "tcp"
+    egress: str = ""
 
     def __post_init__(self) -> None:
         if self.protocol not in ("tcp", "udp"):
@@ -121,6 +124,10 @@ def render(bridge: str, rules: list[DnatRule]) -> str:
     if rules:
         lines.append(f'add rule {FAMILY} {TABLE} post-{bridge} oifname "{bridge}" '
                      'ip saddr 127.0.0.0/8 masquerade comment "sandport: replies to 127.0.0.1"')
+    for egress in sorted({r.egress for r in rules if r.egress and r.egress != bridge}):
+        lines.append(f'add rule {FAMILY} {TABLE} post-{bridge} oifname "{egress}" '
+                     'ip saddr 127.0.0.0/8 masquerade comment '
+                     f'"sandport: replies to 127.0.0.1 via {egress}"')
     return "\n".join(lines) + "\n"
 
 
