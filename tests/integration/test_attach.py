@@ -9,6 +9,7 @@ and on detach leaves it exactly as it was, with nothing of sandport behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from attachhelpers import HandMade, hand_made  # noqa: F401 - a fixture
 from conftest import free_test_subnet, require_programs, require_root
@@ -77,9 +80,22 @@ def test_a_hand_made_desktop_attached_moved_and_detached(
     assert again.ok, again.detail
     events = [e.kind for e in on_loop(loop_thread, gw.event_log, sandbox_id=info.id)]
     assert "sandbox.moved" in events
-    # Detach: sandport's forward and files go; the namespace is exactly as it was.
+    # Detach while a browser session is open: it is closed with the reason; sandport's
+    # forward and files go; the namespace is exactly as it was.
+    async def detach_while_open() -> tuple[int | None, str | None]:
+        async with connect(ws, subprotocols=["binary"]) as session:  # type: ignore[list-item]
+            await session.recv()  # the RFB banner: the session is live
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                gw.destroy_sandbox(info.id), loop_thread.loop))
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(10):
+                    while True:  # what the server still sends, up to its close
+                        await session.recv()
+            return session.close_code, session.close_reason
+
     workdir = gw.config.state_dir / "sandboxes" / info.id
-    loop_thread.run(gw.destroy_sandbox(info.id))
+    code, why = asyncio.run(detach_while_open())
+    assert code == 1001 and why is not None and "detached" in why, (code, why)
     assert hand_made.xvnc.poll() is None  # still running
     assert f"inet {new_ip}/" in hand_made.sh("ip", "-4", "addr", "show", "eth0")
     assert info.id not in gw.sandbox_ids() and not workdir.exists()
@@ -308,6 +324,9 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
         assert answer == b"in the namespace"
         report = loop_thread.run(gw.doctor(info.id))
         assert report.healthy, [r for r in report.rows if r.status != "ok"]
+        # The same namespace named by the PID of a process in it is the same target.
+        with pytest.raises(Conflict, match="already attached"):
+            loop_thread.run(gw.attach(ip="127.0.0.1", netns=str(procs[1].pid)))
         # The gateway's own namespace is not "another namespace": refused.
         with pytest.raises(Forbidden, match="own network namespace"):
             loop_thread.run(gw.attach(ip="127.0.0.1", netns=str(os.getpid())))

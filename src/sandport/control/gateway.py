@@ -86,7 +86,7 @@ from sandport.errors import (
 )
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink, nft
-from sandport.net.nsock import netns_path
+from sandport.net.nsock import netns_path, same_namespace
 from sandport.net.pool import AddressPool
 from sandport.probe import (
     ProbeResult,
@@ -1090,7 +1090,7 @@ class Gateway:
         if not 0 <= port < 65536:
             raise UsageError(f"port {port} is outside 1-65535")
         for other in self._sandboxes.values():
-            if other.live.ip == str(target) and other.spec.netns == ns:
+            if other.live.ip == str(target) and same_namespace(other.spec.netns, ns):
                 raise Conflict(f"{target} is already attached as sandbox {other.spec.id}"
                                + (f" ({other.spec.name})" if other.spec.name else ""))
         be = self._backends["external"]
@@ -1172,7 +1172,7 @@ class Gateway:
                      netns=sb.spec.netns)
         for other in self._sandboxes.values():
             if other is not sb and other.live.ip == str(target) and \
-                    other.spec.netns == sb.spec.netns:
+                    same_namespace(other.spec.netns, sb.spec.netns):
                 raise Conflict(f"{target} is already attached as sandbox {other.spec.id}")
         if not sb.spec.netns:
             await asyncio.to_thread(route_to, target, sb.spec.interface)

@@ -108,6 +108,18 @@ async def connect_in_netns(loop: asyncio.AbstractEventLoop, netns: str | Path, h
     return sock
 
 
+def same_namespace(a: str | Path, b: str | Path) -> bool:
+    """Whether two namespace files (a name's, a PID's; "" for ours) are one namespace."""
+    def identity(path: str | Path) -> tuple[int, int]:
+        st = os.stat(path or "/proc/self/ns/net")
+        return st.st_dev, st.st_ino
+
+    try:
+        return identity(a) == identity(b)
+    except OSError:
+        return str(a) == str(b)
+
+
 _cache: dict[Path, NamespaceSockets] = {}
 _lock = threading.Lock()
 
