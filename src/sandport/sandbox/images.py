@@ -22,8 +22,9 @@ drivers Debian builds as modules (``virtio_mmio`` is the bus of QEMU's ``-M micr
 
 ``echo``
     TCP echo on port 7 (busybox ``nc -ll -e cat``), UDP echo on port 7 (``socat``
-    ``UDP4-RECVFROM:7,fork PIPE``: each datagram goes back to its sender; Debian's busybox
-    has no inetd and its ``nc`` no UDP), and busybox ``httpd`` on port 80 serving
+    ``UDP4-LISTEN:7,fork PIPE``: one process per sender, not per datagram, which a
+    loaded TCG guest answers in time; each datagram goes back to its sender; Debian's
+    busybox has no inetd and its ``nc`` no UDP), and busybox ``httpd`` on port 80 serving
     ``sandport echo <sandbox id>``.
 ``desktop``
     TigerVNC's ``Xvnc`` on display :1 / port 5901 with VNC Authentication, then
@@ -609,7 +610,7 @@ _INIT_ECHO = r"""
 mkdir -p /www
 echo "sandport echo $SANDPORT_SANDBOX_ID" >/www/index.html
 nc -ll -p @ECHO_PORT@ -e /bin/cat </dev/null >/dev/console 2>&1 &
-socat UDP4-RECVFROM:@ECHO_PORT@,fork PIPE </dev/null >/dev/console 2>&1 &
+socat UDP4-LISTEN:@ECHO_PORT@,fork PIPE </dev/null >/dev/console 2>&1 &
 httpd -f -p @HTTP_PORT@ -h /www </dev/null >/dev/console 2>&1 &
 await_ports tcp:@ECHO_PORT@ udp:@ECHO_PORT@ tcp:@HTTP_PORT@ && say "services echo started"
 """
