@@ -26,7 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import eventually_sync, free_test_subnet
+from conftest import eventually_sync, free_test_subnet, record
 from nethelpers import RemoteHost, free_port, remote_host
 from sandport.control.forwards import ForwardOptions
 from sandport.control.gateway import Gateway
@@ -71,8 +71,20 @@ def on_loop(loop_thread: Any, fn: Any, *args: Any, **kw: Any) -> Any:
     return loop_thread.run(call())
 
 
+WALKS: list[float] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_walk_times() -> Iterator[None]:
+    yield
+    if WALKS:
+        record(f"sandport doctor: {len(WALKS)} walks (healthy and faulty), slowest "
+               f"{max(WALKS):.2f} s, median {sorted(WALKS)[len(WALKS) // 2]:.2f} s")
+
+
 def walk(gw: Gateway, loop_thread: Any, sandbox_id: str, **kw: Any) -> Report:
     report: Report = loop_thread.run(gw.doctor(sandbox_id, **kw))
+    WALKS.append(report.took)
     assert report.took < 5.0, f"the walk took {report.took:.1f} s"
     jsonschema.validate(report.as_json(), SCHEMA["$defs"]["report"] | {"$defs": SCHEMA["$defs"]})
     return report
