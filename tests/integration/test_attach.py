@@ -233,17 +233,7 @@ def test_a_qemu_guest_started_without_sandport_echoes_through_forwards(
                         break
                     got += chunk
             assert got == b"hello attached vm\n"
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.settimeout(1)
-                answer = b""
-                for _ in range(10):
-                    u.sendto(b"dgram attached", ("127.0.0.1", udp))
-                    try:
-                        answer = u.recv(64)
-                        break
-                    except OSError:
-                        continue
-            assert answer == b"dgram attached"
+            assert udp_echo(udp, b"dgram attached") == b"dgram attached"
             report = loop_thread.run(gw.doctor(info.id))
             assert report.healthy, [r for r in report.rows if r.status != "ok"]
             loop_thread.run(gw.destroy_sandbox(info.id))
@@ -278,7 +268,6 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
     loopback): Xvnc and a UDP echo listen on its 127.0.0.1. Attached with --netns, every
     connection is made inside it: VNC through the forward and the bridge, UDP echo."""
     import os
-    import socket
     import sys
 
     require_root()
@@ -311,17 +300,7 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
         ws = f"ws://127.0.0.1:{gw.http_port}/s/{info.id}/ports/vnc/ws?token={info.token}"
         through_bridge = asyncio.run(probe_rfb_ws(ws, password="ns-pw-12"))
         assert through_bridge.ok and through_bridge.desktop == "in-a-container"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.settimeout(1)
-            answer = b""
-            for _ in range(10):
-                u.sendto(b"in the namespace", ("127.0.0.1", udp))
-                try:
-                    answer = u.recv(64)
-                    break
-                except OSError:
-                    continue
-        assert answer == b"in the namespace"
+        assert udp_echo(udp, b"in the namespace") == b"in the namespace"
         report = loop_thread.run(gw.doctor(info.id))
         assert report.healthy, [r for r in report.rows if r.status != "ok"]
         # The same namespace named by the PID of a process in it is the same target.
@@ -376,3 +355,19 @@ def test_kernel_forwards_to_an_attached_target_and_what_detach_gives_back(
     with pytest.raises(UsageError, match="kernel forwards cannot reach into"):
         loop_thread.run(gw.attach(ip="127.0.0.1", netns=hand_made.netns,
                                   forward_mode="kernel"))
+
+
+def udp_echo(port: int, message: bytes) -> bytes:
+    """Send ``message`` to 127.0.0.1:``port`` and read the answer; like any UDP client,
+    try again (a few times) when none comes."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(1)
+        for _ in range(10):
+            u.sendto(message, ("127.0.0.1", port))
+            try:
+                return u.recv(64)
+            except OSError:
+                continue
+    return b""
