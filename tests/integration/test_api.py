@@ -71,6 +71,7 @@ def test_schema_errors_are_422_naming_the_field(gw: Gateway, body: dict[str, Any
         r = api.post("/api/sandboxes", json=body)
     assert r.status_code == 422
     assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.json()
+    assert f"body.{field}:" in r.json()["message"], r.json()  # people read the message
     assert gw.sandbox_ids() == []
 
 

@@ -856,7 +856,11 @@ def agent_router(gateway: SandboxApi) -> APIRouter:
 async def validation_error_response(_: Request, exc: Exception) -> Response:
     """422 naming the fields (registered as an exception handler)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"error": "invalid", "message": "the request does not fit the schema",
+    problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+                for e in exc.errors()[:3]]
+    more = f" (and {len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    return JSONResponse({"error": "invalid", "message": "the request does not fit the schema: "
+                         + "; ".join(problems) + more,
                          "detail": jsonable_errors(exc)}, status_code=422)
 
 
