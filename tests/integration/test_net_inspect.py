@@ -62,7 +62,7 @@ def _subnet(tag: str) -> ipaddress.IPv4Network:
         net = ipaddress.IPv4Network(f"10.201.{200 + (start + i) % 10}.0/24")
         if not any(net.overlaps(u) for u in used):
             return net
-    pytest.skip("no free /24 in 10.201.200.0-10.201.209.0")
+    pytest.fail("no free /24 in 10.201.200.0-10.201.209.0: remove the leftover sp-i* links")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
