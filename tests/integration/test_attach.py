@@ -224,15 +224,7 @@ def test_a_qemu_guest_started_without_sandport_echoes_through_forwards(
                                              profile="tcp", port=7, publish=publish,
                                              interface=tap), timeout=120)
             assert info.state == "ready"
-            with socket.create_connection(("127.0.0.1", tcp), timeout=10) as c:
-                c.sendall(b"hello attached vm\n")
-                got = b""
-                while len(got) < 18:
-                    chunk = c.recv(64)
-                    if not chunk:
-                        break
-                    got += chunk
-            assert got == b"hello attached vm\n"
+            assert tcp_echo(tcp, b"hello attached vm\n") == b"hello attached vm\n"
             assert udp_echo(udp, b"dgram attached") == b"dgram attached"
             report = loop_thread.run(gw.doctor(info.id))
             assert report.healthy, [r for r in report.rows if r.status != "ok"]
@@ -355,6 +347,19 @@ def test_kernel_forwards_to_an_attached_target_and_what_detach_gives_back(
     with pytest.raises(UsageError, match="kernel forwards cannot reach into"):
         loop_thread.run(gw.attach(ip="127.0.0.1", netns=hand_made.netns,
                                   forward_mode="kernel"))
+
+
+def tcp_echo(port: int, message: bytes) -> bytes:
+    """Send ``message`` to 127.0.0.1:``port``, half-close, read everything back."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(message)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := c.recv(65536):
+            got += chunk
+        return got
 
 
 def udp_echo(port: int, message: bytes) -> bytes:

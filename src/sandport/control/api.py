@@ -145,6 +145,20 @@ def _port_conflict(exc: Exception) -> ApiError:
     return ApiError(422, "invalid", _words(exc))
 
 
+def _target_error(exc: Exception, *, conflict: str) -> ApiError:
+    """An attach or retarget refused: 403 outside --attach-subnet, 404 no such target,
+    409 ``conflict``, 503 it does not answer, 409/422 as :func:`_port_conflict`."""
+    if isinstance(exc, Forbidden):
+        return ApiError(403, "forbidden_target", _words(exc))
+    if isinstance(exc, SandboxNotFound):
+        return ApiError(404, "unknown_target", _words(exc))
+    if isinstance(exc, Conflict):
+        return ApiError(409, conflict, _words(exc))
+    if isinstance(exc, SandboxFailed):
+        return ApiError(503, "not_ready", _words(exc))
+    return _port_conflict(exc)
+
+
 class SandboxApi(Protocol):
     """What the API needs from the gateway."""
 
@@ -603,14 +617,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                 ip=body.ip, name=body.name, profile=body.profile, port=body.port,
                 vnc_port=body.vnc_port, publish=mappings, vnc_password=body.vnc_password,
                 interface=body.interface, netns=body.netns, forward_mode=body.forward_mode)
-        except Forbidden as exc:
-            raise ApiError(403, "forbidden_target", _words(exc)) from None
-        except Conflict as exc:
-            raise ApiError(409, "already_attached", _words(exc)) from None
-        except SandboxFailed as exc:
-            raise ApiError(503, "not_ready", _words(exc)) from None
-        except UsageError as exc:
-            raise _port_conflict(exc) from None
+        except (Conflict, SandboxFailed, UsageError) as exc:
+            raise _target_error(exc, conflict="already_attached") from None
         return out(info.id)
 
     @router.post("/sandboxes/{sandbox_id}/target", response_model=SandboxOut,
@@ -623,16 +631,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             info = await gateway.retarget(sandbox_id, ip=body.ip, gone=body.gone,
                                           reason=body.reason)
-        except SandboxNotFound as exc:
-            raise ApiError(404, "unknown_target", _words(exc)) from None
-        except Forbidden as exc:
-            raise ApiError(403, "forbidden_target", _words(exc)) from None
-        except Conflict as exc:
-            raise ApiError(409, "conflict", _words(exc)) from None
-        except SandboxFailed as exc:
-            raise ApiError(503, "not_ready", _words(exc)) from None
-        except UsageError as exc:
-            raise ApiError(422, "invalid", _words(exc)) from None
+        except (SandboxNotFound, Conflict, SandboxFailed, UsageError) as exc:
+            raise _target_error(exc, conflict="conflict") from None
         return out(info.id)
 
     @router.get("/sandboxes", response_model=SandboxList, summary="Every sandbox")

@@ -187,6 +187,13 @@ def _release_lock(lock: TextIO, *, delete: bool) -> None:
     lock.close()
 
 
+def _forward_facts(f: Forward) -> ForwardFacts:
+    """A forward as the doctor sees it."""
+    return ForwardFacts(id=f.id, protocol=f.mapping.protocol, host=f.mapping.host_ip,
+                        host_port=f.host_port, mode=f.mode,
+                        rule=f.rule().comment if f.mode == "kernel" else "")
+
+
 def _when(at: float) -> str:
     """A Unix time as the doctor says it: UTC, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
@@ -1602,10 +1609,7 @@ class Gateway:
             ports.append(PortFacts(
                 name=guest_port.name, guest_port=guest_port.port, protocol=protocol,
                 path=guest_port.path, ws=True, forwards=tuple(
-                    ForwardFacts(id=f.id, protocol=f.mapping.protocol, host=f.mapping.host_ip,
-                                 host_port=f.host_port, mode=f.mode,
-                                 rule=f.rule().comment if f.mode == "kernel" else "")
-                    for f in own)))
+                    _forward_facts(f) for f in own)))
         named = {p.name for p in ports}
         for f in forwards:  # app ports published by number
             attached = f.name in named or (f.mapping.protocol == "tcp" and any(
@@ -1615,10 +1619,7 @@ class Gateway:
                 ports.append(PortFacts(
                     name=f.name, guest_port=f.mapping.guest_port,
                     protocol="udp" if f.mapping.protocol == "udp" else "tcp",
-                    forwards=(ForwardFacts(id=f.id, protocol=f.mapping.protocol,
-                                           host=f.mapping.host_ip, host_port=f.host_port,
-                                           mode=f.mode, rule=f.rule().comment
-                                           if f.mode == "kernel" else ""),)))
+                    forwards=(_forward_facts(f),)))
         if sb.spec.agent_url:
             ports.append(PortFacts(name="agent", guest_port=AGENT_PORT, protocol="agent"))
         chains = nft.chain_names(net.bridge)
