@@ -62,7 +62,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Self
 
-from sandport.proto.errors import RemoteProtocolError
+from sandport.proto.errors import InvalidTransition, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_V2_PAYLOAD",
@@ -259,12 +259,6 @@ class ProxyHeaderTooLong(ProxyProtocolError):
     """A v1 line has no CRLF within 107 bytes, or a v2 ``len`` exceeds the parser's cap."""
 
 
-class LocalProtocolError(RuntimeError):
-    """The caller used `ProxyHeaderParser` out of order (data after the header was complete)."""
-
-
-class InvalidTransition(RuntimeError):
-    """An illegal parser state transition: a bug in this module, never wire input."""
 
 
 # --------------------------------------------------------------------------------------------

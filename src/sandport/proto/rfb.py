@@ -53,7 +53,7 @@ from typing import Final, Self
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-from sandport.proto.errors import RemoteProtocolError
+from sandport.proto.errors import InvalidTransition, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_BUFFER",
@@ -283,12 +283,6 @@ class DataAfterFailure(RFBProtocolError):
     """Bytes arrived after the handshake had already failed."""
 
 
-class LocalProtocolError(RuntimeError):
-    """The caller used `RFBClient` out of order (for example, data after end of stream)."""
-
-
-class InvalidTransition(RuntimeError):
-    """An illegal state transition was attempted: a bug in this module, never wire input."""
 
 
 # --------------------------------------------------------------------------------------------

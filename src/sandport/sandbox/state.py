@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from sandport.proto.errors import InvalidTransition
+
 
 class SandboxState(StrEnum):
     """Where a sandbox is in its life."""
@@ -38,8 +40,9 @@ class SandboxState(StrEnum):
     FAILED = "failed"
 
 
-class IllegalTransition(RuntimeError):
-    """A caller tried to move a sandbox along an edge the table does not have."""
+class IllegalTransition(InvalidTransition):
+    """A caller tried to move a sandbox or a session along an edge the table does not have:
+    a bug, never a user's mistake (see :mod:`sandport.proto.errors`)."""
 
 
 S = SandboxState
