@@ -24,12 +24,12 @@ from conftest import eventually, fd_count
 from sandport.forward.tcp import (
     COPY_CHUNK,
     IDLE_SWEEP_MAX,
-    PIPE_SIZE,
     FailureReason,
     PortInUse,
     TcpForward,
     TcpForwardSpec,
 )
+from sandport.net.splice import PIPE_SIZE
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeader, ProxyHeaderParser
 

@@ -709,7 +709,7 @@ def test_web_dir_is_served_on_the_same_port(run: Callable[..., Any], guest: Remo
 def test_real_client_from_trusted_proxies_only(
     run: Callable[..., Any], guest: RemoteHost, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="sandport.bridge.server")
+    caplog.set_level(logging.INFO, logger="sandport.bridge")
     import ipaddress
 
     async def body(bridge: WsBridge) -> None:

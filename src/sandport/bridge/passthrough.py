@@ -1,93 +1,80 @@
-"""The front door's other half: requests that are not the bridge's go to the HTTP app.
+"""The front door's HTTP half: requests that are not WebSocket upgrades go to the HTTP app.
 
-:class:`HttpPassthrough` relays a client connection to the app's Unix socket, byte for
-byte in both directions with backpressure, except that every request head on the way is
-marked with the real client by :class:`RequestRewriter`.
+Owns one client connection while it speaks plain HTTP: :class:`AppRelay` frames every
+request the client sends (:class:`~sandport.proto.http1.MessageFramer`), relays it to
+the app's Unix socket with the real client marked (:func:`rewrite_head`), relays the
+app's answers back as they come, and counts them, so it knows at every moment how many
+requests are still unanswered.
+
+A WebSocket upgrade is never relayed, whether it is the connection's first request,
+a later one on a keep-alive connection or a pipelined one: once every earlier request
+has its answer, the relay hands the upgrade and the bytes after it back to its owner
+(the session, :mod:`.session`), which checks it like any other (Origin, token, limits)
+and bridges or refuses it. A request that cannot be framed safely gets its 4xx after
+the earlier answers, and the connection closes. Must not touch WebSocket framing,
+routes or tokens: those are the session's and the router's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Protocol, cast
+
+from sandport.bridge.web import json_response
+from sandport.proto.http1 import Body, End, FramingError, Head, MessageFramer, Role
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 16 * 1024  # request head (request line and headers) limit
-WRITE_HIGH = 1024 * 1024
-WRITE_LOW = 256 * 1024
-_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded")
+__all__ = ["AppRelay", "RelayOwner", "rewrite_head"]
+
+WRITE_HIGH: Final = 1024 * 1024
+WRITE_LOW: Final = 256 * 1024
+#: Request fields the relay sets itself; a client's own are dropped (a trusted proxy's
+#: ``X-Forwarded-For`` list is kept and extended).
+_FORWARDED: Final = (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded")
 
 
-class RequestRewriter:
-    """Marks every request head of a passed-through connection with the real client.
+def rewrite_head(head: Head, client_ip: str, scheme: str, *, trusted: bool) -> bytes:
+    """The request head to send the app: the real client marked, no protocol switch.
 
-    Request heads are found by their framing: a head, then ``Content-Length`` bytes of
-    body. Incoming ``X-Forwarded-*``/``Forwarded`` headers are dropped unless the peer is a
-    trusted proxy, then ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are added. A chunked
-    body or an upgrade ends the parsing: from there the bytes pass unchanged.
+    Incoming ``X-Forwarded-*``/``Forwarded`` fields are dropped unless the peer is a
+    trusted proxy (whose ``X-Forwarded-For`` list is extended), then ``X-Forwarded-For``
+    and ``X-Forwarded-Proto`` are added. ``Upgrade`` is dropped: the app never switches
+    protocols (WebSocket upgrades never reach it), so its framing and ours stay in step.
     """
+    kept = [head.start]
+    forwarded_for = b""
+    for name, value in head.fields:
+        key = name.lower()
+        if key in _FORWARDED:
+            if trusted and key == b"x-forwarded-for":
+                forwarded_for = value + b", "
+            continue
+        if key == b"upgrade":
+            continue
+        kept.append(name + b": " + value)
+    kept.append(b"X-Forwarded-For: " + forwarded_for + client_ip.encode())
+    kept.append(b"X-Forwarded-Proto: " + scheme.encode())
+    return b"\r\n".join(kept) + b"\r\n\r\n"
 
-    def __init__(self, client_ip: str, scheme: str, *, trusted: bool) -> None:
-        self.client_ip = client_ip
-        self.scheme = scheme
-        self.trusted = trusted
-        self._head = b""
-        self._body_left = 0
-        self._raw = False
 
-    def feed(self, data: bytes) -> bytes:
-        """Bytes to send upstream for ``data`` from the client."""
-        out: list[bytes] = []
-        while data:
-            if self._raw:
-                out.append(data)
-                break
-            if self._body_left:
-                n = min(len(data), self._body_left)
-                out.append(data[:n])
-                data, self._body_left = data[n:], self._body_left - n
-                continue
-            buf = self._head + data
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:  # the app answers 431; stop parsing
-                    self._raw = True
-                    out.append(buf)
-                    self._head = b""
-                else:
-                    self._head = buf
-                break
-            self._head, data = b"", buf[end + 4:]
-            out.append(self._rewrite(buf[:end]))
-        return b"".join(out)
+class RelayOwner(Protocol):
+    """What the relay asks of the session that owns the client connection."""
 
-    def _rewrite(self, head: bytes) -> bytes:
-        lines = head.split(b"\r\n")
-        kept = [lines[0]]
-        forwarded_for = b""
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            key = name.strip().lower()
-            if key in _FORWARDED:  # replaced by ours; a trusted proxy's client list is kept
-                if self.trusted and key == b"x-forwarded-for":
-                    forwarded_for = value.strip() + b", "
-                continue
-            if key == b"content-length" and value.strip().isdigit():
-                self._body_left = int(value.strip())
-            elif key in {b"transfer-encoding", b"upgrade"}:
-                self._raw = True
-            kept.append(line)
-        kept.append(b"X-Forwarded-For: " + forwarded_for + self.client_ip.encode())
-        kept.append(b"X-Forwarded-Proto: " + self.scheme.encode())
-        return b"\r\n".join(kept) + b"\r\n\r\n"
+    cid: str
+
+    def upgrade_requested(self, data: bytes) -> None:
+        """Every earlier request is answered: take over with ``data`` (an upgrade request
+        head and whatever followed it)."""
+        ...
 
 
 class _Upstream(asyncio.Protocol):
-    """The HTTP app's side of a passed-through connection."""
+    """The HTTP app's side of a relayed connection."""
 
-    def __init__(self, relay: HttpPassthrough) -> None:
+    def __init__(self, relay: AppRelay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
 
@@ -96,76 +83,217 @@ class _Upstream(asyncio.Protocol):
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
 
     def data_received(self, data: bytes) -> None:
-        self.relay.client.write(data)
+        self.relay.from_app(data)
 
     def eof_received(self) -> bool:
-        self.relay.client.close()  # after what is buffered
+        self.relay.app_closed()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.client.close()
+        self.relay.app_closed()
 
     def pause_writing(self) -> None:
         self.relay.client.pause_reading()
 
     def resume_writing(self) -> None:
-        self.relay.client.resume_reading()
+        if not self.relay.handing_over:
+            self.relay.client.resume_reading()
 
 
-class HttpPassthrough(asyncio.Protocol):
-    """A client connection relayed to the HTTP app's Unix socket."""
+class AppRelay:
+    """One client connection relayed, request by request, to the HTTP app.
 
-    def __init__(self, cid: str, client: asyncio.Transport, app_socket: str,
-                 rewriter: RequestRewriter) -> None:
-        self.cid = cid
+    Args:
+        owner: the session; it takes the connection back for a WebSocket upgrade.
+        client: the client's transport (the owner stays its protocol).
+        app_socket: the app's Unix socket, connected at the first request it must answer.
+        client_ip, scheme, trusted: how requests are marked (:func:`rewrite_head`).
+        spawn: runs a coroutine as a task the bridge tracks.
+    """
+
+    def __init__(self, owner: RelayOwner, client: asyncio.Transport, app_socket: str, *,
+                 client_ip: str, scheme: str, trusted: bool,
+                 spawn: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
+        self.owner = owner
         self.client = client
         self.app_socket = app_socket
-        self.rewriter = rewriter
-        self.upstream = _Upstream(self)
+        self.client_ip, self.scheme, self.trusted = client_ip, scheme, trusted
+        self._spawn = spawn
+        self.requests = MessageFramer(Role.REQUEST)
+        self.responses = MessageFramer(Role.RESPONSE)
+        self.upstream: _Upstream | None = None
+        self._connecting = False
+        self._out: list[bytes] = []  # for the app, while it is being connected
+        #: Requests relayed whose final response has not fully come back.
+        self.in_flight = 0
+        #: Requests relayed over the connection's life.
+        self.relayed = 0
+        #: An upgrade (and what followed) waiting for the earlier answers.
+        self._held: bytearray | None = None
+        #: A request that could not be framed, answered after the earlier ones.
+        self._refusal: FramingError | None = None
+        self._done = False  # handed over, refused, or the app closed
 
-    async def start(self, first: bytes) -> None:
-        """Connect the app, send what the client sent so far, then relay."""
-        self.client.pause_reading()
-        loop = asyncio.get_running_loop()
+    @property
+    def handing_over(self) -> bool:
+        """True while an upgrade or a refusal waits for the earlier answers."""
+        return self._held is not None or self._refusal is not None
+
+    # -- the client's bytes -------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        """Frame ``data``; relay requests, hold an upgrade, or refuse what cannot be framed."""
+        if self._done:
+            return
+        if self._held is not None:
+            self._held += data  # reading is paused: at most one read arrives after it
+            return
+        if self._refusal is not None:
+            return
+        error: FramingError | None = None
         try:
-            await loop.create_unix_connection(lambda: self.upstream, self.app_socket)
-        except OSError as exc:
-            log.error("%s: the HTTP app at %s is unreachable: %s", self.cid, self.app_socket,
-                      exc)
-            body = json.dumps({"error": "app_unreachable",
-                               "message": "the gateway's HTTP app does not answer"}).encode()
-            self.client.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\n"
-                              b"Connection: close\r\nContent-Length: "
-                              + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.client.close()
-            return
-        assert self.upstream.transport is not None
-        if self.client.is_closing():
-            self.upstream.transport.close()
-            return
-        self.upstream.transport.write(self.rewriter.feed(first))
-        self.client.resume_reading()
+            events = self.requests.receive_data(data)
+        except FramingError as exc:  # what came before it is relayed first
+            events, error = exc.events, exc
+        i = 0
+        while i < len(events):
+            event = events[i]
+            i += 1
+            if isinstance(event, Head):
+                if event.upgrade:  # the framer paused after this head
+                    if event.websocket_upgrade:
+                        self._hold(event)
+                        return
+                    self.requests.resume()  # another protocol: the app will not switch
+                    try:
+                        events += self.requests.receive_data(b"")
+                    except FramingError as exc:
+                        events += exc.events
+                        error = exc
+                self._relay_head(event)
+            elif isinstance(event, Body):
+                self._to_app(event.data)
+        if error is not None:
+            log.info("%s: refused a request from %s: %s", self.owner.cid, self.client_ip,
+                     error)
+            self._refusal = error
+            self.client.pause_reading()
+            self._settle()
 
-    def data_received(self, data: bytes) -> None:
-        up = self.upstream.transport
+    def _hold(self, head: Head) -> None:
+        self._held = bytearray(head.raw + self.requests.trailing_data())
+        self.client.pause_reading()
+        self._settle()
+
+    def _relay_head(self, head: Head) -> None:
+        self.responses.expect(head.method)
+        self.in_flight += 1
+        self.relayed += 1
+        self._to_app(rewrite_head(head, self.client_ip, self.scheme, trusted=self.trusted))
+
+    def _to_app(self, data: bytes) -> None:
+        up = self.upstream.transport if self.upstream is not None else None
         if up is not None:
-            up.write(self.rewriter.feed(data))
+            up.write(data)
+            return
+        self._out.append(data)
+        if not self._connecting:
+            self._connecting = True
+            self.client.pause_reading()
+            self._spawn(self._connect(), f"{self.owner.cid} http")
 
-    def eof_received(self) -> bool:
-        up = self.upstream.transport
-        if up is not None and up.can_write_eof():
-            up.write_eof()
-            return True  # keep the client open for the response
-        return False
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        upstream = _Upstream(self)
+        try:
+            await loop.create_unix_connection(lambda: upstream, self.app_socket)
+        except OSError as exc:
+            log.error("%s: the HTTP app at %s is unreachable: %s", self.owner.cid,
+                      self.app_socket, exc)
+            self._answer(502, "app_unreachable", "the gateway's HTTP app does not answer")
+            return
+        assert upstream.transport is not None
+        self.upstream = upstream
+        if self.client.is_closing() or self._done:
+            upstream.transport.close()
+            return
+        out, self._out = self._out, []
+        upstream.transport.writelines(out)
+        if not self.handing_over:
+            self.client.resume_reading()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.upstream.transport is not None:
+    def client_eof(self) -> bool:
+        """The client ended its side: pass it on, keep the connection for the answers."""
+        up = self.upstream.transport if self.upstream is not None else None
+        if self.handing_over or self._done or up is None or not up.can_write_eof():
+            return False
+        up.write_eof()
+        return True
+
+    def client_lost(self) -> None:
+        """The client connection is gone."""
+        self._done = True
+        if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
 
-    def pause_writing(self) -> None:
-        if self.upstream.transport is not None:
+    def pause_app(self) -> None:
+        """The client reads slower than the app answers."""
+        if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
-    def resume_writing(self) -> None:
-        if self.upstream.transport is not None:
+    def resume_app(self) -> None:
+        """The client caught up."""
+        if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
+
+    # -- the app's bytes ----------------------------------------------------------------------
+
+    def from_app(self, data: bytes) -> None:
+        """An answer (or part of one) from the app: to the client, and counted."""
+        if self._done:
+            return
+        self.client.write(data)
+        try:
+            for event in self.responses.receive_data(data):
+                if isinstance(event, End):  # a final answer: one request fewer waits
+                    self.in_flight -= 1
+        except FramingError as exc:  # our own app: a bug, never a client's doing
+            log.error("%s: the HTTP app's answer cannot be framed: %s", self.owner.cid, exc)
+            self._done = True
+            self.client.close()
+            return
+        self._settle()
+
+    def app_closed(self) -> None:
+        """The app closed the connection: so does the client's, after what is buffered."""
+        if self._done:
+            return
+        self._done = True
+        self.client.close()
+
+    # -- handing over -------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Once every earlier request is answered: hand an upgrade over, or refuse."""
+        if self.in_flight or self._done:
+            return
+        if self._refusal is not None:
+            exc = self._refusal
+            self._answer(exc.status, "bad_request", f"the request cannot be framed: {exc}")
+        elif self._held is not None:
+            data, self._held = bytes(self._held), None
+            self._detach()
+            self.owner.upgrade_requested(data)
+
+    def _answer(self, status: int, error: str, message: str) -> None:
+        self._detach()
+        if not self.client.is_closing():
+            self.client.write(json_response(status, {"error": error,
+                                                     "message": message}).serialize())
+            self.client.close()
+
+    def _detach(self) -> None:
+        """The relay is done with the connection; the app's side closes."""
+        self._done = True
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()

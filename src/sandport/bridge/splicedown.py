@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import os
 from collections.abc import Callable
 
-from sandport.forward.tcp import SPLICE_FLAGS, open_pipe
+from sandport.net.splice import SPLICE_FLAGS, WOULD_BLOCK, open_pipe
 from sandport.proto.wsframes import Opcode, frame_header
 
 log = logging.getLogger(__name__)
 
-_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 #: Messages up to this size are read back from the pipe and written with their header.
 SMALL = 16 * 1024
 
@@ -96,7 +94,7 @@ class SpliceDown:
         try:
             n = os.splice(self.tfd, self.pipe_w, self.capacity, flags=SPLICE_FLAGS)
         except OSError as exc:
-            if exc.errno in _WOULD_BLOCK:
+            if exc.errno in WOULD_BLOCK:
                 return
             self._target_end(exc)
             return
@@ -136,7 +134,7 @@ class SpliceDown:
                     else:
                         out[0] = item - k
         except OSError as exc:
-            if exc.errno in _WOULD_BLOCK:
+            if exc.errno in WOULD_BLOCK:
                 if not self._writing and not self.stopped:
                     self._loop.add_writer(self.cfd, self._flush)
                     self._writing = True

@@ -1,12 +1,16 @@
-"""The gateway's HTTP port: noVNC, the desktop link and the WebSocket bridge.
+"""The gateway's HTTP app (noVNC, the desktop link, /api) and its WebSocket route.
 
-Routes:
+Routes of the app (behind the bridge's front door, on a Unix socket):
     GET  /healthz                     liveness and a sandbox count
     GET  /novnc/...                   the noVNC client (Debian's /usr/share/novnc)
     GET  /s/{id}/?token=T             the desktop: checks T, redirects into noVNC
-    WS   /s/{id}/ports/{port}/ws?token=T   WebSocket <-> TCP to a guest port (name or number)
     GET  /api/forwards                every host port forward: mode, why, counters (admin)
     GET  /metrics                     Prometheus text format (admin)
+
+WebSocket upgrades never reach the app: the front door
+(:class:`~sandport.bridge.server.WsBridge`) takes every one of them, the first request
+of a connection or a later one, and asks :class:`GatewayRouter` where it goes:
+    WS   /s/{id}/ports/{port}/ws?token=T   WebSocket <-> TCP to a guest port (name or number)
 
 Admin routes take the gateway's admin token (``Authorization: Bearer T``); the gateway
 writes it to ``<state dir>/gateway.json`` (mode 0600), where ``sandport forward list``
@@ -19,14 +23,12 @@ browsers) saying why: 401 no token, 403 wrong token, 404 unknown sandbox or port
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import html
 import itertools
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,17 +40,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
 from websockets.http11 import Request as WsRequest
 
 from sandport import __version__
-from sandport.bridge.server import BridgeStats
-from sandport.bridge.server import Refusal as BridgeRefusal
-from sandport.bridge.server import Route as BridgeRoute
+from sandport.bridge.model import BridgeRoute, BridgeStats, UpgradeRefusal
 from sandport.bridge.targets import Target
-from sandport.bridge.ws import choose_subprotocol, pump
 from sandport.control.api import (
     ApiError,
     ApiGate,
@@ -63,7 +61,6 @@ from sandport.control.api import (
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
-from sandport.net.nsock import connect_in_netns
 from sandport.sandbox.base import GuestPort
 from sandport.sandbox.state import SandboxState
 
@@ -287,7 +284,6 @@ def desktop_redirect_target(
 
 
 def build_app(registry: Registry, *, novnc_dir: Path,
-              on_session: Callable[[str, int], None] | None = None,
               api: SandboxApi | None = None) -> Starlette:
     """The app for the gateway's HTTP port: the sandbox API (``api``, FastAPI, with its
     OpenAPI document at ``/openapi.json`` and ``/docs``) and the routes below."""
@@ -313,55 +309,6 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         password = sb.secrets.get("vnc_password", "") if port_key == "vnc" else ""
         target = desktop_redirect_target(request, sb.id, token, password, port_key)
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
-
-    async def websocket_bridge(websocket: WebSocket) -> None:
-        sandbox_id = websocket.path_params["sandbox"]
-        port_key = websocket.path_params["port"]
-        conn_id = f"ws#{next(_conn_ids)}"
-        client = websocket.client.host if websocket.client else "?"
-        verdict = authorise(registry, presented_token(websocket), sandbox_id, port_key)
-        if isinstance(verdict, Refusal):
-            log.info("%s %s -> %s/%s refused %d %s", conn_id, client, sandbox_id, port_key,
-                     verdict.status, verdict.error)
-            await websocket.send_denial_response(verdict.response())
-            return
-        sb, port, _ = verdict
-        if port is None:  # authorise() returns a port whenever it is asked for one
-            raise RuntimeError("authorise() returned no port")
-        try:
-            if sb.netns:  # an attached container's: the socket is made in its namespace
-                sock = await asyncio.wait_for(connect_in_netns(
-                    asyncio.get_running_loop(), sb.netns, sb.ip, port.port), CONNECT_TIMEOUT)
-                reader, writer = await asyncio.open_connection(sock=sock)
-            else:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(sb.ip, port.port), CONNECT_TIMEOUT
-                )
-        except (OSError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (
-                exc.strerror or type(exc).__name__)
-            hop = "guest service" if isinstance(exc, ConnectionRefusedError) else \
-                "guest reachability"
-            log.warning("%s %s -> %s %s:%d: %s", conn_id, client, sb.id, sb.ip, port.port, reason)
-            if sb.state is SandboxState.STARTING:
-                refusal = Refusal(
-                    status=503, error="not_ready", sandbox=sb.id, hop=hop,
-                    retry_after=NOT_READY_RETRY_AFTER,
-                    message=f"sandbox {sb.id} is starting; {port.name} ({sb.ip}:{port.port}) "
-                    f"does not answer yet: {reason}")
-            else:
-                doctor = f"; sandport doctor: {sb.diagnosis}" if sb.diagnosis else ""
-                refusal = Refusal(
-                    status=502, error="guest_unreachable", sandbox=sb.id, hop=hop,
-                    message=f"the guest service {port.name} ({sb.ip}:{port.port}) did not "
-                    f"accept the connection: {reason}{doctor}")
-            await websocket.send_denial_response(refusal.response())
-            return
-        await websocket.accept(subprotocol=choose_subprotocol(websocket.scope["subprotocols"]))
-        log.info("%s %s -> %s %s:%d open", conn_id, client, sb.id, sb.ip, port.port)
-        if on_session is not None:
-            on_session(sb.id, port.port)
-        await pump(websocket, reader, writer, conn_id=conn_id)
 
     def admin_refusal(request: Request) -> Response | None:
         error = admin_error(request.headers.get("authorization"), registry.admin_token_hash)
@@ -396,7 +343,6 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         Route("/healthz", healthz),
         Route("/s/{sandbox}/", desktop),
         Route("/s/{sandbox}", desktop),
-        WebSocketRoute("/s/{sandbox}/ports/{port}/ws", websocket_bridge),
         Mount("/novnc", app=StaticFiles(directory=novnc_dir, html=True, follow_symlink=True)),
     ]
     app = FastAPI(title="sandport", version=__version__, redoc_url=None,
@@ -416,9 +362,10 @@ def build_app(registry: Registry, *, novnc_dir: Path,
 class GatewayRouter:
     """The gateway's WebSocket routes for the bridge's front door (:mod:`sandport.bridge`).
 
-    ``/s/{sandbox}/ports/{port}/ws`` (port by name or number) is bridged by
-    :class:`~sandport.bridge.server.WsBridge` itself; every other request reaches the
-    Starlette app. The checks are :func:`authorise`'s, so both answer alike.
+    The front door asks it about every WebSocket upgrade, whatever its path and wherever
+    it comes on a connection: ``/s/{sandbox}/ports/{port}/ws`` (port by name or number)
+    is routed to the guest port, any other path is a 404. The checks are
+    :func:`authorise`'s, so the desktop page and the bridge answer alike.
     """
 
     PATH = re.compile(r"^/s/(?P<sandbox>[^/]+)/ports/(?P<port>[^/]+)/ws/?$")
@@ -426,26 +373,22 @@ class GatewayRouter:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    def claims(self, path: str) -> bool:
-        """True for the bridge path."""
-        return self.PATH.match(unquote(path)) is not None
-
     def route(self, request: WsRequest) -> BridgeRoute:
         """The guest port of a bridge request.
 
         Raises:
-            BridgeRefusal: 401, 403, 404 or 503, as :func:`authorise` decides.
+            UpgradeRefusal: 401, 403, 404 or 503, as :func:`authorise` decides.
         """
         parts = urlsplit(request.path)
         m = self.PATH.match(unquote(parts.path))
         if m is None:
-            raise BridgeRefusal(404, "not_found", f"no route {parts.path!r}")
+            raise UpgradeRefusal(404, "not_found", f"no route {parts.path!r}")
         token = (parse_qs(parts.query).get("token") or [""])[0] or \
             bearer_token(request.headers.get("Authorization"))
         verdict = authorise(self.registry, token, m["sandbox"], m["port"])
         if isinstance(verdict, Refusal):
             headers = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
-            raise BridgeRefusal(verdict.status, verdict.error, verdict.message, headers,
+            raise UpgradeRefusal(verdict.status, verdict.error, verdict.message, headers,
                                 hop=verdict.hop)
         sb, port, grant = verdict
         if port is None:  # authorise() returns a port whenever it is asked for one

@@ -62,7 +62,7 @@ def bind_unix(path: Path) -> socket.socket:
 
 
 class HttpServer:
-    """An ASGI app served by uvicorn (WebSocket support: websockets' sans-I/O core).
+    """An ASGI app served by uvicorn, HTTP only (WebSocket upgrades are the bridge's).
 
     On a TCP port, or on a Unix socket behind the bridge's front door
     (:class:`~sandport.bridge.server.WsBridge` with ``app_socket``), which marks every
@@ -81,7 +81,7 @@ class HttpServer:
             self.port = self._sock.getsockname()[1]
         self._config = uvicorn.Config(
             app,
-            ws="websockets-sansio",
+            ws="none",  # WebSocket upgrades are the bridge's, never the app's
             lifespan="off",
             log_config=None,
             access_log=False,

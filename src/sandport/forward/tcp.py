@@ -13,7 +13,7 @@ Data path (``TcpForwardSpec.data_path``)::
 
 * ``splice`` (the default where ``os.splice`` exists): ``splice(2)`` moves the bytes from the
   source socket into a pipe and from the pipe into the destination socket; they never reach
-  user space, Python only schedules. The pipe is sized to :data:`PIPE_SIZE` (``F_SETPIPE_SZ``).
+  user space, Python only schedules. The pipe is sized to :data:`~sandport.net.splice.PIPE_SIZE`.
 * ``copy``: ``recv_into`` a fixed buffer of :data:`COPY_CHUNK` bytes and ``send`` it on. Used
   when asked for, when ``os.splice`` does not exist, and per connection when the kernel
   refuses the pipe (fd limit) or splice itself (``EINVAL``); counted in ``fallbacks``.
@@ -64,7 +64,6 @@ import asyncio
 import contextlib
 import enum
 import errno
-import fcntl
 import ipaddress
 import itertools
 import logging
@@ -79,6 +78,7 @@ from typing import Any, Final
 
 from sandport.forward.base import Forward, PortInUse, check_ports, format_addr
 from sandport.net.nsock import namespace_sockets
+from sandport.net.splice import SPLICE_AVAILABLE, SPLICE_FLAGS, open_pipe
 from sandport.proto.proxyproto import ProxyHeader
 
 __all__ = [
@@ -86,15 +86,11 @@ __all__ = [
     "DATA_PATHS",
     "IDLE_SWEEP_MAX",
     "LISTEN_BACKLOG",
-    "PIPE_SIZE",
-    "SPLICE_AVAILABLE",
-    "SPLICE_FLAGS",
     "FailureReason",
     "PortInUse",
     "TcpForward",
     "TcpForwardSpec",
     "TcpForwardStats",
-    "open_pipe",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,8 +98,6 @@ log = logging.getLogger(__name__)
 KiB = 1024
 #: ``listen(2)`` backlog of the host listener.
 LISTEN_BACKLOG = 512
-#: Pipe capacity asked for per direction (``F_SETPIPE_SZ``); the most one splice moves.
-PIPE_SIZE = 1024 * KiB
 #: Buffer per direction of the copy data path: the most one ``recv`` holds.
 COPY_CHUNK = 256 * KiB
 #: Default time :meth:`TcpForward.stop` lets closing connections flush before resetting them.
@@ -118,15 +112,10 @@ ACCEPTS_PER_WAKEUP = 64
 ACCEPT_RETRY = 0.5
 #: Data paths a spec may ask for; ``auto`` is ``splice`` where the platform has it.
 DATA_PATHS: Final = ("auto", "splice", "copy")
-SPLICE_AVAILABLE: Final = hasattr(os, "splice")
 
 #: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST, drops the buffer.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _PROXY_VERSIONS: Final = (1, 2)
-#: Flags of every splice: move pages where possible, never block.
-SPLICE_FLAGS: Final = (
-    os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if SPLICE_AVAILABLE else 0
-)
 #: Out of descriptors or memory: pause accepting instead of spinning on the listener.
 _ACCEPT_PAUSE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -278,15 +267,6 @@ class TcpForwardStats:
     fallbacks: int = 0
     failures: dict[str, int] = field(default_factory=_zero_failures)
 
-
-def open_pipe() -> tuple[int, int, int]:
-    """A non-blocking pipe sized to :data:`PIPE_SIZE` where allowed: ``(r, w, capacity)``."""
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:  # over the per-user pipe budget: keep the default size
-        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-    return r, w, size
 
 
 class _Pump:
