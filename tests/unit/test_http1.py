@@ -274,3 +274,38 @@ def test_a_request_that_fails_is_never_emitted_but_those_before_it_are() -> None
     events = info.value.events
     assert [type(e) for e in events] == [Head, End]
     assert isinstance(events[0], Head) and events[0].start == b"GET /a HTTP/1.1"
+
+
+def test_the_bridge_session_moves_only_along_its_table() -> None:
+    """The bridge session's phases (sandport.bridge.session): one table, illegal edges raise."""
+    from sandport.bridge.session import TRANSITIONS as SESSION_TRANSITIONS
+    from sandport.bridge.session import Phase as SessionPhase
+
+    reachable = {SessionPhase.HTTP}
+    for _ in SessionPhase:
+        reachable |= {n for p in reachable for n in SESSION_TRANSITIONS[p]}
+    assert reachable == set(SessionPhase)  # every phase can be reached from HTTP
+    assert SESSION_TRANSITIONS[SessionPhase.CLOSED] == frozenset()
+    assert SessionPhase.HTTP not in {n for ns in SESSION_TRANSITIONS.values() for n in ns}
+    assert all(SessionPhase.CLOSING in SESSION_TRANSITIONS[p]
+               for p in (SessionPhase.HTTP, SessionPhase.HANDSHAKE, SessionPhase.OPEN))
+
+
+def test_a_bridge_session_refuses_an_illegal_edge() -> None:
+    from sandport.bridge.model import BridgeConfig
+    from sandport.bridge.server import WsBridge
+    from sandport.bridge.session import Phase as SessionPhase
+    from sandport.bridge.session import WsSession
+    from sandport.bridge.targets import Target
+
+    bridge = WsBridge(BridgeConfig(target=Target(host="127.0.0.1", port=9)))
+    session = WsSession(bridge, "t#1", ("127.0.0.1", 1), False)
+    assert session.phase is SessionPhase.HANDSHAKE  # a bare bridge reads one upgrade
+    with pytest.raises(InvalidTransition, match="HANDSHAKE -> HTTP"):
+        session._move(SessionPhase.HTTP)
+    session.close(1000, "done")  # no transport yet: nothing to send
+    assert (session.phase, session.close_reason) == (SessionPhase.CLOSING, "done")
+    session._finish()
+    assert session.phase is SessionPhase.CLOSED
+    with pytest.raises(InvalidTransition):
+        session._move(SessionPhase.OPEN)

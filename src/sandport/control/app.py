@@ -61,6 +61,7 @@ from sandport.control.api import (
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
+from sandport.errors import SandboxNotFound
 from sandport.sandbox.base import GuestPort
 from sandport.sandbox.state import SandboxState
 
@@ -327,7 +328,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
         docs = []
         if api is not None:
             for sandbox_id in api.sandbox_ids():
-                with contextlib.suppress(Exception):  # removed meanwhile
+                with contextlib.suppress(SandboxNotFound):  # removed meanwhile
                     docs.append(api.info(sandbox_id).as_json())
         text = render_metrics(
             await registry.forward_listing(), sandboxes=registry.count(),

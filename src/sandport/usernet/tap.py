@@ -125,7 +125,7 @@ class TapTransport(FrameTransport):
     def close(self) -> None:
         """Stop serving and close the fd (the device goes away with it)."""
         if self._loop is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(RuntimeError, ValueError):  # the loop is closed
                 self._loop.remove_reader(self.fd)
             self._loop = None
         with contextlib.suppress(OSError):

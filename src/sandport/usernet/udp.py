@@ -245,6 +245,6 @@ class UdpNat:
         self.flows.clear()
         for listener in self.listeners:
             if listener.transport is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(RuntimeError):  # the loop is closed
                     listener.transport.close()
         self.listeners.clear()
