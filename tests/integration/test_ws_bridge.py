@@ -28,7 +28,8 @@ from websockets.uri import parse_uri
 
 from conftest import eventually, fd_count, require_root
 from nethelpers import RemoteHost, echo_guest
-from sandport.bridge.server import BridgeConfig, BridgeLimits, WsBridge
+from sandport.bridge.model import BridgeConfig, BridgeLimits
+from sandport.bridge.server import WsBridge
 from sandport.bridge.targets import Target, TokenFile
 from sandport.bridge.tls import TlsConfig
 from tlshelpers import make_ca

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandport.bridge.server import BridgeConfig, BridgeLimits, WsBridge
+from sandport.bridge.model import BridgeConfig, BridgeLimits
+from sandport.bridge.server import WsBridge
 from sandport.bridge.targets import Target, load_plugin, parse_target
 from sandport.bridge.tls import MIN_VERSIONS, TlsConfig
 from sandport.errors import UsageError
