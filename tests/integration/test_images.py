@@ -1,7 +1,7 @@
 """The guest image builder (:mod:`sandport.sandbox.images`) with real QEMU microVMs (TCG).
 
 What needs no VM and no root (cpio, the seed, the guest scripts, keys) is in the unit
-tier: tests/unit/test_images.py.
+tier: tests/unit/test_images_unit.py.
 
 The module's cache starts empty, so the images are built from scratch; the kernel .deb is
 shared through /var/cache/sandport/images/downloads, so a test run downloads it at most

@@ -48,25 +48,40 @@ def pad4(n: int) -> bytes:
 class NewcHeader:
     """The 110-byte header of one newc entry (the name follows it).
 
-    Attributes are the format's 13 fields, in order; every one fits 32 bits.
+    The format's 13 fields, in order, with each major/minor and uid/gid pair as one
+    attribute; every number fits 32 bits.
+
+    Attributes:
+        ino: the inode number (entries with one number are hard links).
+        mode: file type and permission bits (``stat.S_IFREG | 0o644``).
+        owner: (uid, gid).
+        nlink: the link count.
+        mtime: modification time, seconds since the epoch.
+        filesize: the data's length (a symlink: its target's).
+        dev: (major, minor) of the device the file was on.
+        rdev: (major, minor) of a device node.
+        namesize: the name's length, its NUL included.
+        check: always 0 in "070701" archives.
     """
 
     ino: int = 0
     mode: int = 0
-    uid: int = 0
-    gid: int = 0
+    owner: tuple[int, int] = (0, 0)
     nlink: int = 1
     mtime: int = 0
     filesize: int = 0
-    devmajor: int = 0
-    devminor: int = 0
-    rdevmajor: int = 0
-    rdevminor: int = 0
+    dev: tuple[int, int] = (0, 0)
+    rdev: tuple[int, int] = (0, 0)
     namesize: int = 0
     check: int = 0
 
+    def fields(self) -> tuple[int, ...]:
+        """The 13 numbers in header order (:data:`NEWC_FIELDS`)."""
+        return (self.ino, self.mode, *self.owner, self.nlink, self.mtime, self.filesize,
+                *self.dev, *self.rdev, self.namesize, self.check)
+
     def __bytes__(self) -> bytes:
-        return NEWC_MAGIC + "".join(f"{getattr(self, f):08X}" for f in NEWC_FIELDS).encode()
+        return NEWC_MAGIC + "".join(f"{v:08X}" for v in self.fields()).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> NewcHeader:
@@ -77,14 +92,15 @@ class NewcHeader:
         """
         if len(data) < NEWC_HEADER_LEN or data[:len(NEWC_MAGIC)] != NEWC_MAGIC:
             raise ValueError("no newc header")
-        start = len(NEWC_MAGIC)
-        fields = data[start:NEWC_HEADER_LEN]
+        digits = data[len(NEWC_MAGIC):NEWC_HEADER_LEN]
         try:
-            values = [int(fields[i:i + NEWC_FIELD_LEN], 16)
-                      for i in range(0, len(fields), NEWC_FIELD_LEN)]
+            v = [int(digits[i:i + NEWC_FIELD_LEN], 16)
+                 for i in range(0, len(digits), NEWC_FIELD_LEN)]
         except ValueError:
             raise ValueError("bad newc header") from None
-        return cls(**dict(zip(NEWC_FIELDS, values, strict=True)))
+        return cls(ino=v[0], mode=v[1], owner=(v[2], v[3]), nlink=v[4], mtime=v[5],
+                   filesize=v[6], dev=(v[7], v[8]), rdev=(v[9], v[10]), namesize=v[11],
+                   check=v[12])
 
 
 def entry_head(header: NewcHeader, name: str) -> bytes:
@@ -132,7 +148,7 @@ def read_cpio(data: bytes) -> list[CpioEntry]:
         if name == CPIO_TRAILER:
             return entries
         entries.append(CpioEntry(name=name, mode=header.mode, data=data[body:end],
-                                 rdev=(header.rdevmajor, header.rdevminor)))
+                                 rdev=header.rdev))
         pos = end + len(pad4(end))
 
 
@@ -160,8 +176,7 @@ class CpioWriter:
                 rdev: tuple[int, int] = (0, 0)) -> None:
         self._ino += 1
         header = NewcHeader(ino=self._ino, mode=mode, nlink=nlink,
-                            mtime=max(0, mtime) & 0xFFFFFFFF, filesize=size,
-                            rdevmajor=rdev[0], rdevminor=rdev[1])
+                            mtime=max(0, mtime) & 0xFFFFFFFF, filesize=size, rdev=rdev)
         self._write(entry_head(header, name))
 
     def add_dir(self, name: str, perm: int = 0o755, mtime: int = 0) -> None:

@@ -42,10 +42,10 @@ IMAGE_PROFILES = ("echo", "desktop")
 #: The guest scripts, shipped as package data (pyproject.toml: package-data).
 GUEST_SCRIPTS_DIR: Traversable = importlib.resources.files("sandport.sandbox.images") / "guest"
 #: Guest paths /init (guest/init.sh) names literally; a unit test holds them in step.
-GUEST_DIR = "/usr/share/sandport"
-IMAGE_ENV = f"{GUEST_DIR}/image.env"
-PROFILE_SCRIPT = f"{GUEST_DIR}/profile.sh"
-UDHCPC_SCRIPT = f"{GUEST_DIR}/udhcpc.script"
+GUEST_SHARE = "/usr/share/sandport"
+IMAGE_ENV = f"{GUEST_SHARE}/image.env"
+PROFILE_SCRIPT = f"{GUEST_SHARE}/profile.sh"
+UDHCPC_SCRIPT = f"{GUEST_SHARE}/udhcpc.script"
 #: Where the virtio modules live in the guest.
 GUEST_MODULE_DIR = "/usr/lib/sandport/modules"
 #: The prefix of every line /init writes for the backend.

@@ -2,7 +2,8 @@
 
 The cpio writer and reader, the seed, the guest scripts (found, POSIX sh, shellcheck
 clean, every variable they use defined), image.env, keys and the kernel's decompression.
-Building and booting images is the vm tier's (tests/integration/test_images.py).
+Building and booting images is the vm tier's (tests/integration/test_images.py); this
+file has its own name because pytest needs unique basenames (tests/ has no packages).
 """
 
 from __future__ import annotations
@@ -47,12 +48,19 @@ TRAILER_LEN = 124  # 110 + len("TRAILER!!!\0") = 121, padded to 4
 
 
 def test_newc_header_round_trips() -> None:
-    header = cpio.NewcHeader(ino=7, mode=0o100755, nlink=1, mtime=1_700_000_000,
-                             filesize=1234, rdevmajor=5, rdevminor=1, namesize=9)
+    header = cpio.NewcHeader(ino=7, mode=0o100755, owner=(1000, 100), nlink=1,
+                             mtime=1_700_000_000, filesize=1234, dev=(8, 1), rdev=(5, 1),
+                             namesize=9, check=3)
     data = bytes(header)
     assert len(data) == cpio.NEWC_HEADER_LEN == 110
     assert data.startswith(cpio.NEWC_MAGIC)
     assert cpio.NewcHeader.from_bytes(data) == header
+    assert len(header.fields()) == len(cpio.NEWC_FIELDS)
+    assert dict(zip(cpio.NEWC_FIELDS, header.fields(), strict=True)) == {
+        "ino": 7, "mode": 0o100755, "uid": 1000, "gid": 100, "nlink": 1,
+        "mtime": 1_700_000_000, "filesize": 1234, "devmajor": 8, "devminor": 1,
+        "rdevmajor": 5, "rdevminor": 1, "namesize": 9, "check": 3}
+    assert data[6:].decode() == "".join(f"{v:08X}" for v in header.fields())
 
 
 @pytest.mark.parametrize(("data", "message"), [
