@@ -17,6 +17,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	shellcheck src/sandport/sandbox/images/guest/*.sh scripts/*.sh .ci/run  # guest: busybox sh
 
 test: setup lint
 	SANDPORT_REQUIRE=all $(BIN)/pytest -n $(WORKERS) --dist loadfile -p no:cacheprovider tests

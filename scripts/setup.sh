@@ -13,12 +13,14 @@ cd "$(dirname "$0")/.."
 # QEMU microVM sandboxes: qemu-system-x86 runs them; busybox-static is their userland and
 # lz4 packs their initramfs (`sandport image build` copies the desktop programs above and
 # socat, the echo image's UDP echo, into the image).
+# Lint (`make lint`): shellcheck checks the guest init scripts and these shell scripts.
 PACKAGES=(
   tigervnc-standalone-server openbox x11-xserver-utils x11-utils fonts-dejavu-core
   novnc x11vnc chromium chromium-driver websockify
   iproute2 nftables procps python3-venv
   iperf3 socat passt slirp4netns
   qemu-system-x86 busybox-static lz4
+  shellcheck
 )
 
 if [ "$(id -u)" -ne 0 ]; then

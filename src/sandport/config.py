@@ -19,7 +19,7 @@ DEFAULT_BRIDGE = "sp-br0"
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.201.0.0/24")
 DEFAULT_LISTEN = ("127.0.0.1", 8700)
 DEFAULT_AGENT_PORT = 7411
-DEFAULT_IMAGE_CACHE = Path("/var/cache/sandport/images")
+DEFAULT_IMAGE_CACHE = Path("/var/cache/sandport/images")  # guest images (sandbox.images)
 IFNAMSIZ = 15  # Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 
 

@@ -1,5 +1,8 @@
 """The guest image builder (:mod:`sandport.sandbox.images`) with real QEMU microVMs (TCG).
 
+What needs no VM and no root (cpio, the seed, the guest scripts, keys) is in the unit
+tier: tests/unit/test_images_unit.py.
+
 The module's cache starts empty, so the images are built from scratch; the kernel .deb is
 shared through /var/cache/sandport/images/downloads, so a test run downloads it at most
 once. Booted images sit on a TAP + bridge this module creates (``sp-tt*``/``sp-ti*``,
@@ -28,10 +31,11 @@ from pathlib import Path
 import pytest
 
 from conftest import record, require_programs, require_root, vm_slot
-from sandport.errors import UsageError
 from sandport.probe import probe_rfb_tcp
 from sandport.proto.rfb import obfuscate_password
 from sandport.sandbox import images
+from sandport.sandbox.images import inputs as image_inputs
+from sandport.sandbox.images import scripts as guest_scripts
 from sandport.sandbox.qemu import MEMORY_MB
 
 pytestmark = pytest.mark.vm
@@ -248,26 +252,34 @@ def test_rebuild_with_the_same_inputs_is_the_cached_image(
 
 
 def test_a_changed_input_is_a_new_key(echo_image: images.Image, cache: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images, "BUILDER_VERSION", "test-changed")
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image_inputs, "BUILDER_VERSION", "test-changed")
     inputs = images.image_inputs("echo", cache_dir=cache)
     assert inputs["builder"] == "test-changed"
     assert images.image_key(inputs) != echo_image.key
     assert images.find_image("echo", cache) is None  # the old image is not the current one
     monkeypatch.undo()
 
-    monkeypatch.setattr(images, "_INIT_ECHO", images._INIT_ECHO + "# changed\n")
-    inputs = images.image_inputs("echo", cache_dir=cache)
-    assert inputs["init_sha256"] != echo_image.manifest["inputs"]["init_sha256"]
-    assert images.image_key(inputs) != echo_image.key
-    assert images.find_image("echo", cache) is None
+    # A changed guest script (a copy of guest/ with one line more in each file).
+    before = echo_image.manifest["inputs"]
+    for name, field in (("init.sh", "init_sha256"), ("echo.sh", "files_sha256")):
+        guest = tmp_path / name
+        shutil.copytree(Path(str(guest_scripts.GUEST_SCRIPTS_DIR)), guest)
+        (guest / name).write_text((guest / name).read_text() + "# changed\n")
+        monkeypatch.setattr(guest_scripts, "GUEST_SCRIPTS_DIR", guest)
+        inputs = images.image_inputs("echo", cache_dir=cache)
+        assert inputs[field] != before[field], name
+        assert images.image_key(inputs) != echo_image.key
+        assert images.find_image("echo", cache) is None
+        monkeypatch.undo()
+    assert images.find_image("echo", cache) == echo_image  # the scripts as shipped: built
 
 
 def test_builders_of_one_cache_take_turns(echo_image: images.Image, cache: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A builder waits for the cache's lock; a killed build's leftovers are removed; force
     replaces an image in place."""
-    monkeypatch.setattr(images, "BUILDER_VERSION", "test-lock")
+    monkeypatch.setattr(image_inputs, "BUILDER_VERSION", "test-lock")
     stale = cache / ".tmp-echo-killed"  # what a killed build leaves
     (stale / "root").mkdir(parents=True)
     steps: list[str] = []
@@ -300,85 +312,10 @@ def test_builders_of_one_cache_take_turns(echo_image: images.Image, cache: Path,
     shutil.rmtree(image.dir)
 
 
-def test_list_images(echo_image: images.Image, cache: Path, tmp_path: Path) -> None:
+def test_list_images(echo_image: images.Image, cache: Path) -> None:
     listed = images.list_images(cache)
     assert echo_image.key in [i.key for i in listed]
     assert all(i.profile in images.IMAGE_PROFILES for i in listed)
-    assert images.list_images(tmp_path) == []
-    assert images.list_images(tmp_path / "missing") == []
-
-
-def test_unknown_profile_is_a_usage_error(cache: Path) -> None:
-    with pytest.raises(UsageError, match="no image profile 'nope'"):
-        images.build_image("nope", cache)
-
-
-def test_no_apt_lists_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    lists = tmp_path / "lists"
-    (lists / "partial").mkdir(parents=True)
-    conf = tmp_path / "apt.conf"
-    conf.write_text(f'Dir::State::Lists "{lists}";\n')
-    monkeypatch.setenv("APT_CONFIG", str(conf))
-    with pytest.raises(UsageError, match="linux-image-amd64") as info:
-        images.build_image("echo", tmp_path / "cache")
-    assert "apt-get update" in str(info.value)
-
-
-# --------------------------------------------------------------------------------------------
-# The seed archive.
-# --------------------------------------------------------------------------------------------
-
-
-def test_seed_archive_round_trips(tmp_path: Path) -> None:
-    tricky = "it's $HOME \"quoted\" `x`  spaced"
-    env = images.seed_env({"SANDPORT_SANDBOX_ID": "ab12cd", "SANDPORT_DESKTOP_NAME": tricky})
-    files = {
-        "/etc/sandport/seed.env": (env, 0o600),
-        "/etc/sandport/vncpasswd": (obfuscate_password("s3cret"), 0o600),
-        "/srv/deep/dir/data.bin": (bytes(range(256)) * 3 + b"x", 0o644),
-    }
-    archive = images.seed_archive(files)
-    assert len(archive) % 4 == 0
-
-    entries = images.read_cpio(archive)
-    names = [e.name for e in entries]
-    assert names == ["etc", "etc/sandport", "etc/sandport/seed.env", "etc/sandport/vncpasswd",
-                     "srv", "srv/deep", "srv/deep/dir", "srv/deep/dir/data.bin"]
-    by_name = {e.name: e for e in entries}
-    for path, (content, mode) in files.items():
-        entry = by_name[path.lstrip("/")]
-        assert entry.data == content
-        assert entry.mode == 0o100000 | mode
-
-    # busybox cpio (another reader) agrees, and extracts the same bytes and modes.
-    listed = subprocess.run(["busybox", "cpio", "-t"], input=archive, capture_output=True,
-                            check=True).stdout.decode().split()
-    assert listed == names
-    out = tmp_path / "x"
-    out.mkdir()
-    subprocess.run(["busybox", "cpio", "-i", "-d"], input=archive, cwd=out,
-                   capture_output=True, check=True)
-    for path, (content, mode) in files.items():
-        extracted = out / path.lstrip("/")
-        assert extracted.read_bytes() == content
-        assert extracted.stat().st_mode & 0o777 == mode
-
-    # seed.env is shell: the guest's /init sources it; values arrive unchanged.
-    shown = subprocess.run(["busybox", "sh", "-c", '. "$1"; printf %s "$SANDPORT_DESKTOP_NAME"',
-                            "sh", str(out / "etc/sandport/seed.env")],
-                           capture_output=True, text=True, check=True).stdout
-    assert shown == tricky
-
-
-@pytest.mark.parametrize("bad", ["", "/", "/etc/../x", "etc//x", "./etc/x"])
-def test_seed_archive_refuses_bad_paths(bad: str) -> None:
-    with pytest.raises(ValueError, match="bad guest path"):
-        images.seed_archive({bad: (b"x", 0o644)})
-
-
-def test_seed_env_refuses_bad_names() -> None:
-    with pytest.raises(ValueError, match="bad seed variable name"):
-        images.seed_env({"lower": "x"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,10 +473,3 @@ def test_cli_build_reports_the_cached_image_and_lists_it(
                            capture_output=True, text=True, timeout=60, check=False)
     assert echo_image.key[:16] in table.stdout
 
-
-def test_cli_bad_profile_exits_2(cache: Path) -> None:
-    done = subprocess.run([*SANDPORT, "image", "build", "--profile", "nope", "--cache-dir",
-                           str(cache)], capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2
-    assert "error:" in done.stderr
-    assert "nope" in done.stderr
