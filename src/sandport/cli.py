@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvloop
@@ -50,6 +50,11 @@ from sandport.control.gateway import GATEWAY_FILE, Gateway, SandboxInfo
 from sandport.doctor import Report, Row, Walk
 from sandport.errors import SandportError, UsageError
 from sandport.forward.spec import PortMapping, check_overlaps, parse_port_spec
+
+if TYPE_CHECKING:  # the class TyperCommand and TyperGroup share (typer vendors click)
+    from typer._click.core import Command as _ClickCommand
+else:
+    _ClickCommand = object
 
 log = logging.getLogger("sandport")
 
@@ -94,41 +99,31 @@ class _HelpArgument(TyperArgument):
         return None
 
 
-def _fit_help(command: TyperCommand | TyperGroup) -> None:
-    command.help = _one_line_paragraphs(command.help)
-    for param in command.params:
-        if isinstance(param, TyperOption):
-            param.__class__ = _HelpOption
-        elif isinstance(param, TyperArgument):
-            param.__class__ = _HelpArgument
-
-
-class _HelpCommand(TyperCommand):
-    """A command whose help fits a terminal (see above)."""
+class _FitsTerminal(_ClickCommand):
+    """What a command and a group share: their help fits a terminal (see above)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _fit_help(self)
+        self.help = _one_line_paragraphs(self.help)
+        for param in self.params:
+            if isinstance(param, TyperOption):
+                param.__class__ = _HelpOption
+            elif isinstance(param, TyperArgument):
+                param.__class__ = _HelpArgument
 
-    def get_help_option(self, ctx: Any) -> TyperOption | None:
-        option = super().get_help_option(ctx)
-        if option is not None:
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # made on first use
+        if isinstance(option, TyperOption):
             option.__class__ = _HelpOption
         return option
 
 
-class _HelpGroup(TyperGroup):
-    """A group whose help fits a terminal (see above)."""
+class _HelpCommand(_FitsTerminal, TyperCommand):
+    """A command whose help fits a terminal."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _fit_help(self)
 
-    def get_help_option(self, ctx: Any) -> TyperOption | None:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.__class__ = _HelpOption
-        return option
+class _HelpGroup(_FitsTerminal, TyperGroup):
+    """A group whose help fits a terminal."""
 
 
 class _Typer(typer.Typer):
