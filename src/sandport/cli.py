@@ -1,7 +1,11 @@
 """The ``sandport`` command. Only this module prints or exits.
 
 Flags map onto :class:`sandport.config.GatewayConfig`; the work is done by
-:class:`sandport.control.gateway.Gateway`, which Python callers use directly.
+:class:`sandport.control.gateway.Gateway`, which Python callers use directly. The commands
+that ask a running gateway (sandbox, token, forward, attach, doctor...) go through
+:class:`sandport.client.Client`, the one client of its API: this module reads the state
+file, maps the client's errors onto messages and exit codes, and makes no HTTP call of its
+own.
 """
 
 from __future__ import annotations

@@ -12,6 +12,14 @@
     creds = session.wait_completed(timeout=900)         # ... the guest posts what it captured
     sb.delete()
 
+What ``sandport`` does from the shell, a program does with the same calls::
+
+    gw.forwards()                                       # sandport forward list --json
+    sb = gw.sandbox("3fa9c1", fetch=False)              # a handle by id, no request
+    sb.doctor(port="vnc")["failed"]                     # sandport doctor 3fa9c1 --port vnc
+    for chunk in sb.follow_logs("serial"):              # sandport sandbox logs -f
+        print(chunk.text, end="")
+
 Inside a sandbox, a guest program hands what it captured to the gateway through the
 guest agent (no token needed: the agent holds it)::
 
