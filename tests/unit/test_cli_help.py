@@ -21,10 +21,12 @@ import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import click
 import pytest
 import typer
+import typer.rich_utils
 from rich.cells import cell_len
 from typer.testing import CliRunner
 
@@ -54,9 +56,12 @@ COMMANDS = list(_commands(typer.main.get_command(app)))
 
 def render(path: tuple[str, ...], width: int) -> str:
     """``sandport PATH --help`` as a terminal ``width`` columns wide shows it."""
-    result = CliRunner().invoke(app, [*path, "--help"], prog_name="sandport",
-                                env={"COLUMNS": str(width), "TERM": "dumb", "NO_COLOR": "1",
-                                     "TERMINAL_WIDTH": None, "FORCE_COLOR": None})
+    # typer reads TERMINAL_WIDTH once, at import: a value from the caller's shell must not
+    # decide the width here.
+    with mock.patch.object(typer.rich_utils, "MAX_WIDTH", None):
+        result = CliRunner().invoke(app, [*path, "--help"], prog_name="sandport",
+                                    env={"COLUMNS": str(width), "TERM": "dumb",
+                                         "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     return ANSI.sub("", result.output)
 
