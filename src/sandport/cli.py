@@ -67,12 +67,15 @@ log = logging.getLogger("sandport")
 # paragraph to the terminal's width but keeps the newlines of a docstring's later
 # paragraphs, so a docstring wrapped at 100 columns in the source showed sentences broken
 # in the middle; and it gave every parameter a type column (`<bool>`, `<int range>
-# [0<=x<=65535]`, `<str>`) that took a third of 80 columns. So every command and group
-# is made by the classes below: a paragraph becomes one line (rich wraps it), indented
-# lines (examples) stay as they are; an option shows its metavar and nothing for a flag,
-# an argument its name only. Typer dedents a help's later paragraphs as one block, so
-# examples keep their indent only after a paragraph of prose (not "Examples:" alone).
-# tests/unit/test_cli_help.py renders every help at 80 and 120 columns.
+# [0<=x<=65535]`, `<str>`) that left the help text a third of 80 columns. So every
+# command and group is made by the classes below: a paragraph becomes one line (rich
+# wraps it), indented lines (examples) stay as they are; its parameters become
+# _HelpOption and _HelpArgument, which change only what the help shows: an option its
+# metavar (every option that takes a value names one) and nothing for a flag, an argument
+# its name. Flags have no --no-X form (it cost two more columns). Typer dedents a help's
+# later paragraphs as one block, so examples keep their indent only after a paragraph of
+# prose (not "Examples:" alone). tests/unit/test_cli_help.py renders every help at 80
+# and 120 columns.
 
 
 def _one_line_paragraphs(text: str | None) -> str | None:
@@ -469,6 +472,9 @@ def up(
     _run(_serve(config, demo=demo, vnc_port=vnc_port, publish=mappings, options=options))
 
 
+StateDirOption = Annotated[Path, typer.Option(help="State dir of the gateway to ask.",
+                                              metavar="DIR")]
+
 forward_app = _Typer(help="Inspect the host port forwards of a running gateway.")
 app.add_typer(forward_app, name="forward")
 
@@ -519,8 +525,7 @@ def _count(value: object) -> str:
 
 @forward_app.command("list")
 def forward_list(
-    state_dir: Annotated[Path, typer.Option(
-        help="State dir of the gateway to ask.")] = DEFAULT_STATE_DIR,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
         = False,
 ) -> None:
@@ -731,10 +736,6 @@ def ws_command(
 sandbox_app = _Typer(help="Create, list and remove sandboxes of a running gateway "
                           "(through its API, with the admin token from its state dir).")
 app.add_typer(sandbox_app, name="sandbox")
-
-StateDirOption = Annotated[Path, typer.Option(help="State dir of the gateway to ask.",
-                                              metavar="DIR")]
-
 
 def _cli_call(fn: Callable[[], None]) -> None:
     try:

@@ -21,13 +21,14 @@ import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
-import click
 import pytest
 import typer
 import typer.rich_utils
 from rich.cells import cell_len
+from typer.core import TyperOption
 from typer.testing import CliRunner
 
 from sandport.cli import app
@@ -43,7 +44,7 @@ CLUTTER = re.compile(r"<(?:bool|str|int|float|path|text|list\[\w+\])(?: range)?>
                      r"|\b(?:INTEGER|FLOAT|BOOLEAN|TEXT)(?: RANGE)?\b")
 
 
-def _commands(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     """The path of every command under ``command``, itself included."""
     yield path
     for name, sub in sorted(getattr(command, "commands", {}).items()):
@@ -125,6 +126,19 @@ def problems(text: str, width: int) -> list[str]:
 def test_help_fits_the_terminal(path: tuple[str, ...], width: int) -> None:
     text = render(path, width)
     assert problems(text, width) == [], text
+
+
+def test_every_option_that_takes_a_value_names_it() -> None:
+    """The help shows an option's metavar and no type: without one, nothing says what
+    the value is."""
+    root = typer.main.get_command(app)
+    for path in COMMANDS:
+        command = root
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            if isinstance(param, TyperOption) and not param.is_flag and not param.hidden:
+                assert param.metavar, f"sandport {' '.join(path)} {param.opts[0]}"
 
 
 def test_every_command_is_walked() -> None:
