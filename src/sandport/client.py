@@ -187,8 +187,8 @@ class Sandbox(_Resource):
         """
         query = urlencode({"name": name, "offset": offset})
         data, headers = self.client.call("GET", f"{self._path}/logs?{query}")
-        return LogChunk(data=data, next_offset=int(headers.get("X-Next-Offset") or 0),
-                        names=tuple(n for n in (headers.get("X-Logs") or "").split(",") if n))
+        return LogChunk(data=data, next_offset=int(headers.get("x-next-offset") or 0),
+                        names=tuple(n for n in headers.get("x-logs", "").split(",") if n))
 
     def follow_logs(self, name: str = "", offset: int = LOG_TAIL,
                     interval: float = 0.5) -> Iterator[LogChunk]:
@@ -317,8 +317,8 @@ class Client:
 
     def call(self, method: str, path: str,
              body: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
-        """One API call: the raw body of the answer and its headers (for the routes that
-        answer text, such as logs; :meth:`request` for JSON).
+        """One API call: the raw body of the answer and its headers, names in lower case
+        (for the routes that answer text, such as logs; :meth:`request` for JSON).
 
         Raises:
             ApiError: the gateway refused it, or did not answer (status 0).
@@ -334,7 +334,7 @@ class Client:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout,  # noqa: S310
                                         context=self._context) as r:
-                return r.read(), dict(r.headers.items())
+                return r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as exc:
             raise _refusal(exc.code, exc.read(ERROR_BODY_CAP)) from None
         except (OSError, http.client.HTTPException) as exc:

@@ -127,7 +127,7 @@ def test_the_calls_the_cli_needs(stub: Stub) -> None:
     sb = gw.sandbox("ab/c", fetch=False)
     assert sb.id == "ab/c" and stub.requests == []  # a handle asks nothing
     stub.answer("GET", "/api/sandboxes/ab%2Fc/logs", 200, raw=b"boot\xff ok\n",
-                headers={"X-Next-Offset": "9", "X-Logs": "serial,qemu"})
+                headers={"x-next-offset": "9", "x-logs": "serial,qemu"})  # as uvicorn sends
     chunk = sb.logs("serial")
     assert (chunk.text, chunk.next_offset, chunk.names) == ("boot\ufffd ok\n", 9,
                                                             ("serial", "qemu"))
