@@ -1,27 +1,29 @@
 """The ``sandport`` command. Only this module prints or exits.
 
 Flags map onto :class:`sandport.config.GatewayConfig`; the work is done by
-:class:`sandport.control.gateway.Gateway`, which Python callers use directly.
+:class:`sandport.control.gateway.Gateway`, which Python callers use directly. The commands
+that ask a running gateway (sandbox, token, forward, attach, doctor...) go through
+:class:`sandport.client.Client`, the one client of its API: this module reads the state
+file, maps the client's errors onto messages and exit codes, and makes no HTTP call of its
+own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvloop
@@ -29,12 +31,15 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+from typer.models import CommandFunctionType
 
 from sandport import __version__
 from sandport.bridge.server import WsBridge
 from sandport.bridge.standalone import UNSUPPORTED, WsOptions, build_config
 from sandport.bridge.standalone import serve as serve_ws
 from sandport.bridge.tls import TlsConfig, TlsContexts
+from sandport.client import ApiError, Client
 from sandport.config import (
     DEFAULT_AGENT_PORT,
     DEFAULT_BRIDGE,
@@ -48,23 +53,114 @@ from sandport.control.forwards import ForwardOptions
 from sandport.control.gateway import GATEWAY_FILE, Gateway, SandboxInfo
 from sandport.doctor import Report, Row, Walk
 from sandport.errors import SandportError, UsageError
-from sandport.forward.spec import SYNTAX as SPEC_SYNTAX
 from sandport.forward.spec import PortMapping, check_overlaps, parse_port_spec
+
+if TYPE_CHECKING:  # the class TyperCommand and TyperGroup share (typer vendors click)
+    from typer._click.core import Command as _ClickCommand
+else:
+    _ClickCommand = object
 
 log = logging.getLogger("sandport")
 
-app = typer.Typer(
+
+# Help that fits a terminal. Typer (0.29) renders help with rich, which wraps each
+# paragraph to the terminal's width but keeps the newlines of a docstring's later
+# paragraphs, so a docstring wrapped at 100 columns in the source showed sentences broken
+# in the middle; and it gave every parameter a type column (`<bool>`, `<int range>
+# [0<=x<=65535]`, `<str>`) that left the help text a third of 80 columns. So every
+# command and group is made by the classes below: a paragraph becomes one line (rich
+# wraps it), indented lines (examples) stay as they are; its parameters become
+# _HelpOption and _HelpArgument, which change only what the help shows: an option its
+# metavar (every option that takes a value names one) and nothing for a flag, an argument
+# its name. Flags have no --no-X form (it cost two more columns). Typer dedents a help's
+# later paragraphs as one block, so examples keep their indent only after a paragraph of
+# prose (not "Examples:" alone). tests/unit/test_cli_help.py renders every help at 80
+# and 120 columns.
+
+
+def _one_line_paragraphs(text: str | None) -> str | None:
+    """``text`` with each paragraph on one line, except blocks of indented lines."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if all(line.startswith(" ") for line in p.splitlines())
+                       else " ".join(line.strip() for line in p.splitlines())
+                       for p in paragraphs)
+
+
+class _HelpOption(TyperOption):
+    """An option whose help shows its metavar; a flag's nothing; no range (its help
+    says what fits, and a bad value is refused with the range)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None if self.is_flag else self.metavar
+
+    def _get_number_range_help_str(self) -> str | None:
+        return None
+
+
+class _HelpArgument(TyperArgument):
+    """An argument whose help shows its name (its metavar) and no type."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+class _FitsTerminal(_ClickCommand):
+    """What a command and a group share: their help fits a terminal (see above)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _one_line_paragraphs(self.help)
+        for param in self.params:
+            if isinstance(param, TyperOption):
+                param.__class__ = _HelpOption
+            elif isinstance(param, TyperArgument):
+                param.__class__ = _HelpArgument
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # made on first use
+        if isinstance(option, TyperOption):
+            option.__class__ = _HelpOption
+        return option
+
+
+class _HelpCommand(_FitsTerminal, TyperCommand):
+    """A command whose help fits a terminal."""
+
+
+class _HelpGroup(_FitsTerminal, TyperGroup):
+    """A group whose help fits a terminal."""
+
+
+class _Typer(typer.Typer):
+    """A typer app whose commands and groups fit their help to a terminal."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=_HelpGroup, no_args_is_help=True, **kwargs)
+
+    def command(self, *args: Any,
+                **kwargs: Any) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        return super().command(*args, cls=_HelpCommand, **kwargs)
+
+
+app = _Typer(
     name="sandport",
     help="Reach every port of every sandbox: host port forwards, a browser desktop (noVNC) "
     "and a WebSocket bridge, with readiness proven through the path you use.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click wraps the usage line at 78 columns unless told the terminal may be wider.
+    context_settings={"max_content_width": 240},
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 READY_PREFIX = "SANDPORT-READY"
+#: The help of -p/--publish: SPEC_SYNTAX in words short enough for a help column.
+PUBLISH_HELP = escape("SPEC is [HOSTIP:]HOSTPORT:GUESTPORT, and /udp or /tcp+udp after it for "
+                      "other protocols than tcp; e.g. 15901:5901, 127.0.0.1:8080:80, "
+                      "15900-15909:5900-5909, 5353:53/udp. Repeatable.")
 DEMO_VNC_PORT = 15901
 
 
@@ -247,73 +343,82 @@ def up(
     demo: Annotated[bool, typer.Option(
         "--demo", help="Also create one desktop sandbox and print how to open it.")] = False,
     listen: Annotated[str, typer.Option(
-        help="HOST:PORT of the HTTP port (noVNC, WebSocket bridge).")] = "127.0.0.1:8700",
+        help="Address and port of the HTTP port (noVNC, WebSocket bridge, API).",
+        metavar="HOST:PORT")] = "127.0.0.1:8700",
     state_dir: Annotated[Path, typer.Option(
-        help="Store, per-sandbox files and logs; locked while the gateway runs.")]
-        = DEFAULT_STATE_DIR,
+        help="Store, per-sandbox files and logs; locked while the gateway runs.",
+        metavar="DIR")] = DEFAULT_STATE_DIR,
     bridge: Annotated[str, typer.Option(
-        help="Bridge for sandbox links (must start with sp-).")] = DEFAULT_BRIDGE,
+        help="Bridge for sandbox links (its name starts with sp-).", metavar="NAME")]
+        = DEFAULT_BRIDGE,
     subnet: Annotated[str, typer.Option(
-        help="Sandbox address pool; the first address is the bridge's.")] = str(DEFAULT_SUBNET),
+        help="Sandbox address pool; the first address is the bridge's.", metavar="CIDR")]
+        = str(DEFAULT_SUBNET),
     vnc_port: Annotated[int, typer.Option(
         help="Host port of the demo sandbox's VNC forward (0: any free port).",
-        min=0, max=65535)] = DEMO_VNC_PORT,
+        min=0, max=65535, metavar="PORT")] = DEMO_VNC_PORT,
     publish: Annotated[list[str] | None, typer.Option(
         "--publish", "-p", metavar="SPEC",
-        help=f"Forward more ports of the demo sandbox: {escape(SPEC_SYNTAX)}. Repeatable.")] = None,
+        help=f"Forward more ports of the demo sandbox. {PUBLISH_HELP}")] = None,
     forward_mode: Annotated[str, typer.Option(
         help="auto (kernel DNAT where it can serve, else the relay, and says why), kernel "
-        "(nftables DNAT) or proxy (userspace relay on splice).")] = "auto",
+        "(nftables DNAT) or proxy (userspace relay on splice).", metavar="MODE")] = "auto",
     proxy_protocol: Annotated[int | None, typer.Option(
-        help="Send a PROXY protocol header (1 or 2) to the guest on -p forwards, so it "
-        "sees the real client address (userspace relay).", min=1, max=2)] = None,
+        help="Send a PROXY protocol header, version 1 or 2, to the guest on -p forwards, so "
+        "it sees the real client address (userspace relay).", min=1, max=2,
+        metavar="1|2")] = None,
     max_connections: Annotated[int | None, typer.Option(
-        help="Most connections at once per -p TCP forward (userspace relay).", min=1)] = None,
+        help="Most connections at once per -p TCP forward (userspace relay).", min=1,
+        metavar="N")] = None,
     idle_timeout: Annotated[float | None, typer.Option(
         help="Close -p TCP connections silent for this many seconds (userspace relay).",
-        min=0.001)] = None,
+        min=0.001, metavar="SECONDS")] = None,
     forward_host: Annotated[str, typer.Option(
-        help="Address host port forwards bind to when a -p spec names none.")]
-        = "127.0.0.1",
+        help="Address host port forwards bind to when a -p spec names none.",
+        metavar="ADDR")] = "127.0.0.1",
     ready_timeout: Annotated[float, typer.Option(
-        help="Seconds a sandbox may take to answer VNC through every path.", min=1)] = 60.0,
+        help="Seconds a sandbox may take to answer VNC through every path.", min=1,
+        metavar="SECONDS")] = 60.0,
     cert: Annotated[Path | None, typer.Option(
         help="PEM certificate chain (and key, unless --key) for https:// and wss:// on the "
              "HTTP port; http and ws stay served on the same port. Re-read when it "
-             "changes.")] = None,
-    key: Annotated[Path | None, typer.Option(help="PEM key of --cert.")] = None,
+             "changes.", metavar="FILE")] = None,
+    key: Annotated[Path | None, typer.Option(help="PEM key of --cert.", metavar="FILE")]
+        = None,
     ssl_only: Annotated[bool, typer.Option(
-        help="With --cert: refuse plain http and ws clients.")] = False,
+        "--ssl-only", help="With --cert: refuse plain http and ws clients.")] = False,
     origin: Annotated[list[str] | None, typer.Option(
-        help="Origin allowed to open desktop WebSockets (repeatable, e.g. "
-             "https://app.example.com); default: any.", metavar="ORIGIN")] = None,
+        help="Origin allowed to open desktop WebSockets, such as https://app.example.com "
+             "(repeatable); default: any.", metavar="ORIGIN")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(
         help="Address or network of a reverse proxy in front of the gateway whose "
-             "X-Forwarded-For / PROXY protocol header names the client (repeatable).",
+             "X-Forwarded-For or PROXY protocol header names the client (repeatable).",
         metavar="CIDR")] = None,
     ws_max_sessions: Annotated[int | None, typer.Option(
-        help="Most desktop WebSocket sessions at once (503 beyond).", min=1)] = None,
+        help="Most desktop WebSocket sessions at once (503 beyond).", min=1,
+        metavar="N")] = None,
     ws_max_per_client: Annotated[int | None, typer.Option(
         help="Most desktop WebSocket sessions from one client address (429 beyond).",
-        min=1)] = None,
+        min=1, metavar="N")] = None,
     probe_interval: Annotated[float, typer.Option(
         help="Seconds between readiness probes of ready sandboxes (degraded on a failure).",
-        min=0.1)] = 5.0,
+        min=0.1, metavar="SECONDS")] = 5.0,
     attach_subnet: Annotated[list[str] | None, typer.Option(
         help="A network in which `sandport attach` may front VMs or containers of other "
              "managers (repeatable); none by default: attaching is off.",
         metavar="CIDR")] = None,
     attach_grace: Annotated[float, typer.Option(
         help="Seconds an attached target may not answer before it is failed.",
-        min=0.1)] = 60.0,
+        min=0.1, metavar="SECONDS")] = 60.0,
     agent_port: Annotated[int, typer.Option(
         help="Port on the bridge address where guest agents reach the gateway.",
-        min=1, max=65535)] = DEFAULT_AGENT_PORT,
+        min=1, max=65535, metavar="PORT")] = DEFAULT_AGENT_PORT,
     secret_key_file: Annotated[Path | None, typer.Option(
         help="Key that encrypts credentials and sandbox secrets at rest (64 hex digits, "
-             "e.g. from `openssl rand -hex 32`); default: <state dir>/secret.key, "
-             "created at the first start.")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+             "e.g. from `openssl rand -hex 32`); default: secret.key in the state dir, "
+             "created at the first start.", metavar="FILE")] = None,
+    log_level: Annotated[str, typer.Option(
+        help="debug, info, warning or error.", metavar="LEVEL")] = "info",
 ) -> None:
     """Run the gateway in the foreground until Ctrl-C or SIGTERM.
 
@@ -326,7 +431,8 @@ def up(
 
       sudo sandport up --demo
 
-      sudo sandport up --listen 0.0.0.0:8700 --subnet 10.201.5.0/24 --bridge sp-br5
+      sudo sandport up --listen 0.0.0.0:8700 --subnet 10.201.5.0/24 \\
+          --bridge sp-br5
 
       sudo sandport up --demo -p 18080:8080 -p 15353:53/udp --forward-mode proxy
     """
@@ -366,8 +472,10 @@ def up(
     _run(_serve(config, demo=demo, vnc_port=vnc_port, publish=mappings, options=options))
 
 
-forward_app = typer.Typer(help="Inspect the host port forwards of a running gateway.",
-                          no_args_is_help=True)
+StateDirOption = Annotated[Path, typer.Option(help="State dir of the gateway to ask.",
+                                              metavar="DIR")]
+
+forward_app = _Typer(help="Inspect the host port forwards of a running gateway.")
 app.add_typer(forward_app, name="forward")
 
 
@@ -386,67 +494,29 @@ def _gateway_doc(state_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def _api_text(state_dir: Path, path: str) -> tuple[str, int]:
-    """GET a text route of the running gateway's API: its text and ``X-Next-Offset``."""
-    doc = _gateway_doc(state_dir)
-    context = ssl._create_unverified_context() if doc["url"].startswith("https://") else None  # noqa: S323
-    req = urllib.request.Request(f"{doc['url']}{path}",  # noqa: S310 - our own gateway
-                                 headers={"Authorization": f"Bearer {doc['admin_token']}"})
-    try:
-        with urllib.request.urlopen(req, timeout=10, context=context) as r:  # noqa: S310
-            return r.read().decode(errors="replace"), int(r.headers.get("X-Next-Offset", 0))
-    except urllib.error.HTTPError as exc:
-        try:
-            why = json.loads(exc.read()[:2000]).get("message", "")
-        except (ValueError, AttributeError):
-            why = ""
-        raise UsageError(f"the gateway answered {exc.code}: {why}") from None
-    except OSError as exc:
-        raise SandportError(f"the gateway at {doc['url']} does not answer: {exc}") from None
-
-
-def _api(state_dir: Path, method: str, path: str, body: dict[str, Any] | None = None,
-         timeout: float = 5.0) -> Any:
-    """Call the running gateway's API with its admin token; the JSON answer (or None).
+@contextlib.contextmanager
+def _gateway_client(state_dir: Path, timeout: float = 5.0) -> Iterator[Client]:
+    """The API client of the gateway running with ``state_dir`` (its admin token from
+    the state file), each call bounded by ``timeout`` seconds.
 
     Raises:
-        UsageError: no gateway runs with this state dir, or the API refused the request
+        UsageError: no gateway runs with this state dir, or the API refused a request
             (its message says why).
         SandportError: the gateway does not answer.
     """
     doc = _gateway_doc(state_dir)
-    url = f"{doc['url']}{path}"
+    url = str(doc["url"])
     if not url.startswith(("http://", "https://")):
-        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http(s):// URL: {doc['url']!r}")
+        raise UsageError(f"{state_dir / GATEWAY_FILE} names no http(s):// URL: {url!r}")
     # Our own gateway, found through its root-only state file: its certificate may be
     # self-signed and name another host, so it is not verified.
-    context = ssl._create_unverified_context() if url.startswith("https://") else None  # noqa: S323
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(  # noqa: S310 - http(s):// checked above
-        url, data=data, method=method,
-        headers={"Authorization": f"Bearer {doc['admin_token']}",
-                 "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:  # noqa: S310
-            raw = r.read()
-    except urllib.error.HTTPError as exc:
-        text = exc.read()[:2000].decode(errors="replace")
-        try:
-            answer = json.loads(text)
-            why = answer.get("message") or json.dumps(answer.get("detail", answer))
-        except (ValueError, AttributeError):
-            why = text
-        raise UsageError(f"the gateway answered {exc.code}: {why}") from None
-    except (OSError, ValueError) as exc:
-        raise SandportError(f"gateway pid {doc.get('pid')} at {doc['url']} does not answer: "
-                            f"{exc}", hint="is it still running? `sandport up` starts one")\
-            from None
-    return json.loads(raw) if raw else None
-
-
-def _fetch_forwards(state_dir: Path) -> list[dict[str, Any]]:
-    forwards: list[dict[str, Any]] = _api(state_dir, "GET", "/api/forwards")["forwards"]
-    return forwards
+        yield Client(url, str(doc["admin_token"]), timeout=timeout, verify_tls=False)
+    except ApiError as exc:
+        if exc.status:
+            raise UsageError(f"the gateway answered {exc.status}: {exc.message}") from None
+        raise SandportError(f"gateway pid {doc.get('pid')}: {exc.message}",
+                            hint="is it still running? `sandport up` starts one") from None
 
 
 def _count(value: object) -> str:
@@ -455,8 +525,7 @@ def _count(value: object) -> str:
 
 @forward_app.command("list")
 def forward_list(
-    state_dir: Annotated[Path, typer.Option(
-        help="State dir of the gateway to ask.")] = DEFAULT_STATE_DIR,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
         = False,
 ) -> None:
@@ -466,7 +535,8 @@ def forward_list(
     connections are known only for the userspace relay ("-").
     """
     try:
-        forwards = _fetch_forwards(state_dir.absolute())
+        with _gateway_client(state_dir.absolute()) as gateway:
+            forwards = gateway.forwards()
     except SandportError as exc:
         _error(exc)
         raise typer.Exit(exc.exit_code) from None
@@ -495,7 +565,7 @@ def forward_list(
 
 WS_HELP = """WebSocket-to-TCP bridge with websockify's command line: swap the binary name.
 
-    sandport ws \\[options] \\[SOURCE_ADDR:]SOURCE_PORT \\[TARGET_ADDR:TARGET_PORT]
+  sandport ws \\[OPTIONS] \\[SOURCE_ADDR:]SOURCE_PORT \\[TARGET_ADDR:TARGET_PORT]
 
 Serves WebSocket clients (subprotocol binary, base64 or none) and, with --web, plain
 HTTP files on the same port; TLS (wss://, https://) on the same port too, detected from
@@ -507,9 +577,11 @@ Examples:
 
   sandport ws --web /usr/share/novnc 6080 localhost:5901
 
-  sandport ws --token-plugin TokenFile --token-source /etc/sandport/tokens 6080
+  sandport ws --token-plugin TokenFile \\
+      --token-source /etc/sandport/tokens 6080
 
-  sandport ws --cert self.pem --ssl-only 127.0.0.1:6443 --unix-target /run/app.sock
+  sandport ws --cert self.pem --ssl-only 127.0.0.1:6443 \\
+      --unix-target /run/app.sock
 
 Token files hold lines `token: host:port` (or `token: unix_socket:/path`), one file or a
 directory of files; edits take effect for the next connection.
@@ -523,9 +595,10 @@ def _unsupported(name: str) -> Any:
 @app.command("ws", help=WS_HELP)
 def ws_command(
     args: Annotated[list[str], typer.Argument(
-        metavar="[SOURCE_ADDR:]SOURCE_PORT [TARGET_ADDR:TARGET_PORT]",
-        help="Where to listen, and the fixed target (unless a token plugin or "
-             "--unix-target gives it).", show_default=False)],
+        metavar="SOURCE [TARGET]",
+        help="Where to listen, [SOURCE_ADDR:]SOURCE_PORT, and the fixed target, "
+             "TARGET_ADDR:TARGET_PORT (unless a token plugin or --unix-target gives it).",
+        show_default=False)],
     web: Annotated[str | None, typer.Option(
         help="Serve files from DIR on the same port (e.g. /usr/share/novnc).",
         metavar="DIR")] = None,
@@ -538,57 +611,70 @@ def ws_command(
         help="Deprecated websockify spelling of --token-plugin TokenFile --token-source.",
         metavar="FILE")] = None,
     host_token: Annotated[bool, typer.Option(
-        help="Take the token from the Host header's name instead of the URL.")] = False,
+        "--host-token", help="Take the token from the Host header's name instead of the "
+        "URL.")] = False,
     unix_target: Annotated[str | None, typer.Option(
         help="Connect to this Unix socket.", metavar="FILE")] = None,
     cert: Annotated[str | None, typer.Option(
         help="PEM certificate chain (and key, unless --key); re-read when it changes. "
-             "Default: ./self.pem if it exists.", metavar="CERT")] = None,
-    key: Annotated[str | None, typer.Option(help="PEM key file.", metavar="KEY")] = None,
-    key_password: Annotated[str | None, typer.Option(help="Password of the key.")] = None,
-    ssl_only: Annotated[bool, typer.Option(help="Refuse unencrypted clients.")] = False,
-    ssl_target: Annotated[bool, typer.Option(help="Connect to the target with TLS.")] = False,
+             "Default: ./self.pem if it exists.", metavar="FILE")] = None,
+    key: Annotated[str | None, typer.Option(help="PEM key file.", metavar="FILE")] = None,
+    key_password: Annotated[str | None, typer.Option(help="Password of the key.",
+                                                     metavar="PASSWORD")] = None,
+    ssl_only: Annotated[bool, typer.Option("--ssl-only",
+                                           help="Refuse unencrypted clients.")] = False,
+    ssl_target: Annotated[bool, typer.Option(
+        "--ssl-target", help="Connect to the target with TLS.")] = False,
     verify_client: Annotated[bool, typer.Option(
-        help="Require a client certificate (see --cafile).")] = False,
+        "--verify-client", help="Require a client certificate (see --cafile).")] = False,
     cafile: Annotated[str | None, typer.Option(
         help="CAs trusted for client certificates.", metavar="FILE")] = None,
     ssl_version: Annotated[str, typer.Option(
-        help="Minimum TLS version: default (1.2), tlsv1_1, tlsv1_2, tlsv1_3.")] = "default",
+        help="Minimum TLS version: default (1.2), tlsv1_1, tlsv1_2, tlsv1_3.",
+        metavar="VERSION")] = "default",
     ssl_ciphers: Annotated[str | None, typer.Option(
         help="OpenSSL cipher list.", metavar="CIPHERS")] = None,
     heartbeat: Annotated[float | None, typer.Option(
-        help="Ping clients every INTERVAL seconds; no pong by the next ping closes (1011).",
-        metavar="INTERVAL", min=0.1)] = None,
-    run_once: Annotated[bool, typer.Option(help="Exit after the first session.")] = False,
+        help="Ping clients every this many seconds; no pong by the next ping closes "
+             "(1011).", metavar="SECONDS", min=0.1)] = None,
+    run_once: Annotated[bool, typer.Option("--run-once",
+                                           help="Exit after the first session.")] = False,
     timeout: Annotated[float | None, typer.Option(
-        help="Exit TIMEOUT seconds after start.", metavar="TIMEOUT", min=0.1)] = None,
+        help="Exit this many seconds after start.", metavar="SECONDS", min=0.1)] = None,
     idle_timeout: Annotated[float | None, typer.Option(
-        help="Exit after TIMEOUT seconds without any session.", metavar="TIMEOUT",
+        help="Exit after this many seconds without any session.", metavar="SECONDS",
         min=0.1)] = None,
     prefer_ipv6: Annotated[bool, typer.Option(
         "--prefer-ipv6", "-6", help="Listen on :: when no SOURCE_ADDR is given.")] = False,
     origin: Annotated[list[str] | None, typer.Option(
-        help="Allowed Origin (repeatable; e.g. https://app.example.com). Default: any; "
+        help="Allowed Origin, such as https://app.example.com (repeatable). Default: any; "
              "clients that send no Origin (not browsers) are not checked.",
         metavar="ORIGIN")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(
         help="Address or network whose X-Forwarded-For and PROXY protocol header name "
              "the real client (repeatable).", metavar="CIDR")] = None,
     max_connections: Annotated[int | None, typer.Option(
-        help="Most sessions at once (503 beyond).", min=1)] = None,
+        help="Most sessions at once (503 beyond).", min=1, metavar="N")] = None,
     max_per_client: Annotated[int | None, typer.Option(
-        help="Most sessions at once from one client address (429 beyond).", min=1)] = None,
+        help="Most sessions at once from one client address (429 beyond).", min=1,
+        metavar="N")] = None,
     max_message: Annotated[int, typer.Option(
-        help="Largest client message in bytes (close 1009 beyond).", min=1)] = 16 * 1024 * 1024,
+        help="Largest client message in bytes (close 1009 beyond).", min=1,
+        metavar="BYTES")] = 16 * 1024 * 1024,
     connect_timeout: Annotated[float, typer.Option(
-        help="Seconds to connect to the target (504 beyond).", min=0.1)] = 10.0,
+        help="Seconds to connect to the target (504 beyond).", min=0.1,
+        metavar="SECONDS")] = 10.0,
     session_idle_timeout: Annotated[float | None, typer.Option(
-        help="Close a session silent for this many seconds (1000 'idle').", min=0.1)] = None,
+        help="Close a session silent for this many seconds (1000 'idle').", min=0.1,
+        metavar="SECONDS")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    traffic: Annotated[bool, typer.Option(help="Accepted for websockify; same as -v.")] = False,
+    traffic: Annotated[bool, typer.Option("--traffic",
+                                          help="Accepted for websockify; same as -v.")]
+        = False,
     log_file: Annotated[Path | None, typer.Option(help="Also log to FILE.",
                                                   metavar="FILE")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.",
+                                           metavar="LEVEL")] = "info",
     daemon: Annotated[bool, typer.Option("--daemon", "-D", hidden=True)] = False,
     record: Annotated[str | None, _unsupported("record")] = None,
     inetd: Annotated[bool, _unsupported("inetd")] = False,
@@ -647,13 +733,9 @@ def ws_command(
     _run(main())
 
 
-sandbox_app = typer.Typer(help="Create, list and remove sandboxes of a running gateway "
-                          "(through its API, with the admin token from its state dir).",
-                          no_args_is_help=True)
+sandbox_app = _Typer(help="Create, list and remove sandboxes of a running gateway "
+                          "(through its API, with the admin token from its state dir).")
 app.add_typer(sandbox_app, name="sandbox")
-
-StateDirOption = Annotated[Path, typer.Option(help="State dir of the gateway to ask.")]
-
 
 def _cli_call(fn: Callable[[], None]) -> None:
     try:
@@ -666,26 +748,31 @@ def _cli_call(fn: Callable[[], None]) -> None:
 @sandbox_app.command("create")
 def sandbox_create(
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help=f"Forward a port: {escape(SPEC_SYNTAX)}. Repeatable.",
-        metavar="SPEC")] = None,
+        "--publish", "-p", help=f"Forward a port. {PUBLISH_HELP}", metavar="SPEC")] = None,
     profile: Annotated[str, typer.Option(
-        help="desktop (Xvnc + openbox) or echo (TCP/UDP echo on 7, HTTP on 80; qemu).")]
-        = "desktop",
+        help="desktop (Xvnc + openbox) or echo (TCP/UDP echo on 7, HTTP on 80; qemu).",
+        metavar="PROFILE")] = "desktop",
     backend: Annotated[str, typer.Option(
         help="netns (a network namespace) or qemu (a microVM; its image is built once, "
-             "see `sandport image build`).")] = "netns",
+             "see `sandport image build`).", metavar="BACKEND")] = "netns",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Create a sandbox and print it as JSON once it is proven ready.
 
-    Examples: sandport sandbox create -p 18080:8080;
-    sandport sandbox create --backend qemu --profile echo -p 10007:7 -p 10007:7/udp
+    The JSON goes to stdout, a line with its desktop link to stderr.
+
+    Examples:
+
+      sandport sandbox create -p 18080:8080
+
+      sandport sandbox create --backend qemu --profile echo \\
+          -p 10007:7 -p 10007:7/udp
     """
 
     def run() -> None:
-        sb = _api(state_dir, "POST", "/api/sandboxes",
-                  {"publish": publish or [], "profile": profile, "backend": backend},
-                  timeout=600.0)
+        with _gateway_client(state_dir, timeout=600.0) as gateway:
+            sb = gateway.create_sandbox(publish=publish or [], profile=profile,
+                                        backend=backend).doc
         err.print(escape(f"sandbox {sb['id']} ready in {sb['ready_seconds']} s: "
                          f"{sb['desktop_url']}"))
         out.print(json.dumps(sb, indent=2), markup=False)
@@ -701,7 +788,8 @@ def sandbox_list(
     """Every sandbox: id, state, ip, VNC port and desktop URL."""
 
     def run() -> None:
-        sandboxes = _api(state_dir, "GET", "/api/sandboxes")["sandboxes"]
+        with _gateway_client(state_dir) as gateway:
+            sandboxes = [sb.doc for sb in gateway.sandboxes()]
         if as_json:
             out.print(json.dumps(sandboxes, indent=2), markup=False)
             return
@@ -723,7 +811,7 @@ def sandbox_logs(
     sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="ID")],
     name: Annotated[str, typer.Option(
         help="Which log: serial (a VM's console, the default there), qemu, Xvnc, openbox, "
-             "agent...; an unknown name lists them.")] = "",
+             "agent...; an unknown name lists them.", metavar="NAME")] = "",
     follow: Annotated[bool, typer.Option("--follow", "-f",
                                          help="Keep printing what is added.")] = False,
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
@@ -731,15 +819,11 @@ def sandbox_logs(
     """Print a sandbox's guest log: a VM's boot and console, a guest program's output."""
 
     def run() -> None:
-        base = f"/api/sandboxes/{quote(sandbox_id, safe='')}/logs?name={quote(name)}"
-        offset = -65536
-        while True:
-            data, offset = _api_text(state_dir, f"{base}&offset={offset}")
-            sys.stdout.write(data)
-            sys.stdout.flush()
-            if not follow:
-                return
-            time.sleep(0.5)
+        with _gateway_client(state_dir, timeout=10.0) as gateway:
+            sb = gateway.sandbox(sandbox_id, fetch=False)
+            for chunk in sb.follow_logs(name) if follow else [sb.logs(name)]:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
 
     try:
         _cli_call(run)
@@ -749,18 +833,19 @@ def sandbox_logs(
 
 @app.command()
 def attach(
-    name: Annotated[str, typer.Argument(help="Your name for the target (shown in lists).")],
+    name: Annotated[str, typer.Argument(help="Your name for the target (shown in lists).",
+                                        metavar="NAME")],
     ip: Annotated[str, typer.Option(help="The target's IPv4 address.", metavar="ADDR")],
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help=f"Forward a port: {escape(SPEC_SYNTAX)}. Repeatable.",
-        metavar="SPEC")] = None,
+        "--publish", "-p", help=f"Forward a port. {PUBLISH_HELP}", metavar="SPEC")] = None,
     profile: Annotated[str, typer.Option(
         help="desktop (VNC on 5901), http (80 or --port) or tcp (--port): what readiness "
-             "speaks to it.")] = "desktop",
+             "speaks to it.", metavar="PROFILE")] = "desktop",
     port: Annotated[int, typer.Option(help="Primary port of an http or tcp target.",
-                                      min=0, max=65535)] = 0,
+                                      min=0, max=65535, metavar="PORT")] = 0,
     vnc_password_file: Annotated[Path | None, typer.Option(
-        help="File holding the desktop's VNC password (plain text, first line).")] = None,
+        help="File holding the desktop's VNC password (plain text, first line).",
+        metavar="FILE")] = None,
     interface: Annotated[str, typer.Option(
         help="Host interface the target is reached through (checked against the route).",
         metavar="IFACE")] = "",
@@ -769,18 +854,25 @@ def attach(
              "name or the PID of a process in it; --ip is then an address in there, its "
              "127.0.0.1 too.", metavar="NAME|PID")] = "",
     forward_mode: Annotated[str, typer.Option(
-        help="proxy (the userspace relay) or kernel (nft DNAT; not with --netns).")]
-        = "proxy",
+        help="proxy (the userspace relay) or kernel (nft DNAT; not with --netns).",
+        metavar="MODE")] = "proxy",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
-    """Front a VM or container that sandport did not create: forwards, the WebSocket bridge
-    and noVNC, readiness and the doctor, as for its own sandboxes; nothing is created in the
-    guest. The gateway must allow the target's network (`sandport up --attach-subnet`).
+    """Front a VM or container that sandport did not create.
 
-    Examples: sandport attach fc-42 --ip 172.16.0.2 --vnc-password-file pw.txt;
-    sandport attach api-7 --ip 10.1.0.7 --profile http --port 8080 -p 18080:8080;
-    sandport attach web --netns "$(docker inspect -f '{{.State.Pid}}' web)" --ip 127.0.0.1
-    --profile http --port 8000 -p 18000:8000
+    It gets forwards, the WebSocket bridge and noVNC, readiness and the doctor, as
+    sandport's own sandboxes do; nothing is created in the guest. The gateway must allow
+    the target's network (`sandport up --attach-subnet`).
+
+    Examples:
+
+      sandport attach fc-42 --ip 172.16.0.2 --vnc-password-file pw.txt
+
+      sandport attach api-7 --ip 10.1.0.7 --profile http --port 8080 \\
+          -p 18080:8080
+
+      sandport attach web --netns "$(docker inspect -f '{{.State.Pid}}' web)" \\
+          --ip 127.0.0.1 --profile http --port 8000 -p 18000:8000
     """
 
     def run() -> None:
@@ -791,11 +883,10 @@ def attach(
             except (OSError, IndexError) as exc:
                 raise UsageError(f"cannot read the VNC password from {vnc_password_file}: "
                                  f"{exc}") from None
-        sb = _api(state_dir, "POST", "/api/attach", {
-            "name": name, "ip": ip, "publish": publish or [], "profile": profile,
-            "port": port, "vnc_password": password, "interface": interface,
-            "netns": netns, "forward_mode": forward_mode},
-            timeout=600.0)
+        with _gateway_client(state_dir, timeout=600.0) as gateway:
+            sb = gateway.attach(ip, name=name, publish=publish or [], profile=profile,
+                                port=port, vnc_password=password, interface=interface,
+                                netns=netns, forward_mode=forward_mode).doc
         err.print(escape(f"attached {ip} as sandbox {sb['id']} ({sb['state']}): "
                          f"{sb['desktop_url']}"))
         out.print(json.dumps(sb, indent=2), markup=False)
@@ -805,11 +896,13 @@ def attach(
 
 @app.command()
 def detach(
-    ids: Annotated[list[str], typer.Argument(help="Ids of attached targets.", metavar="ID...")],
+    ids: Annotated[list[str], typer.Argument(help="Ids of attached targets.", metavar="ID")],
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
-    """Stop fronting attached targets: their forwards and bridge sessions close (with a
-    reason); the targets themselves are left as they are."""
+    """Stop fronting attached targets; the targets themselves are left as they are.
+
+    Their forwards and bridge sessions close, with a reason.
+    """
 
     _remove(state_dir, ids, "detached")
 
@@ -818,21 +911,25 @@ def detach(
 def retarget(
     sandbox_id: Annotated[str, typer.Argument(help="Id of an attached target.", metavar="ID")],
     ip: Annotated[str | None, typer.Option(help="Its new address.", metavar="ADDR")] = None,
-    gone: Annotated[bool, typer.Option(help="It is gone (its VM or container stopped).")]
-        = False,
-    reason: Annotated[str, typer.Option(help="Words for logs and close reasons.")] = "",
+    gone: Annotated[bool, typer.Option(
+        "--gone", help="It is gone (its VM or container stopped).")] = False,
+    reason: Annotated[str, typer.Option(help="Words for logs and close reasons.",
+                                        metavar="WORDS")] = "",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
-    """Tell the gateway an attached target moved (--ip) or is gone (--gone): live
-    connections close with the reason, links and tokens stay valid, new connections go to
-    the new address."""
+    """Tell the gateway an attached target moved (--ip) or is gone (--gone).
+
+    Live connections close with the reason; links and tokens stay valid, and new
+    connections go to the new address.
+    """
 
     def run() -> None:
         if gone == (ip is not None):
             raise UsageError("say where the target moved (--ip ADDR) or that it is gone "
                              "(--gone), one of them")
-        sb = _api(state_dir, "POST", f"/api/sandboxes/{quote(sandbox_id, safe='')}/target",
-                  {"ip": ip, "gone": gone, "reason": reason}, timeout=120.0)
+        with _gateway_client(state_dir, timeout=120.0) as gateway:
+            target = gateway.sandbox(sandbox_id, fetch=False)
+            sb = (target.gone(reason) if ip is None else target.moved(ip, reason)).doc
         err.print(escape(f"sandbox {sb['id']}: {sb['state']} at {sb['ip']}"))
 
     _cli_call(run)
@@ -840,7 +937,7 @@ def retarget(
 
 @sandbox_app.command("rm")
 def sandbox_rm(
-    ids: Annotated[list[str], typer.Argument(help="Sandbox ids.", metavar="ID...")],
+    ids: Annotated[list[str], typer.Argument(help="Sandbox ids.", metavar="ID")],
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Stop and remove sandboxes."""
@@ -852,24 +949,24 @@ def _remove(state_dir: Path, ids: list[str], done: str) -> None:
     """DELETE each sandbox (or attached target), saying ``done ID`` for each."""
 
     def run() -> None:
-        for sandbox_id in ids:
-            _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}",
-                 timeout=60.0)
-            err.print(escape(f"{done} {sandbox_id}"))
+        with _gateway_client(state_dir, timeout=60.0) as gateway:
+            for sandbox_id in ids:
+                gateway.sandbox(sandbox_id, fetch=False).delete()
+                err.print(escape(f"{done} {sandbox_id}"))
 
     _cli_call(run)
 
 
-token_app = typer.Typer(help="Access tokens of a sandbox: desktop links that expire, limited "
-                        "to ports and kinds; revoking one closes its live sessions.",
-                        no_args_is_help=True)
+token_app = _Typer(help="Access tokens of a sandbox: desktop links that expire, limited "
+                        "to ports and kinds; revoking one closes its live sessions.")
 app.add_typer(token_app, name="token")
 
 
 @token_app.command("create")
 def token_create(
     sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="SANDBOX")],
-    ttl: Annotated[float, typer.Option(help="Seconds it is valid.", min=1)] = 3600.0,
+    ttl: Annotated[float, typer.Option(help="Seconds it is valid.", min=1,
+                                       metavar="SECONDS")] = 3600.0,
     port: Annotated[list[str] | None, typer.Option(
         "--port", help="A guest port (name or number) it opens; repeatable; default all.",
         metavar="PORT")] = None,
@@ -879,17 +976,22 @@ def token_create(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Make an access token and print its desktop link (the token is shown only now).
+    """Make an access token and print its desktop link.
 
-    Example: sandport token create 3f9a1c --ttl 600 --port vnc
+    The token is shown only now: `sandport token list` shows ids and expiry, never tokens.
+
+    Example:
+
+      sandport token create 3f9a1c --ttl 600 --port vnc
     """
 
     def run() -> None:
         for k in kind or []:
             if k not in ("ws", "http"):
                 raise UsageError(f"--kind {k!r} is not one of ws, http")
-        doc = _api(state_dir, "POST", f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens",
-                   {"ttl_seconds": ttl, "ports": port or [], "kinds": kind or []})
+        with _gateway_client(state_dir) as gateway:
+            doc = gateway.sandbox(sandbox_id, fetch=False).create_token(
+                ttl, ports=port or [], kinds=kind or [])
         if as_json:
             out.print(json.dumps(doc, indent=2), markup=False)
             return
@@ -907,8 +1009,8 @@ def token_list(
     """The access tokens of a sandbox: id, expiry, scope (never the tokens)."""
 
     def run() -> None:
-        tokens = _api(state_dir, "GET",
-                      f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens")["tokens"]
+        with _gateway_client(state_dir) as gateway:
+            tokens = gateway.sandbox(sandbox_id, fetch=False).tokens()
         if not tokens:
             err.print("no access tokens")
         for t in tokens:
@@ -930,8 +1032,8 @@ def token_revoke(
     """Revoke an access token: its live sessions close at once (1008, with the reason)."""
 
     def run() -> None:
-        _api(state_dir, "DELETE", f"/api/sandboxes/{quote(sandbox_id, safe='')}/tokens/"
-                                  f"{quote(token_id, safe='')}")
+        with _gateway_client(state_dir) as gateway:
+            gateway.sandbox(sandbox_id, fetch=False).revoke_token(token_id)
         err.print(escape(f"revoked {token_id}"))
 
     _cli_call(run)
@@ -976,7 +1078,8 @@ def _gateway_rows(state_dir: Path) -> list[Row]:
                  "--state-dir: it adopts the sandboxes that still run")
     t0 = time.monotonic()
     try:
-        _api(state_dir, "GET", "/api/sandboxes", timeout=3.0)
+        with _gateway_client(state_dir, timeout=3.0) as gateway:
+            gateway.sandboxes()
         walk.add("gateway", "API", True,
                  f"{doc.get('url')} answers ({1000 * (time.monotonic() - t0):.0f} ms)")
     except SandportError as exc:
@@ -989,17 +1092,17 @@ def _gateway_rows(state_dir: Path) -> list[Row]:
 @app.command()
 def doctor(
     sandbox_id: Annotated[str | None, typer.Argument(
-        help="Sandbox id; default: every sandbox.", metavar="[SANDBOX]")] = None,
+        help="Sandbox id; default: every sandbox.", metavar="SANDBOX")] = None,
     port: Annotated[str | None, typer.Option(
         help="Only this port (name, e.g. vnc, or number).", metavar="NAME|NUMBER")] = None,
     token: Annotated[str | None, typer.Option(
-        help="A token someone uses for the sandbox (a link's ?token=...): checked too.")]
-        = None,
+        help="A token someone uses for the sandbox (a link's ?token=...): checked too.",
+        metavar="TOKEN")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print JSON (docs/doctor.schema.json) instead of a table.")] = False,
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
-    """Walk the path to a sandbox hop by hop and name the broken hop, its cause and the fix.
+    """Walk the path to a sandbox hop by hop; name the broken hop, its cause and the fix.
 
     Hops, in order: gateway (process, API, every forward's listener), route (sandbox, port,
     token), host network (bridge address, the sandbox's link, nft DNAT rules, firewall
@@ -1008,22 +1111,25 @@ def doctor(
     /health) and end to end (each host forward, the WebSocket bridge). After a failure
     the later hops of that port are skipped. Exit status 0: healthy; 1: a hop fails.
 
-    Examples: sandport doctor; sandport doctor 3f2a1c --port vnc;
-    sandport doctor 3f2a1c --token "$TOKEN" --json
+    Examples:
+
+      sandport doctor
+
+      sandport doctor 3f2a1c --port vnc
+
+      sandport doctor 3f2a1c --token "$TOKEN" --json
     """
     state_dir = state_dir.absolute()
     gateway_rows = _gateway_rows(state_dir)
     reports: list[Report] = []
     if all(r.status == "ok" for r in gateway_rows):
         try:
-            ids = [sandbox_id] if sandbox_id else [
-                sb["id"] for sb in _api(state_dir, "GET", "/api/sandboxes")["sandboxes"]]
-            query = "&".join(f"{k}={quote(v, safe='')}" for k, v in
-                             (("port", port), ("token", token)) if v)
-            for one in ids:
-                doc = _api(state_dir, "GET", f"/api/sandboxes/{quote(one, safe='')}/doctor"
-                           + (f"?{query}" if query else ""), timeout=30.0)
-                reports.append(Report.from_json(doc))
+            with _gateway_client(state_dir) as gateway:
+                sandboxes = [gateway.sandbox(sandbox_id, fetch=False)] if sandbox_id \
+                    else gateway.sandboxes()
+                gateway.timeout = 30.0  # a walk with a dead hop takes a few seconds
+                reports += [Report.from_json(sb.doctor(port=port, token=token))
+                            for sb in sandboxes]
         except SandportError as exc:
             _error(exc)
             raise typer.Exit(exc.exit_code) from None
@@ -1071,12 +1177,12 @@ def _print_doctor(gateway_rows: list[Row], reports: list[Report],
                      if warns else ""))
 
 
-image_app = typer.Typer(help="Guest images of QEMU microVM sandboxes: a Debian kernel and a "
-                        "busybox initramfs per profile, made from the host's Debian packages.",
-                        no_args_is_help=True)
+image_app = _Typer(help="Guest images of QEMU microVM sandboxes: a Debian kernel and a "
+                        "busybox initramfs per profile, made from the host's Debian packages.")
 app.add_typer(image_app, name="image")
 
-ImageCacheOption = Annotated[Path, typer.Option(help="The image cache directory.")]
+ImageCacheOption = Annotated[Path, typer.Option(help="The image cache directory.",
+                                                metavar="DIR")]
 
 
 def _mib(value: object) -> str:
@@ -1104,7 +1210,8 @@ def _build_image(bar: Progress, profile: str, cache_dir: Path,
 
 @image_app.command("build")
 def image_build(
-    profile: Annotated[str, typer.Option(help="echo, desktop or all.")] = "all",
+    profile: Annotated[str, typer.Option(help="echo, desktop or all.",
+                                         metavar="PROFILE")] = "all",
     cache_dir: ImageCacheOption = guest_images.DEFAULT_IMAGE_CACHE,
     force: Annotated[bool, typer.Option(
         "--force", help="Build even if the image for the current inputs exists.")] = False,

@@ -12,6 +12,14 @@
     creds = session.wait_completed(timeout=900)         # ... the guest posts what it captured
     sb.delete()
 
+What ``sandport`` does from the shell, a program does with the same calls::
+
+    gw.forwards()                                       # sandport forward list --json
+    sb = gw.sandbox("3fa9c1", fetch=False)              # a handle by id, no request
+    sb.doctor(port="vnc")["failed"]                     # sandport doctor 3fa9c1 --port vnc
+    for chunk in sb.follow_logs("serial"):              # sandport sandbox logs -f
+        print(chunk.text, end="")
+
 Inside a sandbox, a guest program hands what it captured to the gateway through the
 guest agent (no token needed: the agent holds it)::
 
@@ -19,16 +27,23 @@ guest agent (no token needed: the agent holds it)::
     post_credentials({"cookie": "..."})
 
 Errors are :class:`ApiError` with the HTTP status and the gateway's own message.
+
+This module is the one client of the gateway's API: the ``sandport`` command talks to a
+gateway through it too. It owns the HTTP calls and their errors, and never prints or
+exits (that is :mod:`sandport.cli`'s job); it imports nothing from sandport, so a guest
+program can use it with the standard library alone.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +52,9 @@ from urllib.parse import quote, urlencode
 GATEWAY_FILE = "gateway.json"
 DEFAULT_AGENT_URL = "http://127.0.0.1:7412"  # the guest agent, from inside a sandbox
 FINAL_SESSION_STATES = ("completed", "expired", "cancelled")
+ERROR_BODY_CAP = 64 * 1024  # bytes of a refusal's body read for its message
+ERROR_TEXT_CAP = 2000  # characters of a refusal that is not JSON kept as its message
+LOG_TAIL = -65536  # a log from this offset: its last 64 KiB
 
 
 class ApiError(Exception):
@@ -99,7 +117,7 @@ class Sandbox(_Resource):
 
     def refresh(self) -> Sandbox:
         """Ask the gateway for the current state."""
-        self.doc = self.client.request("GET", f"/api/sandboxes/{quote(self.id, safe='')}")
+        self.doc = self.client.request("GET", self._path)
         return self
 
     def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> Sandbox:
@@ -121,7 +139,7 @@ class Sandbox(_Resource):
 
     def delete(self) -> None:
         """Stop and remove it (an attached target: detach; the target stays as it is)."""
-        self.client.request("DELETE", f"/api/sandboxes/{quote(self.id, safe='')}")
+        self.client.request("DELETE", self._path)
 
     detach = delete
 
@@ -151,9 +169,45 @@ class Sandbox(_Resource):
         return dict(self.client.request("POST", f"{self._path}/tokens", {
             "ttl_seconds": ttl, "ports": ports or [], "kinds": kinds or []}))
 
+    def tokens(self) -> list[dict[str, Any]]:
+        """Its access tokens: ``id``, ``expires_at``, ``expired``, ``ports``, ``kinds``
+        (never the tokens themselves)."""
+        return list(self.client.request("GET", f"{self._path}/tokens")["tokens"])
+
     def revoke_token(self, token_id: str) -> None:
         """Revoke an access token: sessions opened with it close at once."""
         self.client.request("DELETE", f"{self._path}/tokens/{quote(token_id, safe='')}")
+
+    def logs(self, name: str = "", offset: int = LOG_TAIL) -> LogChunk:
+        """A guest log from ``offset`` (negative: that many bytes before its end).
+
+        ``name`` picks the log: ``serial`` (a VM's console, its default), ``qemu``,
+        ``Xvnc``, ``openbox``, ``agent``...; an unknown name is refused with the names.
+        Read on from :attr:`LogChunk.next_offset`.
+        """
+        query = urlencode({"name": name, "offset": offset})
+        data, headers = self.client.call("GET", f"{self._path}/logs?{query}")
+        return LogChunk(data=data, next_offset=int(headers.get("x-next-offset") or 0),
+                        names=tuple(n for n in headers.get("x-logs", "").split(",") if n))
+
+    def follow_logs(self, name: str = "", offset: int = LOG_TAIL,
+                    interval: float = 0.5) -> Iterator[LogChunk]:
+        """:meth:`logs`, then what is added, every ``interval`` seconds, for ever."""
+        while True:
+            chunk = self.logs(name, offset)
+            yield chunk
+            offset = chunk.next_offset
+            time.sleep(interval)
+
+    def doctor(self, *, port: str | None = None, token: str | None = None) -> dict[str, Any]:
+        """Walk the path to it hop by hop (``sandport doctor``): the report as JSON
+        (``docs/doctor.schema.json``), its ``failed`` row naming the broken hop.
+
+        ``port`` (a name or number) limits the walk; ``token`` is checked too.
+        """
+        query = urlencode({k: v for k, v in (("port", port), ("token", token)) if v})
+        return dict(self.client.request("GET", f"{self._path}/doctor"
+                                        + (f"?{query}" if query else "")))
 
     def create_session(self, ttl: float = 900.0) -> Session:
         """A session that completes when the guest posts credentials (or expires)."""
@@ -209,8 +263,25 @@ class Session(_Resource):
         raise ApiError(0, "missing", f"session {self.id}: its credentials are gone")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogChunk:
+    """A piece of a guest log (:meth:`Sandbox.logs`)."""
+
+    data: bytes
+    next_offset: int  # where the next read goes on
+    names: tuple[str, ...] = ()  # the logs the sandbox has
+
+    @property
+    def text(self) -> str:
+        """The bytes as text (undecodable bytes replaced)."""
+        return self.data.decode(errors="replace")
+
+
 class Client:
-    """The API of one gateway: its URL and admin token."""
+    """The API of one gateway: its URL and admin token.
+
+    ``timeout`` bounds each call in seconds (creating a sandbox waits until it is ready).
+    """
 
     def __init__(self, url: str, admin_token: str, *, timeout: float = 120.0,
                  verify_tls: bool = True) -> None:
@@ -234,6 +305,22 @@ class Client:
         """One API call; the JSON answer (None when empty).
 
         Raises:
+            ApiError: the gateway refused it, or did not answer (status 0), or answered
+                with something that is not JSON (status 0).
+        """
+        raw, _ = self.call(method, path, body)
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError as exc:
+            raise ApiError(0, "bad_answer", f"{self.url} answered {method} {path} with "
+                                            f"something that is not JSON: {exc}") from None
+
+    def call(self, method: str, path: str,
+             body: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+        """One API call: the raw body of the answer and its headers, names in lower case
+        (for the routes that answer text, such as logs; :meth:`request` for JSON).
+
+        Raises:
             ApiError: the gateway refused it, or did not answer (status 0).
         """
         if not self.url.startswith(("http://", "https://")):
@@ -247,18 +334,11 @@ class Client:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout,  # noqa: S310
                                         context=self._context) as r:
-                raw = r.read()
+                return r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as exc:
-            text = exc.read().decode(errors="replace")
-            try:
-                doc = json.loads(text)
-            except ValueError:
-                doc = {"message": text}
-            message = doc.get("message") or json.dumps(doc.get("detail", doc))
-            raise ApiError(exc.code, str(doc.get("error", "error")), str(message)) from None
-        except OSError as exc:
+            raise _refusal(exc.code, exc.read(ERROR_BODY_CAP)) from None
+        except (OSError, http.client.HTTPException) as exc:
             raise ApiError(0, "unreachable", f"{self.url} does not answer: {exc}") from None
-        return json.loads(raw) if raw else None
 
     def create_sandbox(self, *, profile: str = "desktop", publish: list[str] | None = None,
                        vnc_port: int = 0, session_ttl: float | None = None,
@@ -299,9 +379,19 @@ class Client:
         """Every sandbox of the gateway."""
         return [Sandbox(self, d) for d in self.request("GET", "/api/sandboxes")["sandboxes"]]
 
-    def sandbox(self, sandbox_id: str) -> Sandbox:
-        """One sandbox by id (ApiError 404 when there is none)."""
+    def sandbox(self, sandbox_id: str, *, fetch: bool = True) -> Sandbox:
+        """One sandbox by id (ApiError 404 when there is none).
+
+        ``fetch=False`` asks nothing: a handle that knows only the id, for calls that need
+        no state (:meth:`Sandbox.delete`, tokens, logs, doctor...; a 404 comes from them).
+        """
+        if not fetch:
+            return Sandbox(self, {"id": sandbox_id})
         return Sandbox(self, self.request("GET", f"/api/sandboxes/{quote(sandbox_id, safe='')}"))
+
+    def forwards(self) -> list[dict[str, Any]]:
+        """Every host port forward of the gateway: mode and why, state, counters."""
+        return list(self.request("GET", "/api/forwards")["forwards"])
 
     def session(self, session_id: str) -> Session:
         """One session by id (ApiError 404 when there is none)."""
@@ -311,6 +401,20 @@ class Client:
         """Recorded events with ``seq > after``, oldest first."""
         query = {"after": after, **({"sandbox": sandbox} if sandbox else {})}
         return list(self.request("GET", f"/api/events?{urlencode(query)}")["events"])
+
+
+def _refusal(status: int, body: bytes) -> ApiError:
+    """The :class:`ApiError` of a refusal: the gateway's JSON ``error`` and ``message``
+    (a validation error's ``detail`` when there is no message), else the body's text."""
+    text = body.decode(errors="replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        return ApiError(status, "error", text[:ERROR_TEXT_CAP])
+    message = doc.get("message") or json.dumps(doc.get("detail", doc))
+    return ApiError(status, str(doc.get("error", "error")), str(message))
 
 
 def post_credentials(data: dict[str, Any], *, session: str | None = None,
