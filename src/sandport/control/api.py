@@ -75,8 +75,12 @@ MAX_AGENT_BODY = 64 * 1024  # credentials and reports are small; more is refused
 MAX_WAIT_SECONDS = 60.0
 
 
-class ApiError(Exception):
-    """An API refusal: HTTP status, a short error name and a message for people."""
+class ApiRefusal(Exception):
+    """An API refusal: HTTP status, a short error name and a message for people.
+
+    The gateway's side of a refused request; a Python caller of the API sees it as
+    :class:`sandport.client.ApiError`.
+    """
 
     def __init__(self, status: int, error: str, message: str) -> None:
         super().__init__(message)
@@ -84,8 +88,8 @@ class ApiError(Exception):
 
 
 def api_error_response(_: Request | None, exc: Exception) -> Response:
-    """The JSON body of an :class:`ApiError` (registered as an exception handler)."""
-    assert isinstance(exc, ApiError)
+    """The JSON body of an :class:`ApiRefusal` (registered as an exception handler)."""
+    assert isinstance(exc, ApiRefusal)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.error, "message": exc.message},
                         status_code=exc.status, headers=headers)
@@ -113,14 +117,14 @@ def _words(exc: Exception) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
-def admin_error(authorization: str | None, admin_hash: str) -> ApiError | None:
+def admin_error(authorization: str | None, admin_hash: str) -> ApiRefusal | None:
     """Why an ``Authorization`` header does not carry the admin token (None: it does)."""
     check = check_token(bearer_token(authorization), admin_hash)
     if check is TokenCheck.MISSING:
-        return ApiError(401, "unauthorized", "admin routes need 'Authorization: Bearer <admin "
+        return ApiRefusal(401, "unauthorized", "admin routes need 'Authorization: Bearer <admin "
                         "token>' (the token is in the gateway's state dir, gateway.json)")
     if check is TokenCheck.INVALID:
-        return ApiError(403, "forbidden", "the admin token is not valid")
+        return ApiRefusal(403, "forbidden", "the admin token is not valid")
     return None
 
 
@@ -128,34 +132,34 @@ def _mappings(specs: list[str]) -> list[PortMapping]:
     """``-p`` specs to mappings.
 
     Raises:
-        ApiError: 422 with the syntax, for a spec that does not parse or overlaps another.
+        ApiRefusal: 422 with the syntax, for a spec that does not parse or overlaps another.
     """
     try:
         mappings = [m for spec in specs for m in parse_port_spec(spec)]
         check_overlaps(mappings, {})
     except PortSpecError as exc:
-        raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+        raise ApiRefusal(422, "invalid_port_spec", _words(exc)) from None
     return mappings
 
 
-def _port_conflict(exc: Exception) -> ApiError:
+def _port_conflict(exc: Exception) -> ApiRefusal:
     """A port taken by another program or already forwarded: 409; other bad input: 422."""
     if isinstance(exc, (PortInUseError, PortSpecError)):
-        return ApiError(409, "port_conflict", _words(exc))
-    return ApiError(422, "invalid", _words(exc))
+        return ApiRefusal(409, "port_conflict", _words(exc))
+    return ApiRefusal(422, "invalid", _words(exc))
 
 
-def _target_error(exc: Exception, *, conflict: str) -> ApiError:
+def _target_error(exc: Exception, *, conflict: str) -> ApiRefusal:
     """An attach or retarget refused: 403 outside --attach-subnet, 404 no such target,
     409 ``conflict``, 503 it does not answer, 409/422 as :func:`_port_conflict`."""
     if isinstance(exc, Forbidden):
-        return ApiError(403, "forbidden_target", _words(exc))
+        return ApiRefusal(403, "forbidden_target", _words(exc))
     if isinstance(exc, SandboxNotFound):
-        return ApiError(404, "unknown_target", _words(exc))
+        return ApiRefusal(404, "unknown_target", _words(exc))
     if isinstance(exc, Conflict):
-        return ApiError(409, conflict, _words(exc))
+        return ApiRefusal(409, conflict, _words(exc))
     if isinstance(exc, SandboxFailed):
-        return ApiError(503, "not_ready", _words(exc))
+        return ApiRefusal(503, "not_ready", _words(exc))
     return _port_conflict(exc)
 
 
@@ -584,7 +588,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return SandboxOut.model_validate(gateway.info(sandbox_id).as_json())
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.post("/sandboxes", status_code=201, response_model=SandboxOut,
                  summary="Create a sandbox; answers once it is proven ready",
@@ -599,7 +603,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                                                 backend=body.backend,
                                                 memory_mb=body.memory_mb, vcpus=body.vcpus)
         except SandboxFailed as exc:
-            raise ApiError(503, "not_ready", _words(exc)) from None
+            raise ApiRefusal(503, "not_ready", _words(exc)) from None
         except UsageError as exc:
             raise _port_conflict(exc) from None
         return out(info.id)
@@ -641,7 +645,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         for sandbox_id in gateway.sandbox_ids():
             try:
                 found.append(out(sandbox_id))
-            except ApiError:  # removed meanwhile
+            except ApiRefusal:  # removed meanwhile
                 continue
         return SandboxList(sandboxes=found)
 
@@ -656,7 +660,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             await gateway.destroy_sandbox(sandbox_id)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/forwards", status_code=201,
@@ -667,9 +671,9 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             added = await gateway.add_forwards(sandbox_id, mappings)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         except Conflict as exc:
-            raise ApiError(409, "sandbox_unavailable", _words(exc)) from None
+            raise ApiRefusal(409, "sandbox_unavailable", _words(exc)) from None
         except UsageError as exc:
             raise _port_conflict(exc) from None
         return ForwardList(forwards=added)
@@ -680,7 +684,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             await gateway.remove_forward(sandbox_id, forward_id)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", _words(exc)) from None
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/tokens", status_code=201, response_model=TokenOut,
@@ -690,7 +694,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             return TokenOut.model_validate(gateway.create_grant(
                 sandbox_id, body.ttl_seconds, ports=tuple(body.ports), kinds=tuple(body.kinds)))
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.get("/sandboxes/{sandbox_id}/tokens", response_model=TokenList,
                 summary="The access tokens of a sandbox")
@@ -698,7 +702,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return TokenList.model_validate({"tokens": gateway.grants(sandbox_id)})
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.delete("/sandboxes/{sandbox_id}/tokens/{token_id}", status_code=204,
                    response_class=Response,
@@ -707,7 +711,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             gateway.revoke_grant(sandbox_id, token_id)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", _words(exc)) from None
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/sessions", status_code=201, response_model=SessionOut,
@@ -717,9 +721,9 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return SessionOut.of(gateway.create_session(sandbox_id, body.ttl_seconds))
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         except Conflict as exc:
-            raise ApiError(409, "sandbox_unavailable", _words(exc)) from None
+            raise ApiRefusal(409, "sandbox_unavailable", _words(exc)) from None
 
     @router.get("/sandboxes/{sandbox_id}/sessions", response_model=SessionList,
                 tags=["sessions"], summary="The sessions of a sandbox")
@@ -727,7 +731,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return SessionList(sessions=[SessionOut.of(r) for r in gateway.sessions(sandbox_id)])
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.get("/sessions/{session_id}", response_model=SessionOut, tags=["sessions"],
                 summary="One session; with ?wait=S, answers when it ends or after S seconds")
@@ -740,7 +744,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             rec = await gateway.wait_session(session_id, wait) if wait else \
                 gateway.session(session_id)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_session", f"no session {session_id!r}") from None
+            raise ApiRefusal(404, "unknown_session", f"no session {session_id!r}") from None
         return SessionOut.of(rec)
 
     @router.get("/sandboxes/{sandbox_id}/logs", tags=["sandboxes"],
@@ -761,7 +765,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             data, nxt, names = gateway.read_log(sandbox_id, name, offset, limit)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", _words(exc)) from None
         return Response(data, media_type="text/plain; charset=utf-8",
                         headers={"X-Next-Offset": str(nxt), "X-Logs": ",".join(names)})
 
@@ -785,7 +789,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             return CredentialList.model_validate(
                 {"credentials": gateway.credentials(sandbox_id)})
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.get("/events", response_model=EventList, tags=["events"],
                 summary="The event log after `after`; a live stream (SSE) when asked for "
@@ -835,9 +839,9 @@ def agent_router(gateway: SandboxApi) -> APIRouter:
         try:
             rec, session = gateway.post_credentials(sandbox_id, body.data, body.session)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", _words(exc)) from None
         except Conflict as exc:
-            raise ApiError(409, "session_ended", _words(exc)) from None
+            raise ApiRefusal(409, "session_ended", _words(exc)) from None
         return CredentialReceipt(id=rec.id,
                                  session=SessionOut.of(session) if session else None)
 
@@ -847,7 +851,7 @@ def agent_router(gateway: SandboxApi) -> APIRouter:
         try:
             gateway.agent_report(sandbox_id, body)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         return Response(status_code=204)
 
     return router
@@ -890,7 +894,7 @@ def agent_app(gateway: SandboxApi) -> FastAPI:
     agent may call only from the sandbox's own address."""
     app = FastAPI(title="sandport agent port", version=__version__, openapi_url=None,
                   docs_url=None, redoc_url=None)
-    app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(ApiRefusal, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
     app.include_router(agent_router(gateway))
@@ -902,7 +906,7 @@ AGENT_ROUTE = re.compile(r"^/api/sandboxes/(?P<sandbox>[^/]+)/(?:credentials|age
 
 
 def api_refusal(gateway: SandboxApi, method: str, path: str, headers: Headers,
-                client_ip: str | None, *, agent_port: bool) -> ApiError | None:
+                client_ip: str | None, *, agent_port: bool) -> ApiRefusal | None:
     """Why a request to ``/api`` is refused before its body is read (None: let it in).
 
     The guest agent's POSTs take the sandbox's agent token (and, on the agent port, come
@@ -913,13 +917,13 @@ def api_refusal(gateway: SandboxApi, method: str, path: str, headers: Headers,
     if m is not None and method == "POST":
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_AGENT_BODY:
-            return ApiError(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
+            return ApiRefusal(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
         try:
             gateway.check_agent(unquote(m["sandbox"]), bearer_token(authorization),
                                 client_ip if agent_port else None)
         except (SandboxNotFound, Unauthorized) as exc:
             missing = isinstance(exc, Unauthorized) and exc.missing
-            return ApiError(401 if missing else 403,
+            return ApiRefusal(401 if missing else 403,
                             "unauthorized" if missing else "forbidden", _words(exc))
         return None
     if agent_port or not (path == "/api" or path.startswith("/api/")):

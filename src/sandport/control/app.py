@@ -50,8 +50,8 @@ from sandport.bridge.server import Route as BridgeRoute
 from sandport.bridge.targets import Target
 from sandport.bridge.ws import choose_subprotocol, pump
 from sandport.control.api import (
-    ApiError,
     ApiGate,
+    ApiRefusal,
     SandboxApi,
     admin_error,
     agent_router,
@@ -402,7 +402,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
     app = FastAPI(title="sandport", version=__version__, redoc_url=None,
                   description="Sandboxes, their desktops and ports. Every /api route takes "
                               "the admin token: Authorization: Bearer <token>.")
-    app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(ApiRefusal, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
     if api is not None:

@@ -46,7 +46,7 @@ from sandport.control.app import (
     build_app,
 )
 from sandport.control.events import EventHub
-from sandport.control.forwards import Forward, ForwardOptions, ForwardTable
+from sandport.control.forwards import ForwardOptions, ForwardTable, HostForward
 from sandport.control.httpserver import HttpServer
 from sandport.control.secretbox import DecryptError, SecretBox, load_or_create_key
 from sandport.control.store import (
@@ -187,7 +187,7 @@ def _release_lock(lock: TextIO, *, delete: bool) -> None:
     lock.close()
 
 
-def _forward_facts(f: Forward) -> ForwardFacts:
+def _forward_facts(f: HostForward) -> ForwardFacts:
     """A forward as the doctor sees it."""
     return ForwardFacts(id=f.id, protocol=f.mapping.protocol, host=f.mapping.host_ip,
                         host_port=f.host_port, mode=f.mode,
@@ -1238,7 +1238,7 @@ class Gateway:
                                      options or ForwardOptions(mode=mode))
 
     async def _add_forwards(self, sb: Sandbox, mappings: list[tuple[str, PortMapping]],
-                            options: ForwardOptions) -> list[Forward]:
+                            options: ForwardOptions) -> list[HostForward]:
         """Publish ports of a sandbox and remember them (a restart publishes them again)."""
         if sb.spec.netns:  # an attached container's: relayed, sockets made in its namespace
             options = dataclasses.replace(options, mode="proxy", netns=sb.spec.netns)
@@ -1372,7 +1372,7 @@ class Gateway:
         if gone is not None:
             self._record_event("forward.removed", sandbox_id, gone.summary())
 
-    def _forward(self, sandbox_id: str, name: str) -> Forward | None:
+    def _forward(self, sandbox_id: str, name: str) -> HostForward | None:
         return next((f for f in self.forwards.of(sandbox_id) if f.name == name), None)
 
     def _primary_probe(self, sb: Sandbox, timeout: float) -> tuple[str, Probe] | None:
