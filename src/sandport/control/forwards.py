@@ -218,6 +218,10 @@ class ForwardTable:
         """The forwards of one sandbox, in the order they were added."""
         return [f for f in self._forwards.values() if f.sandbox == sandbox]
 
+    def named(self, sandbox: str, name: str) -> HostForward | None:
+        """The forward of a sandbox called ``name`` (``vnc``, ``http``...), or None."""
+        return next((f for f in self.of(sandbox) if f.name == name), None)
+
     async def reconcile(self) -> None:
         """Write the kernel ruleset for the current forwards (at start: none)."""
         if self.nft_available:
