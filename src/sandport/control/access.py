@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from sandport.control.app import Grant
-from sandport.control.roster import GatewayPort, Roster, Sandbox
+from sandport.control.roster import GatewayPort, Roster, RunningSandbox
 from sandport.control.secretbox import SecretBox
 from sandport.control.store import CredentialRecord, GrantRecord, SessionRecord
 from sandport.control.tokens import TokenCheck, check_token, fingerprint, hash_token, new_token
@@ -57,7 +57,7 @@ class Access:
 
     # Adoption and shutdown ----------------------------------------------------------------
 
-    def restore(self, sb: Sandbox) -> None:
+    def restore(self, sb: RunningSandbox) -> None:
         """Arm again what an adopted sandbox had: its grants' expiry, its open sessions."""
         loop = asyncio.get_running_loop()
         for grant_rec in self._store.grants(sb.id):
@@ -76,7 +76,7 @@ class Access:
                 if rec.state == SessionState.WAITING and sb.live.state is SandboxState.READY:
                     self._move_session(rec.id, SessionState.READY)
 
-    def release(self, sb: Sandbox) -> None:
+    def release(self, sb: RunningSandbox) -> None:
         """Stop the grant timers of a sandbox that goes (or that this run leaves)."""
         for timer in sb.grant_timers.values():
             timer.cancel()
@@ -90,7 +90,7 @@ class Access:
 
     # Sessions ------------------------------------------------------------------------------
 
-    def sandbox_changed(self, sb: Sandbox, state: SandboxState, reason: str) -> None:
+    def sandbox_changed(self, sb: RunningSandbox, state: SandboxState, reason: str) -> None:
         """A sandbox moved (a :class:`Roster` listener): its waiting sessions are ready once
         it is; a failed one's can no longer complete."""
         if state is SandboxState.READY:
@@ -291,7 +291,7 @@ class Access:
     # The guest agent and its credentials --------------------------------------------------
 
     def check_agent(self, sandbox_id: str, token: str | None,
-                    client_ip: str | None = None) -> Sandbox:
+                    client_ip: str | None = None) -> RunningSandbox:
         """The sandbox whose guest agent presents ``token`` (from ``client_ip``, if given).
 
         Raises:

@@ -49,12 +49,12 @@ from sandport.bridge.server import Refusal as BridgeRefusal
 from sandport.bridge.server import Route as BridgeRoute
 from sandport.bridge.targets import Target
 from sandport.bridge.ws import choose_subprotocol, pump
+from sandport.control.agent_api import agent_router
 from sandport.control.api import (
     ApiGate,
     ApiRefusal,
     SandboxApi,
     admin_error,
-    agent_router,
     api_error_response,
     api_router,
     http_error_response,

@@ -15,7 +15,7 @@ import time
 
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.forwards import ForwardTable, HostForward
-from sandport.control.roster import Roster, Sandbox
+from sandport.control.roster import Roster, RunningSandbox
 from sandport.control.store import StateStore
 from sandport.control.tokens import TokenCheck, fingerprint, hash_token
 from sandport.doctor import ForwardFacts, PortFacts, Subject, TokenFacts
@@ -95,7 +95,7 @@ def token_facts(roster: Roster, sandbox_id: str, token: str, port: str | None) -
                       detail="no sandbox of this gateway has this token, now or before")
 
 
-def port_facts(sb: Sandbox, forwards: list[HostForward]) -> list[PortFacts]:
+def port_facts(sb: RunningSandbox, forwards: list[HostForward]) -> list[PortFacts]:
     """The ports of a sandbox with their forwards: the profile's, then app ports published
     by number, then the guest agent's."""
     ports = []

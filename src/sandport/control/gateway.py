@@ -52,14 +52,14 @@ from sandport import preflight
 from sandport.bridge.server import BridgeConfig, BridgeLimits, BridgeStats, WsBridge
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.access import DEFAULT_SESSION_TTL, Access
-from sandport.control.api import agent_app
+from sandport.control.agent_api import agent_app
 from sandport.control.app import CONNECT_TIMEOUT, GatewayRouter, LiveSandbox, build_app
 from sandport.control.events import EventHub
 from sandport.control.forwards import ForwardOptions, ForwardTable
 from sandport.control.httpserver import HttpServer
 from sandport.control.locks import RUN_DIR, release_lock, take_lock
-from sandport.control.readiness import Progress, Readiness, quiet
-from sandport.control.roster import Roster, Sandbox
+from sandport.control.readiness import Progress, ReadinessMonitor, quiet
+from sandport.control.roster import Roster, RunningSandbox
 from sandport.control.sandboxes import AttachArgs, CreateArgs, Sandboxes, SandboxInfo
 from sandport.control.secretbox import DecryptError, SecretBox, load_or_create_key
 from sandport.control.store import (
@@ -107,7 +107,7 @@ class _Rooms:
 
     roster: Roster
     access: Access
-    readiness: Readiness
+    readiness: ReadinessMonitor
     sandboxes: Sandboxes
 
 
@@ -158,7 +158,7 @@ class Gateway:
         return self._live().sandboxes
 
     @property
-    def readiness(self) -> Readiness:
+    def readiness(self) -> ReadinessMonitor:
         """Probes, monitors, restarts, the doctor."""
         return self._live().readiness
 
@@ -272,7 +272,7 @@ class Gateway:
         """The rooms of this run, wired: each gets what it works with, nothing more."""
         roster = Roster(store, self.events)
         access = Access(roster, box, self)
-        readiness = Readiness(roster, self.forwards, self.config, self)
+        readiness = ReadinessMonitor(roster, self.forwards, self.config, self)
         sandboxes = Sandboxes(roster, self.forwards, self.config, self, readiness=readiness,
                               access=access, backends=self._backends,
                               pool=AddressPool(self.config.net.subnet, store), box=box,
@@ -375,7 +375,7 @@ class Gateway:
             live = LiveSandbox(id=rec.id, ip=rec.ip, state=state, token_hash=rec.token_hash,
                                ports=backend.ports(spec), secrets=spec.secrets,
                                reason=rec.reason, netns=spec.netns)
-            sb = Sandbox(spec=spec, live=live, token=secrets.get("token", ""),
+            sb = RunningSandbox(spec=spec, live=live, token=secrets.get("token", ""),
                          backend=backend, agent_token_hash=rec.agent_token_hash)
             roster.add(sb)
             if state is SandboxState.FAILED:
@@ -540,7 +540,7 @@ class Gateway:
 
     async def doctor(self, sandbox_id: str, *, port: str | None = None,
                      token: str | None = None) -> Report:
-        """Walk the path to a sandbox hop by hop (:meth:`Readiness.doctor`)."""
+        """Walk the path to a sandbox hop by hop (:meth:`ReadinessMonitor.doctor`)."""
         return await self.readiness.doctor(sandbox_id, port=port, token=token)
 
     def event_log(self, *, after: int = 0, sandbox_id: str | None = None,
@@ -582,7 +582,7 @@ class Gateway:
         return await self.access.wait_session(session_id, timeout)
 
     def check_agent(self, sandbox_id: str, token: str | None,
-                    client_ip: str | None = None) -> Sandbox:
+                    client_ip: str | None = None) -> RunningSandbox:
         """The sandbox whose guest agent this is (:meth:`Access.check_agent`)."""
         return self.access.check_agent(sandbox_id, token, client_ip)
 

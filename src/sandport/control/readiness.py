@@ -4,12 +4,12 @@ path a user takes, and stays watched while it runs.
 Owns:
     * the probes of a sandbox's paths (the primary port through its host forward, a
       desktop's VNC through the WebSocket bridge, the guest agent) and the wait for all
-      of them at start (:meth:`Readiness.await_ready`);
+      of them at start (:meth:`ReadinessMonitor.await_ready`);
     * the monitor of each ready sandbox (one task per sandbox): ``ready <-> degraded``,
       ``failed`` for a VM that exited or an attached target silent past its grace;
     * restarts of exited guest services (at most :data:`MAX_RESTARTS` in
       :data:`RESTART_WINDOW` seconds);
-    * the doctor's diagnosis when a sandbox degrades (:meth:`Readiness.doctor`).
+    * the doctor's diagnosis when a sandbox degrades (:meth:`ReadinessMonitor.doctor`).
 
 Must not touch: the table (it never adds or removes a sandbox), forwards (it probes
 through them), tokens and sessions. State changes go through the :class:`Roster`.
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from sandport.config import GatewayConfig, connect_host
 from sandport.control import facts
 from sandport.control.forwards import ForwardTable
-from sandport.control.roster import GatewayPort, Roster, Sandbox
+from sandport.control.roster import GatewayPort, Roster, RunningSandbox
 from sandport.doctor import Report, diagnose
 from sandport.errors import SandboxFailed
 from sandport.probe import (
@@ -44,7 +44,7 @@ from sandport.sandbox.state import SandboxState
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-Probe = Callable[[], Awaitable[ProbeResult]]
+PathProbe = Callable[[], Awaitable[ProbeResult]]
 MAX_RESTARTS = 3  # guest service restarts within RESTART_WINDOW before a sandbox fails
 RESTART_WINDOW = 300.0
 
@@ -60,7 +60,7 @@ def _insecure_client_context() -> ssl.SSLContext:
     return ctx
 
 
-class Readiness:
+class ReadinessMonitor:
     """Probes, the wait for readiness and the monitors of one gateway run."""
 
     def __init__(self, roster: Roster, forwards: ForwardTable, config: GatewayConfig,
@@ -74,7 +74,7 @@ class Readiness:
 
     # Probes --------------------------------------------------------------------------------
 
-    def primary_probe(self, sb: Sandbox, timeout: float) -> tuple[str, Probe] | None:
+    def primary_probe(self, sb: RunningSandbox, timeout: float) -> tuple[str, PathProbe] | None:
         """``(label, probe)`` of the profile's primary port through its host forward:
         an RFB handshake for a desktop, an HTTP GET for an HTTP service, a connect for
         a TCP one. None when that forward is gone."""
@@ -102,8 +102,8 @@ class Readiness:
         return (f"{primary.name} through the host port {host}:{port} ({fwd.mode} forward)",
                 lambda: probe_http(host, port, timeout=timeout))
 
-    async def await_ready(self, sb: Sandbox, progress: Progress) -> None:
-        """Probe every path a user takes until each answers its protocol: the primary port
+    async def await_ready(self, sb: RunningSandbox, progress: Progress) -> None:
+        """PathProbe every path a user takes until each answers its protocol: the primary port
         through its host forward, a desktop's VNC through the WebSocket bridge too, and
         the guest agent. The probes are kept (``sb.probes``).
 
@@ -127,7 +127,7 @@ class Readiness:
                 return "the sandbox was deleted while it started"
             return backend.failure(spec, agent=True)
 
-        hops: list[tuple[str, Probe]] = [primary]
+        hops: list[tuple[str, PathProbe]] = [primary]
         if sb.live.ports[0].protocol == "rfb":
             hops.append(("VNC through the WebSocket bridge",
                          lambda: probe_rfb_ws(ws_url, password=password, timeout=3.0,
@@ -152,7 +152,7 @@ class Readiness:
 
     # Monitors ------------------------------------------------------------------------------
 
-    def watch(self, sb: Sandbox, first_delay: float | None = None) -> None:
+    def watch(self, sb: RunningSandbox, first_delay: float | None = None) -> None:
         """Start the monitor of a ready sandbox (``first_delay``: see :meth:`_monitor`)."""
         self._monitors[sb.id] = asyncio.create_task(
             self._monitor(sb, first_delay), name=f"sandbox {sb.id} readiness")
@@ -164,8 +164,8 @@ class Readiness:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
 
-    async def _monitor(self, sb: Sandbox, first_delay: float | None = None) -> None:
-        """Probe a ready sandbox's primary port through its host forward, every
+    async def _monitor(self, sb: RunningSandbox, first_delay: float | None = None) -> None:
+        """PathProbe a ready sandbox's primary port through its host forward, every
         ``probe_interval``.
 
         A failed probe turns it ``degraded`` with the reason; the next good probe turns it
@@ -219,7 +219,7 @@ class Readiness:
                                        f"{self._config.attach_grace:g} s: {finding}")
                 return
 
-    async def _restart_services(self, sb: Sandbox, why: str, restarts: list[float]) -> bool:
+    async def _restart_services(self, sb: RunningSandbox, why: str, restarts: list[float]) -> bool:
         """A guest service exited: degraded, then restart the profile's services.
 
         More than :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW` seconds, or a restart
@@ -257,7 +257,7 @@ class Readiness:
             self._roster, self._forwards, self._config, sandbox_id=sandbox_id, port=port,
             token=token, link=link, ws_base=self._port.ws_base))
 
-    async def _diagnose(self, sb: Sandbox) -> None:
+    async def _diagnose(self, sb: RunningSandbox) -> None:
         """Name the broken hop of a sandbox that degraded (``sandport doctor``), for its
         readiness details and the reasons refusals give."""
         try:

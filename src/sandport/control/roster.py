@@ -1,6 +1,6 @@
 """The sandboxes a gateway runs, and the journal of what happens to them.
 
-Owns: the table of :class:`Sandbox` records by id; every sandbox state change (checked
+Owns: the table of :class:`RunningSandbox` records by id; every sandbox state change (checked
 against the transition table of :mod:`sandport.sandbox.state`, stored, logged and
 published to live watchers); events that go with no other change; the event log.
 
@@ -31,11 +31,11 @@ from sandport.sandbox.state import IllegalTransition, SandboxState, check_transi
 log = logging.getLogger(__name__)
 
 #: Called after every state change a sandbox makes: ``(sandbox, new state, reason)``.
-StateListener = Callable[["Sandbox", SandboxState, str], None]
+StateListener = Callable[["RunningSandbox", SandboxState, str], None]
 
 
 @dataclass(slots=True, kw_only=True)
-class Sandbox:
+class RunningSandbox:
     """A sandbox the gateway runs, with its forwards and readiness evidence."""
 
     spec: SandboxSpec
@@ -85,7 +85,7 @@ class Roster:
     def __init__(self, store: StateStore, events: EventHub) -> None:
         self.store = store
         self.events = events
-        self._table: dict[str, Sandbox] = {}
+        self._table: dict[str, RunningSandbox] = {}
         self._listeners: list[StateListener] = []
 
     # The table ---------------------------------------------------------------------------
@@ -93,17 +93,17 @@ class Roster:
     def __contains__(self, sandbox_id: object) -> bool:
         return sandbox_id in self._table
 
-    def __iter__(self) -> Iterator[Sandbox]:
+    def __iter__(self) -> Iterator[RunningSandbox]:
         return iter(list(self._table.values()))
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def get(self, sandbox_id: str) -> Sandbox | None:
+    def get(self, sandbox_id: str) -> RunningSandbox | None:
         """The sandbox with that id, or None."""
         return self._table.get(sandbox_id)
 
-    def __getitem__(self, sandbox_id: str) -> Sandbox:
+    def __getitem__(self, sandbox_id: str) -> RunningSandbox:
         """The sandbox with that id.
 
         Raises:
@@ -118,7 +118,7 @@ class Roster:
         """Ids of the sandboxes, oldest first."""
         return list(self._table)
 
-    def add(self, sb: Sandbox) -> None:
+    def add(self, sb: RunningSandbox) -> None:
         """Take a sandbox into the table (its record is already stored)."""
         self._table[sb.id] = sb
 
@@ -137,7 +137,7 @@ class Roster:
         """Call ``listener`` after every state change (in the order they subscribed)."""
         self._listeners.append(listener)
 
-    def set_state(self, sb: Sandbox, state: SandboxState, reason: str = "") -> None:
+    def set_state(self, sb: RunningSandbox, state: SandboxState, reason: str = "") -> None:
         """Move a sandbox to ``state``: stored with its event, logged, then the listeners.
 
         Raises:
@@ -154,7 +154,7 @@ class Roster:
         for listener in self._listeners:
             listener(sb, state, reason)
 
-    def set_state_going_on(self, sb: Sandbox, state: SandboxState, reason: str = "") -> None:
+    def set_state_going_on(self, sb: RunningSandbox, state: SandboxState, reason: str = "") -> None:
         """:meth:`set_state` on a path that must go on (a delete, a failed start): an
         illegal transition is a bug, logged at error level with the sandbox id."""
         try:

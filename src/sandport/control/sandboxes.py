@@ -36,8 +36,8 @@ from sandport.config import GatewayConfig, connect_host
 from sandport.control.access import Access
 from sandport.control.app import LiveSandbox
 from sandport.control.forwards import ForwardOptions, ForwardTable, HostForward
-from sandport.control.readiness import Progress, Readiness, quiet
-from sandport.control.roster import GatewayPort, Roster, Sandbox
+from sandport.control.readiness import Progress, ReadinessMonitor, quiet
+from sandport.control.roster import GatewayPort, Roster, RunningSandbox
 from sandport.control.secretbox import SecretBox
 from sandport.control.store import ForwardRecord
 from sandport.control.tokens import fingerprint, hash_token, new_token
@@ -85,7 +85,7 @@ class SandboxInfo:
     ready_seconds: float | None
     forwards: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
-    #: Readiness: the probes that declared it ready, and the monitor's latest.
+    #: ReadinessMonitor: the probes that declared it ready, and the monitor's latest.
     probes: list[dict[str, Any]] = field(default_factory=list)
     last_probe: dict[str, Any] | None = None
     #: The doctor's failing check when the sandbox degraded (None while healthy).
@@ -154,7 +154,7 @@ class Sandboxes:
     """Create, attach, retarget and destroy sandboxes; publish and remove their ports."""
 
     def __init__(self, roster: Roster, forwards: ForwardTable, config: GatewayConfig,
-                 port: GatewayPort, *, readiness: Readiness, access: Access,
+                 port: GatewayPort, *, readiness: ReadinessMonitor, access: Access,
                  backends: dict[str, Backend], pool: AddressPool, box: SecretBox,
                  agent_url: str) -> None:
         self._roster = roster
@@ -319,7 +319,7 @@ class Sandboxes:
         return await self._bring_up(sb, steps, t0)
 
     def _check_free(self, target: ipaddress.IPv4Address, netns: str,
-                    moving: Sandbox | None = None) -> None:
+                    moving: RunningSandbox | None = None) -> None:
         """Raise Conflict if another sandbox than ``moving`` has ``target`` in ``netns``."""
         for other in self._roster:
             if other is not moving and other.live.ip == str(target) and \
@@ -336,7 +336,7 @@ class Sandboxes:
                 return sandbox_id
 
     def _register(self, spec: SandboxSpec, backend: Backend, created: dict[str, Any], *,
-                  info: dict[str, Any] | None = None) -> Sandbox:
+                  info: dict[str, Any] | None = None) -> RunningSandbox:
         """The one way a new sandbox enters the gateway (made or attached): a token, its
         record with the secrets sealed and the ``creating`` event (plus ``created``'s
         fields), backend ``info`` kept for an adopting gateway, a place in the roster."""
@@ -345,7 +345,7 @@ class Sandboxes:
         live = LiveSandbox(id=spec.id, ip=str(spec.address.ip), state=SandboxState.CREATING,
                            token_hash=hash_token(token), ports=backend.ports(spec),
                            secrets=spec.secrets, netns=spec.netns)
-        sb = Sandbox(spec=spec, live=live, token=token, backend=backend,
+        sb = RunningSandbox(spec=spec, live=live, token=token, backend=backend,
                      agent_token_hash=hash_token(agent_token) if agent_token else "")
         # Secrets are sealed: the database alone opens no desktop and impersonates no agent.
         sealed = self._box.seal(json.dumps({"token": token, **spec.secrets}).encode(),
@@ -365,7 +365,7 @@ class Sandboxes:
         self._roster.add(sb)
         return sb
 
-    async def _bring_up(self, sb: Sandbox, steps: Callable[[], Awaitable[None]],
+    async def _bring_up(self, sb: RunningSandbox, steps: Callable[[], Awaitable[None]],
                         t0: float) -> SandboxInfo:
         """Run the steps that make a new sandbox ready; then ready and monitored. A step
         that fails fails the sandbox and removes what was made (and raises)."""
@@ -482,7 +482,7 @@ class Sandboxes:
 
     # Forwards ------------------------------------------------------------------------------
 
-    async def _publish(self, sb: Sandbox, vnc_port: int, publish: list[PortMapping],
+    async def _publish(self, sb: RunningSandbox, vnc_port: int, publish: list[PortMapping],
                        options: ForwardOptions | None, progress: Progress) -> None:
         """Forward the profile's primary port (a desktop's VNC; ``vnc_port`` on the host)
         and the ``publish`` ports to the host."""
@@ -502,7 +502,7 @@ class Sandboxes:
             await self._add_forwards(sb, [(f"{m.guest_port}/{m.protocol}", m) for m in publish],
                                      options or ForwardOptions(mode=mode))
 
-    async def _add_forwards(self, sb: Sandbox, mappings: list[tuple[str, PortMapping]],
+    async def _add_forwards(self, sb: RunningSandbox, mappings: list[tuple[str, PortMapping]],
                             options: ForwardOptions) -> list[HostForward]:
         """Publish ports of a sandbox and remember them (a restart publishes them again)."""
         if sb.spec.netns:  # an attached container's: relayed, sockets made in its namespace
@@ -553,7 +553,7 @@ class Sandboxes:
         if gone is not None:
             self._roster.record_event("forward.removed", sandbox_id, gone.summary())
 
-    async def restore_forwards(self, sb: Sandbox) -> None:
+    async def restore_forwards(self, sb: RunningSandbox) -> None:
         """Publish the stored forwards of an adopted sandbox again: same ports, same ids."""
         for rec in self._roster.store.forwards(sb.id):
             mapping = PortMapping(host_ip=rec.host_ip, host_port=rec.host_port,
