@@ -1,4 +1,6 @@
-"""Prometheus text exposition (format 0.0.4) of the gateway's forwards.
+"""Prometheus text exposition (format 0.0.4) of the gateway: its forwards, the WebSocket
+bridge's routes, the sandboxes (state, readiness time, agent report age), the sessions by
+state and the open event streams.
 
 Kept dependency-free: the format is a few lines per sample. Kernel forwards report the
 connections their DNAT rule translated (nft counter); bytes and active connections are

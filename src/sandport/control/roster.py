@@ -154,7 +154,7 @@ class Roster:
         for listener in self._listeners:
             listener(sb, state, reason)
 
-    def set_state_going_on(self, sb: RunningSandbox, state: SandboxState, reason: str = "") -> None:
+    def set_state_or_log(self, sb: RunningSandbox, state: SandboxState, reason: str = "") -> None:
         """:meth:`set_state` on a path that must go on (a delete, a failed start): an
         illegal transition is a bug, logged at error level with the sandbox id."""
         try:

@@ -377,7 +377,7 @@ class Sandboxes:
                                                               SandboxState.STOPPED):
                 raise SandboxFailed(f"sandbox {sb.id} was deleted while it started: "
                                     f"{reason}") from None
-            self._roster.set_state_going_on(sb, SandboxState.FAILED, reason)
+            self._roster.set_state_or_log(sb, SandboxState.FAILED, reason)
             await self.destroy(sb.id)
             raise
         sb.ready_seconds = round(time.perf_counter() - t0, 3)
@@ -465,7 +465,7 @@ class Sandboxes:
         self._access.release(sb)
         await self._readiness.unwatch(sandbox_id)
         if sb.live.state is not SandboxState.STOPPING:
-            self._roster.set_state_going_on(sb, SandboxState.STOPPING)
+            self._roster.set_state_or_log(sb, SandboxState.STOPPING)
         self._access.end_sessions(sandbox_id, SessionState.CANCELLED, "the sandbox was deleted")
         # Its tokens' fingerprints: the doctor can tell a link of a deleted sandbox.
         self._roster.record_event("sandbox.deleted", sandbox_id, {"tokens": [
@@ -477,7 +477,7 @@ class Sandboxes:
             sandbox_id, 1001, "the target was detached: sandport no longer fronts it"
             if sb.backend.name == "external" else "the sandbox was destroyed")
         await sb.backend.destroy(sb.spec)
-        self._roster.set_state_going_on(sb, SandboxState.STOPPED)
+        self._roster.set_state_or_log(sb, SandboxState.STOPPED)
         self._roster.discard(sandbox_id)
 
     # Forwards ------------------------------------------------------------------------------
