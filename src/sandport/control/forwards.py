@@ -258,8 +258,11 @@ class ForwardTable:
                 for fwd in added:
                     self._forwards.pop(fwd.id, None)
                     await _stop(fwd)
-                with contextlib.suppress(Exception):
+                try:
                     await self._apply_kernel()
+                except Exception:  # the add's own error is what the caller hears
+                    log.exception("forwards of sandbox %s: the kernel rules could not be "
+                                  "rewritten after a failed add", sandbox)
                 raise
             for fwd in added:
                 log.info("forward %s: %s %s -> %s:%d (%s: %s)", fwd.id, fwd.mapping.protocol,
@@ -382,8 +385,11 @@ async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> 
 
 async def _stop(fwd: HostForward) -> None:
     if fwd.relay is not None:
-        with contextlib.suppress(Exception):
+        try:
             await fwd.relay.stop()
+        except Exception:  # the forward is forgotten either way; its port may stay bound
+            log.exception("forward %s of sandbox %s: its relay did not stop cleanly", fwd.id,
+                          fwd.sandbox)
     if fwd.reservation is not None:
         fwd.reservation.close()
         fwd.reservation = None

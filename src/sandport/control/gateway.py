@@ -225,7 +225,7 @@ class Gateway:
         self._backends = {"external": ExternalBackend(), "netns": NetnsBackend(programs),
                           "qemu": QemuBackend(image_cache=cfg.image_cache, accel=cfg.qemu_accel)}
         self._lock_state_dir()
-        self.events = EventHub()  # this loop's
+        self.events, self._rooms = EventHub(), None  # this loop's, made on this run's store
         try:
             self._load_admin_token()
             key_file = cfg.secret_key_file or cfg.state_dir / SECRET_KEY_FILE
@@ -376,7 +376,7 @@ class Gateway:
                                ports=backend.ports(spec), secrets=spec.secrets,
                                reason=rec.reason, netns=spec.netns)
             sb = RunningSandbox(spec=spec, live=live, token=secrets.get("token", ""),
-                         backend=backend, agent_token_hash=rec.agent_token_hash)
+                                backend=backend, agent_token_hash=rec.agent_token_hash)
             roster.add(sb)
             if state is SandboxState.FAILED:
                 await backend.destroy(spec)  # resources of a failed one never stay

@@ -1,8 +1,8 @@
 """The sandboxes a gateway runs, and the journal of what happens to them.
 
-Owns: the table of :class:`RunningSandbox` records by id; every sandbox state change (checked
-against the transition table of :mod:`sandport.sandbox.state`, stored, logged and
-published to live watchers); events that go with no other change; the event log.
+Owns: the table of :class:`RunningSandbox` records by id; every sandbox state change
+(checked against the transition table of :mod:`sandport.sandbox.state`, stored, logged
+and published to live watchers); events that go with no other change; the event log.
 
 Must not touch: guests, forwards, sockets or timers; it starts and stops nothing. A room
 that reacts to a state change (sessions wait for ``ready`` and end on ``failed``)

@@ -346,7 +346,7 @@ class Sandboxes:
                            token_hash=hash_token(token), ports=backend.ports(spec),
                            secrets=spec.secrets, netns=spec.netns)
         sb = RunningSandbox(spec=spec, live=live, token=token, backend=backend,
-                     agent_token_hash=hash_token(agent_token) if agent_token else "")
+                            agent_token_hash=hash_token(agent_token) if agent_token else "")
         # Secrets are sealed: the database alone opens no desktop and impersonates no agent.
         sealed = self._box.seal(json.dumps({"token": token, **spec.secrets}).encode(),
                                 f"sandboxes/{spec.id}")
