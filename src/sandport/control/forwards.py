@@ -16,6 +16,10 @@ every forward records why (:attr:`HostForward.why`). Adding forwards is all or n
 conflict or a bind failure leaves the table as it was. The kernel ruleset is rewritten
 atomically after every change, and once at gateway start with an empty set: that removes
 whatever a gateway killed with ``kill -9`` left behind.
+
+Owns: every host port the gateway publishes (relays, reservations, its nft chains) and
+the interface settings kernel forwards to attached targets need. Must not touch: which
+sandbox gets which forward or what is stored about it (:mod:`sandport.control.sandboxes`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ state and the open event streams.
 Kept dependency-free: the format is a few lines per sample. Kernel forwards report the
 connections their DNAT rule translated (nft counter); bytes and active connections are
 only known for userspace relays, so those samples are absent for kernel forwards.
+
+Owns: the exposition format. Must not touch: the gateway: it renders what it is handed.
 """
 
 from __future__ import annotations

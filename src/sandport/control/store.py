@@ -11,6 +11,9 @@ Secrets are never stored in the clear: tokens as SHA-256 (:mod:`sandport.control
 sandbox secrets and credentials sealed with the gateway's key
 (:mod:`sandport.control.secretbox`), which lives outside the database. The schema is
 versioned with ``PRAGMA user_version`` and migrated in order at open.
+
+Owns: the schema, its migrations and every read and write of the database. Must not
+touch: anything live (sandboxes, timers, sockets); it keeps records, it decides nothing.
 """
 
 from __future__ import annotations
