@@ -323,7 +323,7 @@ def _vm_desktop_in_chromium(browser: Any, gw: Any, loop_thread: Any, leftovers: 
             f"http://{info.ip}:7412/health", timeout=10).read())
         assert health["sandbox"] == info.id and "Xvnc" in {p["name"] for p in health["processes"]}
         assert {"proto": "tcp", "address": "0.0.0.0", "port": 5901} in health["listening"]
-        assert [p.hop for p in gw._sandboxes[info.id].probes][-1].startswith("guest agent")
+        assert [p.hop for p in gw.roster[info.id].probes][-1].startswith("guest agent")
         browser.get(info.desktop_url + "&port=console")
         state = poll(browser, lambda s: "noVNC_connected" in s["cls"] and s["w"] > 20)
         assert "noVNC_connected" in state["cls"], f"{state}\n{diagnose(browser)}"

@@ -47,7 +47,7 @@ def test_sandboxes_become_ready_through_both_paths(desktops: Any, record_propert
         line = f"desktop sandbox ready (netns, Xvnc, both paths probed): {info.ready_seconds:.2f} s"
         record_property("measured", line)
         print(line)
-    sb = gw._sandboxes[a.id]  # the evidence the gateway kept
+    sb = gw.roster[a.id]  # the evidence the gateway kept
     hops = [p.hop for p in sb.probes]
     assert hops[0].startswith("tcp 127.0.0.1:") and hops[1].startswith("websocket ws://")
     assert hops[2] == f"guest agent http://{a.ip}:7412/health"
@@ -223,7 +223,7 @@ def test_desktop_link_and_websocket_check_tokens_before_the_upgrade(desktops: An
 
 def test_guest_processes_run_inside_the_sandbox(desktops: Any, loop_thread: Any) -> None:
     gw, a, _ = desktops
-    sb = gw._sandboxes[a.id]
+    sb = gw.roster[a.id]
     found = loop_thread.run(sb.backend.inspect(sb.spec))
     assert found.exists and found.link_up
     assert found.services == {"Xvnc": True, "openbox": True, "xmessage": True, "agent": True}
@@ -237,7 +237,7 @@ def test_guest_processes_run_inside_the_sandbox(desktops: Any, loop_thread: Any)
 def test_destroy_leaves_nothing(desktops: Any, loop_thread: Any, leftovers: Any) -> None:
     gw, _, _ = desktops
     info = loop_thread.run(gw.create_sandbox())
-    sb = gw._sandboxes[info.id]
+    sb = gw.roster[info.id]
     pids = loop_thread.run(sb.backend.inspect(sb.spec)).pids
     assert pids
     loop_thread.run(gw.destroy_sandbox(info.id))

@@ -153,7 +153,7 @@ def test_a_kernel_forward_whose_dnat_rule_is_only_in_prerouting(
 
 def test_xvnc_killed_inside_the_sandbox(gw: Gateway, loop_thread: Any,
                                         sandbox: Any) -> None:
-    backend = gw._sandboxes[sandbox.id].backend
+    backend = gw.roster[sandbox.id].backend
     [xvnc] = [p for p in backend._procs[sandbox.id] if p.name == "Xvnc"]  # type: ignore[attr-defined]
     os.kill(xvnc.pid, signal.SIGKILL)
     report = walk(gw, loop_thread, sandbox.id, port="vnc")
@@ -206,7 +206,7 @@ def test_an_nft_drop_rule_for_the_sandbox_address(gw: Gateway, loop_thread: Any,
 
 def test_the_stored_vnc_password_differs_from_the_servers(gw: Gateway, loop_thread: Any,
                                                           sandbox: Any) -> None:
-    spec = gw._sandboxes[sandbox.id].spec
+    spec = gw.roster[sandbox.id].spec
     server_file = spec.workdir / "tmp" / ".sandport" / "vncpasswd"
     server_file.write_bytes(obfuscate_password("changed!"))  # Xvnc reads it per login
     report = walk(gw, loop_thread, sandbox.id, port="vnc")

@@ -42,7 +42,7 @@ def api(gw: Gateway, token: str | None = None) -> httpx.Client:
 
 
 def agent_token(gw: Gateway, sandbox_id: str) -> str:
-    return gw._sandboxes[sandbox_id].spec.secrets["agent_token"]
+    return gw.roster[sandbox_id].spec.secrets["agent_token"]
 
 
 def in_sandbox(sandbox_id: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -114,8 +114,8 @@ def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thre
                           "--name", "nope", "--state-dir", str(gw.config.state_dir)],
                          capture_output=True, text=True, timeout=30, check=False)
     assert bad.returncode == 2 and "has no log 'nope'" in bad.stderr and "serial" in bad.stderr
-    assert loop_thread.run(gw._sandboxes[info.id].backend.status(  # type: ignore[attr-defined]
-        gw._sandboxes[info.id].spec)) == "running"
+    assert loop_thread.run(gw.roster[info.id].backend.status(  # type: ignore[attr-defined]
+        gw.roster[info.id].spec)) == "running"
     # The doctor walks a VM too: its TAP on the bridge, ping, HTTP and TCP at the guest,
     # the console over QEMU's own VNC socket, each forward.
     report = loop_thread.run(gw.doctor(info.id), timeout=60)
@@ -237,7 +237,7 @@ def test_a_restarted_gateway_adopts_a_running_vm(loop_thread: Any, tmp_path: Pat
             again = second.info(info.id)
             assert again.state == "ready" and again.forwards == info.forwards
             assert echo_tcp(port) == b"hello vm\n"
-            sb = second._sandboxes[info.id]
+            sb = second.roster[info.id]
             assert loop_thread.run(sb.backend.status(sb.spec)) == "running"  # type: ignore[attr-defined]
             time.sleep(1.5)  # a few probes of the adopted VM
             assert second.info(info.id).last_probe["ok"] is True  # type: ignore[index]

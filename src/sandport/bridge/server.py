@@ -47,10 +47,8 @@ from websockets.http11 import Request, Response
 
 from sandport.bridge.model import (
     BridgeConfig,
-    BridgeLimits,
     BridgeRoute,
     BridgeStats,
-    Router,
     RouteStats,
     UpgradeRefusal,
     in_networks,
@@ -64,16 +62,7 @@ from sandport.net.nsock import connect_in_netns
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
 
-__all__ = [
-    "BridgeConfig",
-    "BridgeLimits",
-    "BridgeRoute",
-    "BridgeStats",
-    "RouteStats",
-    "Router",
-    "UpgradeRefusal",
-    "WsBridge",
-]
+__all__ = ["WsBridge"]
 
 log = logging.getLogger(__name__)
 

@@ -26,30 +26,60 @@ which names the field.
     GET    /api/events?after=N                  the event log; SSE with Accept: text/event-stream
 
 The guest agent's routes take the sandbox's *agent token* instead (handed to the agent at
-start); on the agent port (:func:`agent_app`, the bridge address) only these exist, and
-only the sandbox's own address may call them::
+start); on the agent port (:func:`sandport.control.agent_api.agent_app`, the bridge
+address) only these exist, and only the sandbox's own address may call them::
 
     POST   /api/sandboxes/{id}/credentials      credentials the guest captured (201)
     POST   /api/sandboxes/{id}/agent/report     the agent's /health document (204)
+
+Owns: the admin routes (:func:`api_router`), what the API needs of the gateway
+(:class:`SandboxApi`), the refusals and their JSON (:class:`ApiRefusal`), and the token
+check before any body is read (:class:`ApiGate`, for the agent's routes too).
+
+Must not touch: the gateway's state (every route is one call on the :class:`SandboxApi`),
+the models (:mod:`sandport.control.api_models`) and the agent's routes
+(:mod:`sandport.control.agent_api`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Protocol
 from urllib.parse import unquote
 
-from fastapi import APIRouter, FastAPI, Query, Request, Security
+from fastapi import APIRouter, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import StringConstraints
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandport import __version__
+from sandport.control.api_models import (
+    CONFLICT,
+    ERRORS,
+    AttachIn,
+    CredentialList,
+    DoctorOut,
+    ErrorOut,
+    Event,
+    EventList,
+    ForwardList,
+    ForwardsCreate,
+    PortKey,
+    SandboxCreate,
+    SandboxList,
+    SandboxOut,
+    SessionCreate,
+    SessionList,
+    SessionOut,
+    TargetIn,
+    TokenCreate,
+    TokenList,
+    TokenOut,
+)
 from sandport.control.events import EventHub, sse_stream
 from sandport.control.forwards import ForwardOptions
 from sandport.control.store import EventRecord, SessionRecord
@@ -75,8 +105,12 @@ MAX_AGENT_BODY = 64 * 1024  # credentials and reports are small; more is refused
 MAX_WAIT_SECONDS = 60.0
 
 
-class ApiError(Exception):
-    """An API refusal: HTTP status, a short error name and a message for people."""
+class ApiRefusal(Exception):
+    """An API refusal: HTTP status, a short error name and a message for people.
+
+    The gateway's side of a refused request; a Python caller of the API sees it as
+    :class:`sandport.client.ApiError`.
+    """
 
     def __init__(self, status: int, error: str, message: str) -> None:
         super().__init__(message)
@@ -84,43 +118,26 @@ class ApiError(Exception):
 
 
 def api_error_response(_: Request | None, exc: Exception) -> Response:
-    """The JSON body of an :class:`ApiError` (registered as an exception handler)."""
-    assert isinstance(exc, ApiError)
+    """The JSON body of an :class:`ApiRefusal` (registered as an exception handler)."""
+    assert isinstance(exc, ApiRefusal)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.error, "message": exc.message},
                         status_code=exc.status, headers=headers)
 
 
-class ErrorOut(BaseModel):
-    """Every refusal: a short error name and a message for people."""
-
-    error: str
-    message: str
-
-
-#: The refusals every /api route can answer with.
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "no token"},
-    403: {"model": ErrorOut, "description": "a wrong token"},
-    404: {"model": ErrorOut, "description": "no such sandbox, session, forward or token"},
-}
-CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorOut, "description": "a conflict: a port taken, a session ended"}}
-
-
-def _words(exc: Exception) -> str:
+def words(exc: Exception) -> str:
     """An error's message with its hint, on one line."""
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
-def admin_error(authorization: str | None, admin_hash: str) -> ApiError | None:
+def admin_error(authorization: str | None, admin_hash: str) -> ApiRefusal | None:
     """Why an ``Authorization`` header does not carry the admin token (None: it does)."""
     check = check_token(bearer_token(authorization), admin_hash)
     if check is TokenCheck.MISSING:
-        return ApiError(401, "unauthorized", "admin routes need 'Authorization: Bearer <admin "
+        return ApiRefusal(401, "unauthorized", "admin routes need 'Authorization: Bearer <admin "
                         "token>' (the token is in the gateway's state dir, gateway.json)")
     if check is TokenCheck.INVALID:
-        return ApiError(403, "forbidden", "the admin token is not valid")
+        return ApiRefusal(403, "forbidden", "the admin token is not valid")
     return None
 
 
@@ -128,34 +145,34 @@ def _mappings(specs: list[str]) -> list[PortMapping]:
     """``-p`` specs to mappings.
 
     Raises:
-        ApiError: 422 with the syntax, for a spec that does not parse or overlaps another.
+        ApiRefusal: 422 with the syntax, for a spec that does not parse or overlaps another.
     """
     try:
         mappings = [m for spec in specs for m in parse_port_spec(spec)]
         check_overlaps(mappings, {})
     except PortSpecError as exc:
-        raise ApiError(422, "invalid_port_spec", _words(exc)) from None
+        raise ApiRefusal(422, "invalid_port_spec", words(exc)) from None
     return mappings
 
 
-def _port_conflict(exc: Exception) -> ApiError:
+def _port_conflict(exc: Exception) -> ApiRefusal:
     """A port taken by another program or already forwarded: 409; other bad input: 422."""
     if isinstance(exc, (PortInUseError, PortSpecError)):
-        return ApiError(409, "port_conflict", _words(exc))
-    return ApiError(422, "invalid", _words(exc))
+        return ApiRefusal(409, "port_conflict", words(exc))
+    return ApiRefusal(422, "invalid", words(exc))
 
 
-def _target_error(exc: Exception, *, conflict: str) -> ApiError:
+def _target_error(exc: Exception, *, conflict: str) -> ApiRefusal:
     """An attach or retarget refused: 403 outside --attach-subnet, 404 no such target,
     409 ``conflict``, 503 it does not answer, 409/422 as :func:`_port_conflict`."""
     if isinstance(exc, Forbidden):
-        return ApiError(403, "forbidden_target", _words(exc))
+        return ApiRefusal(403, "forbidden_target", words(exc))
     if isinstance(exc, SandboxNotFound):
-        return ApiError(404, "unknown_target", _words(exc))
+        return ApiRefusal(404, "unknown_target", words(exc))
     if isinstance(exc, Conflict):
-        return ApiError(409, conflict, _words(exc))
+        return ApiRefusal(409, conflict, words(exc))
     if isinstance(exc, SandboxFailed):
-        return ApiError(503, "not_ready", _words(exc))
+        return ApiRefusal(503, "not_ready", words(exc))
     return _port_conflict(exc)
 
 
@@ -279,301 +296,6 @@ class SandboxApi(Protocol):
         ...
 
 
-PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
-SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-
-
-class AttachIn(BaseModel):
-    """A guest sandport did not create, to front (``sandport attach``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ip: str = Field(description="the target's IPv4 address (in the gateway's "
-                                "--attach-subnet networks)", max_length=15)
-    name: str = Field("", max_length=64, description="its owner's name for it")
-    profile: Literal["desktop", "http", "tcp"] = Field(
-        "desktop", description="what readiness speaks: desktop (VNC on 5901), http (80 or "
-                               "port), tcp (port)")
-    port: int = Field(0, ge=0, le=65535, description="primary port of an http/tcp target")
-    vnc_port: int = Field(0, ge=0, le=65535, description="host port of a desktop's VNC "
-                                                         "forward; 0: a free one")
-    publish: list[str] = Field(default_factory=list, max_length=64,
-                               description="more ports: -p specs (proxy mode)")
-    vnc_password: str | None = Field(None, max_length=64,
-                                     description="the desktop's VNC password")
-    interface: str = Field("", max_length=15, pattern=r"^[A-Za-z0-9_.@-]{0,15}$",
-                           description="the host interface it is reached through (checked)")
-    forward_mode: Literal["proxy", "kernel"] = Field(
-        "proxy", description="its forwards: the userspace relay, or nft DNAT (not with "
-                             "netns)")
-    netns: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]{0,64}$",
-                       description="the network namespace it lives in (a container's): an "
-                                   "`ip netns` name or the PID of a process in it; ip is "
-                                   "then an address in there (127.0.0.1 too)")
-
-
-class TargetIn(BaseModel):
-    """What the owner of an attached target says: it moved (``ip``) or is ``gone``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ip: str | None = Field(None, max_length=15, description="its new address")
-    gone: bool = Field(False, description="it is gone (its VM or container stopped)")
-    reason: str = Field("", max_length=200, description="words for logs and close reasons")
-
-
-class SandboxCreate(BaseModel):
-    """A sandbox to create."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Literal["desktop", "echo"] = Field(
-        "desktop", description="guest profile: desktop (Xvnc + openbox), echo (TCP/UDP echo "
-                               "on 7, HTTP on 80; qemu only)")
-    backend: Literal["netns", "qemu"] = Field(
-        "netns", description="netns: a network namespace; qemu: a microVM")
-    memory_mb: int | None = Field(None, ge=128, le=16384,
-                                  description="a VM's memory (qemu; default by profile)")
-    vcpus: int | None = Field(None, ge=1, le=8, description="a VM's CPUs (qemu; default 1)")
-    publish: list[str] = Field(
-        default_factory=list,
-        description="host port forwards, docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
-        examples=[["18080:8080", "127.0.0.1:15353:53/udp"]])
-    vnc_port: int = Field(0, ge=0, le=65535,
-                          description="host port of the VNC forward; 0 picks a free one")
-    session_ttl_seconds: float | None = Field(
-        None, gt=0, le=30 * 86400,
-        description="also open a session that lasts this long (see /sessions)")
-
-
-class ForwardsCreate(BaseModel):
-    """Ports to forward from the host into a running sandbox."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    publish: list[str] = Field(
-        min_length=1, description="docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
-        examples=[["18080:8080"]])
-
-
-class TokenCreate(BaseModel):
-    """An access token to make: valid for ``ttl_seconds``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ttl_seconds: float = Field(gt=0, le=30 * 86400, description="how long it is valid")
-    ports: list[PortKey] = Field(
-        default_factory=list, max_length=64,
-        description="guest ports (names or numbers) it opens; empty: every port")
-    kinds: list[Literal["ws", "http"]] = Field(
-        default_factory=list,
-        description="what it opens: ws (the WebSocket bridge), http (the desktop page); "
-                    "empty: both")
-
-
-class TokenOut(BaseModel):
-    """A new access token: shown once."""
-
-    id: str
-    token: str
-    expires_at: float
-    ports: list[str]
-    kinds: list[str]
-    desktop_url: str
-
-
-class TokenInfo(BaseModel):
-    """An access token as listed (the token itself is never shown again)."""
-
-    id: str
-    expires_at: float
-    expired: bool
-    ports: list[str]
-    kinds: list[str]
-
-
-class TokenList(BaseModel):
-    """The access tokens of a sandbox."""
-
-    tokens: list[TokenInfo]
-
-
-class SessionCreate(BaseModel):
-    """A session to open on a sandbox."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ttl_seconds: float = Field(900, gt=0, le=30 * 86400,
-                               description="it expires after this long without credentials")
-
-
-class SessionOut(BaseModel):
-    """A session: ``waiting`` -> ``ready`` -> ``completed`` (or ``expired``, ``cancelled``)."""
-
-    id: str
-    sandbox: str
-    state: Literal["waiting", "ready", "completed", "expired", "cancelled"]
-    reason: str
-    credential_id: str | None
-    expires_at: float
-    created_at: float
-    updated_at: float
-
-    @classmethod
-    def of(cls, rec: SessionRecord) -> SessionOut:
-        """From a store record."""
-        return cls(id=rec.id, sandbox=rec.sandbox_id, state=rec.state,  # type: ignore[arg-type]
-                   reason=rec.reason, credential_id=rec.credential_id,
-                   expires_at=rec.expires_at, created_at=rec.created_at,
-                   updated_at=rec.updated_at)
-
-
-class SessionList(BaseModel):
-    """Sessions of a sandbox."""
-
-    sessions: list[SessionOut]
-
-
-class CredentialsIn(BaseModel):
-    """Credentials a guest captured, posted by its agent."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: dict[str, Any] = Field(description="whatever the guest captured (stored encrypted)")
-    session: SessionKey | None = Field(
-        None, description="the session they complete; default: the oldest open one")
-
-
-class CredentialReceipt(BaseModel):
-    """What the gateway did with posted credentials."""
-
-    id: str
-    session: SessionOut | None
-
-
-class Credential(BaseModel):
-    """Credentials as stored, decrypted for the admin."""
-
-    id: str
-    session: str | None
-    created_at: float
-    data: dict[str, Any]
-
-
-class CredentialList(BaseModel):
-    """Credentials of a sandbox."""
-
-    credentials: list[Credential]
-
-
-class Event(BaseModel):
-    """One recorded state change."""
-
-    seq: int
-    at: float
-    kind: str
-    sandbox: str | None
-    data: dict[str, Any]
-
-
-class EventList(BaseModel):
-    """Events after ``after``, oldest first; ``last`` is the newest seq (for the next call)."""
-
-    events: list[Event]
-    last: int
-
-
-class DoctorRow(BaseModel):
-    """One check of the walk: the hop, what was checked, the outcome, the evidence, and
-    for a failure the likely cause and the fix."""
-
-    hop: Literal["gateway", "route", "host network", "guest reachability",
-                 "guest service", "end to end"]
-    check: str
-    status: Literal["ok", "fail", "warn", "skip"]
-    evidence: str
-    fix: str
-    port: str = Field(description="the exposed port the row is about; empty: the sandbox")
-
-
-class DoctorOut(BaseModel):
-    """``sandport doctor --json``: every check in walking order; ``failed`` is the first
-    failing one, the broken hop (docs/doctor.schema.json)."""
-
-    version: int
-    sandbox: str | None
-    healthy: bool
-    failed: DoctorRow | None
-    took: float = Field(description="seconds the walk took")
-    rows: list[DoctorRow]
-
-
-class ForwardList(BaseModel):
-    """Forwards of a sandbox."""
-
-    forwards: list[dict[str, Any]]
-
-
-class Probe(BaseModel):
-    """One readiness probe: which hop, how far it got, what the server said."""
-
-    hop: str
-    ok: bool
-    stage: str
-    detail: str
-    elapsed_ms: float
-
-
-class Readiness(BaseModel):
-    """The probes that declared the sandbox ready, the monitor's latest, and what
-    ``sandport doctor`` found broken when the sandbox degraded (None while healthy)."""
-
-    probes: list[Probe]
-    last: Probe | None
-    diagnosis: DoctorRow | None = None
-
-
-class VncAddress(BaseModel):
-    """Where a native VNC viewer connects."""
-
-    host: str
-    port: int
-
-
-class AgentStatus(BaseModel):
-    """The guest agent's latest report (its /health document) and when it came."""
-
-    report: dict[str, Any] | None
-    reported_at: float | None
-
-
-class SandboxOut(BaseModel):
-    """A sandbox as the API shows it."""
-
-    id: str
-    state: str
-    reason: str
-    ip: str
-    profile: str
-    backend: str = Field("", description="netns, qemu, or external (an attached target)")
-    name: str = Field("", description="an attached target's name")
-    desktop_url: str
-    token: str
-    vnc: VncAddress
-    vnc_password: str
-    colour: str
-    ready_seconds: float | None
-    forwards: list[dict[str, Any]]
-    readiness: Readiness
-    agent: AgentStatus
-
-
-class SandboxList(BaseModel):
-    """Every sandbox of the gateway."""
-
-    sandboxes: list[SandboxOut]
-
-
 def api_router(gateway: SandboxApi) -> APIRouter:
     """The ``/api/sandboxes`` routes over ``gateway``."""
 
@@ -584,7 +306,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return SandboxOut.model_validate(gateway.info(sandbox_id).as_json())
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.post("/sandboxes", status_code=201, response_model=SandboxOut,
                  summary="Create a sandbox; answers once it is proven ready",
@@ -599,7 +321,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                                                 backend=body.backend,
                                                 memory_mb=body.memory_mb, vcpus=body.vcpus)
         except SandboxFailed as exc:
-            raise ApiError(503, "not_ready", _words(exc)) from None
+            raise ApiRefusal(503, "not_ready", words(exc)) from None
         except UsageError as exc:
             raise _port_conflict(exc) from None
         return out(info.id)
@@ -641,7 +363,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         for sandbox_id in gateway.sandbox_ids():
             try:
                 found.append(out(sandbox_id))
-            except ApiError:  # removed meanwhile
+            except ApiRefusal:  # removed meanwhile
                 continue
         return SandboxList(sandboxes=found)
 
@@ -656,7 +378,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             await gateway.destroy_sandbox(sandbox_id)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/forwards", status_code=201,
@@ -667,9 +389,9 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             added = await gateway.add_forwards(sandbox_id, mappings)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         except Conflict as exc:
-            raise ApiError(409, "sandbox_unavailable", _words(exc)) from None
+            raise ApiRefusal(409, "sandbox_unavailable", words(exc)) from None
         except UsageError as exc:
             raise _port_conflict(exc) from None
         return ForwardList(forwards=added)
@@ -680,7 +402,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             await gateway.remove_forward(sandbox_id, forward_id)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", words(exc)) from None
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/tokens", status_code=201, response_model=TokenOut,
@@ -690,7 +412,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             return TokenOut.model_validate(gateway.create_grant(
                 sandbox_id, body.ttl_seconds, ports=tuple(body.ports), kinds=tuple(body.kinds)))
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.get("/sandboxes/{sandbox_id}/tokens", response_model=TokenList,
                 summary="The access tokens of a sandbox")
@@ -698,7 +420,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return TokenList.model_validate({"tokens": gateway.grants(sandbox_id)})
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.delete("/sandboxes/{sandbox_id}/tokens/{token_id}", status_code=204,
                    response_class=Response,
@@ -707,7 +429,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             gateway.revoke_grant(sandbox_id, token_id)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", words(exc)) from None
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/sessions", status_code=201, response_model=SessionOut,
@@ -717,9 +439,9 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return SessionOut.of(gateway.create_session(sandbox_id, body.ttl_seconds))
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
         except Conflict as exc:
-            raise ApiError(409, "sandbox_unavailable", _words(exc)) from None
+            raise ApiRefusal(409, "sandbox_unavailable", words(exc)) from None
 
     @router.get("/sandboxes/{sandbox_id}/sessions", response_model=SessionList,
                 tags=["sessions"], summary="The sessions of a sandbox")
@@ -727,7 +449,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             return SessionList(sessions=[SessionOut.of(r) for r in gateway.sessions(sandbox_id)])
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.get("/sessions/{session_id}", response_model=SessionOut, tags=["sessions"],
                 summary="One session; with ?wait=S, answers when it ends or after S seconds")
@@ -740,7 +462,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             rec = await gateway.wait_session(session_id, wait) if wait else \
                 gateway.session(session_id)
         except SandboxNotFound:
-            raise ApiError(404, "unknown_session", f"no session {session_id!r}") from None
+            raise ApiRefusal(404, "unknown_session", f"no session {session_id!r}") from None
         return SessionOut.of(rec)
 
     @router.get("/sandboxes/{sandbox_id}/logs", tags=["sandboxes"],
@@ -761,7 +483,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         try:
             data, nxt, names = gateway.read_log(sandbox_id, name, offset, limit)
         except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
+            raise ApiRefusal(404, "not_found", words(exc)) from None
         return Response(data, media_type="text/plain; charset=utf-8",
                         headers={"X-Next-Offset": str(nxt), "X-Logs": ",".join(names)})
 
@@ -785,7 +507,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
             return CredentialList.model_validate(
                 {"credentials": gateway.credentials(sandbox_id)})
         except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+            raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
 
     @router.get("/events", response_model=EventList, tags=["events"],
                 summary="The event log after `after`; a live stream (SSE) when asked for "
@@ -816,39 +538,6 @@ def api_router(gateway: SandboxApi) -> APIRouter:
         doc = EventList(events=[Event.model_validate(e.as_json()) for e in found],
                         last=found[-1].seq if found else after)
         return JSONResponse(doc.model_dump())
-
-    return router
-
-
-def agent_router(gateway: SandboxApi) -> APIRouter:
-    """The guest agent's routes: authenticated with the sandbox's agent token (the
-    :class:`ApiGate` checks it before the body is read)."""
-    router = APIRouter(prefix="/api", dependencies=[Security(AGENT_BEARER)],
-                       tags=["guest agent"],
-                       responses={**ERRORS, 413: {"model": ErrorOut,
-                                                  "description": "the body is too large"}})
-
-    @router.post("/sandboxes/{sandbox_id}/credentials", status_code=201,
-                 response_model=CredentialReceipt, responses=CONFLICT,
-                 summary="Credentials the guest captured (agent token); completes the session")
-    async def post_credentials(sandbox_id: str, body: CredentialsIn) -> CredentialReceipt:
-        try:
-            rec, session = gateway.post_credentials(sandbox_id, body.data, body.session)
-        except SandboxNotFound as exc:
-            raise ApiError(404, "not_found", _words(exc)) from None
-        except Conflict as exc:
-            raise ApiError(409, "session_ended", _words(exc)) from None
-        return CredentialReceipt(id=rec.id,
-                                 session=SessionOut.of(session) if session else None)
-
-    @router.post("/sandboxes/{sandbox_id}/agent/report", status_code=204,
-                 response_class=Response, summary="The guest agent's health (agent token)")
-    async def agent_report(sandbox_id: str, body: dict[str, Any]) -> Response:
-        try:
-            gateway.agent_report(sandbox_id, body)
-        except SandboxNotFound:
-            raise ApiError(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
-        return Response(status_code=204)
 
     return router
 
@@ -885,24 +574,11 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
             for e in exc.errors()]
 
 
-def agent_app(gateway: SandboxApi) -> FastAPI:
-    """The app on the agent port: the guest agent's routes, nothing else; each sandbox's
-    agent may call only from the sandbox's own address."""
-    app = FastAPI(title="sandport agent port", version=__version__, openapi_url=None,
-                  docs_url=None, redoc_url=None)
-    app.add_exception_handler(ApiError, api_error_response)
-    app.add_exception_handler(RequestValidationError, validation_error_response)
-    app.add_exception_handler(StarletteHTTPException, http_error_response)
-    app.include_router(agent_router(gateway))
-    app.add_middleware(ApiGate, gateway=gateway, agent_port=True)
-    return app
-
-
 AGENT_ROUTE = re.compile(r"^/api/sandboxes/(?P<sandbox>[^/]+)/(?:credentials|agent/report)/?$")
 
 
 def api_refusal(gateway: SandboxApi, method: str, path: str, headers: Headers,
-                client_ip: str | None, *, agent_port: bool) -> ApiError | None:
+                client_ip: str | None, *, agent_port: bool) -> ApiRefusal | None:
     """Why a request to ``/api`` is refused before its body is read (None: let it in).
 
     The guest agent's POSTs take the sandbox's agent token (and, on the agent port, come
@@ -913,14 +589,14 @@ def api_refusal(gateway: SandboxApi, method: str, path: str, headers: Headers,
     if m is not None and method == "POST":
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_AGENT_BODY:
-            return ApiError(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
+            return ApiRefusal(413, "too_large", f"the body is over {MAX_AGENT_BODY} bytes")
         try:
             gateway.check_agent(unquote(m["sandbox"]), bearer_token(authorization),
                                 client_ip if agent_port else None)
         except (SandboxNotFound, Unauthorized) as exc:
             missing = isinstance(exc, Unauthorized) and exc.missing
-            return ApiError(401 if missing else 403,
-                            "unauthorized" if missing else "forbidden", _words(exc))
+            return ApiRefusal(401 if missing else 403,
+                            "unauthorized" if missing else "forbidden", words(exc))
         return None
     if agent_port or not (path == "/api" or path.startswith("/api/")):
         return None  # the agent port has no other routes: they answer 404

@@ -47,12 +47,12 @@ from websockets.http11 import Request as WsRequest
 from sandport import __version__
 from sandport.bridge.model import BridgeRoute, BridgeStats, UpgradeRefusal
 from sandport.bridge.targets import Target
+from sandport.control.agent_api import agent_router
 from sandport.control.api import (
-    ApiError,
     ApiGate,
+    ApiRefusal,
     SandboxApi,
     admin_error,
-    agent_router,
     api_error_response,
     api_router,
     http_error_response,
@@ -349,7 +349,7 @@ def build_app(registry: Registry, *, novnc_dir: Path,
     app = FastAPI(title="sandport", version=__version__, redoc_url=None,
                   description="Sandboxes, their desktops and ports. Every /api route takes "
                               "the admin token: Authorization: Bearer <token>.")
-    app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(ApiRefusal, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
     if api is not None:

@@ -4,6 +4,9 @@ The store keeps the log (:meth:`~sandport.control.store.StateStore.events`); the
 each new event to every subscriber's queue. A watcher that falls :data:`QUEUE_SIZE` events
 behind is dropped (its stream ends; it reconnects with ``Last-Event-ID`` and replays from
 the log), so a stuck client never holds the gateway's memory.
+
+Owns: the live fan-out and the SSE framing. Must not touch: the log itself (the store
+writes it; :class:`~sandport.control.roster.Roster` publishes what it recorded).
 """
 
 from __future__ import annotations

@@ -12,10 +12,14 @@ A forward publishes one guest port of one sandbox on one host address, port and 
             and byte counters.
 
 ``auto`` picks ``kernel`` where it can serve what was asked and otherwise ``proxy``, and
-every forward records why (:attr:`Forward.why`). Adding forwards is all or nothing: a
+every forward records why (:attr:`HostForward.why`). Adding forwards is all or nothing: a
 conflict or a bind failure leaves the table as it was. The kernel ruleset is rewritten
 atomically after every change, and once at gateway start with an empty set: that removes
 whatever a gateway killed with ``kill -9`` left behind.
+
+Owns: every host port the gateway publishes (relays, reservations, its nft chains) and
+the interface settings kernel forwards to attached targets need. Must not touch: which
+sandbox gets which forward or what is stored about it (:mod:`sandport.control.sandboxes`).
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def choose_mode(mapping: PortMapping, options: ForwardOptions, *,
 
 
 @dataclass(slots=True, kw_only=True)
-class Forward:
+class HostForward:
     """One published port of a sandbox."""
 
     id: str
@@ -203,7 +207,7 @@ class ForwardTable:
 
     def __init__(self, bridge: str) -> None:
         self.bridge = bridge
-        self._forwards: dict[str, Forward] = {}
+        self._forwards: dict[str, HostForward] = {}
         self._seq = 0
         self._lock = asyncio.Lock()
         self.nft_available = shutil.which("nft") is not None
@@ -214,9 +218,13 @@ class ForwardTable:
     def __iter__(self) -> Any:
         return iter(list(self._forwards.values()))
 
-    def of(self, sandbox: str) -> list[Forward]:
+    def of(self, sandbox: str) -> list[HostForward]:
         """The forwards of one sandbox, in the order they were added."""
         return [f for f in self._forwards.values() if f.sandbox == sandbox]
+
+    def named(self, sandbox: str, name: str) -> HostForward | None:
+        """The forward of a sandbox called ``name`` (``vnc``, ``http``...), or None."""
+        return next((f for f in self.of(sandbox) if f.name == name), None)
 
     async def reconcile(self) -> None:
         """Write the kernel ruleset for the current forwards (at start: none)."""
@@ -225,7 +233,7 @@ class ForwardTable:
 
     async def add(self, *, sandbox: str, guest_ip: str,
                   mappings: list[tuple[str, PortMapping]],
-                  options: ForwardOptions, ids: list[str] | None = None) -> list[Forward]:
+                  options: ForwardOptions, ids: list[str] | None = None) -> list[HostForward]:
         """Publish ``(name, mapping)`` pairs of a sandbox; all or nothing.
 
         ``ids`` gives the forwards their ids (a restart restores them as they were);
@@ -242,7 +250,7 @@ class ForwardTable:
             check_overlaps([m for _, m in mappings], existing)
             plans = [(name, m, *choose_mode(m, options, nft_available=self.nft_available))
                      for name, m in mappings]
-            added: list[Forward] = []
+            added: list[HostForward] = []
             try:
                 for i, (name, mapping, mode, why) in enumerate(plans):
                     added.append(await self._start(sandbox, name, mapping, guest_ip,
@@ -254,8 +262,11 @@ class ForwardTable:
                 for fwd in added:
                     self._forwards.pop(fwd.id, None)
                     await _stop(fwd)
-                with contextlib.suppress(Exception):
+                try:
                     await self._apply_kernel()
+                except Exception:  # the add's own error is what the caller hears
+                    log.exception("forwards of sandbox %s: the kernel rules could not be "
+                                  "rewritten after a failed add", sandbox)
                 raise
             for fwd in added:
                 log.info("forward %s: %s %s -> %s:%d (%s: %s)", fwd.id, fwd.mapping.protocol,
@@ -265,7 +276,7 @@ class ForwardTable:
 
     async def _start(self, sandbox: str, name: str, mapping: PortMapping, guest_ip: str,
                      options: ForwardOptions, mode: str, why: str,
-                     forward_id: str | None = None) -> Forward:
+                     forward_id: str | None = None) -> HostForward:
         if forward_id is None:
             self._seq += 1
             forward_id = f"f{self._seq}"
@@ -273,8 +284,8 @@ class ForwardTable:
             self._seq = max(self._seq, int(forward_id[1:]))
         if forward_id in self._forwards:
             raise UsageError(f"forward id {forward_id} is taken")
-        fwd = Forward(id=forward_id, sandbox=sandbox, name=name, mapping=mapping,
-                      guest_ip=guest_ip, options=options, mode=mode, why=why)
+        fwd = HostForward(id=forward_id, sandbox=sandbox, name=name, mapping=mapping,
+                          guest_ip=guest_ip, options=options, mode=mode, why=why)
         label = f"{sandbox}/{name}"
         if mode == "kernel":
             fwd.reservation = _reserve(mapping)
@@ -299,7 +310,7 @@ class ForwardTable:
         self._forwards[fwd.id] = fwd
         return fwd
 
-    async def remove(self, forward_id: str) -> Forward | None:
+    async def remove(self, forward_id: str) -> HostForward | None:
         """Stop and forget one forward; None when there is no such forward."""
         async with self._lock:
             fwd = self._forwards.pop(forward_id, None)
@@ -376,10 +387,13 @@ async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> 
     return relay.bound_port
 
 
-async def _stop(fwd: Forward) -> None:
+async def _stop(fwd: HostForward) -> None:
     if fwd.relay is not None:
-        with contextlib.suppress(Exception):
+        try:
             await fwd.relay.stop()
+        except Exception:  # the forward is forgotten either way; its port may stay bound
+            log.exception("forward %s of sandbox %s: its relay did not stop cleanly", fwd.id,
+                          fwd.sandbox)
     if fwd.reservation is not None:
         fwd.reservation.close()
         fwd.reservation = None

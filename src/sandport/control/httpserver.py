@@ -3,6 +3,8 @@
 Binding ourselves turns "address in use" into a clear error (uvicorn would log and call
 sys.exit), and calling startup()/shutdown() directly keeps signal handling with the
 gateway (uvicorn's serve() would install its own handlers).
+
+Owns: the listening socket and uvicorn's life on it. Must not touch: the apps it serves.
 """
 
 from __future__ import annotations

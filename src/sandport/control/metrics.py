@@ -1,8 +1,12 @@
-"""Prometheus text exposition (format 0.0.4) of the gateway's forwards.
+"""Prometheus text exposition (format 0.0.4) of the gateway: its forwards, the WebSocket
+bridge's routes, the sandboxes (state, readiness time, agent report age), the sessions by
+state and the open event streams.
 
 Kept dependency-free: the format is a few lines per sample. Kernel forwards report the
 connections their DNAT rule translated (nft counter); bytes and active connections are
 only known for userspace relays, so those samples are absent for kernel forwards.
+
+Owns: the exposition format. Must not touch: the gateway: it renders what it is handed.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sandport.bridge.server import BridgeStats
+from sandport.bridge.model import BridgeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -5,6 +5,8 @@ first start) or in a file the operator names (``GatewayConfig.secret_key_file``,
 mounted secret). What the store keeps is ``v1:`` + base64(nonce ‖ ciphertext ‖ tag); the
 associated data binds each value to its row (``credentials/<id>``), so a value copied into
 another row does not decrypt.
+
+Owns: the key file and sealing. Must not touch: where sealed values are kept (the store).
 """
 
 from __future__ import annotations

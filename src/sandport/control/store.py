@@ -1,16 +1,19 @@
 """The gateway's store: what must survive the gateway, behind one interface.
 
 :class:`StateStore` is the interface; :class:`SqliteStore` implements it with SQLite in WAL
-mode under the state directory, and a PostgreSQL store will implement it for several hosts
-sharing one state. It holds sandbox records (so a restart adopts what still runs and
-removes the rest), address leases with the pool cursor (never a second lease of an address
-in use), forwards and access tokens (back after a restart), sessions, credentials and the
-event log. Every change is one transaction.
+mode under the state directory (a PostgreSQL store for several hosts sharing one state
+would implement the same interface; none is written yet). It holds sandbox records (so a
+restart adopts what still runs and removes the rest), address leases with the pool cursor
+(never a second lease of an address in use), forwards and access tokens (back after a
+restart), sessions, credentials and the event log. Every change is one transaction.
 
 Secrets are never stored in the clear: tokens as SHA-256 (:mod:`sandport.control.tokens`),
 sandbox secrets and credentials sealed with the gateway's key
 (:mod:`sandport.control.secretbox`), which lives outside the database. The schema is
 versioned with ``PRAGMA user_version`` and migrated in order at open.
+
+Owns: the schema, its migrations and every read and write of the database. Must not
+touch: anything live (sandboxes, timers, sockets); it keeps records, it decides nothing.
 """
 
 from __future__ import annotations

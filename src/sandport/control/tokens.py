@@ -1,4 +1,8 @@
-"""Access tokens: random, shown once, stored as SHA-256, compared in constant time."""
+"""Access tokens: random, shown once, stored as SHA-256, compared in constant time.
+
+Owns: making, hashing and checking a token. Must not touch: which token opens what
+(:mod:`sandport.control.access`, :func:`sandport.control.app.authorise`).
+"""
 
 from __future__ import annotations
 

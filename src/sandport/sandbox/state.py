@@ -7,9 +7,10 @@
         └───────────┴────┬────┴──────────┘
                          ▼
                      stopping ─► stopped
-    failed (with a reason) is reachable from every state but stopped; failed ─► stopping.
+    failed (with a reason) is reachable from every other state but stopped;
+    failed ─► stopping.
 
-A *session* is a flow a backend runs on a sandbox (a login: the user works on the
+A *session* is a flow an API caller runs on a sandbox (a login: the user works on the
 desktop, the guest posts the credentials it captured)::
 
     waiting ─► ready ─► completed
