@@ -46,7 +46,7 @@ import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, Unpack
+from typing import Any, Generic, TextIO, TypeVar, Unpack, cast
 
 from sandport import preflight
 from sandport.bridge.model import BridgeConfig, BridgeLimits, BridgeStats
@@ -102,6 +102,9 @@ async def _step(what: str, step: Awaitable[Any]) -> None:
         log.exception("gateway stop: %s failed; going on", what)
 
 
+R = TypeVar("R")
+
+
 @dataclass(frozen=True, slots=True)
 class _Rooms:
     """The rooms of one run, made on the store once it is open."""
@@ -112,6 +115,17 @@ class _Rooms:
     sandboxes: Sandboxes
 
 
+class _Room(Generic[R]):
+    """A gateway attribute that is one of its rooms, there once the gateway has started
+    (``RuntimeError`` before)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, gw: Gateway, owner: type | None = None) -> R:
+        return cast(R, getattr(gw._live(), self.name))
+
+
 class Gateway:
     """sandport's gateway process, usable from Python as well as from the CLI.
 
@@ -119,6 +133,15 @@ class Gateway:
     :attr:`access` once it has started; the methods below the lifecycle are the API
     (:class:`~sandport.control.api.SandboxApi`, :class:`~sandport.control.app.Registry`).
     """
+
+    #: The sandboxes of this run and their journal.
+    roster = _Room[Roster]()
+    #: Sandbox lifecycle: create, attach, retarget, destroy, forwards.
+    sandboxes = _Room[Sandboxes]()
+    #: Probes, monitors, restarts, the doctor.
+    readiness = _Room[ReadinessMonitor]()
+    #: Access tokens, sessions, credentials, guest agents.
+    access = _Room[Access]()
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -147,26 +170,6 @@ class Gateway:
         if self._rooms is None:
             raise RuntimeError("gateway not started")
         return self._rooms
-
-    @property
-    def roster(self) -> Roster:
-        """The sandboxes of this run and their journal."""
-        return self._live().roster
-
-    @property
-    def sandboxes(self) -> Sandboxes:
-        """Sandbox lifecycle: create, attach, retarget, destroy, forwards."""
-        return self._live().sandboxes
-
-    @property
-    def readiness(self) -> ReadinessMonitor:
-        """Probes, monitors, restarts, the doctor."""
-        return self._live().readiness
-
-    @property
-    def access(self) -> Access:
-        """Access tokens, sessions, credentials, guest agents."""
-        return self._live().access
 
     # Its port (the rooms' GatewayPort) ---------------------------------------------------
 
