@@ -28,6 +28,10 @@ guest agent (no token needed: the agent holds it)::
 
 Errors are :class:`ApiError` with the HTTP status and the gateway's own message.
 
+Calls go straight to the URL given: no proxy from the environment (``http_proxy``,
+``HTTPS_PROXY``, ``ALL_PROXY`` ...) ever sees the admin token, and a redirect is an
+:class:`ApiError` with its 3xx status, not followed.
+
 This module is the one client of the gateway's API: the ``sandport`` command talks to a
 gateway through it too. It owns the HTTP calls and their errors, and never prints or
 exits (that is :mod:`sandport.cli`'s job); it imports nothing from sandport, so a guest

@@ -24,7 +24,7 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from attachhelpers import HandMade, hand_made  # noqa: F401 - a fixture
+from attachhelpers import HandMade, api_post, hand_made  # noqa: F401 - a fixture
 from conftest import free_test_subnet, require_programs, require_root
 from sandport.control.gateway import Gateway
 from sandport.errors import Conflict, Forbidden, UsageError
@@ -276,7 +276,7 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
         with pytest.raises(Forbidden, match=r"--attach-subnet 127\.0\.0\.0/8"):
             loop_thread.run(plain.attach(ip="127.0.0.1", netns=netns))
-        plain_api = api_attach(plain, {"ip": "127.0.0.1", "netns": netns})
+        plain_api = api_post(plain, "/api/attach", {"ip": "127.0.0.1", "netns": netns})
         assert plain_api[0] == 403 and plain_api[1]["error"] == "forbidden_target", plain_api
         display = 200 + int(tag, 16) % 600
         procs.append(subprocess.Popen(
@@ -319,19 +319,6 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 
 
-def api_attach(gw: Gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """POST /api/attach with the admin token: the status and the JSON answer."""
-    req = urllib.request.Request(
-        f"{gw.base_url}/api/attach", method="POST", data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {gw.admin_token}",
-                 "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_a_sandboxes_own_namespace_is_never_an_attach_target(
         gateway_factory: Any, loop_thread: Any) -> None:
     """A sandbox's namespace (its agent listens on 127.0.0.1:7412 in there) cannot be
@@ -355,7 +342,7 @@ def test_a_sandboxes_own_namespace_is_never_an_attach_target(
                 with pytest.raises(Forbidden, match=f"sandport sandbox {netns}"):
                     loop_thread.run(gateway.attach(ip="127.0.0.1", netns=name, port=7412,
                                                    profile="tcp"))
-        status, doc = api_attach(other, {"ip": "127.0.0.1", "netns": pids[0],
+        status, doc = api_post(other, "/api/attach", {"ip": "127.0.0.1", "netns": pids[0],
                                          "profile": "tcp", "port": 7412})
         assert status == 403 and doc["error"] == "forbidden_target", (status, doc)
         assert f"sandport sandbox {netns}" in doc["message"]

@@ -19,13 +19,12 @@ import socket
 import stat
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from attachhelpers import api_post
 from conftest import require_root, test_net_names
 from sandport.control.gateway import Gateway
 from sandport.errors import UsageError
@@ -88,18 +87,6 @@ def test_unicode_digits_as_a_port_key_are_a_404_with_json(
 
 FORGED = ["by-cli\r\n2026-01-01 INFO sandport: admin logged in", "a\nb", "tab\there",
           "line\u2028separator", "nul\x00", "bidi\u202eevil", "x" * 65]
-
-
-def api_post(gw: Gateway, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        f"{gw.base_url}{path}", method="POST", data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {gw.admin_token}",
-                 "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_names_and_reasons_cannot_forge_log_lines(gateway_factory: Any,
