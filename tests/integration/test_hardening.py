@@ -1,8 +1,9 @@
 """Small holes closed (issue 16, point 5), each through the real gateway's front door:
 
 * a port key of Unicode digits (``/s/ID/ports/%C2%B2/ws``: '²'.isdigit() but int('²')
-  fails) is a 404 with a JSON body, never a 500; so are the desktop route's ``?port=``
-  and the event stream's ``Last-Event-ID``;
+  fails) is a 404 with a JSON body, never a 500; a port spec of them (``-p 1²:80``) a
+  4xx naming it; the desktop route's ``?port=`` and the event stream's ``Last-Event-ID``
+  are no 500 either;
 * an attach ``name`` or a retarget ``reason`` with CR/LF (or any control character, or
   a Unicode line separator) cannot forge log lines: 422 naming the field through the API,
   exit 2 through the CLI, UsageError from Python;
@@ -56,7 +57,7 @@ def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
-def test_unicode_digits_as_a_port_key_are_a_404_with_json(
+def test_unicode_digits_as_a_port_are_a_4xx_with_json(
         gateway_factory: Any, loop_thread: Any) -> None:
     gw: Gateway = gateway_factory()
     info = loop_thread.run(gw.create_sandbox())
@@ -70,6 +71,11 @@ def test_unicode_digits_as_a_port_key_are_a_404_with_json(
             assert status == 404, (key, status, body)
             assert headers["content-type"].startswith("application/json")
             assert json.loads(body)["error"] == "unknown_port", body
+        # The API's port specs: the same digits are no port number.
+        for spec in ("1\u00b2:80", "18080:\u00b2"):
+            status, doc = api_post(gw, f"/api/sandboxes/{info.id}/forwards",
+                                   {"publish": [spec]})
+            assert 400 <= status < 500 and "not a port number" in doc["message"], doc
         # The desktop route's ?port= is "console" or the desktop: never a 500.
         status, headers, _ = raw_http(gw.http_port, (
             f"GET /s/{info.id}/?port=%C2%B2&token={info.token} HTTP/1.1\r\n"
