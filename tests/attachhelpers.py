@@ -4,12 +4,16 @@ sandport), for the tests of ``sandport attach``."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +80,17 @@ def hand_made(tmp_path: Path) -> Iterator[HandMade]:
         subprocess.run(["ip", "link", "del", host_link], check=False, capture_output=True)
 
 
+
+
+def api_post(gw: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to a gateway's API with its admin token: the status and the JSON
+    answer (a refusal's too)."""
+    req = urllib.request.Request(
+        f"{gw.base_url}{path}", method="POST", data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {gw.admin_token}",
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

@@ -28,6 +28,10 @@ guest agent (no token needed: the agent holds it)::
 
 Errors are :class:`ApiError` with the HTTP status and the gateway's own message.
 
+Calls go straight to the URL given: no proxy from the environment (``http_proxy``,
+``HTTPS_PROXY``, ``ALL_PROXY`` ...) ever sees the admin token, and a redirect is an
+:class:`ApiError` with its 3xx status, not followed.
+
 This module is the one client of the gateway's API: the ``sandport`` command talks to a
 gateway through it too. It owns the HTTP calls and their errors, and never prints or
 exits (that is :mod:`sandport.cli`'s job); it imports nothing from sandport, so a guest
@@ -288,9 +292,15 @@ class Client:
         self.url = url.rstrip("/")
         self.admin_token = admin_token
         self.timeout = timeout
-        self._context: ssl.SSLContext | None = None
+        context: ssl.SSLContext | None = None
         if url.startswith("https://") and not verify_tls:
-            self._context = ssl._create_unverified_context()  # noqa: S323 - asked for
+            context = ssl._create_unverified_context()  # noqa: S323 - asked for
+        # Straight to the gateway, never elsewhere with the admin token: no proxy from the
+        # environment (http_proxy, HTTPS_PROXY, ALL_PROXY ...) and no redirects (urllib
+        # would send the Authorization header on to wherever a 3xx points).
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context),
+            _NoRedirects())
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path = "/var/lib/sandport") -> Client:
@@ -332,8 +342,7 @@ class Client:
                      **({"Authorization": f"Bearer {self.admin_token}"}
                         if self.admin_token else {})})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout,  # noqa: S310
-                                        context=self._context) as r:
+            with self._opener.open(req, timeout=self.timeout) as r:
                 return r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as exc:
             raise _refusal(exc.code, exc.read(ERROR_BODY_CAP)) from None
@@ -401,6 +410,14 @@ class Client:
         """Recorded events with ``seq > after``, oldest first."""
         query = {"after": after, **({"sandbox": sandbox} if sandbox else {})}
         return list(self.request("GET", f"/api/events?{urlencode(query)}")["events"])
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as it is (an :class:`ApiError` with its 3xx), not followed."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        return None
 
 
 def _refusal(status: int, body: bytes) -> ApiError:

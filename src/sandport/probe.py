@@ -294,8 +294,8 @@ async def probe_http(host: str, port: int, *, path: str = "/",
         return ProbeResult(ok=False, hop=hop, stage="connect", elapsed=time.perf_counter() - t0,
                            detail=exc.strerror or type(exc).__name__)
     parts = status.split()
-    ok = len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit() \
-        and int(parts[1]) < 500
+    ok = len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isascii() \
+        and parts[1].isdigit() and int(parts[1]) < 500  # a guest may answer "HTTP/1.1 ²"
     return ProbeResult(ok=ok, hop=hop, stage="http", elapsed=time.perf_counter() - t0,
                        detail=status or "no HTTP status line")
 

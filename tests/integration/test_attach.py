@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import secrets
 import subprocess
@@ -23,7 +24,7 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from attachhelpers import HandMade, hand_made  # noqa: F401 - a fixture
+from attachhelpers import HandMade, api_post, hand_made  # noqa: F401 - a fixture
 from conftest import free_test_subnet, require_programs, require_root
 from sandport.control.gateway import Gateway
 from sandport.errors import Conflict, Forbidden, UsageError
@@ -268,10 +269,15 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
     netns = f"sp-c{tag}"
     (tmp_path / "passwd").write_bytes(obfuscate_password("ns-pw-12"))
     procs: list[subprocess.Popen[bytes]] = []
-    gw: Gateway = gateway_factory()  # no --attach-subnet: only the namespace's loopback
+    plain: Gateway = gateway_factory()  # no --attach-subnet: not even a loopback in there
+    gw: Gateway = gateway_factory(attach_subnets=(LOOPBACK,))  # namespaces' loopbacks
     try:
         subprocess.run(["ip", "netns", "add", netns], check=True)
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        with pytest.raises(Forbidden, match=r"--attach-subnet 127\.0\.0\.0/8"):
+            loop_thread.run(plain.attach(ip="127.0.0.1", netns=netns))
+        plain_api = api_post(plain, "/api/attach", {"ip": "127.0.0.1", "netns": netns})
+        assert plain_api[0] == 403 and plain_api[1]["error"] == "forbidden_target", plain_api
         display = 200 + int(tag, 16) % 600
         procs.append(subprocess.Popen(
             ["ip", "netns", "exec", netns, "Xvnc", f":{display}", "-rfbport", "5901",
@@ -310,6 +316,49 @@ def test_a_container_like_namespace_serving_on_its_own_loopback(
         subprocess.run(["ip", "netns", "del", netns], check=False)
 
 
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def test_a_sandboxes_own_namespace_is_never_an_attach_target(
+        gateway_factory: Any, loop_thread: Any) -> None:
+    """A sandbox's namespace (its agent listens on 127.0.0.1:7412 in there) cannot be
+    attached, even by a gateway that allows namespaces' loopbacks: not by its `sp-<id>`
+    name, not by the PID of its agent, not by another name for the same namespace, not
+    by another gateway; 403 forbidden_target through the API, exit 2 through the CLI."""
+    import sys
+
+    gw: Gateway = gateway_factory(attach_subnets=(LOOPBACK,))
+    other: Gateway = gateway_factory(attach_subnets=(LOOPBACK,))
+    info = loop_thread.run(gw.create_sandbox())
+    netns = f"sp-{info.id}"
+    alias = f"sp-z{secrets.token_hex(3)}"  # another name of the same namespace
+    try:
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                              check=True).stdout.split()
+        assert pids, f"no process in {netns}"
+        subprocess.run(["ip", "netns", "attach", alias, pids[0]], check=True)
+        for gateway in (gw, other):
+            for name in (netns, pids[0], alias):
+                with pytest.raises(Forbidden, match=f"sandport sandbox {netns}"):
+                    loop_thread.run(gateway.attach(ip="127.0.0.1", netns=name, port=7412,
+                                                   profile="tcp"))
+        status, doc = api_post(other, "/api/attach", {"ip": "127.0.0.1", "netns": pids[0],
+                                         "profile": "tcp", "port": 7412})
+        assert status == 403 and doc["error"] == "forbidden_target", (status, doc)
+        assert f"sandport sandbox {netns}" in doc["message"]
+        r = subprocess.run([sys.executable, "-m", "sandport", "attach", "agent", "--ip",
+                            "127.0.0.1", "--netns", netns, "--profile", "tcp", "--port",
+                            "7412", "--state-dir", str(gw.config.state_dir)],
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 2 and f"sandport sandbox {netns}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert [s for s in gw.sandbox_ids() if s != info.id] == [] and \
+            other.sandbox_ids() == []
+    finally:
+        subprocess.run(["ip", "netns", "del", alias], check=False, capture_output=True)
+        loop_thread.run(gw.destroy_sandbox(info.id))
+
+
 def free_udp_port() -> int:
     import socket
 
@@ -345,7 +394,7 @@ def test_kernel_forwards_to_an_attached_target_and_what_detach_gives_back(
                            check=True).stdout
     assert hand_made.host_link not in after and hand_made.ip not in after
     with pytest.raises(UsageError, match="kernel forwards cannot reach into"):
-        loop_thread.run(gw.attach(ip="127.0.0.1", netns=hand_made.netns,
+        loop_thread.run(gw.attach(ip=hand_made.ip, netns=hand_made.netns,
                                   forward_mode="kernel"))
 
 

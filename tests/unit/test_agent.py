@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import sandport
+from proxytrap import proxy_trap
 from sandport import agent
 
 pytestmark = pytest.mark.unit
@@ -164,12 +165,14 @@ def agent_env(gateway_url: str, port: int, interval: str) -> dict[str, str]:
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(gateway_url: str, interval: str = "0") -> AgentProc:
+    def start(gateway_url: str, interval: str = "0",
+              env: dict[str, str] | None = None) -> AgentProc:
         port = free_port()
         stderr_path = tmp_path / f"agent-{len(started)}.log"
         with stderr_path.open("wb") as err:
             proc = subprocess.Popen([sys.executable, "-I", "-S", str(AGENT)],
-                                    env=agent_env(gateway_url, port, interval),
+                                    env={**agent_env(gateway_url, port, interval),
+                                         **(env or {})},
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=err)
         started.append(proc)
@@ -243,6 +246,21 @@ def test_credentials_are_forwarded_unchanged_with_the_bearer_token(
     assert seen.headers["Authorization"] == f"Bearer {TOKEN}"
     assert seen.headers["Content-Type"] == "application/json"
     assert seen.body == body
+
+
+def test_the_agent_token_never_goes_to_a_proxy_from_the_guests_environment(
+    gateway: StubGateway, start_agent: Callable[..., AgentProc]
+) -> None:
+    """A guest's environment may name a proxy (http_proxy, ALL_PROXY ...): the agent
+    still posts to the gateway directly, and the proxy sees nothing."""
+    with proxy_trap() as trap:
+        running = start_agent(gateway.url, env=trap.env())
+        status, _, answer = running.request("POST", "/credentials", b'{"a": 1}',
+                                            {"Content-Type": "application/json"})
+        assert (status, answer) == (201, {"id": "cred-1", "stored": True})
+        assert trap.seen == []
+    [seen] = gateway.seen("/credentials")
+    assert seen.headers["Authorization"] == f"Bearer {TOKEN}"
 
 
 @pytest.mark.parametrize("status", [401, 404, 409, 422])

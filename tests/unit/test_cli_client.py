@@ -11,7 +11,10 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from proxytrap import proxy_trap
 from sandport.cli import app
 from sandport.client import ApiError, Client
 
@@ -194,3 +198,34 @@ def test_the_cli_prints_what_the_client_fetched(stub: Stub, state_dir: Path) -> 
     stub.answer("GET", "/api/sandboxes/s1/tokens", 200, {"tokens": []})
     r = cli("token", "list", "s1", "--state-dir", str(state_dir))
     assert r.exit_code == 0 and "no access tokens" in r.stderr
+
+
+def test_the_admin_token_never_goes_to_a_proxy_from_the_environment(
+        stub: Stub, state_dir: Path) -> None:
+    """http_proxy, HTTPS_PROXY, ALL_PROXY ... point at a trap on loopback: the Client (a
+    fresh process, as a program would be) and the CLI go straight to the gateway, and the
+    trap sees nothing, not even a connection."""
+    stub.answer("GET", "/api/forwards", 200, {"forwards": [{"id": "f1"}]})
+    with proxy_trap() as trap:
+        env = {**os.environ, **trap.env()}
+        program = ("import sys; from sandport.client import Client; "
+                   "print(Client(sys.argv[1], sys.argv[2], timeout=10).forwards())")
+        r = subprocess.run([sys.executable, "-c", program, stub.url, TOKEN], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0 and "f1" in r.stdout, r.stderr
+        r = subprocess.run([sys.executable, "-m", "sandport", "forward", "list", "--json",
+                            "--state-dir", str(state_dir)], env=env, capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert r.returncode == 0 and json.loads(r.stdout) == [{"id": "f1"}], r.stderr
+        assert trap.seen == []
+    assert [req[2] for req in stub.requests] == [f"Bearer {TOKEN}"] * 2
+
+
+def test_a_redirect_is_not_followed_with_the_token(stub: Stub) -> None:
+    """urllib would send the Authorization header on to wherever a 3xx points."""
+    with proxy_trap() as elsewhere:
+        stub.answer("GET", "/api/forwards", 307, headers={
+            "Location": f"{elsewhere.url}/api/forwards"})
+        with pytest.raises(ApiError) as caught:
+            Client(stub.url, TOKEN, timeout=10).forwards()
+        assert caught.value.status == 307 and elsewhere.seen == []

@@ -53,6 +53,8 @@ def test_valid_specs(spec: str, expected: list[PortMapping]) -> None:
         ("[::1:80:80", "IPv6 host address"),
         ("[::1]:80", "expected [ADDR]:HOSTPORT:GUESTPORT"),
         ("-1:80", "not a port number"),
+        ("1\u00b2:80", "not a port number"),  # '²'.isdigit(), int('²') fails
+        ("80:\u0663", "not a port number"),  # an Arabic-Indic 3
     ],
 )
 def test_invalid_specs_say_why_and_show_the_syntax(spec: str, why: str) -> None:

@@ -36,7 +36,7 @@ def test_targets(text: str, target: Target) -> None:
 
 
 @pytest.mark.parametrize("text", ["localhost", ":5900", "host:0", "host:65536", "host:vnc",
-                                  "unix_socket:", ""])
+                                  "unix_socket:", "", "host:\u00b2", "host:\u0663"])
 def test_bad_targets(text: str) -> None:
     with pytest.raises(UsageError, match=r"HOST:PORT|no socket path"):
         parse_target(text)
@@ -117,6 +117,32 @@ def test_plugins_by_websockify_names(tmp_path: Path) -> None:
 )
 def test_sources(text: str, ipv6: bool, expected: tuple[str, int]) -> None:
     assert parse_source(text, prefer_ipv6=ipv6) == expected
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "127.0.0.1:\u00b2\u00b3"])
+def test_sources_of_unicode_digits_are_usage_errors(text: str) -> None:
+    """'²'.isdigit() is true, int('²') fails: a UsageError, not a ValueError."""
+    with pytest.raises(UsageError, match="is not"):
+        parse_source(text)
+
+
+def test_a_large_token_file_keeps_the_old_table_when_over_the_cap_or_unreadable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandport.bridge import targets
+
+    f = tmp_path / "tokens"
+    f.write_text("ok: 10.0.0.1:5900\n")
+    plugin = TokenFile(f)
+    monkeypatch.setattr(targets, "MAX_TOKEN_FILE_BYTES", 30)
+    f.write_text("ok: 10.0.0.2:5900\nnew: 10.0.0.3:1\n")
+    assert plugin.lookup("ok") == Target(host="10.0.0.1", port=5900)  # the old table
+    assert plugin.lookup("new") is None
+    monkeypatch.setattr(targets, "MAX_TOKEN_FILE_BYTES", 1 << 20)
+    f.unlink()
+    assert plugin.lookup("ok") == Target(host="10.0.0.1", port=5900)  # gone: kept
+    f.write_text("new: 10.0.0.3:1\n")
+    assert plugin.lookup("new") == Target(host="10.0.0.3", port=1)
+    assert plugin.lookup("ok") is None
 
 
 def test_options_map_onto_the_config(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def parse_source(text: str, *, prefer_ipv6: bool = False) -> tuple[str, int]:
     """
     host, sep, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise UsageError(f"SOURCE {text!r} is not [SOURCE_ADDR:]SOURCE_PORT "
                          "(e.g. 6080 or 127.0.0.1:6080)")
     if not sep or not host:

@@ -7,8 +7,10 @@ websockify's shapes, so existing set-ups keep working:
   ``token: host:port`` (``#`` starts a comment) or a directory of such files. Unlike
   websockify's ``ReadOnlyTokenFile``, every plugin here notices edits: the files are
   re-read when their size, mtime or inode changes, so a token added or removed takes
-  effect for the next connection without a restart. A target may also be
-  ``unix_socket:/path``;
+  effect without a restart. A target may also be ``unix_socket:/path``. On the event
+  loop a large file (600k lines take seconds) is parsed in a worker thread and its table
+  swapped in whole when done; lookups meanwhile answer from the previous table. A file
+  over the cap, or one that cannot be read, keeps the previous table (logged);
 * ``--token-plugin UnixDomainSocketDirectory --token-source DIR``: the token names a
   Unix socket inside ``DIR``.
 
@@ -18,6 +20,7 @@ The token comes from the ``token`` query parameter, else from the last path segm
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -37,6 +40,9 @@ UNIX_PREFIX = "unix_socket:"
 DEFAULT_PATH_SEGMENT = "websockify"
 _TOKEN_LINE = re.compile(r"^(?P<token>[^:\s][^:]*?):\s+(?P<target>\S+)\s*$")
 MAX_TOKEN_FILE_BYTES = 16 * 1024 * 1024  # a token file larger than this is refused
+#: Token files up to this many bytes in all are parsed inline, on the event loop (well
+#: under a millisecond per KiB): an edit is then seen by the very next connection.
+INLINE_RELOAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,7 +75,8 @@ def parse_target(text: str, *, what: str = "target") -> Target:
         return Target(path=path)
     host, sep, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()) or \
+            not 0 < int(port_text) < 65536:
         raise UsageError(f"{what} {text!r} is not HOST:PORT (port 1-65535) or "
                          f"{UNIX_PREFIX}/path")
     return Target(host=host, port=int(port_text))
@@ -106,12 +113,36 @@ def _file_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _parse_line(targets: dict[str, str], raw: str, path: Path, number: int) -> None:
+    """Add the token of one line of a token file; a line that does not parse is logged
+    with its file and line number and skipped."""
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        return
+    m = _TOKEN_LINE.match(line)
+    try:
+        if m is None:
+            raise UsageError("expected 'token: host:port'")
+        parse_target(m["target"])
+    except UsageError as exc:
+        log.warning("token file %s line %d: %s (skipped)", path, number,
+                    str(exc).splitlines()[0])
+        return
+    targets[m["token"]] = m["target"]
+
+
 class TokenFile:
     """websockify's ``TokenFile``: a file or a directory of ``token: host:port`` lines.
 
-    Re-reads whenever a file changes (checked with ``stat`` at each lookup: cheap, and an
-    edit is seen by the very next connection). A line that does not parse is logged with
-    its file and line number and skipped, as websockify does; the other lines still work.
+    Re-reads whenever a file changes (checked with ``stat`` at each lookup: cheap). Off
+    the event loop, or for small files, the reload happens inline and the very next
+    lookup sees the edit. On the loop, files over :data:`INLINE_RELOAD_BYTES` are parsed
+    in a worker thread; the new table replaces the old one in a single assignment on the
+    loop when it is complete, and lookups answer from the old one meanwhile (one reload
+    at a time; an edit during it is picked up by the next lookup after it). A line that
+    does not parse is logged with its file and line number and skipped, as websockify
+    does; a file over :data:`MAX_TOKEN_FILE_BYTES` or one that cannot be read keeps the
+    previous table, logged once per change.
     """
 
     def __init__(self, source: str | Path) -> None:
@@ -121,10 +152,19 @@ class TokenFile:
                              hint="give a file of 'token: host:port' lines or a directory "
                                   "of such files")
         self._keys: dict[Path, tuple[int, int, int, int]] = {}
-        self._targets: dict[str, Target] = {}
+        # token -> its checked target text: str to str only, so the garbage collector
+        # does not track (and walk) a table of 600k entries; parsed again per lookup.
+        self._targets: dict[str, str] = {}
+        self._loading: asyncio.Future[dict[str, str] | None] | None = None
+        self._source_error = ""
         self.loads = 0
+        files = self._files()  # the first table at once, before anything is served
+        if files is not None:
+            self._swap(files, self._parse(files))
 
-    def _files(self) -> dict[Path, tuple[int, int, int, int]]:
+    def _files(self) -> dict[Path, tuple[int, int, int, int]] | None:
+        """Each token file's identity (inode, size, times); None: the source cannot be
+        read (logged once per distinct error)."""
         try:
             if self.source.is_dir():
                 out = {}
@@ -132,47 +172,85 @@ class TokenFile:
                     if entry.name.startswith(".") or not entry.is_file():
                         continue
                     out[Path(entry.path)] = _file_key(entry.stat())
-                return out
-            return {self.source: _file_key(self.source.stat())}
+                files = out
+            else:
+                files = {self.source: _file_key(self.source.stat())}
         except OSError as exc:
-            log.warning("token source %s: %s", self.source, exc)
-            return {}
+            if str(exc) != self._source_error:
+                log.warning("token source %s: %s (the previous %d token(s) stay)",
+                            self.source, exc, len(self._targets))
+            self._source_error = str(exc)
+            return None
+        self._source_error = ""
+        return files
 
-    def _reload_if_changed(self) -> None:
-        files = self._files()
-        if files == self._keys:
-            return
-        targets: dict[str, Target] = {}
-        for path in files:
+    def _parse(self, files: dict[Path, tuple[int, int, int, int]]) -> dict[str, str] | None:
+        """The table the files hold; None (logged) if one is over the cap or unreadable.
+        Runs in a worker thread for large files: it touches no state of ``self``, and
+        reads line by line (no single call holds the interpreter lock for long)."""
+        targets: dict[str, str] = {}
+        for path, key in files.items():
+            if key[1] > MAX_TOKEN_FILE_BYTES:
+                log.warning("token file %s is larger than %d bytes: not loaded, the previous "
+                            "table stays", path, MAX_TOKEN_FILE_BYTES)
+                return None
             try:
-                if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
-                    log.warning("token file %s is larger than %d bytes: skipped", path,
-                                MAX_TOKEN_FILE_BYTES)
-                    continue
-                text = path.read_text(errors="replace")
+                with path.open(errors="replace") as f:
+                    for number, raw in enumerate(f, 1):
+                        _parse_line(targets, raw, path, number)
             except OSError as exc:
-                log.warning("token file %s: %s", path, exc)
-                continue
-            for number, raw in enumerate(text.splitlines(), 1):
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
-                m = _TOKEN_LINE.match(line)
-                try:
-                    if m is None:
-                        raise UsageError("expected 'token: host:port'")
-                    targets[m["token"]] = parse_target(m["target"])
-                except UsageError as exc:
-                    log.warning("token file %s line %d: %s (skipped)", path, number,
-                                str(exc).splitlines()[0])
-        self._keys, self._targets = files, targets
+                log.warning("token file %s: %s: not loaded, the previous table stays", path,
+                            exc)
+                return None
+        return targets
+
+    def _swap(self, files: dict[Path, tuple[int, int, int, int]],
+              targets: dict[str, str] | None) -> None:
+        """Take a parsed table (None: keep the previous one); ``files`` are seen either
+        way, so a broken file is not parsed again until it changes."""
+        self._keys = files
+        if targets is None:
+            return
+        self._targets = targets
         self.loads += 1
         log.info("token source %s: %d token(s)", self.source, len(targets))
 
+    def _reload_if_changed(self) -> None:
+        if self._loading is not None:  # one reload at a time; lookups use the old table
+            return
+        files = self._files()
+        if files is None or files == self._keys:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or sum(k[1] for k in files.values()) <= INLINE_RELOAD_BYTES:
+            self._swap(files, self._parse(files))
+            return
+        log.info("token source %s changed: loading it in the background", self.source)
+        loading = self._loading = loop.run_in_executor(None, self._parse, files)
+
+        def done(fut: asyncio.Future[dict[str, str] | None]) -> None:
+            self._loading = None
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                log.error("token source %s: loading failed: %s (the previous table stays)",
+                          self.source, exc)
+                self._keys = files
+                return
+            self._swap(files, fut.result())
+
+        loading.add_done_callback(done)
+
     def lookup(self, token: str) -> Target | None:
-        """The target of ``token`` as the files say now."""
+        """The target of ``token`` as the files say (or, while a large file is being
+        loaded, as they said before)."""
         self._reload_if_changed()
-        return self._targets.get(token)
+        text = self._targets.get(token)
+        return parse_target(text) if text is not None else None
 
 
 class UnixDomainSocketDirectory:

@@ -522,7 +522,7 @@ def api_router(gateway: SandboxApi) -> APIRouter:
     ) -> Response:
         if "text/event-stream" in request.headers.get("accept", ""):
             last_id = request.headers.get("last-event-id", "")
-            start = int(last_id) if last_id.isdigit() else after
+            start = int(last_id) if last_id.isascii() and last_id.isdigit() else after
 
             def keep(e: EventRecord) -> bool:
                 return sandbox is None or e.sandbox_id == sandbox

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from sandport.control.store import SessionRecord
+from sandport.errors import UsageError
+from sandport.sandbox.external import MAX_NAME, MAX_REASON, printable
 
 
 class ErrorOut(BaseModel):
@@ -38,6 +40,24 @@ PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+def _fit_for_logs(limit: int) -> AfterValidator:
+    """Free text that reaches logs: printable, at most ``limit`` characters (a 422 that
+    names the field otherwise; see :func:`sandport.sandbox.external.printable`)."""
+    def check(value: str) -> str:
+        try:
+            return printable(value, "the text", limit)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+
+    return AfterValidator(check)
+
+
+#: A name people give (an attached target's): shown in lists, written to logs.
+Name = Annotated[str, _fit_for_logs(MAX_NAME)]
+#: Words for logs and close reasons.
+Reason = Annotated[str, _fit_for_logs(MAX_REASON)]
+
+
 class AttachIn(BaseModel):
     """A guest sandport did not create, to front (``sandport attach``)."""
 
@@ -45,7 +65,8 @@ class AttachIn(BaseModel):
 
     ip: str = Field(description="the target's IPv4 address (in the gateway's "
                                 "--attach-subnet networks)", max_length=15)
-    name: str = Field("", max_length=64, description="its owner's name for it")
+    name: Name = Field("", max_length=MAX_NAME, description="its owner's name for it "
+                       "(printable: no control characters)")
     profile: Literal["desktop", "http", "tcp"] = Field(
         "desktop", description="what readiness speaks: desktop (VNC on 5901), http (80 or "
                                "port), tcp (port)")
@@ -74,7 +95,8 @@ class TargetIn(BaseModel):
 
     ip: str | None = Field(None, max_length=15, description="its new address")
     gone: bool = Field(False, description="it is gone (its VM or container stopped)")
-    reason: str = Field("", max_length=200, description="words for logs and close reasons")
+    reason: Reason = Field("", max_length=MAX_REASON, description="words for logs and close "
+                           "reasons (printable: no control characters)")
 
 
 class SandboxCreate(BaseModel):

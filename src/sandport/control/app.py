@@ -113,7 +113,8 @@ class LiveSandbox:
         for p in self.ports:
             if key in (p.name, str(p.port)):
                 return p
-        if key.isdigit() and 0 < int(key) < 65536 and key == str(int(key)):
+        # ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses.
+        if key.isascii() and key.isdigit() and 0 < int(key) < 65536 and key == str(int(key)):
             return GuestPort(name=key, port=int(key))
         return None
 

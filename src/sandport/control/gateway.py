@@ -63,6 +63,7 @@ from sandport.control.readiness import Progress, ReadinessMonitor, quiet
 from sandport.control.roster import Roster, RunningSandbox
 from sandport.control.sandboxes import AttachArgs, CreateArgs, Sandboxes, SandboxInfo
 from sandport.control.secretbox import DecryptError, SecretBox, load_or_create_key
+from sandport.control.statedir import hold_private_umask, release_private_umask, tighten
 from sandport.control.store import (
     CredentialRecord,
     EventRecord,
@@ -163,6 +164,7 @@ class Gateway:
         #: (ADMIN_TOKEN_FILE, mode 0600) and the same at every start after.
         self.admin_token = ""
         self._admin_hash = ""
+        self._private_umask = False  # held while it runs (see sandport.control.statedir)
 
     # The rooms ---------------------------------------------------------------------------
 
@@ -231,6 +233,11 @@ class Gateway:
         self._lock_state_dir()
         self.events, self._rooms = EventHub(), None  # this loop's, made on this run's store
         try:
+            # What this run writes in the state dir is private whatever the umask was;
+            # what an older run left is made so.
+            hold_private_umask()
+            self._private_umask = True
+            await asyncio.to_thread(tighten, cfg.state_dir)
             self._load_admin_token()
             key_file = cfg.secret_key_file or cfg.state_dir / SECRET_KEY_FILE
             box = SecretBox(load_or_create_key(key_file, create=cfg.secret_key_file is None))
@@ -469,6 +476,9 @@ class Gateway:
         if self._lock_file is not None:
             release_lock(self._lock_file, delete=False)
         self._lock_file = self._bridge_lock = None
+        if self._private_umask:
+            release_private_umask()
+            self._private_umask = False
 
     async def _remove_bridge(self) -> None:
         if not await asyncio.to_thread(netlink.bridge_ports, self.config.net.bridge):

@@ -55,7 +55,15 @@ from sandport.net.nsock import netns_path, same_namespace
 from sandport.net.pool import AddressPool
 from sandport.probe import ProbeResult
 from sandport.sandbox.base import Backend, SandboxSpec
-from sandport.sandbox.external import ATTACH_PROFILES, check_target, resolve_ip, route_to
+from sandport.sandbox.external import (
+    ATTACH_PROFILES,
+    MAX_NAME,
+    MAX_REASON,
+    check_target,
+    printable,
+    resolve_ip,
+    route_to,
+)
 from sandport.sandbox.netns import netns_name
 from sandport.sandbox.profiles import colour_hex, desktop_colour, get_profile
 from sandport.sandbox.state import SandboxState, SessionState
@@ -268,11 +276,13 @@ class Sandboxes:
 
         Raises:
             Forbidden: the address is outside ``attach_subnets``.
-            UsageError: no route to it, a bad profile or port, the port of a forward taken.
+            UsageError: no route to it, a bad profile or port, the port of a forward taken,
+                a name that is not printable text (control characters) or too long.
             Conflict: a sandbox or attached target already has this address.
             SandboxFailed: it does not answer its protocol within ``ready_timeout``.
         """
         target = resolve_ip(ip)
+        printable(name, "the name", MAX_NAME)
         ns = str(netns_path(netns)) if netns else ""
         if ns and interface:
             raise UsageError("--interface and --netns exclude each other: a target in "
@@ -398,13 +408,15 @@ class Sandboxes:
 
         Raises:
             SandboxNotFound: no such attached target.
-            Forbidden, UsageError, Conflict: as for :meth:`attach` (the new address).
+            Forbidden, UsageError, Conflict: as for :meth:`attach` (the new address, the
+                reason's text).
         """
         sb = self._roster.get(sandbox_id)
         if sb is None or sb.backend.name != "external":
             raise SandboxNotFound(f"no attached target {sandbox_id!r}")
         if gone == (ip is not None):
             raise UsageError("say where the target moved (ip) or that it is gone, one of them")
+        printable(reason, "the reason", MAX_REASON)
         if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED) and not gone:
             raise Conflict(f"attached target {sandbox_id} is {sb.live.state.value}: attach "
                            "it again (detach, attach) rather than moving it")

@@ -58,7 +58,7 @@ def _error(spec: str, why: str) -> PortSpecError:
 
 
 def _port(text: str, spec: str, *, allow_zero: bool) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # '²'.isdigit(), but int('²') fails
         raise _error(spec, f"{text!r} is not a port number")
     value = int(text)
     if not (0 if allow_zero else 1) <= value <= 65535:

@@ -12,6 +12,13 @@ lie in one of the gateway's ``attach_subnets`` (none by default: attaching is of
 operator names the networks), must not lie in the gateway's own sandbox pool, and must be
 routable from this host (the route, and the interface if one is named, are checked when
 attaching).
+
+``--netns`` (a container's namespace) changes none of that: the address in there passes
+the same allow-list, and its own loopback only when the operator listed it (an
+``attach_subnets`` entry such as ``127.0.0.0/8``). A namespace of sandport's own
+sandboxes (``sp-<id>``, made by this gateway or another: named, or named by the PID of a
+process in it) is refused: through it a caller would reach a sandbox's agent and services
+behind the gateway's back.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import shutil
+from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -33,26 +42,68 @@ log = logging.getLogger(__name__)
 
 #: The profiles an attached target can have: what readiness speaks to its primary port.
 ATTACH_PROFILES = ("desktop", "http", "tcp")
+#: Where ``ip netns`` keeps named namespaces, sandport's sandboxes' among them.
+NETNS_DIR = Path("/run/netns")
+#: A sandbox's network namespace: ``sp-`` and its id (:func:`sandport.sandbox.netns.netns_name`
+#: of ``secrets.token_hex(3)``), whichever gateway made it.
+SANDBOX_NETNS = re.compile(r"sp-[0-9a-f]{6}")
+
+
+def sandbox_namespace(netns: str | Path) -> str:
+    """The sandport sandbox whose network namespace ``netns`` is (its ``sp-<id>`` name),
+    or "": by name, and by identity (device and inode), so a PID's ``/proc/PID/ns/net``
+    or another path to the same namespace is recognised too."""
+    path = Path(netns)
+    if path.parent == NETNS_DIR and SANDBOX_NETNS.fullmatch(path.name):
+        return path.name
+    try:
+        st = os.stat(path)
+        entries = list(os.scandir(NETNS_DIR))
+    except OSError:
+        return ""
+    for entry in entries:
+        if not SANDBOX_NETNS.fullmatch(entry.name):
+            continue
+        try:
+            theirs = entry.stat()
+        except OSError:  # removed meanwhile
+            continue
+        if (theirs.st_dev, theirs.st_ino) == (st.st_dev, st.st_ino):
+            return entry.name
+    return ""
 
 
 def check_target(ip: ipaddress.IPv4Address, *, allowed: tuple[ipaddress.IPv4Network, ...],
                  pool: ipaddress.IPv4Network, netns: str = "") -> None:
     """Refuse a target outside the allow-list, in the pool, or not a unicast host address.
-    In another namespace (``netns``, a container's) its own loopback is allowed: the
-    service listens on 127.0.0.1 in there; any other address needs the allow-list too.
+    In another namespace (``netns``, a container's) the address passes the same
+    allow-list; its own loopback (the service listens on 127.0.0.1 in there) only when
+    ``allowed`` lists it (e.g. ``127.0.0.0/8``). Never a namespace of sandport's own
+    sandboxes, nor the gateway's own.
 
     Raises:
         Forbidden: not in ``allowed`` (the reason names the list and how to extend it),
-            or ``netns`` is the gateway's own namespace.
-        UsageError: an address no guest can have (loopback, multicast ...) or one of
-            the gateway's own pool.
+            or ``netns`` is the gateway's own namespace or a sandbox's.
+        UsageError: an address no guest can have (loopback outside ``netns``,
+            multicast ...) or one of the gateway's own pool.
     """
     if netns:
         own, theirs = os.stat("/proc/self/ns/net"), os.stat(netns)
         if (own.st_dev, own.st_ino) == (theirs.st_dev, theirs.st_ino):
             raise Forbidden(f"{netns} is the gateway's own network namespace: a target "
                             "there is attached by its address, without --netns")
+        sandbox = sandbox_namespace(netns)
+        if sandbox:
+            raise Forbidden(f"{netns} is the network namespace of the sandport sandbox "
+                            f"{sandbox}: a sandbox's guest ports (its agent among them) are "
+                            "reached through its own forwards and links, never attached")
         if ip.is_loopback:
+            if not any(ip in net for net in allowed):
+                raise Forbidden(
+                    f"{ip} is the loopback of the namespace {netns}, and this gateway may "
+                    "attach a namespace's loopback only when told so",
+                    hint="start the gateway with --attach-subnet 127.0.0.0/8 to allow "
+                         "targets on the loopback of other namespaces (containers')")
             return
     if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local or \
             ip == ipaddress.IPv4Address("255.255.255.255"):
@@ -189,6 +240,31 @@ class ExternalBackend:
     def failure(self, spec: SandboxSpec, *, agent: bool = False) -> str | None:
         """sandport runs no process of the target: only its probes can tell."""
         return None
+
+
+#: The longest name an attached target may have (shown in lists and logs).
+MAX_NAME = 64
+#: The longest reason its owner may give when it moved or is gone (logs, close reasons).
+MAX_REASON = 200
+
+
+def printable(text: str, what: str, limit: int) -> str:
+    """``text`` if it is fit for a log line: at most ``limit`` characters, all printable
+    (no control characters: no CR or LF to forge lines with, no tabs, no Unicode line
+    separators or bidirectional overrides; ``str.isprintable``, spaces allowed).
+
+    Raises:
+        UsageError: it is longer, or carries a character that is not printable (the
+            message names ``what`` and the first such character's code point).
+    """
+    if len(text) > limit:
+        raise UsageError(f"{what} is {len(text)} characters long; at most {limit}")
+    bad = next((c for c in text if not c.isprintable()), None)
+    if bad is not None:
+        raise UsageError(f"{what} must be printable text: it has the control character "
+                         f"U+{ord(bad):04X} (no line breaks, tabs or other control "
+                         "characters: it goes into logs)")
+    return text
 
 
 def resolve_ip(text: str) -> ipaddress.IPv4Address:
