@@ -21,6 +21,13 @@ DEFAULT_LISTEN = ("127.0.0.1", 8700)
 DEFAULT_AGENT_PORT = 7411
 DEFAULT_IMAGE_CACHE = Path("/var/cache/sandport/images")  # guest images (sandbox.images)
 IFNAMSIZ = 15  # Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+#: The agent port's limits (guests are hostile): content bytes of one request (reports
+#: and credentials are small), seconds a request head may take, seconds a connection may
+#: stay silent both ways, connections open at once from one source address (a sandbox).
+AGENT_MAX_BODY = 64 * 1024
+AGENT_HEAD_TIMEOUT = 10.0
+AGENT_IDLE_TIMEOUT = 10.0  # between requests the agent app's own 5 s keep-alive ends first
+AGENT_MAX_PER_SOURCE = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +61,30 @@ class NetConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AgentLimits:
+    """What one sandbox's guest may cost the agent port (its front enforces them).
+
+    Attributes:
+        max_body: content bytes a request may carry, chunked or not (over: 413).
+        head_timeout: seconds from a connection (or a later request's first byte) to the
+            end of its request head (over: 408 and closed).
+        idle_timeout: seconds without a byte either way before a connection is closed.
+        max_per_source: connections open at once from one address (over: 429, closed).
+    """
+
+    max_body: int = AGENT_MAX_BODY
+    head_timeout: float = AGENT_HEAD_TIMEOUT
+    idle_timeout: float = AGENT_IDLE_TIMEOUT
+    max_per_source: int = AGENT_MAX_PER_SOURCE
+
+    def __post_init__(self) -> None:
+        if self.max_body < 0 or self.max_per_source < 1:
+            raise UsageError("agent limits: max_body must be >= 0 and max_per_source >= 1")
+        if not (self.head_timeout > 0 and self.idle_timeout > 0):
+            raise UsageError("agent limits: the head and idle timeouts must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """Everything a gateway needs, resolved before it starts.
 
@@ -77,6 +108,8 @@ class GatewayConfig:
             it in ``<state dir>/secret.key``, created at the first start (mode 0600).
         agent_port: where guest agents reach the gateway: this port on the bridge
             address (sandboxes only; agent routes only).
+        agent_limits: body cap, head and idle timeouts, per-sandbox connection cap of
+            the agent port.
         image_cache: where the qemu backend finds (and builds) its guest images.
         qemu_accel: ``auto`` (kvm where usable and not paravirtual, else tcg), ``kvm``
             or ``tcg``.
@@ -102,6 +135,7 @@ class GatewayConfig:
     ws_max_per_client: int | None = None
     secret_key_file: Path | None = None
     agent_port: int = DEFAULT_AGENT_PORT
+    agent_limits: AgentLimits = field(default_factory=AgentLimits)
     image_cache: Path = DEFAULT_IMAGE_CACHE
     qemu_accel: str = "auto"
     attach_subnets: tuple[ipaddress.IPv4Network, ...] = ()

@@ -13,21 +13,38 @@ has its answer, the relay hands the upgrade and the bytes after it back to its o
 and bridges or refuses it. A request that cannot be framed safely gets its 4xx after
 the earlier answers, and the connection closes. Must not touch WebSocket framing,
 routes or tokens: those are the session's and the router's.
+
+With :class:`RelayLimits` (the agent port's front, :mod:`sandport.control.agent_port`;
+the bridge passes none and is unchanged), a request whose content is over a cap is
+refused with 413 as soon as the framer sees it (a chunked one mid-body: its head already
+went to the app, so the relay answers for it and drops the app's connection), and every
+refusal is a lingering close: the answer, a FIN, then the client's bytes read and dropped
+for a moment, so a client still sending reads its answer instead of a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
 
 from sandport.bridge.web import json_response
-from sandport.proto.http1 import Body, End, FramingError, Head, MessageFramer, Role
+from sandport.proto.http1 import (
+    Body,
+    BodyTooLarge,
+    End,
+    FramingError,
+    Head,
+    MessageFramer,
+    Role,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AppRelay", "RelayOwner", "rewrite_head"]
+__all__ = ["AppRelay", "RelayLimits", "RelayOwner", "rewrite_head"]
 
 WRITE_HIGH: Final = 1024 * 1024
 WRITE_LOW: Final = 256 * 1024
@@ -58,6 +75,24 @@ def rewrite_head(head: Head, client_ip: str, scheme: str, *, trusted: bool) -> b
     kept.append(b"X-Forwarded-For: " + forwarded_for + client_ip.encode())
     kept.append(b"X-Forwarded-Proto: " + scheme.encode())
     return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayLimits:
+    """Optional limits of a relay (the bridge's relay has none).
+
+    Attributes:
+        max_body: content bytes a request may carry (chunk framing not counted).
+        linger: seconds a refused client's bytes are still read (and dropped) after the
+            answer and a FIN, before the connection closes.
+    """
+
+    max_body: int
+    linger: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_body < 0 or self.linger < 0:
+            raise ValueError("relay limits must not be negative")
 
 
 class RelayOwner(Protocol):
@@ -113,13 +148,16 @@ class AppRelay:
 
     def __init__(self, owner: RelayOwner, client: asyncio.Transport, app_socket: str, *,
                  client_ip: str, scheme: str, trusted: bool,
-                 spawn: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None], str], None],
+                 limits: RelayLimits | None = None) -> None:
         self.owner = owner
         self.client = client
         self.app_socket = app_socket
         self.client_ip, self.scheme, self.trusted = client_ip, scheme, trusted
         self._spawn = spawn
-        self.requests = MessageFramer(Role.REQUEST)
+        self.limits = limits
+        self.requests = MessageFramer(Role.REQUEST,
+                                      max_body=limits.max_body if limits else None)
         self.responses = MessageFramer(Role.RESPONSE)
         self.upstream: _Upstream | None = None
         self._connecting = False
@@ -133,6 +171,13 @@ class AppRelay:
         #: A request that could not be framed, answered after the earlier ones.
         self._refusal: FramingError | None = None
         self._done = False  # handed over, refused, or the app closed
+        #: A request whose head went to the app and whose body has not all come.
+        self._open_request = False
+        #: With limits: that request was refused mid-body (the app never gets the rest).
+        self._abandoned = False
+        self._linger: asyncio.TimerHandle | None = None
+        #: When the last byte came from the client or the app (``time.monotonic()``).
+        self.last_activity = time.monotonic()
 
     @property
     def handing_over(self) -> bool:
@@ -143,6 +188,7 @@ class AppRelay:
 
     def from_client(self, data: bytes) -> None:
         """Frame ``data``; relay requests, hold an upgrade, or refuse what cannot be framed."""
+        self.last_activity = time.monotonic()
         if self._done:
             return
         if self._held is not None:
@@ -171,9 +217,13 @@ class AppRelay:
                         events += exc.events
                         error = exc
                 self._relay_head(event)
+                self._open_request = True
             elif isinstance(event, Body):
                 self._to_app(event.data)
+            else:
+                self._open_request = False
         if error is not None:
+            self._abandoned = self.limits is not None and self._open_request
             log.info("%s: refused a request from %s: %s", self.owner.cid, self.client_ip,
                      error)
             self._refusal = error
@@ -233,6 +283,8 @@ class AppRelay:
     def client_lost(self) -> None:
         """The client connection is gone."""
         self._done = True
+        if self._linger is not None:
+            self._linger.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
 
@@ -250,6 +302,7 @@ class AppRelay:
 
     def from_app(self, data: bytes) -> None:
         """An answer (or part of one) from the app: to the client, and counted."""
+        self.last_activity = time.monotonic()
         if self._done:
             return
         self.client.write(data)
@@ -275,22 +328,59 @@ class AppRelay:
 
     def _settle(self) -> None:
         """Once every earlier request is answered: hand an upgrade over, or refuse."""
-        if self.in_flight or self._done:
+        if self._done:
+            return
+        if self._abandoned:  # the refused request is the last relayed; it never completes
+            if self.in_flight > 1:
+                return
+            if not self.in_flight or not self.responses.at_boundary:
+                self._detach()  # the app answered it already, or is halfway: no answer
+                self._close_client()
+                return
+        elif self.in_flight:
             return
         if self._refusal is not None:
             exc = self._refusal
-            self._answer(exc.status, "bad_request", f"the request cannot be framed: {exc}")
+            if isinstance(exc, BodyTooLarge):
+                self._answer(413, "too_large", str(exc))
+            else:
+                self._answer(exc.status, "bad_request", f"the request cannot be framed: {exc}")
         elif self._held is not None:
             data, self._held = bytes(self._held), None
             self._detach()
             self.owner.upgrade_requested(data)
+
+    def refuse(self, status: int, error: str, message: str) -> bool:
+        """Answer the client with a JSON error and close (the owner's refusals: a head
+        timeout, an upgrade it does not take), if nothing is unanswered or half-sent.
+
+        Returns:
+            False (nothing written, nothing closed) when an answer cannot go in now.
+        """
+        if self._done or self.in_flight or not self.responses.at_boundary:
+            return False
+        self._answer(status, error, message)
+        return True
 
     def _answer(self, status: int, error: str, message: str) -> None:
         self._detach()
         if not self.client.is_closing():
             self.client.write(json_response(status, {"error": error,
                                                      "message": message}).serialize())
-            self.client.close()
+            self._close_client()
+
+    def _close_client(self) -> None:
+        """Close the client's side; with limits, a lingering close (see the module)."""
+        client = self.client
+        if self.limits is None or not self.limits.linger or not client.can_write_eof():
+            client.close()
+            return
+        if client.is_closing() or self._linger is not None:
+            return
+        client.write_eof()
+        client.resume_reading()  # drained and dropped (from_client ignores it) until EOF
+        self._linger = asyncio.get_running_loop().call_later(self.limits.linger,
+                                                              client.close)
 
     def _detach(self) -> None:
         """The relay is done with the connection; the app's side closes."""

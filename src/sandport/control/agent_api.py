@@ -6,7 +6,10 @@ only these exist and only the sandbox's own address may call them.
 
 Must not touch: the admin routes (:mod:`sandport.control.api`) and the gateway's state:
 the routes hand each call to the :class:`~sandport.control.api.SandboxApi`. The token
-check runs before the body is read (:class:`~sandport.control.api.ApiGate`).
+check runs before the body is read (:class:`~sandport.control.api.ApiGate`). The app
+listens on a Unix socket; guests reach it only through the agent port's front
+(:mod:`sandport.control.agent_port`: body cap, head and idle timeouts, connection cap),
+which names the guest's address in ``X-Forwarded-For``.
 """
 
 from __future__ import annotations

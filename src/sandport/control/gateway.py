@@ -54,6 +54,7 @@ from sandport.bridge.server import WsBridge
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.access import DEFAULT_SESSION_TTL, Access
 from sandport.control.agent_api import agent_app
+from sandport.control.agent_port import AgentPort
 from sandport.control.app import CONNECT_TIMEOUT, GatewayRouter, LiveSandbox, build_app
 from sandport.control.events import EventHub
 from sandport.control.forwards import ForwardOptions, ForwardTable
@@ -150,8 +151,10 @@ class Gateway:
         self._rooms: _Rooms | None = None
         #: Every recorded state change goes to the log and to live watchers (SSE).
         self.events = EventHub()
-        #: Guest agents' port on the bridge address (agent routes only).
+        #: The guest agents' app (agent routes only), on a Unix socket behind _agent_port.
         self._agent_http: HttpServer | None = None
+        #: Its front: connection cap, head and idle timeouts, body cap (control.agent_port).
+        self._agent_port: AgentPort | None = None
         self._http: HttpServer | None = None
         #: The gateway's port: WebSocket bridge, TLS detection; other requests go to _http.
         self._front: WsBridge | None = None
@@ -248,9 +251,14 @@ class Gateway:
                 f"{cfg.net.gateway_ip}/{cfg.net.subnet.prefixlen}"
             )
             await asyncio.to_thread(netlink.ensure_bridge, cfg.net.bridge, gateway_iface)
-            self._agent_http = HttpServer(agent_app(self), str(cfg.net.gateway_ip),
-                                          cfg.agent_port, what="agent port")
+            # The agent app listens on a Unix socket; guests reach it only through the
+            # agent port's front (limits, and their real address in X-Forwarded-For).
+            agent_socket = RUN_DIR / f"bridge-{cfg.net.bridge}.agent.sock"
+            self._agent_http = HttpServer(agent_app(self), "", 0, unix_path=agent_socket)
             await self._agent_http.start()
+            self._agent_port = AgentPort(str(cfg.net.gateway_ip), cfg.agent_port,
+                                         agent_socket, cfg.agent_limits)
+            await self._agent_port.start()
             # Sandboxes a killed gateway left: adopted with their forwards, or failed.
             await self._recover(rooms, box, progress)
             # Kernel forwards: exactly this gateway's; a killed one's stale rules are gone.
@@ -439,8 +447,11 @@ class Gateway:
         if self._http is not None:
             await _step("the HTTP app", self._http.stop())
             self._http = None
+        if self._agent_port is not None:
+            await _step("the agent port", self._agent_port.stop())
+            self._agent_port = None
         if self._agent_http is not None:
-            await _step("the agent port", self._agent_http.stop())
+            await _step("the agent app", self._agent_http.stop())
             self._agent_http = None
         # 2. Sandboxes: their forwards, guest processes, namespaces, links, leases (or,
         #    kept, only this process's monitors and timers).

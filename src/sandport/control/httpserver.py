@@ -66,9 +66,10 @@ def bind_unix(path: Path) -> socket.socket:
 class HttpServer:
     """An ASGI app served by uvicorn, HTTP only (WebSocket upgrades are the bridge's).
 
-    On a TCP port, or on a Unix socket behind the bridge's front door
-    (:class:`~sandport.bridge.server.WsBridge` with ``app_socket``), which marks every
-    request with ``X-Forwarded-For``/``-Proto``; only then are those headers trusted.
+    On a TCP port, or on a Unix socket behind a front door (the bridge's,
+    :class:`~sandport.bridge.server.WsBridge` with ``app_socket``, or the agent port's,
+    :class:`~sandport.control.agent_port.AgentPort`), which marks every request with
+    ``X-Forwarded-For``/``-Proto``; only then are those headers trusted.
     """
 
     def __init__(self, app: ASGIApp, host: str, port: int, *,

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_CHUNK_LINE",
     "MAX_HEAD",
     "Body",
+    "BodyTooLarge",
     "End",
     "FramingError",
     "Head",
@@ -96,6 +97,12 @@ class HeadTooLarge(FramingError):
     """A head or a trailer section is over :data:`MAX_HEAD` bytes."""
 
     status = 431
+
+
+class BodyTooLarge(FramingError):
+    """A request's content is over the framer's ``max_body`` (declared or as read)."""
+
+    status = 413
 
 
 class UnsupportedCoding(FramingError):
@@ -257,11 +264,19 @@ class MessageFramer:
     Feed bytes with :meth:`receive_data`; it returns :class:`Head`, :class:`Body` and
     :class:`End` events. A response framer must be told the method of each request its
     responses answer (:meth:`expect`), since a response to HEAD has no body.
+
+    With ``max_body``, a request framer refuses (:class:`BodyTooLarge`) a request whose
+    content is over that many bytes: a ``Content-Length`` over it before its head is
+    emitted, a chunked body as soon as a chunk size would take it over (chunk framing is
+    not counted); nothing of the excess is buffered.
     """
 
-    def __init__(self, role: Role, *, max_head: int = MAX_HEAD) -> None:
+    def __init__(self, role: Role, *, max_head: int = MAX_HEAD,
+                 max_body: int | None = None) -> None:
         self.role = role
         self.max_head = max_head
+        self.max_body = max_body
+        self._content = 0  # content bytes of the current request announced so far
         self._phase = Phase.HEAD
         self._buf = bytearray()
         self._left = 0  # bytes left of a LENGTH body or of a chunk (its CRLF excluded)
@@ -387,6 +402,9 @@ class MessageFramer:
             raise UnsupportedCoding("Transfer-Encoding must end in chunked")
         if codings and b"chunked" in codings[:-1]:
             raise FramingError("chunked is applied more than once")
+        if self.max_body is not None and length is not None and length > self.max_body:
+            raise BodyTooLarge(f"the body is {length} bytes; the limit is {self.max_body}")
+        self._content = 0
         if codings:
             body = Phase.CHUNK_SIZE
         elif length:
@@ -454,9 +472,12 @@ class MessageFramer:
         size = line.split(b";", 1)[0]
         if not _HEX.match(size) or len(size.lstrip(b"0")) > _MAX_CHUNK_DIGITS:
             raise FramingError("a chunk size is not a hexadecimal number")
+        self._left = int(size, 16)
+        self._content += self._left
+        if self.max_body is not None and self._content > self.max_body:
+            raise BodyTooLarge(f"the chunked body is over {self.max_body} bytes")
         events.append(Body(bytes(self._buf[: end + 2])))
         del self._buf[: end + 2]
-        self._left = int(size, 16)
         self._move(Phase.CHUNK_DATA if self._left else Phase.TRAILER)
         return True
 
