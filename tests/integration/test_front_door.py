@@ -183,3 +183,17 @@ def test_requests_that_cannot_be_framed_are_refused_after_the_earlier_answers(
         assert refusal(conn) == (status, "bad_request")
         assert conn.closed()
         conn.close()
+
+
+def test_a_request_broken_mid_body_is_answered_not_left_hanging(gateway_factory: Any) -> None:
+    """Its head already went to the app, which would wait for the rest for ever: the
+    front door answers for it, after the answers before it."""
+    gw: Gateway = gateway_factory()
+    conn = Conn(gw.http_port)
+    conn.sock.settimeout(5)  # the bug was a connection that never answered
+    conn.send(GET + b"POST /healthz HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"3\r\nabc\r\nzz\r\n")  # "zz" is no chunk size
+    assert conn.response()[0] == 200
+    assert refusal(conn) == (400, "bad_request")
+    assert conn.closed()
+    conn.close()

@@ -14,12 +14,16 @@ and bridges or refuses it. A request that cannot be framed safely gets its 4xx a
 the earlier answers, and the connection closes. Must not touch WebSocket framing,
 routes or tokens: those are the session's and the router's.
 
+A request refused mid-body (a malformed chunk; with limits, a body over the cap) already
+had its head sent to the app, which would wait for the rest for ever: the relay answers
+for it once the earlier requests are answered and drops the app's connection, so the
+client is never left hanging.
+
 With :class:`RelayLimits` (the agent port's front, :mod:`sandport.control.agent_port`;
-the bridge passes none and is unchanged), a request whose content is over a cap is
-refused with 413 as soon as the framer sees it (a chunked one mid-body: its head already
-went to the app, so the relay answers for it and drops the app's connection), and every
-refusal is a lingering close: the answer, a FIN, then the client's bytes read and dropped
-for a moment, so a client still sending reads its answer instead of a reset.
+the bridge passes none), a request whose content is over a cap is refused with 413 as
+soon as the framer sees it, and every refusal is a lingering close: the answer, a FIN,
+then the client's bytes read and dropped for a moment, so a client still sending reads
+its answer instead of a reset.
 """
 
 from __future__ import annotations
@@ -173,7 +177,7 @@ class AppRelay:
         self._done = False  # handed over, refused, or the app closed
         #: A request whose head went to the app and whose body has not all come.
         self._open_request = False
-        #: With limits: that request was refused mid-body (the app never gets the rest).
+        #: That request was refused mid-body (the app never gets the rest).
         self._abandoned = False
         self._linger: asyncio.TimerHandle | None = None
         #: When the last byte came from the client or the app (``time.monotonic()``).
@@ -223,7 +227,7 @@ class AppRelay:
             else:
                 self._open_request = False
         if error is not None:
-            self._abandoned = self.limits is not None and self._open_request
+            self._abandoned = self._open_request  # its head went to the app: never answered
             log.info("%s: refused a request from %s: %s", self.owner.cid, self.client_ip,
                      error)
             self._refusal = error
