@@ -51,6 +51,7 @@ from sandport.errors import (
 )
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink
+from sandport.net.antispoof import PortGuards
 from sandport.net.nsock import netns_path, same_namespace
 from sandport.net.pool import AddressPool
 from sandport.probe import ProbeResult
@@ -156,7 +157,7 @@ class Sandboxes:
     def __init__(self, roster: Roster, forwards: ForwardTable, config: GatewayConfig,
                  port: GatewayPort, *, readiness: ReadinessMonitor, access: Access,
                  backends: dict[str, Backend], pool: AddressPool, box: SecretBox,
-                 agent_url: str) -> None:
+                 agent_url: str, guards: PortGuards) -> None:
         self._roster = roster
         self._forwards = forwards
         self._config = config
@@ -167,6 +168,7 @@ class Sandboxes:
         self._pool = pool
         self._box = box
         self._agent_url = agent_url
+        self._guards = guards
 
     # Making and fronting -------------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class Sandboxes:
             what = "network namespace" if be.name == "netns" else "microVM tap"
             progress(f"sandbox {sandbox_id}: {what}, {address} on {spec.bridge}")
             await be.create(spec)
+            await self.guard(sb)  # before any guest program runs
             self._roster.set_state(sb, SandboxState.STARTING)
             progress(f"sandbox {sandbox_id}: starting {prof.summary.split(';')[0]}")
             await be.start(spec)
@@ -477,8 +480,16 @@ class Sandboxes:
             sandbox_id, 1001, "the target was detached: sandport no longer fronts it"
             if sb.backend.name == "external" else "the sandbox was destroyed")
         await sb.backend.destroy(sb.spec)
+        await self._guards.release(sandbox_id)  # its port is gone with it
         self._roster.set_state_or_log(sb, SandboxState.STOPPED)
         self._roster.discard(sandbox_id)
+
+    async def guard(self, sb: RunningSandbox) -> None:
+        """Anti-spoofing on a sandbox's bridge port (made or adopted): only its own MAC
+        and address pass (:mod:`sandport.net.antispoof`). Attached targets have no port
+        on the bridge."""
+        if sb.backend.name != "external":
+            await self._guards.admit(sb.id, sb.backend.host_link(sb.spec), sb.live.ip)
 
     # Forwards ------------------------------------------------------------------------------
 
