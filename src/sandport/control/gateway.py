@@ -24,7 +24,7 @@ Lifecycle is ``start -> serve -> stop`` (``async with Gateway(config) as gw``):
 start:  preflight (capabilities, programs) -> lock the state dir -> admin token and
         secret key -> open the store (the rooms are made on it) -> bridge -> agent
         listener -> adopt what a crashed gateway left running (or mark it failed) ->
-        kernel forwards -> HTTP port.
+        kernel forwards with host isolation, anti-spoofing -> HTTP port.
 stop:   events end -> HTTP port (browsers get a close code) -> sandboxes -> forwards ->
         bridge -> store and lock. Every step runs even if an earlier one failed.
 

@@ -8,6 +8,8 @@ Owns:
       the monitor; a step that fails fails the sandbox and removes what was made);
     * an attached target that moved or is gone (``retarget``);
     * destroying a sandbox: monitor, sessions, forwards, bridge sessions, the guest;
+    * which bridge port is guarded against spoofing for whom (:meth:`Sandboxes.guard`:
+      after the link is made, before the guest runs; released once the link is gone);
     * a sandbox's host forwards (published at start, added and removed at runtime, kept
       in the store so an adopting gateway publishes them again);
     * what a caller is told about a sandbox (:class:`SandboxInfo`) and its guest logs.

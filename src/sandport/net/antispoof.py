@@ -42,13 +42,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import json
 import logging
 import re
-import subprocess
 from dataclasses import dataclass
 
-from sandport.net.nft import NFT_TIMEOUT, TABLE, NftError, program, run_script
+from sandport.net import nft
+from sandport.net.nft import TABLE, NftError, run_script
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +141,9 @@ def render(bridge: str, ports: list[PortGuard]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table_json() -> list[dict[str, object]]:
-    r = subprocess.run([program(), "-j", "list", "table", FAMILY, TABLE], capture_output=True,
-                       text=True, timeout=NFT_TIMEOUT, check=False)
-    if r.returncode != 0:  # no table
-        return []
-    items: list[dict[str, object]] = json.loads(r.stdout)["nftables"]
-    return items
-
-
 def own_chains(bridge: str) -> list[str]:
     """Chains of the bridge table that belong to the gateway of ``bridge``."""
-    return [str(chain["name"]) for item in _table_json()
-            if isinstance(chain := item.get("chain"), dict)
-            and str(chain.get("name", "")).endswith(f"-{bridge}")]
+    return nft.own_chains(bridge, FAMILY)
 
 
 def apply(bridge: str, ports: list[PortGuard]) -> None:
@@ -177,7 +165,7 @@ def remove(bridge: str) -> None:
         ordered = sorted(chains, key=lambda c: c != base)
         run_script("".join(f"flush chain {FAMILY} {TABLE} {c}\n" for c in ordered)
              + "".join(f"delete chain {FAMILY} {TABLE} {c}\n" for c in ordered))
-    items = _table_json()
+    items = nft.table_json(FAMILY)
     if items and not any("chain" in i for i in items):
         try:
             run_script(f"delete table {FAMILY} {TABLE}\n")
@@ -198,7 +186,7 @@ def guarded(bridge: str) -> dict[str, tuple[str, str]]:
 
 def _port_rules(bridge: str) -> list[dict[str, object]]:
     """The rules of this gateway's port chains."""
-    return [rule for item in _table_json() if isinstance(rule := item.get("rule"), dict)
+    return [rule for item in nft.table_json(FAMILY) if isinstance(rule := item.get("rule"), dict)
             and str(rule.get("chain", "")).startswith("port-")
             and str(rule.get("chain", "")).endswith(f"-{bridge}")]
 
@@ -210,11 +198,7 @@ def spoofed(bridge: str) -> dict[str, dict[str, int]]:
         words = str(rule.get("comment", "")).split()
         if len(words) != 4 or words[:2] != ["sandport", "spoof"]:
             continue
-        exprs = rule.get("expr")
-        packets = sum(int(counter.get("packets", 0)) for e in
-                      (exprs if isinstance(exprs, list) else [])
-                      if isinstance(e, dict) and isinstance(counter := e.get("counter"), dict))
-        out.setdefault(words[2], {})[words[3]] = packets
+        out.setdefault(words[2], {})[words[3]] = nft.packets(rule)
     return out
 
 

@@ -276,8 +276,9 @@ def run_script(script: str) -> None:
                        hint="is the nf_tables module available (modprobe nf_tables)?")
 
 
-def _table_json() -> list[dict[str, object]]:
-    r = subprocess.run([program(), "-j", "list", "table", FAMILY, TABLE], capture_output=True,
+def table_json(family: str = FAMILY) -> list[dict[str, object]]:
+    """The objects of ``nft -j list table <family> sandport``; [] when there is no table."""
+    r = subprocess.run([program(), "-j", "list", "table", family, TABLE], capture_output=True,
                        text=True, timeout=NFT_TIMEOUT, check=False)
     if r.returncode != 0:  # no table
         return []
@@ -285,11 +286,11 @@ def _table_json() -> list[dict[str, object]]:
     return items
 
 
-def own_chains(bridge: str) -> list[str]:
-    """Chains of the table that belong to the gateway of ``bridge``."""
+def own_chains(bridge: str, family: str = FAMILY) -> list[str]:
+    """Chains of the table (of ``family``) that belong to the gateway of ``bridge``."""
     suffix = f"-{bridge}"
     names = []
-    for item in _table_json():
+    for item in table_json(family):
         chain = item.get("chain")
         if isinstance(chain, dict) and str(chain.get("name", "")).endswith(suffix):
             names.append(str(chain["name"]))
@@ -298,7 +299,7 @@ def own_chains(bridge: str) -> list[str]:
 
 def _rules(chains: list[str]) -> list[dict[str, object]]:
     mine = set(chains)
-    return [rule for item in _table_json()
+    return [rule for item in table_json()
             if isinstance(rule := item.get("rule"), dict) and rule.get("chain") in mine]
 
 
@@ -307,7 +308,7 @@ def _exprs(rule: dict[str, object]) -> list[dict[str, object]]:
     return [e for e in exprs if isinstance(e, dict)] if isinstance(exprs, list) else []
 
 
-def _packets(rule: dict[str, object]) -> int:
+def packets(rule: dict[str, object]) -> int:
     """The rule's counter (packets), 0 without one."""
     return sum(int(counter.get("packets", 0)) for e in _exprs(rule)
                if isinstance(counter := e.get("counter"), dict))
@@ -332,14 +333,14 @@ def connection_counts(bridge: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for rule in _rules(chain_names(bridge)):
         key = str(rule.get("comment", ""))
-        counts[key] = counts.get(key, 0) + _packets(rule)
+        counts[key] = counts.get(key, 0) + packets(rule)
     return counts
 
 
 def guard_drops(bridge: str) -> dict[str, int]:
     """Packets each counted drop of the host isolation dropped, keyed by its comment
     (:func:`host_comment`, :func:`localnet_comment`, :data:`GUARD_COMMENTS`)."""
-    return {str(r.get("comment", "")): _packets(r) for r in _rules(guard_chain_names(bridge))
+    return {str(r.get("comment", "")): packets(r) for r in _rules(guard_chain_names(bridge))
             if any("drop" in e for e in _exprs(r))}
 
 
@@ -405,8 +406,8 @@ def remove(bridge: str) -> None:
     if chains:
         run_script("".join(f"flush chain {FAMILY} {TABLE} {c}\ndelete chain {FAMILY} {TABLE} {c}\n"
                      for c in chains))
-    remaining = [i for i in _table_json() if "chain" in i or "set" in i or "map" in i]
-    if not remaining and any("table" in i for i in _table_json()):
+    remaining = [i for i in table_json() if "chain" in i or "set" in i or "map" in i]
+    if not remaining and any("table" in i for i in table_json()):
         try:
             run_script(f"delete table {FAMILY} {TABLE}\n")
         except NftError:  # another gateway added a chain in between: the table stays
