@@ -53,7 +53,7 @@ from sandport.errors import (
 )
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink
-from sandport.net.antispoof import PortGuards
+from sandport.net.antispoof import PortGuards, sandbox_mac
 from sandport.net.nsock import netns_path, same_namespace
 from sandport.net.pool import AddressPool
 from sandport.probe import ProbeResult
@@ -335,9 +335,11 @@ class Sandboxes:
     def _new_id(self) -> str:
         while True:
             sandbox_id = secrets.token_hex(3)
+            # Its MAC (derived from the id) must be unique too: the bridge forwards by MAC.
+            macs = {sandbox_mac(other.id) for other in self._roster}
             if sandbox_id not in self._roster and not netlink.netns_exists(
                 netns_name(sandbox_id)
-            ):
+            ) and sandbox_mac(sandbox_id) not in macs:
                 return sandbox_id
 
     def _register(self, spec: SandboxSpec, backend: Backend, created: dict[str, Any], *,
