@@ -37,6 +37,7 @@ from sandport.net import antispoof, nft
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
 from sandport.sandbox.procs import NSEXEC
 from sandport.sandbox.profiles import desktop_name
+from uphelpers import up_factory  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -318,3 +319,16 @@ def test_a_sandbox_with_its_neighbours_address_takes_nothing_over(
     for sb in (a, b):
         loop_thread.run(gw.destroy_sandbox(sb.id))
     assert antispoof.guarded(bridge) == {}
+
+
+def test_a_start_that_fails_with_no_sandbox_leaves_no_guard_behind(
+        up_factory: Any, tmp_path: Path) -> None:
+    """A failed start keeps the guard only for sandboxes it leaves running: none here."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        up = up_factory("--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                        state_dir=tmp_path / "state")
+        _, stderr = up.proc.communicate(timeout=60)
+    assert up.proc.returncode == 2 and "already in use" in stderr, stderr
+    assert nft.own_chains(up.bridge) == [] and antispoof.own_chains(up.bridge) == []

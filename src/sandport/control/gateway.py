@@ -459,8 +459,10 @@ class Gateway:
         #    only with the bridge lock held, or they would be another gateway's. Sandboxes
         #    kept running stay guarded (host isolation, anti-spoofing).
         if self._bridge_lock is not None:
-            await _step("the forwards", self.forwards.close(keep_guard=keep_sandboxes))
-            if not keep_sandboxes:
+            kept = keep_sandboxes and bool(await asyncio.to_thread(
+                netlink.bridge_ports, self.config.net.bridge))
+            await _step("the forwards", self.forwards.close(keep_guard=kept))
+            if not kept:
                 await _step("anti-spoofing", self.guards.close())
         # 4. The bridge, once no port is left on it (sandboxes kept running keep it).
         if self._store is not None:
