@@ -298,9 +298,11 @@ def sandport_leftovers(
     if bridge is not None and shutil.which("nft"):
         # The table is shared by every gateway on the host (tests run in parallel):
         # what this gateway leaves are the chains named after its bridge.
+        from sandport.net import antispoof
         from sandport.net.nft import own_chains
 
         left += [f"nft chain {c}" for c in own_chains(bridge)]
+        left += [f"nft bridge chain {c}" for c in antispoof.own_chains(bridge)]
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in ignore_pids:
             continue
@@ -344,7 +346,9 @@ def remove_gateway_leftovers(*, bridge: str, state_dir: Path) -> None:
         subprocess.run(["ip", "link", "del", f"sp-{sid}-v"], capture_output=True, check=False)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
     if shutil.which("nft"):
-        from sandport.net import nft
+        from sandport.net import antispoof, nft
 
         with contextlib.suppress(Exception):
             nft.remove(bridge)
+        with contextlib.suppress(Exception):
+            antispoof.remove(bridge)

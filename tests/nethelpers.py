@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_test_subnet
+from sandport.net import nft
 from sandport.sandbox.procs import NSEXEC
 
 ECHO_SERVER = r"""
@@ -167,3 +168,13 @@ def run_in_netns(netns: str, code: str, *args: str) -> str:
     return (r.stdout + r.stderr).strip()
 
 
+def expected_guard_rules(bridge: str) -> list[tuple[str, str]]:
+    """(chain, comment) of a gateway's host isolation, in order (no forwards)."""
+    inc, fwd = nft.guard_chain_names(bridge)
+    return [(inc, "sandport guard: replies to connections the host opened"),
+            (inc, "sandport guard: guest agents"),
+            (inc, "sandport guard: guests ping their gateway"),
+            (inc, nft.localnet_comment(bridge)), (inc, nft.host_comment(bridge)),
+            (inc, nft.GUARD_COMMENTS["elsewhere"]), (fwd, ""),
+            (fwd, nft.GUARD_COMMENTS["routed_from"]),
+            (fwd, "sandport guard: kernel forwards"), (fwd, nft.GUARD_COMMENTS["routed_into"])]

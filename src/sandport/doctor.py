@@ -10,9 +10,11 @@ The path (see the design brief) is walked in order, for a sandbox and each port 
    scope; a sandbox that was deleted says when;
 3. **host network**: the bridge exists with the pool's address; the sandbox's link (veth or
    TAP) exists, is up and is a port of the bridge; the nft DNAT rules a kernel forward
-   needs (prerouting and output, ``route_localnet``); no nft rule elsewhere drops the
-   guest's address;
-4. **guest reachability**: an ICMP echo to the guest, explained with its ARP state;
+   needs (prerouting and output, ``route_localnet``); sandport's own guard is in place
+   (host isolation: what sandboxes reach on the host; anti-spoofing on the sandbox's
+   port) with what it dropped; no nft rule elsewhere drops the guest's address;
+4. **guest reachability**: an ICMP echo to the guest, explained with its ARP state (and
+   with the frames anti-spoofing dropped, when the guest sends as someone else);
 5. **guest service**: each port answers its protocol at the guest's address (an RFB
    handshake with the stored password, an HTTP status, the agent's ``/health``);
 6. **end to end**: the same through the user's path: each host forward, and for a desktop
@@ -186,6 +188,46 @@ class TokenFacts:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class IsolationFacts:
+    """What sandport's own guard holds and counted for a sandbox (``ip sandport``'s host
+    isolation, ``bridge sandport``'s anti-spoofing).
+
+    Attributes:
+        link: where the sandbox's packets reach the host: the bridge, or an attached
+            target's link (where a kernel forward turned ``route_localnet`` on).
+        guarded: the host isolation rules for ``link`` are in the table.
+        host_drops: packets from the bridge to host services dropped (every sandbox of
+            the bridge counts; 0 for an attached target's link).
+        localnet_drops: packets from ``link`` to 127.0.0.0/8 dropped.
+        agent: the one host service sandboxes reach (``gateway:port``); "" for a link.
+        port: the sandbox's bridge port ("" for an attached target: not on the bridge).
+        port_guarded: the port's anti-spoofing rules are there, with ``mac`` and its address.
+        mac: the MAC sandport gave the guest.
+        spoofed: frames the port's rules dropped, by reason (``mac``, ``ip``, ``arp``,
+            ``other``).
+    """
+
+    link: str
+    guarded: bool
+    host_drops: int = 0
+    localnet_drops: int = 0
+    agent: str = ""
+    port: str = ""
+    port_guarded: bool = False
+    mac: str = ""
+    spoofed: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def spoof_count(self) -> int:
+        """Frames dropped for a foreign source (MAC, IPv4 or ARP; not other protocols)."""
+        return sum(n for reason, n in self.spoofed if reason != "other")
+
+    def spoof_words(self) -> str:
+        """``mac 0, ip 3, arp 12``."""
+        return ", ".join(f"{reason} {n}" for reason, n in self.spoofed if reason != "other")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Subject:
     """Everything the walk needs of one sandbox (the gateway builds it).
 
@@ -226,6 +268,8 @@ class Subject:
     #: The network namespace (file) an attached target lives in: the walk cannot look
     #: into it from the host, so its guest hops are proven end to end.
     netns: str = ""
+    #: sandport's guard for the sandbox (None: nothing to guard, or nft is missing).
+    isolation: IsolationFacts | None = None
     pid: int = field(default_factory=os.getpid)
 
 
@@ -369,6 +413,7 @@ async def _host_network(walk: Walk, s: Subject) -> None:
     else:
         await _bridge_and_link(walk, s)
     await _nft_rules(walk, s)
+    _isolation(walk, s)
     if walk.skipped(hop, "firewall"):
         return
     drops = await asyncio.to_thread(inspect.rules_dropping, s.ip)
@@ -382,6 +427,50 @@ async def _host_network(walk: Walk, s: Subject) -> None:
                  f"{d.family} {d.table} {d.chain} handle {d.handle}` if it is not wanted")
     else:
         walk.add(hop, "firewall", True, f"no nft rule drops or rejects {s.ip}")
+
+
+def _isolation(walk: Walk, s: Subject) -> None:
+    """sandport's guard: host isolation on the sandbox's link, anti-spoofing on its port.
+    A missing guard or a spoofing guest is a warning: it explains, it does not block."""
+    iso, hop = s.isolation, "host network"
+    if iso is None or walk.skipped(hop, "host isolation"):
+        return
+    restart = "restart `sandport up`, which rewrites its chains (someone changed the table)"
+    if not iso.guarded:
+        walk.add(hop, "host isolation", False,
+                 f"table ip sandport has no host isolation for {iso.link}: "
+                 + ("the sandbox reaches every host service" if iso.agent else
+                    "127.0.0.0/8 from it reaches the host's loopback services"),
+                 restart, warn=True)
+    elif iso.agent:
+        walk.add(hop, "host isolation", True,
+                 f"from {iso.link} only the agent port {iso.agent}, ping and replies reach "
+                 f"the host; dropped so far (every sandbox of {iso.link}): "
+                 f"{iso.host_drops} packet(s) to host services, {iso.localnet_drops} to "
+                 "127.0.0.0/8")
+    else:
+        walk.add(hop, "host isolation", True,
+                 f"127.0.0.0/8 from {iso.link} is dropped (route_localnet is on there for "
+                 f"the kernel forward): {iso.localnet_drops} packet(s) so far")
+    if not iso.port:
+        return
+    if not iso.port_guarded:
+        walk.add(hop, "anti-spoofing", False,
+                 f"{iso.port} has no anti-spoofing rules (table bridge sandport) for "
+                 f"{iso.mac} / {s.ip}: the guest can send as another sandbox",
+                 restart, warn=True)
+    elif iso.spoof_count:
+        walk.add(hop, "anti-spoofing", False,
+                 f"sandport dropped {iso.spoof_count} frame(s) from {iso.port} whose source "
+                 f"was not {iso.mac} / {s.ip} ({iso.spoof_words()})",
+                 "something in the guest sends with an address or MAC sandport did not give "
+                 "it (a changed network configuration, or an attempt to take over another "
+                 "sandbox's address): only the sandbox's own pass", warn=True)
+    else:
+        other = dict(iso.spoofed).get("other", 0)
+        walk.add(hop, "anti-spoofing", True,
+                 f"{iso.port} lets only {iso.mac} / {s.ip} (IPv4, ARP) through; nothing "
+                 f"spoofed so far ({other} frame(s) of other protocols dropped)")
 
 
 async def _route_link(walk: Walk, s: Subject) -> None:
@@ -519,6 +608,17 @@ async def _reachability(walk: Walk, s: Subject) -> None:
         walk.add("guest reachability", "ping", True,
                  f"{s.ip} answers ICMP echo in {1000 * (result.rtt or 0):.1f} ms (ARP "
                  f"{arp or 'no entry'})")
+        return
+    iso = s.isolation
+    if iso is not None and iso.spoof_count:
+        walk.add("guest reachability", "ping", False,
+                 f"{result.detail}; ARP for {s.ip} is {arp or 'absent'}; sandport's "
+                 f"anti-spoofing dropped {iso.spoof_count} frame(s) from {iso.port} "
+                 f"({iso.spoof_words()}): the guest sends as another address or MAC than "
+                 f"{s.ip} / {iso.mac}",
+                 "the guest's network was changed inside it (its address or MAC): only "
+                 "what sandport gave it passes the bridge; set them back, or recreate the "
+                 "sandbox")
         return
     if arp in ("failed", "incomplete", None):
         why = (f"ARP for {s.ip} is {arp or 'absent'}: nothing on {s.bridge} answers for "

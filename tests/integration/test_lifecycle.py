@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from conftest import require_programs, require_root, test_net_names
-from nethelpers import free_port
-from sandport.net import nft
+from nethelpers import expected_guard_rules, free_port
+from sandport.net import antispoof, nft
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
 from uphelpers import SANDPORT, up_factory  # noqa: F401 - a fixture
 
@@ -100,7 +100,12 @@ def test_kill_9_then_restart_leaves_exactly_the_new_kernel_rules(
         (f"out-{bridge}", f"sandport tcp 127.0.0.1:{p3} -> {ready['ip']}:7"),
         (f"post-{bridge}", "sandport: replies to 127.0.0.1"),
     ])
-    assert sorted(nft.own_chains(bridge)) == sorted(nft.chain_names(bridge))
+    # The guard too: host isolation once, anti-spoofing on exactly the two ports.
+    assert sorted(nft.own_chains(bridge)) == sorted([*nft.chain_names(bridge),
+                                                     *nft.guard_chain_names(bridge)])
+    assert nft.guard_rules(bridge) == expected_guard_rules(bridge)
+    assert antispoof.guarded(bridge) == {
+        f"sp-{sb['id']}-v": (antispoof.sandbox_mac(sb["id"]), sb["ip"]) for sb in (adopted, ready)}
     # `sandport forward list` asks the running gateway: mode, why, counters.
     table = _run_cli("forward", "list", "--state-dir", str(state))
     assert table.returncode == 0, table.stderr

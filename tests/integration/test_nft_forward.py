@@ -131,7 +131,12 @@ def test_reapply_after_kill_9_is_exact_and_leaves_other_gateways_alone(
         for _ in range(2):
             nft.apply(bridge, rules)
             assert sorted(nft.rules_of(bridge)) == expected_rules(bridge, rules)
-        assert sorted(nft.own_chains(bridge)) == sorted(nft.chain_names(bridge))
+        # route_localnet is on for the rules: 127.0.0.0/8 from the bridge is dropped.
+        assert sorted(nft.own_chains(bridge)) == sorted([*nft.chain_names(bridge),
+                                                         f"in-{bridge}"])
+        assert nft.guard_rules(bridge) == [
+            (f"in-{bridge}", "sandport guard: replies to connections the host opened"),
+            (f"in-{bridge}", nft.localnet_comment(bridge))]
         assert nft.rules_of(other) == other_before
         nft.remove(bridge)
         assert nft.own_chains(bridge) == [] and nft.rules_of(other) == other_before

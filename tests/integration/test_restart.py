@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from conftest import record
-from nethelpers import ECHO_SERVER, free_port, guest_server
+from nethelpers import ECHO_SERVER, expected_guard_rules, free_port, guest_server
 from sandport.client import ApiError, Client
-from sandport.net import nft
+from sandport.net import antispoof, nft
 from sandport.probe import probe_rfb_tcp, probe_rfb_ws
 from uphelpers import up_factory  # noqa: F401 - a fixture
 
@@ -80,8 +80,15 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
         session = sbs[1].create_session(ttl=600)
         doomed = sbs[2].create_session(ttl=600)
         before = {sb.id: sb.refresh().doc for sb in sbs}
+        guard = expected_guard_rules(first.bridge)
+        assert nft.guard_rules(first.bridge) == guard
+        assert antispoof.guarded(first.bridge) == {
+            f"sp-{sb.id}-v": (antispoof.sandbox_mac(sb.id), sb.doc["ip"]) for sb in sbs}
         first.proc.kill()  # SIGKILL: no cleanup at all
         first.proc.communicate(timeout=10)
+        # The guests outlive the gateway, and so does what contains them.
+        assert nft.guard_rules(first.bridge) == guard
+        assert len(antispoof.guarded(first.bridge)) == 3
 
         # The guests outlive the gateway; one sandbox loses its desktop meanwhile.
         assert all(netns_pids(f"sp-{i}") for i in ids)
@@ -175,6 +182,14 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
                                            capture_output=True, check=True).stdout
                 assert len(listening.splitlines()) == 1, listening
         assert nft.rules_of(first.bridge) == []
+        # Exactly the guard: host isolation once, anti-spoofing for the adopted two (the
+        # failed one's port and rules are gone), no chain of this bridge left over.
+        assert nft.guard_rules(first.bridge) == guard
+        assert antispoof.guarded(first.bridge) == {
+            f"sp-{sid}-v": (antispoof.sandbox_mac(sid), now[sid]["ip"]) for sid in ids[:2]}
+        assert sorted(antispoof.own_chains(first.bridge)) == sorted(
+            [antispoof.base_chain(first.bridge),
+             *(antispoof.port_chain(f"sp-{sid}-v", first.bridge) for sid in ids[:2])])
         kinds = [(e["sandbox"], e["kind"]) for e in api.events()]
         assert (ids[0], "sandbox.adopted") in kinds and (ids[1], "sandbox.adopted") in kinds
         assert (ids[2], "sandbox.adopted") not in kinds

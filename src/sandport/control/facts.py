@@ -18,8 +18,8 @@ from sandport.control.forwards import ForwardTable, HostForward
 from sandport.control.roster import Roster, RunningSandbox
 from sandport.control.store import StateStore
 from sandport.control.tokens import TokenCheck, fingerprint, hash_token
-from sandport.doctor import ForwardFacts, PortFacts, Subject, TokenFacts
-from sandport.net import nft
+from sandport.doctor import ForwardFacts, IsolationFacts, PortFacts, Subject, TokenFacts
+from sandport.net import antispoof, nft
 from sandport.sandbox.base import AGENT_PORT
 
 #: How far back in the event log the doctor looks for a deleted sandbox or a token.
@@ -122,6 +122,33 @@ def port_facts(sb: RunningSandbox, forwards: list[HostForward]) -> list[PortFact
     return ports
 
 
+def isolation_facts(forwards: ForwardTable, sb: RunningSandbox, *, bridge: str,
+                    link: str) -> IsolationFacts | None:
+    """sandport's guard for a sandbox, read from the tables and their counters: host
+    isolation on the bridge (or on an attached target's kernel-forward link) and the
+    anti-spoofing of its bridge port ``link``. None: nothing to guard, or no nft."""
+    if not forwards.nft_available:
+        return None
+    drops = nft.guard_drops(bridge)
+    if sb.backend.name == "external":
+        egress = sorted({f.options.egress for f in forwards.of(sb.id)
+                         if f.mode == "kernel" and f.options.egress})
+        if not egress:
+            return None  # sandport turned route_localnet on nowhere for it
+        localnet = nft.localnet_comment(egress[0])
+        return IsolationFacts(link=egress[0], guarded=localnet in drops,
+                              localnet_drops=drops.get(localnet, 0))
+    guard = forwards.guard
+    host, localnet = nft.host_comment(bridge), nft.localnet_comment(bridge)
+    mac = antispoof.sandbox_mac(sb.id)
+    return IsolationFacts(
+        link=bridge, guarded=guard is not None and host in drops and localnet in drops,
+        host_drops=drops.get(host, 0), localnet_drops=drops.get(localnet, 0),
+        agent=f"{guard.gateway_ip}:{guard.agent_port}" if guard is not None else "",
+        port=link, port_guarded=antispoof.guarded(bridge).get(link) == (mac, sb.live.ip),
+        mac=mac, spoofed=tuple(antispoof.spoofed(bridge).get(link, {}).items()))
+
+
 def subject(roster: Roster, forwards: ForwardTable, config: GatewayConfig, *,
             sandbox_id: str, port: str | None, token: str | None, link: str,
             ws_base: str) -> Subject:
@@ -159,6 +186,7 @@ def subject(roster: Roster, forwards: ForwardTable, config: GatewayConfig, *,
         agent_report_age=time.time() - sb.agent_report_at
         if sb.agent_report_at is not None else None,
         external=sb.backend.name == "external", netns=sb.spec.netns,
+        isolation=isolation_facts(forwards, sb, bridge=net.bridge, link=link),
         unrun_forwards=tuple(
             f"forward {r.id} ({r.protocol} {r.host_ip}:{r.host_port} -> {r.guest_port})"
             for r in roster.store.forwards(sandbox_id) if r.id not in running))

@@ -15,10 +15,13 @@ A forward publishes one guest port of one sandbox on one host address, port and 
 every forward records why (:attr:`HostForward.why`). Adding forwards is all or nothing: a
 conflict or a bind failure leaves the table as it was. The kernel ruleset is rewritten
 atomically after every change, and once at gateway start with an empty set: that removes
-whatever a gateway killed with ``kill -9`` left behind.
+whatever a gateway killed with ``kill -9`` left behind. The same transaction writes the
+gateway's host isolation (:class:`~sandport.net.nft.HostGuard`: what sandboxes may reach
+on the host), so the guard is there from the start and through every change.
 
-Owns: every host port the gateway publishes (relays, reservations, its nft chains) and
-the interface settings kernel forwards to attached targets need. Must not touch: which
+Owns: every host port the gateway publishes (relays, reservations, its nft chains in
+``ip sandport``, host isolation included) and the interface settings kernel forwards to
+attached targets need. Must not touch: which
 sandbox gets which forward or what is stored about it (:mod:`sandport.control.sandboxes`).
 """
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandport.errors import PortInUseError, UsageError
+from sandport.errors import MissingPackage, PortInUseError, UsageError
 from sandport.forward.base import PortInUse, format_addr
 from sandport.forward.spec import PortMapping, check_overlaps
 from sandport.forward.tcp import TcpForward, TcpForwardSpec
@@ -203,10 +206,12 @@ def _bind_error(mapping: PortMapping, exc: OSError) -> UsageError:
 
 
 class ForwardTable:
-    """Every forward of one gateway; the kernel ones share its nft chains."""
+    """Every forward of one gateway; the kernel ones share its nft chains (with the host
+    isolation ``guard``, when given)."""
 
-    def __init__(self, bridge: str) -> None:
+    def __init__(self, bridge: str, guard: nft.HostGuard | None = None) -> None:
         self.bridge = bridge
+        self.guard = guard
         self._forwards: dict[str, HostForward] = {}
         self._seq = 0
         self._lock = asyncio.Lock()
@@ -227,7 +232,15 @@ class ForwardTable:
         return next((f for f in self.of(sandbox) if f.name == name), None)
 
     async def reconcile(self) -> None:
-        """Write the kernel ruleset for the current forwards (at start: none)."""
+        """Write the kernel ruleset for the current forwards (at start: none) and the guard.
+
+        Raises:
+            MissingPackage: a guard is asked for and nft is not installed: sandboxes would
+                reach every host service.
+        """
+        if self.guard is not None and not self.nft_available:
+            raise MissingPackage("nft is not installed: sandport isolates sandboxes from "
+                                 "the host with nftables", hint="apt-get install nftables")
         if self.nft_available:
             await self._apply_kernel()
 
@@ -332,15 +345,18 @@ class ForwardTable:
             for fwd in gone:
                 await _stop(fwd)
 
-    async def close(self) -> None:
-        """Stop every forward and delete this gateway's nft chains."""
+    async def close(self, *, keep_guard: bool = False) -> None:
+        """Stop every forward and delete this gateway's nft chains (``keep_guard``: all
+        but the host isolation, for sandboxes that stay running)."""
         async with self._lock:
             gone, self._forwards = list(self._forwards.values()), {}
             for fwd in gone:
                 await _stop(fwd)
-            if self.nft_available:
-                await asyncio.to_thread(nft.remove, self.bridge)
             await asyncio.to_thread(self._egress_settings, set())
+            if self.nft_available and keep_guard and self.guard is not None:
+                await asyncio.to_thread(nft.apply, self.bridge, [], guard=self.guard)
+            elif self.nft_available:
+                await asyncio.to_thread(nft.remove, self.bridge)
 
     async def listing(self) -> list[dict[str, Any]]:
         """Every forward as JSON, with counters (kernel ones read from nft)."""
@@ -354,8 +370,12 @@ class ForwardTable:
 
         def apply() -> None:
             ingress = nft.ingress_interfaces(rules, netlink.ipv4_interfaces()) if rules else []
-            nft.apply(self.bridge, rules, ingress=[i for i in ingress if i != self.bridge])
-            self._egress_settings({r.egress for r in rules if r.egress} - {self.bridge})
+            needed = {r.egress for r in rules if r.egress} - {self.bridge}
+            # Settings given back before their 127.0.0.0/8 drop goes, set after it came.
+            self._egress_settings(needed & set(self._egress_before))
+            nft.apply(self.bridge, rules, ingress=[i for i in ingress if i != self.bridge],
+                      guard=self.guard)
+            self._egress_settings(needed)
 
         await asyncio.to_thread(apply)
 

@@ -24,7 +24,7 @@ Lifecycle is ``start -> serve -> stop`` (``async with Gateway(config) as gw``):
 start:  preflight (capabilities, programs) -> lock the state dir -> admin token and
         secret key -> open the store (the rooms are made on it) -> bridge -> agent
         listener -> adopt what a crashed gateway left running (or mark it failed) ->
-        kernel forwards -> HTTP port.
+        kernel forwards with host isolation, anti-spoofing -> HTTP port.
 stop:   events end -> HTTP port (browsers get a close code) -> sandboxes -> forwards ->
         bridge -> store and lock. Every step runs even if an earlier one failed.
 
@@ -76,7 +76,8 @@ from sandport.control.store import (
 from sandport.control.tokens import hash_token, new_token
 from sandport.doctor import Report
 from sandport.forward.spec import PortMapping
-from sandport.net import netlink
+from sandport.net import netlink, nft
+from sandport.net.antispoof import PortGuards
 from sandport.net.pool import AddressPool
 from sandport.sandbox.base import Backend
 from sandport.sandbox.external import ExternalBackend
@@ -162,7 +163,11 @@ class Gateway:
         self._bridge_lock: TextIO | None = None
         #: The backends by name (netns, qemu, external); a sandbox knows its own.
         self._backends: dict[str, Backend] = {}
-        self.forwards = ForwardTable(config.net.bridge)
+        #: Forwards and, in the same nft transaction, what sandboxes reach on the host.
+        self.forwards = ForwardTable(config.net.bridge, guard=nft.HostGuard(
+            gateway_ip=str(config.net.gateway_ip), agent_port=config.agent_port))
+        #: Anti-spoofing on the sandboxes' bridge ports.
+        self.guards = PortGuards(config.net.bridge)
         #: For the API, /metrics and the CLI; created at the first start in the state dir
         #: (ADMIN_TOKEN_FILE, mode 0600) and the same at every start after.
         self.admin_token = ""
@@ -261,8 +266,10 @@ class Gateway:
             await self._agent_port.start()
             # Sandboxes a killed gateway left: adopted with their forwards, or failed.
             await self._recover(rooms, box, progress)
-            # Kernel forwards: exactly this gateway's; a killed one's stale rules are gone.
+            # Kernel forwards and host isolation, anti-spoofing: exactly this gateway's;
+            # a killed one's stale rules are gone.
             await self.forwards.reconcile()
+            await self.guards.reconcile()
             app = build_app(self, novnc_dir=novnc, api=self)
             # The app listens on a Unix socket next to the bridge lock (one gateway per
             # bridge); the front door below passes it what is not a bridge request.
@@ -295,7 +302,7 @@ class Gateway:
         sandboxes = Sandboxes(roster, self.forwards, self.config, self, readiness=readiness,
                               access=access, backends=self._backends,
                               pool=AddressPool(self.config.net.subnet, store), box=box,
-                              agent_url=self.agent_url)
+                              agent_url=self.agent_url, guards=self.guards)
         return _Rooms(roster=roster, access=access, readiness=readiness, sandboxes=sandboxes)
 
     def _load_admin_token(self) -> None:
@@ -406,6 +413,7 @@ class Gateway:
                 why = await backend.adopt(spec) or ""
             if not why:
                 try:
+                    await rooms.sandboxes.guard(sb)
                     await rooms.sandboxes.restore_forwards(sb)
                 except Exception as exc:  # whatever it is, the sandbox is not adoptable
                     why = f"its forwards could not be restored: {str(exc).splitlines()[0]}"
@@ -415,6 +423,7 @@ class Gateway:
                 log.warning("sandbox %s: %s", rec.id, reason)
                 await rooms.sandboxes.drop_forwards(rec.id)
                 await backend.destroy(spec)
+                await self.guards.release(rec.id)
                 roster.set_state(sb, SandboxState.FAILED, reason)
                 continue
             rooms.access.restore(sb)
@@ -465,9 +474,14 @@ class Gateway:
                 await _step(f"destroying sandbox {sandbox_id}",
                             rooms.sandboxes.destroy(sandbox_id))
         # 3. Forwards left without a sandbox (none, normally) and this gateway's nft chains;
-        #    only with the bridge lock held, or they would be another gateway's.
+        #    only with the bridge lock held, or they would be another gateway's. Sandboxes
+        #    kept running stay guarded (host isolation, anti-spoofing).
         if self._bridge_lock is not None:
-            await _step("the forwards", self.forwards.close())
+            kept = keep_sandboxes and bool(await asyncio.to_thread(
+                netlink.bridge_ports, self.config.net.bridge))
+            await _step("the forwards", self.forwards.close(keep_guard=kept))
+            if not kept:
+                await _step("anti-spoofing", self.guards.close())
         # 4. The bridge, once no port is left on it (sandboxes kept running keep it).
         if self._store is not None:
             await _step(f"bridge {self.config.net.bridge}", self._remove_bridge())

@@ -8,6 +8,8 @@ Owns:
       the monitor; a step that fails fails the sandbox and removes what was made);
     * an attached target that moved or is gone (``retarget``);
     * destroying a sandbox: monitor, sessions, forwards, bridge sessions, the guest;
+    * which bridge port is guarded against spoofing for whom (:meth:`Sandboxes.guard`:
+      after the link is made, before the guest runs; released once the link is gone);
     * a sandbox's host forwards (published at start, added and removed at runtime, kept
       in the store so an adopting gateway publishes them again);
     * what a caller is told about a sandbox (:class:`SandboxInfo`) and its guest logs.
@@ -51,6 +53,7 @@ from sandport.errors import (
 )
 from sandport.forward.spec import PortMapping
 from sandport.net import netlink
+from sandport.net.antispoof import PortGuards, sandbox_mac
 from sandport.net.nsock import netns_path, same_namespace
 from sandport.net.pool import AddressPool
 from sandport.probe import ProbeResult
@@ -164,7 +167,7 @@ class Sandboxes:
     def __init__(self, roster: Roster, forwards: ForwardTable, config: GatewayConfig,
                  port: GatewayPort, *, readiness: ReadinessMonitor, access: Access,
                  backends: dict[str, Backend], pool: AddressPool, box: SecretBox,
-                 agent_url: str) -> None:
+                 agent_url: str, guards: PortGuards) -> None:
         self._roster = roster
         self._forwards = forwards
         self._config = config
@@ -175,6 +178,7 @@ class Sandboxes:
         self._pool = pool
         self._box = box
         self._agent_url = agent_url
+        self._guards = guards
 
     # Making and fronting -------------------------------------------------------------------
 
@@ -238,6 +242,7 @@ class Sandboxes:
             what = "network namespace" if be.name == "netns" else "microVM tap"
             progress(f"sandbox {sandbox_id}: {what}, {address} on {spec.bridge}")
             await be.create(spec)
+            await self.guard(sb)  # before any guest program runs
             self._roster.set_state(sb, SandboxState.STARTING)
             progress(f"sandbox {sandbox_id}: starting {prof.summary.split(';')[0]}")
             await be.start(spec)
@@ -340,9 +345,11 @@ class Sandboxes:
     def _new_id(self) -> str:
         while True:
             sandbox_id = secrets.token_hex(3)
+            # Its MAC (derived from the id) must be unique too: the bridge forwards by MAC.
+            macs = {sandbox_mac(other.id) for other in self._roster}
             if sandbox_id not in self._roster and not netlink.netns_exists(
                 netns_name(sandbox_id)
-            ):
+            ) and sandbox_mac(sandbox_id) not in macs:
                 return sandbox_id
 
     def _register(self, spec: SandboxSpec, backend: Backend, created: dict[str, Any], *,
@@ -489,8 +496,16 @@ class Sandboxes:
             sandbox_id, 1001, "the target was detached: sandport no longer fronts it"
             if sb.backend.name == "external" else "the sandbox was destroyed")
         await sb.backend.destroy(sb.spec)
+        await self._guards.release(sandbox_id)  # its port is gone with it
         self._roster.set_state_or_log(sb, SandboxState.STOPPED)
         self._roster.discard(sandbox_id)
+
+    async def guard(self, sb: RunningSandbox) -> None:
+        """Anti-spoofing on a sandbox's bridge port (made or adopted): only its own MAC
+        and address pass (:mod:`sandport.net.antispoof`). Attached targets have no port
+        on the bridge."""
+        if sb.backend.name != "external":
+            await self._guards.admit(sb.id, sb.backend.host_link(sb.spec), sb.live.ip)
 
     # Forwards ------------------------------------------------------------------------------
 

@@ -317,7 +317,9 @@ def bound(port: int, protocol: str = "tcp") -> list[SocketHolder]:
 # --- nftables ---------------------------------------------------------------------------
 
 NFT_TIMEOUT: Final = 5.0
-OWN_TABLE: Final = ("ip", "sandport")  # our own table: it never drops
+#: Our own tables: their drops are the guard's (host isolation, anti-spoofing), which the
+#: doctor reads from their counters, not from the rules.
+OWN_TABLES: Final = (("ip", "sandport"), ("bridge", "sandport"))
 _DROP_VERDICTS: Final = ("drop", "reject")
 _POSITIVE_OPS: Final = ("==", "in")
 _TEXT_MAX: Final = 200
@@ -502,7 +504,7 @@ def rules_dropping(address: str) -> list[NftRuleRef]:
     address itself, a prefix, a range, or an anonymous or named set holding one of these)
     and no negated match (``!=``) on the same field excludes it. Other matches of the rule
     (ports, interfaces) are not evaluated, chain policies are not considered, and the
-    table ``ip sandport`` (ours) is skipped.
+    tables ``ip sandport`` and ``bridge sandport`` (ours) are skipped.
 
     Args:
         address: An IPv4 address.
@@ -528,7 +530,7 @@ def rules_dropping(address: str) -> list[NftRuleRef]:
         if not isinstance(rule, dict) or not isinstance(rule.get("expr"), list):
             continue
         family, table = str(rule.get("family", "")), str(rule.get("table", ""))
-        if (family, table) == OWN_TABLE:
+        if (family, table) in OWN_TABLES:
             continue
         expr = rule["expr"]
         verdict = _verdict(expr)

@@ -154,10 +154,12 @@ def create_sandbox_link(
     bridge: str,
     address: ipaddress.IPv4Interface,
     gateway: ipaddress.IPv4Address,
+    mac: str | None = None,
 ) -> None:
     """Create a netns wired to ``bridge`` by a veth whose host end is an isolated port.
 
-    Inside: ``lo`` up, ``eth0`` with ``address``, default route via ``gateway``. The host
+    Inside: ``lo`` up, ``eth0`` with ``address`` (and the MAC ``mac``, if given: the one
+    the bridge's anti-spoofing lets through), default route via ``gateway``. The host
     end is a bridge port with ``isolated on``: sandboxes cannot reach each other, the host
     (the bridge itself) reaches all of them.
     """
@@ -187,6 +189,8 @@ def create_sandbox_link(
             raise NetworkConflict(
                 f"namespace {netns_name} has no {GUEST_IFNAME}", hint="destroy the sandbox"
             )
+        if mac is not None:
+            ns.link("set", index=index, address=mac)
         if address not in _addresses(ns, index):
             ns.addr(
                 "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen

@@ -1,4 +1,4 @@
-"""Kernel port forwards: DNAT rules in the nftables table ``ip sandport``.
+"""sandport's chains in the nftables table ``ip sandport``: kernel forwards, host isolation.
 
 Several gateways can share a host (a user's and a test's), so the table is shared and each
 gateway owns only the chains named after its bridge::
@@ -7,6 +7,8 @@ gateway owns only the chains named after its bridge::
       chain pre-<bridge>  { type nat hook prerouting priority dstnat; }   remote clients
       chain out-<bridge>  { type nat hook output priority -100; }          clients on this host
       chain post-<bridge> { type nat hook postrouting priority srcnat; }   replies to 127.0.0.1
+      chain in-<bridge>   { type filter hook input priority filter - 10; }    host isolation
+      chain fwd-<bridge>  { type filter hook forward priority filter - 10; }  routed traffic
     }
 
 Locally originated packets never pass prerouting: a DNAT rule only there is the classic
@@ -22,9 +24,27 @@ SNAT: the guest's default route is the bridge, and it sees their real address.
 Every DNAT rule has a counter. NAT chains only see the first packet of a connection, so
 the counter is the number of connections (TCP) or flows (UDP) the rule has translated.
 
+**Host isolation** (a :class:`HostGuard`; guests are hostile). ``route_localnet`` lets a
+guest that routes 127.0.0.1 via its gateway reach every host service on loopback
+(Kubernetes' CVE-2020-8558), and the bridge address answers for every service bound to
+``0.0.0.0``. The input chain therefore lets only this through from the bridge: the agent
+port on the gateway address, ICMP echo to it, and replies to connections the host opened
+(``ct state established,related``: probes, the bridge, a 127.0.0.1 client's kernel
+forward, whose replies are de-NATed to 127.0.0.1). No backend uses DHCP or DNS on the
+bridge (addresses are static), so neither is open. Everything else from the bridge is
+counted and dropped, 127.0.0.0/8 with a counter of its own; 127.0.0.0/8 is dropped the
+same way from every other link where sandport sets ``route_localnet`` (an attached
+target's, for kernel forwards), and the gateway address answers only on the bridge and
+``lo``. The forward chain routes nothing a guest starts (sandboxes have no way through
+the host) and nothing into the bridge but kernel forwards (DNAT) and replies: a client
+that routes the pool's subnet via this host does not reach guest services around the
+gateway's tokens. Without a guard (tests of forwards alone) only the 127.0.0.0/8 drops
+are written, wherever ``route_localnet`` is set.
+
 :func:`apply` replaces this gateway's rules atomically (one ``nft -f`` transaction: flush
 and re-add), so running it at start after a ``kill -9`` leaves exactly the expected set,
-without duplicates, and stray chains of this gateway are deleted.
+without duplicates, and stray chains of this gateway are deleted. The guard chains stay
+while the gateway is down, so a killed gateway's sandboxes stay contained.
 """
 
 from __future__ import annotations
@@ -44,11 +64,16 @@ log = logging.getLogger(__name__)
 
 TABLE = "sandport"
 FAMILY = "ip"
-HOOKS = (  # (chain prefix, hook, priority)
+HOOKS = (  # (chain prefix, hook, priority) of the NAT chains
     ("pre", "prerouting", "dstnat"),
     ("out", "output", "-100"),
     ("post", "postrouting", "srcnat"),
 )
+GUARD_HOOKS = (  # (chain prefix, hook, priority) of the host isolation chains
+    ("in", "input", "filter - 10"),
+    ("fwd", "forward", "filter - 10"),
+)
+LOOPBACK_NET = "127.0.0.0/8"
 NFT_TIMEOUT = 10.0
 WILDCARD = ("0.0.0.0", "")
 
@@ -101,18 +126,110 @@ class DnatRule:
         return f"{dest} {self.protocol} dport {self.host_port}"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostGuard:
+    """What a gateway's sandboxes may reach on the host (see the module docstring).
+
+    Attributes:
+        gateway_ip: the bridge's own address (the guests' gateway).
+        agent_port: the agent port on it: the one host service guests may use.
+    """
+
+    gateway_ip: str
+    agent_port: int
+
+    def __post_init__(self) -> None:
+        ipaddress.IPv4Address(self.gateway_ip)
+        if not 1 <= self.agent_port <= 65535:
+            raise ValueError(f"agent port {self.agent_port} is outside 1-65535")
+
+
 def chain_names(bridge: str) -> list[str]:
-    """This gateway's chains."""
+    """This gateway's NAT chains (the forwards')."""
     return [f"{prefix}-{bridge}" for prefix, _, _ in HOOKS]
 
 
-def render(bridge: str, rules: list[DnatRule]) -> str:
-    """The nft script that makes this gateway's chains hold exactly ``rules``."""
+def guard_chain_names(bridge: str) -> list[str]:
+    """This gateway's host isolation chains: input, forward."""
+    return [f"{prefix}-{bridge}" for prefix, _, _ in GUARD_HOOKS]
+
+
+def localnet_comment(link: str) -> str:
+    """The comment of the rule dropping 127.0.0.0/8 that arrives on ``link``."""
+    return f"sandport guard: {LOOPBACK_NET} from {link}"
+
+
+def host_comment(bridge: str) -> str:
+    """The comment of the rule dropping whatever else sandboxes send to the host."""
+    return f"sandport guard: {bridge} to the host"
+
+
+GUARD_COMMENTS = {  # the other counted drops of the guard
+    "elsewhere": "sandport guard: the bridge address from another link",
+    "routed_from": "sandport guard: routed from the bridge",
+    "routed_into": "sandport guard: routed into the bridge",
+}
+
+
+def _guard_lines(bridge: str, guard: HostGuard | None, localnet: list[str]) -> list[str]:
+    """The host isolation chains' rules (``add rule`` lines; chains declared by the caller)."""
+    t = f"{FAMILY} {TABLE}"
+    inc, fwd = guard_chain_names(bridge)
+    lines: list[str] = []
+    if guard is None and not localnet:
+        return lines
+    lines.append(f"add rule {t} {inc} ct state established,related accept comment "
+                 '"sandport guard: replies to connections the host opened"')
+    if guard is not None:
+        gw = guard.gateway_ip
+        lines += [
+            f'add rule {t} {inc} iifname "{bridge}" ip daddr {gw} tcp dport '
+            f'{guard.agent_port} accept comment "sandport guard: guest agents"',
+            f'add rule {t} {inc} iifname "{bridge}" ip daddr {gw} icmp type echo-request '
+            'accept comment "sandport guard: guests ping their gateway"',
+        ]
+        localnet = [bridge, *[link for link in localnet if link != bridge]]
+    for link in localnet:
+        lines.append(f'add rule {t} {inc} iifname "{link}" ip daddr {LOOPBACK_NET} counter '
+                     f'drop comment "{localnet_comment(link)}"')
+    if guard is not None:
+        gw = guard.gateway_ip
+        lines += [
+            f'add rule {t} {inc} iifname "{bridge}" counter drop comment '
+            f'"{host_comment(bridge)}"',
+            f'add rule {t} {inc} iifname != {{ "lo", "{bridge}" }} ip daddr {gw} counter drop '
+            f'comment "{GUARD_COMMENTS["elsewhere"]}"',
+            f"add rule {t} {fwd} ct state established,related accept",
+            f'add rule {t} {fwd} iifname "{bridge}" counter drop comment '
+            f'"{GUARD_COMMENTS["routed_from"]}"',
+            f'add rule {t} {fwd} oifname "{bridge}" ct status dnat accept comment '
+            '"sandport guard: kernel forwards"',
+            f'add rule {t} {fwd} oifname "{bridge}" counter drop comment '
+            f'"{GUARD_COMMENTS["routed_into"]}"',
+        ]
+    return lines
+
+
+def _chains(bridge: str, rules: list[DnatRule], guard: HostGuard | None) -> list[str]:
+    """The chains :func:`render` writes for this set (the others of the gateway are stray)."""
+    names = chain_names(bridge)
+    if guard is not None:
+        names += guard_chain_names(bridge)
+    elif rules:  # route_localnet goes on for them: the 127.0.0.0/8 drops need the input chain
+        names.append(guard_chain_names(bridge)[0])
+    return names
+
+
+def render(bridge: str, rules: list[DnatRule], guard: HostGuard | None = None) -> str:
+    """The nft script that makes this gateway's chains hold exactly ``rules`` (and, with
+    ``guard``, the host isolation)."""
     lines = [f"add table {FAMILY} {TABLE}"]
-    for prefix, hook, priority in HOOKS:
-        chain = f"{prefix}-{bridge}"
+    hooks = {f"{prefix}-{bridge}": (kind, hook, priority) for kind, group in (
+        ("nat", HOOKS), ("filter", GUARD_HOOKS)) for prefix, hook, priority in group}
+    for chain in _chains(bridge, rules, guard):
+        kind, hook, priority = hooks[chain]
         lines.append(f"add chain {FAMILY} {TABLE} {chain} "
-                     f"{{ type nat hook {hook} priority {priority}; policy accept; }}")
+                     f"{{ type {kind} hook {hook} priority {priority}; policy accept; }}")
         lines.append(f"flush chain {FAMILY} {TABLE} {chain}")
     for rule in rules:
         dnat = f"dnat to {rule.guest_ip}:{rule.guest_port}"
@@ -124,14 +241,21 @@ def render(bridge: str, rules: list[DnatRule]) -> str:
     if rules:
         lines.append(f'add rule {FAMILY} {TABLE} post-{bridge} oifname "{bridge}" '
                      'ip saddr 127.0.0.0/8 masquerade comment "sandport: replies to 127.0.0.1"')
-    for egress in sorted({r.egress for r in rules if r.egress and r.egress != bridge}):
-        lines.append(f'add rule {FAMILY} {TABLE} post-{bridge} oifname "{egress}" '
+    egress = sorted({r.egress for r in rules if r.egress and r.egress != bridge})
+    for link in egress:
+        lines.append(f'add rule {FAMILY} {TABLE} post-{bridge} oifname "{link}" '
                      'ip saddr 127.0.0.0/8 masquerade comment '
-                     f'"sandport: replies to 127.0.0.1 via {egress}"')
+                     f'"sandport: replies to 127.0.0.1 via {link}"')
+    lines += _guard_lines(bridge, guard, ([bridge] if rules else []) + egress)
     return "\n".join(lines) + "\n"
 
 
-def _nft() -> str:
+def program() -> str:
+    """The nft program's path.
+
+    Raises:
+        MissingPackage: nft is not installed.
+    """
     path = shutil.which("nft")
     if path is None:
         raise MissingPackage("nft is not installed (kernel forwards use nftables)",
@@ -139,16 +263,22 @@ def _nft() -> str:
     return path
 
 
-def _run(script: str) -> None:
-    r = subprocess.run([_nft(), "-f", "-"], input=script, capture_output=True, text=True,
+def run_script(script: str) -> None:
+    """Run an nft script as one transaction.
+
+    Raises:
+        NftError: nft refused it (its message).
+    """
+    r = subprocess.run([program(), "-f", "-"], input=script, capture_output=True, text=True,
                        timeout=NFT_TIMEOUT, check=False)
     if r.returncode != 0:
         raise NftError(f"nft refused the ruleset: {r.stderr.strip()}",
                        hint="is the nf_tables module available (modprobe nf_tables)?")
 
 
-def _table_json() -> list[dict[str, object]]:
-    r = subprocess.run([_nft(), "-j", "list", "table", FAMILY, TABLE], capture_output=True,
+def table_json(family: str = FAMILY) -> list[dict[str, object]]:
+    """The objects of ``nft -j list table <family> sandport``; [] when there is no table."""
+    r = subprocess.run([program(), "-j", "list", "table", family, TABLE], capture_output=True,
                        text=True, timeout=NFT_TIMEOUT, check=False)
     if r.returncode != 0:  # no table
         return []
@@ -156,26 +286,43 @@ def _table_json() -> list[dict[str, object]]:
     return items
 
 
-def own_chains(bridge: str) -> list[str]:
-    """Chains of the table that belong to the gateway of ``bridge``."""
+def own_chains(bridge: str, family: str = FAMILY) -> list[str]:
+    """Chains of the table (of ``family``) that belong to the gateway of ``bridge``."""
     suffix = f"-{bridge}"
     names = []
-    for item in _table_json():
+    for item in table_json(family):
         chain = item.get("chain")
         if isinstance(chain, dict) and str(chain.get("name", "")).endswith(suffix):
             names.append(str(chain["name"]))
     return names
 
 
+def _rules(chains: list[str]) -> list[dict[str, object]]:
+    mine = set(chains)
+    return [rule for item in table_json()
+            if isinstance(rule := item.get("rule"), dict) and rule.get("chain") in mine]
+
+
+def _exprs(rule: dict[str, object]) -> list[dict[str, object]]:
+    exprs = rule.get("expr", [])
+    return [e for e in exprs if isinstance(e, dict)] if isinstance(exprs, list) else []
+
+
+def packets(rule: dict[str, object]) -> int:
+    """The rule's counter (packets), 0 without one."""
+    return sum(int(counter.get("packets", 0)) for e in _exprs(rule)
+               if isinstance(counter := e.get("counter"), dict))
+
+
 def rules_of(bridge: str) -> list[tuple[str, str]]:
-    """(chain, comment) of every rule in this gateway's chains, for checks and doctor."""
-    mine = set(chain_names(bridge))
-    out = []
-    for item in _table_json():
-        rule = item.get("rule")
-        if isinstance(rule, dict) and rule.get("chain") in mine:
-            out.append((str(rule["chain"]), str(rule.get("comment", ""))))
-    return out
+    """(chain, comment) of every forward rule (the NAT chains), for checks and doctor."""
+    return [(str(r["chain"]), str(r.get("comment", ""))) for r in _rules(chain_names(bridge))]
+
+
+def guard_rules(bridge: str) -> list[tuple[str, str]]:
+    """(chain, comment) of every host isolation rule of this gateway."""
+    return [(str(r["chain"]), str(r.get("comment", "")))
+            for r in _rules(guard_chain_names(bridge))]
 
 
 def connection_counts(bridge: str) -> dict[str, int]:
@@ -183,17 +330,18 @@ def connection_counts(bridge: str) -> dict[str, int]:
 
     Keyed by :attr:`DnatRule.comment`; a rule not in the table is absent.
     """
-    mine = set(chain_names(bridge))
     counts: dict[str, int] = {}
-    for item in _table_json():
-        rule = item.get("rule")
-        if not isinstance(rule, dict) or rule.get("chain") not in mine:
-            continue
-        for expr in rule.get("expr", []):
-            if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
-                key = str(rule.get("comment", ""))
-                counts[key] = counts.get(key, 0) + int(expr["counter"].get("packets", 0))
+    for rule in _rules(chain_names(bridge)):
+        key = str(rule.get("comment", ""))
+        counts[key] = counts.get(key, 0) + packets(rule)
     return counts
+
+
+def guard_drops(bridge: str) -> dict[str, int]:
+    """Packets each counted drop of the host isolation dropped, keyed by its comment
+    (:func:`host_comment`, :func:`localnet_comment`, :data:`GUARD_COMMENTS`)."""
+    return {str(r.get("comment", "")): packets(r) for r in _rules(guard_chain_names(bridge))
+            if any("drop" in e for e in _exprs(r))}
 
 
 def ingress_interfaces(rules: list[DnatRule], interfaces: dict[str, list[str]]) -> list[str]:
@@ -223,40 +371,44 @@ def set_sysctl(path: str, value: str) -> None:
         log.info("sysctl %s = %s", path.replace("/", "."), value)
 
 
-def apply(bridge: str, rules: list[DnatRule], ingress: list[str] | None = None) -> None:
-    """Make this gateway's chains hold exactly ``rules``, atomically; delete stray chains.
+def apply(bridge: str, rules: list[DnatRule], ingress: list[str] | None = None,
+          guard: HostGuard | None = None) -> None:
+    """Make this gateway's chains hold exactly ``rules`` and ``guard``, atomically; delete
+    stray chains.
 
     Also enables what the rules need: on the bridge ``route_localnet`` (127.0.0.1
     clients) and ``forwarding`` (replies to remote clients are routed through it), and
-    ``forwarding`` on each interface in ``ingress`` (see :func:`ingress_interfaces`).
+    ``forwarding`` on each interface in ``ingress`` (see :func:`ingress_interfaces`);
+    the 127.0.0.0/8 drops are in the table before ``route_localnet`` goes on.
     """
     if rules and not (Path("/proc/sys/net/ipv4/conf") / bridge).exists():
         raise NftError(f"bridge {bridge} does not exist: kernel forwards go through it",
                        hint="start the gateway (it creates the bridge) before adding forwards")
-    expected = set(chain_names(bridge))
-    script = render(bridge, rules)
+    expected = set(_chains(bridge, rules, guard))
+    script = render(bridge, rules, guard)
     for stray in sorted(set(own_chains(bridge)) - expected):
         log.warning("deleting stray nft chain %s", stray)
         script += f"flush chain {FAMILY} {TABLE} {stray}\ndelete chain {FAMILY} {TABLE} {stray}\n"
-    _run(script)
+    run_script(script)
     if rules:
         set_sysctl(f"net/ipv4/conf/{bridge}/route_localnet", "1")
         set_sysctl(f"net/ipv4/conf/{bridge}/forwarding", "1")
     for ifname in ingress or []:  # an interface that went away meanwhile needs nothing
         with contextlib.suppress(FileNotFoundError):
             set_sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")
-    log.debug("nft: %d forward(s) for %s", len(rules), bridge)
+    log.debug("nft: %d forward(s) for %s%s", len(rules), bridge,
+              ", host isolation" if guard is not None else "")
 
 
 def remove(bridge: str) -> None:
     """Delete this gateway's chains, and the table once no gateway has chains in it."""
     chains = own_chains(bridge)
     if chains:
-        _run("".join(f"flush chain {FAMILY} {TABLE} {c}\ndelete chain {FAMILY} {TABLE} {c}\n"
+        run_script("".join(f"flush chain {FAMILY} {TABLE} {c}\ndelete chain {FAMILY} {TABLE} {c}\n"
                      for c in chains))
-    remaining = [i for i in _table_json() if "chain" in i or "set" in i or "map" in i]
-    if not remaining and any("table" in i for i in _table_json()):
+    remaining = [i for i in table_json() if "chain" in i or "set" in i or "map" in i]
+    if not remaining and any("table" in i for i in table_json()):
         try:
-            _run(f"delete table {FAMILY} {TABLE}\n")
+            run_script(f"delete table {FAMILY} {TABLE}\n")
         except NftError:  # another gateway added a chain in between: the table stays
             log.debug("table %s still in use", TABLE)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sandport.errors import SandboxFailed
 from sandport.net import netlink
+from sandport.net.antispoof import sandbox_mac
 from sandport.proto.rfb import obfuscate_password
 from sandport.sandbox import procs
 from sandport.sandbox.base import AGENT_PORT, GuestPort, Inspection, SandboxSpec
@@ -93,6 +94,7 @@ class NetnsBackend:
             bridge=spec.bridge,
             address=spec.address,
             gateway=spec.gateway,
+            mac=sandbox_mac(spec.id),  # the one the bridge's anti-spoofing lets through
         )
         log.info("sandbox %s: netns %s, %s on %s", spec.id, netns_name(spec.id), spec.address,
                  spec.bridge)

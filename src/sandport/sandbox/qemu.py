@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from sandport.errors import MissingPackage
 from sandport.net import netlink
+from sandport.net.antispoof import sandbox_mac
 from sandport.proto.rfb import obfuscate_password
 from sandport.sandbox import images, procs
 from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
@@ -57,9 +57,9 @@ def tap_name(sandbox_id: str) -> str:
 
 
 def guest_mac(sandbox_id: str) -> str:
-    """A stable, locally administered MAC for the VM's NIC (QEMU's 52:54:00 prefix)."""
-    b = hashlib.sha256(sandbox_id.encode()).digest()
-    return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
+    """The VM NIC's MAC: the one the bridge's anti-spoofing lets through
+    (:func:`~sandport.net.antispoof.sandbox_mac`, QEMU's 52:54:00 prefix)."""
+    return sandbox_mac(sandbox_id)
 
 
 def choose_accel(dev_kvm: Path = Path("/dev/kvm"),
