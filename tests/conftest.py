@@ -237,7 +237,7 @@ def gateway_factory(
     from sandport.errors import NetworkConflict
 
     require_root()
-    require_programs("Xvnc", "openbox", "xsetroot", "xmessage")
+    require_programs("Xvnc", "openbox", "xsetroot", "xmessage", "crun")
     started: list[Gateway] = []
 
     def make(**overrides: Any) -> Gateway:
