@@ -200,7 +200,7 @@ class NetnsBackend:
         config = container.bundle_config(
             rootfs=str(crun.ROOTFS), netns_path=f"/run/netns/{name}", tmpdir=str(tmp),
             guest_files=str(files), ids=ids, hostname=name,
-            init_argv=[container_python(), "-I", "-S", "-c", container.INIT_PROGRAM],
+            init_argv=[guest_python(contained=True), "-I", "-S", "-c", container.INIT_PROGRAM],
             lib_dirs=lib_dirs)
         await runtime.run(name, spec.workdir / "container", config,
                           log_path=spec.workdir / "logs" / "container.log")
@@ -245,7 +245,7 @@ class NetnsBackend:
         Python: it needs nothing but the standard library.
         """
         inside = self._guest_file(spec, "agent.py", AGENT.read_bytes(), 0o400)
-        python = guest_python() if self._crun is None else container_python()
+        python = guest_python(contained=self._crun is not None)
         argv = [python, "-I", "-S", inside]
         await self._spawn(spec, "agent", argv, extra_env={
             "SANDPORT_GATEWAY_URL": spec.agent_url,
@@ -375,27 +375,19 @@ class NetnsBackend:
         )
 
 
-def guest_python() -> str:
-    """A Python interpreter a guest can run: this one's base interpreter unless it lives
-    under /tmp (guests see their own /tmp there), else the system's ``python3``."""
+def guest_python(*, contained: bool = False) -> str:
+    """A Python interpreter a guest can run: this one's base interpreter if a guest sees
+    it, else the system's ``python3``. A host-root guest sees the host but its own /tmp
+    (so not one under /tmp); a contained guest sees only /usr of the host's trees."""
     base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    if not base.startswith("/tmp/") and os.path.exists(base):
+    visible = base.startswith("/usr/") if contained else not base.startswith("/tmp/")
+    if visible and os.path.exists(base):
         return base
-    found = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    where = "under /usr" if contained else "outside /tmp"
+    found = shutil.which("python3", path="/usr/local/bin:/usr/bin" + ("" if contained
+                                                                        else ":/bin"))
     if found is None:
-        raise SandboxFailed("no python3 outside /tmp to run the guest agent",
-                            hint="apt-get install python3")
-    return found
-
-
-def container_python() -> str:
-    """A Python interpreter under /usr (the only host tree a contained guest sees)."""
-    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    if base.startswith("/usr/") and os.path.exists(base):
-        return base
-    found = shutil.which("python3", path="/usr/local/bin:/usr/bin")
-    if found is None:
-        raise SandboxFailed("no python3 under /usr to run the guest agent",
+        raise SandboxFailed(f"no python3 {where} to run the guest agent",
                             hint="apt-get install python3")
     return found
 
