@@ -4,9 +4,10 @@ Owns the host side of :mod:`sandport.sandbox.container`: the shared read-only ro
 mount points (``/run/sandport/rootfs``), the per-gateway crun state (``--root
 /run/sandport/crun/<hash of the state dir>``), each sandbox's bundle and process documents
 (in its workdir, host-only), and the allocation of host uid/gid ranges: one file per slot
-in ``/run/sandport/idmap`` naming the network namespace that holds it, so two sandboxes
-(of any gateway on the host) never share a range, and a slot whose namespace is gone is
-reused. It decides nothing about what runs in a sandbox (that is netns.py's).
+in ``/run/sandport/idmap`` naming the network namespace (or, for a VM's QEMU, the TAP
+device) that holds it, so two sandboxes (of any gateway on the host) never share a range,
+and a slot whose holder is gone is reused. It decides nothing about what runs in a
+sandbox (that is netns.py's).
 
 crun runs with ``--cgroup-manager=disabled``: sandport sets no resource limits, so a
 container leaves no cgroup behind. On a host whose cgroup v2 hierarchy is mounted beside
@@ -86,7 +87,7 @@ def claim_ids(owner: str) -> container.IdRange:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 holder = _holder(path)
-                if holder and not Path(f"/run/netns/{holder}").exists():
+                if holder and not _holder_exists(holder):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()  # its sandbox is gone: the range is free again
                     continue
@@ -112,6 +113,11 @@ def _holder(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+def _holder_exists(holder: str) -> bool:
+    """A slot's holder: a sandbox's network namespace, or a VM's TAP device."""
+    return Path(f"/run/netns/{holder}").exists() or Path(f"/sys/class/net/{holder}").exists()
 
 
 def _hybrid_cgroups() -> bool:
