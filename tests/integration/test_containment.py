@@ -122,3 +122,15 @@ def test_destroy_leaves_no_container_state(gateway_factory: Any, loop_thread: An
     loop_thread.run(gw.destroy_sandbox(sb.id))
     assert not (root / netns_name(sb.id)).exists()
     assert not held[0].exists() or held[0].read_text() != netns_name(sb.id)
+
+
+def test_host_root_only_when_asked_for_by_its_loud_name(gateway_factory: Any,
+                                                       loop_thread: Any) -> None:
+    gw = gateway_factory(guest_privileges="host-root-UNSAFE")
+    sb = loop_thread.run(gw.create_sandbox())
+    assert sb.state == "ready"
+    for name, pid in guest_pids(gw, sb.id).items():  # what the opt-in means: host root
+        uid = Path(f"/proc/{pid}/status").read_text().split("Uid:\t")[1].split()[0]
+        assert uid == "0", name
+    assert not (crun.state_root(gw.config.state_dir) / netns_name(sb.id)).exists()
+    loop_thread.run(gw.destroy_sandbox(sb.id))
