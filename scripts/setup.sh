@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   tigervnc-standalone-server openbox x11-xserver-utils x11-utils fonts-dejavu-core
   novnc x11vnc chromium chromium-driver websockify
-  iproute2 nftables procps python3-venv
+  iproute2 nftables procps python3-venv crun
   iperf3 socat passt slirp4netns
   qemu-system-x86 busybox-static lz4
   shellcheck

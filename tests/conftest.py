@@ -237,7 +237,7 @@ def gateway_factory(
     from sandport.errors import NetworkConflict
 
     require_root()
-    require_programs("Xvnc", "openbox", "xsetroot", "xmessage")
+    require_programs("Xvnc", "openbox", "xsetroot", "xmessage", "crun")
     started: list[Gateway] = []
 
     def make(**overrides: Any) -> Gateway:
@@ -341,7 +341,14 @@ def remove_gateway_leftovers(*, bridge: str, state_dir: Path) -> None:
         if pid_line.startswith("process "):
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_line.split()[1].rstrip(":")), signal.SIGKILL)
+    from sandport.sandbox import crun
+
+    runtime = crun.Crun(shutil.which("crun") or "crun", crun.state_root(state_dir))
     for sid in ids:
+        if (runtime.root / f"sp-{sid}").exists():  # its guests' container state
+            subprocess.run(runtime.command("delete", "--force", f"sp-{sid}"),
+                           capture_output=True, check=False)
+        crun.release_ids(f"sp-{sid}")
         subprocess.run(["ip", "netns", "del", f"sp-{sid}"], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", f"sp-{sid}-v"], capture_output=True, check=False)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)

@@ -19,6 +19,10 @@ DEFAULT_BRIDGE = "sp-br0"
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.201.0.0/24")
 DEFAULT_LISTEN = ("127.0.0.1", 8700)
 DEFAULT_AGENT_PORT = 7411
+#: GatewayConfig.guest_privileges: guest programs in an unprivileged container (default),
+#: or, only when asked for by this loud name, as host root (see docs/security.md).
+GUEST_UNPRIVILEGED = "unprivileged"
+GUEST_HOST_ROOT_UNSAFE = "host-root-UNSAFE"
 DEFAULT_IMAGE_CACHE = Path("/var/cache/sandport/images")  # guest images (sandbox.images)
 IFNAMSIZ = 15  # Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 #: The agent port's limits (guests are hostile): content bytes of one request (reports
@@ -117,6 +121,11 @@ class GatewayConfig:
             none by default: sandport relays into no network it was not told about.
         attach_grace: seconds an attached target may stay ``degraded`` (not answering)
             before it is ``failed`` with the doctor's reason.
+        guest_privileges: ``unprivileged`` (default): a netns sandbox's guest programs
+            run in a crun container of their own (user namespace on an unprivileged host
+            uid range, no capabilities, seccomp, no host secrets in view).
+            ``host-root-UNSAFE`` runs them as host root with every capability: only for
+            a guest you would give root on this host.
     """
 
     listen_host: str = DEFAULT_LISTEN[0]
@@ -140,6 +149,14 @@ class GatewayConfig:
     qemu_accel: str = "auto"
     attach_subnets: tuple[ipaddress.IPv4Network, ...] = ()
     attach_grace: float = 60.0
+    guest_privileges: str = GUEST_UNPRIVILEGED
+
+    def __post_init__(self) -> None:
+        if self.guest_privileges not in (GUEST_UNPRIVILEGED, GUEST_HOST_ROOT_UNSAFE):
+            raise UsageError(
+                f"guest_privileges {self.guest_privileges!r} must be {GUEST_UNPRIVILEGED!r} "
+                f"or {GUEST_HOST_ROOT_UNSAFE!r}"
+            )
 
     @property
     def scheme(self) -> str:

@@ -18,6 +18,7 @@ PROGRAMS: dict[str, str] = {
     "openbox": "openbox",
     "xsetroot": "x11-xserver-utils",
     "xmessage": "x11-utils",
+    "crun": "crun",  # the OCI runtime every netns sandbox's guest programs run in
 }
 NOVNC_DIRS = (Path("/usr/share/novnc"),)
 
@@ -55,7 +56,7 @@ def find_program(name: str) -> str:
     if path is None:
         package = PROGRAMS.get(name, name)
         raise MissingPackage(
-            f"{name} is not installed (needed by the desktop profile)",
+            f"{name} is not installed (needed by netns sandboxes)",
             hint=f"apt-get install {package}   (or run `make demo`, which installs it)",
         )
     return path

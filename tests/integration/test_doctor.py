@@ -207,7 +207,7 @@ def test_an_nft_drop_rule_for_the_sandbox_address(gw: Gateway, loop_thread: Any,
 def test_the_stored_vnc_password_differs_from_the_servers(gw: Gateway, loop_thread: Any,
                                                           sandbox: Any) -> None:
     spec = gw.roster[sandbox.id].spec
-    server_file = spec.workdir / "tmp" / ".sandport" / "vncpasswd"
+    server_file = spec.workdir / "guest" / "vncpasswd"  # what the guest sees, read-only
     server_file.write_bytes(obfuscate_password("changed!"))  # Xvnc reads it per login
     report = walk(gw, loop_thread, sandbox.id, port="vnc")
     broken(report, "guest service", "authentication", "password", "not the server's")

@@ -78,9 +78,12 @@ def test_an_agent_that_exits_is_started_again(gw: Gateway, sandbox: dict[str, An
     from pathlib import Path
 
     url = f"http://{sandbox['ip']}:{AGENT_PORT}/health"
-    before = httpx.get(url, timeout=10).json()["pid"]
-    assert "agent.py" in Path(f"/proc/{before}/cmdline").read_text()
-    os.kill(before, signal.SIGKILL)
+    before = httpx.get(url, timeout=10).json()["pid"]  # in the sandbox's PID namespace
+    host_pid = next(int(d["pid"]) for d in json.loads(
+        (gw.roster[sandbox["id"]].spec.workdir / "pids.json").read_text())
+        if d["name"] == "agent")
+    assert "agent.py" in Path(f"/proc/{host_pid}/cmdline").read_text()
+    os.kill(host_pid, signal.SIGKILL)
 
     def back() -> bool:
         try:

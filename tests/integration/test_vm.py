@@ -95,6 +95,12 @@ def test_echo_vm_serves_tcp_udp_and_http_through_forwards(gw: Gateway, loop_thre
     # The address came from the pool, to the guest on the kernel command line.
     assert ipaddress.ip_address(info.ip) in gw.config.net.subnet
     (pid,) = _qemu_pids(info.id)
+    # QEMU itself is no host root: an unprivileged uid of its own, no capabilities, its
+    # seccomp filter (issue 16).
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(status.split("Uid:\t")[1].split()[1])  # the effective uid
+    assert uid >= 1_000_000, status
+    assert "CapEff:\t0000000000000000" in status and "Seccomp:\t2" in status, status
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     append = argv[argv.index(b"-append") + 1].decode()
     mask = gw.config.net.subnet.netmask

@@ -236,7 +236,9 @@ class Gateway:
         preflight.require_capabilities()
         programs = preflight.require_programs()
         novnc = preflight.find_novnc()
-        self._backends = {"external": ExternalBackend(), "netns": NetnsBackend(programs),
+        self._backends = {"external": ExternalBackend(), "netns": NetnsBackend(
+                              programs, state_dir=cfg.state_dir,
+                              guest_privileges=cfg.guest_privileges),
                           "qemu": QemuBackend(image_cache=cfg.image_cache, accel=cfg.qemu_accel)}
         self._lock_state_dir()
         self.events, self._rooms = EventHub(), None  # this loop's, made on this run's store

@@ -2,8 +2,14 @@
 
 Names derive from the sandbox id alone, so :meth:`NetnsBackend.destroy` can remove what a
 crashed gateway left behind from the store's record: namespace ``sp-<id>``, host veth end
-``sp-<id>-v`` (an isolated port of the bridge), guest end ``eth0``. Guest programs run
-through :mod:`sandport.sandbox.nsexec` with a private /tmp from the sandbox's workdir.
+``sp-<id>-v`` (an isolated port of the bridge), guest end ``eth0``.
+
+Guest programs run unprivileged: in a crun container per sandbox (named like its
+namespace; :mod:`sandport.sandbox.container` says what it sees), each ``crun exec``'d into
+it, with the workdir's ``tmp`` as its /tmp and ``guest`` (files the gateway writes, never
+a path a guest can write) read-only on /run/sandport. Only the explicit opt-in
+:data:`HOST_ROOT_UNSAFE` runs them as host root through :mod:`sandport.sandbox.nsexec`
+(a network namespace and a private /tmp, nothing else).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from sandport.errors import SandboxFailed
 from sandport.net import netlink
 from sandport.net.antispoof import sandbox_mac
 from sandport.proto.rfb import obfuscate_password
-from sandport.sandbox import procs
+from sandport.sandbox import container, crun, procs
 from sandport.sandbox.base import AGENT_PORT, GuestPort, Inspection, SandboxSpec
 from sandport.sandbox.profiles import (
     DESKTOP_GEOMETRY,
@@ -45,6 +51,13 @@ ONESHOT_TIMEOUT = 10.0
 # the gateway's address, so one person's typos would lock out everyone. Access control
 # happens at the gateway (tokens); the VNC password is the second factor.
 XVNC_BLACKLIST_THRESHOLD = 1_000_000
+#: Guest programs run in an unprivileged container (the default).
+UNPRIVILEGED = "unprivileged"
+#: The opt-in that runs guest programs as host root (uid 0, every capability, the host's
+#: /proc, /etc/shadow and state dir): a compromised guest program is a compromised host.
+HOST_ROOT_UNSAFE = "host-root-UNSAFE"
+GUEST_PRIVILEGES = (UNPRIVILEGED, HOST_ROOT_UNSAFE)
+GUEST_FILES_DIR = "guest"  # in the workdir: what the gateway hands a contained guest
 
 
 def netns_name(sandbox_id: str) -> str:
@@ -63,12 +76,27 @@ class NetnsBackend:
     name = "netns"
     restarts_services = True
 
-    def __init__(self, programs: dict[str, str]) -> None:
+    def __init__(self, programs: dict[str, str], *, state_dir: Path | None = None,
+                 guest_privileges: str = UNPRIVILEGED) -> None:
         """Args:
-        programs: resolved paths of the host programs profiles run (see preflight).
+        programs: resolved paths of the host programs profiles run (see preflight);
+            ``crun`` among them unless ``guest_privileges`` is :data:`HOST_ROOT_UNSAFE`.
+        state_dir: the gateway's state dir (its crun state root derives from it).
+        guest_privileges: :data:`UNPRIVILEGED` or :data:`HOST_ROOT_UNSAFE`.
         """
+        if guest_privileges not in GUEST_PRIVILEGES:
+            raise ValueError(f"guest_privileges must be one of {GUEST_PRIVILEGES}")
         self._programs = programs
         self._procs: dict[str, list[procs.GuestProcess]] = {}
+        self._crun: crun.Crun | None = None
+        self._ids: dict[str, container.IdRange] = {}
+        if guest_privileges == UNPRIVILEGED:
+            root = crun.state_root(state_dir) if state_dir is not None \
+                else crun.RUN_DIR / "crun" / "default"
+            self._crun = crun.Crun(programs["crun"], root)
+        else:
+            log.warning("guest programs run as host root (%s): a compromised guest program "
+                        "is a compromised host", HOST_ROOT_UNSAFE)
 
     def runs_agent(self, profile: str) -> bool:
         """Every namespace runs the guest agent."""
@@ -100,8 +128,10 @@ class NetnsBackend:
                  spec.bridge)
 
     async def start(self, spec: SandboxSpec) -> None:
-        """Start the profile's programs inside the namespace."""
+        """Start the profile's programs inside the namespace (in its container)."""
         profile = get_profile(spec.profile)
+        if self._crun is not None:
+            await self._start_container(spec, self._crun)
         if profile.name == "desktop":
             await self._start_desktop(spec)
 
@@ -159,6 +189,50 @@ class NetnsBackend:
         await self._start_agent(spec)
         return True
 
+    async def _start_container(self, spec: SandboxSpec, runtime: crun.Crun) -> None:
+        """(Re)create the sandbox's container: its init, nothing else yet."""
+        name = netns_name(spec.id)
+        ids = await asyncio.to_thread(crun.claim_ids, name)
+        lib_dirs = await asyncio.to_thread(crun.ensure_rootfs)
+        tmp = spec.workdir / "tmp"
+        for path in (tmp, tmp / "home"):  # the guest's root owns its /tmp and home
+            os.lchown(path, ids.host_base, ids.host_base)
+        files = spec.workdir / GUEST_FILES_DIR
+        files.mkdir(mode=0o755, exist_ok=True)
+        config = container.bundle_config(
+            rootfs=str(crun.ROOTFS), netns_path=f"/run/netns/{name}", tmpdir=str(tmp),
+            guest_files=str(files), ids=ids, hostname=name,
+            init_argv=[guest_python(contained=True), "-I", "-S", "-c", container.INIT_PROGRAM],
+            lib_dirs=lib_dirs)
+        await runtime.run(name, spec.workdir / "container", config,
+                          log_path=spec.workdir / "logs" / "container.log")
+        self._ids[spec.id] = ids
+
+    def _guest_file(self, spec: SandboxSpec, name: str, data: bytes, mode: int) -> str:
+        """Hand the guest a file the gateway writes; the path the guest sees it at.
+
+        Contained: in ``workdir/guest`` (read-only on /run/sandport inside, never a path a
+        guest can write, so no symlink of its own redirects this write), owned by the
+        guest's root. host-root-UNSAFE: in its /tmp/.sandport as before.
+        """
+        if self._crun is None:
+            secret_dir = spec.workdir / "tmp" / ".sandport"
+            secret_dir.mkdir(mode=0o700, exist_ok=True)
+            path = secret_dir / name
+            path.touch(mode=mode)
+            path.write_bytes(data)
+            return f"{GUEST_TMP}/.sandport/{name}"
+        ids = self._ids.get(spec.id) or crun.claim_ids(netns_name(spec.id))  # adopted
+        path = spec.workdir / GUEST_FILES_DIR / name
+        tmp = path.with_name(f".{name}.new")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chown(tmp, ids.host_base, ids.host_base)
+        tmp.replace(path)
+        return f"{container.GUEST_FILES}/{name}"
+
     def _save_pids(self, spec: SandboxSpec) -> None:
         docs = [p.record() for p in self._procs.get(spec.id, [])]
         tmp = spec.workdir / f"{PIDS_FILE}.tmp"
@@ -172,10 +246,9 @@ class NetnsBackend:
         itself live under the host's /tmp, e.g. in a CI clone) and run by the system's
         Python: it needs nothing but the standard library.
         """
-        inside = spec.workdir / "tmp" / ".sandport" / "agent.py"
-        inside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        shutil.copyfile(AGENT, inside)
-        argv = [guest_python(), "-I", "-S", f"{GUEST_TMP}/.sandport/agent.py"]
+        inside = self._guest_file(spec, "agent.py", AGENT.read_bytes(), 0o400)
+        python = guest_python(contained=self._crun is not None)
+        argv = [python, "-I", "-S", inside]
         await self._spawn(spec, "agent", argv, extra_env={
             "SANDPORT_GATEWAY_URL": spec.agent_url,
             "SANDPORT_AGENT_TOKEN": spec.secrets.get("agent_token", ""),
@@ -195,37 +268,39 @@ class NetnsBackend:
             "SANDPORT_AGENT_URL": f"http://127.0.0.1:{AGENT_PORT}",
             **(extra_env or {}),
         }
-        proc = await procs.spawn(
-            name=name,
-            argv=argv,
-            netns=netns_name(spec.id),
-            tmpdir=spec.workdir / "tmp",
-            log_dir=spec.workdir / "logs",
-            env=env,
-            essential=essential,
-        )
+        if self._crun is not None:
+            proc = await procs.spawn_contained(
+                name=name, runtime=self._crun, container=netns_name(spec.id),
+                process=container.process_config(argv=argv, env=env),
+                doc=spec.workdir / "container" / f"{name}.json",
+                log_dir=spec.workdir / "logs", essential=essential)
+        else:
+            proc = await procs.spawn(
+                name=name,
+                argv=argv,
+                netns=netns_name(spec.id),
+                tmpdir=spec.workdir / "tmp",
+                log_dir=spec.workdir / "logs",
+                env=env,
+                essential=essential,
+            )
         self._procs.setdefault(spec.id, []).append(proc)
         self._save_pids(spec)
         return proc
 
     async def _start_desktop(self, spec: SandboxSpec) -> None:
-        # Guests see only their own /tmp (workdir/tmp), so their files live below it.
-        secret_dir = spec.workdir / "tmp" / ".sandport"
-        secret_dir.mkdir(mode=0o700, exist_ok=True)
-        password_file = secret_dir / "vncpasswd"
-        password_file.touch(mode=0o600)
-        password_file.write_bytes(obfuscate_password(spec.secrets["vnc_password"]))
+        password_file = self._guest_file(
+            spec, "vncpasswd", obfuscate_password(spec.secrets["vnc_password"]), 0o400)
         width, height = DESKTOP_GEOMETRY
         # A killed Xvnc leaves its socket and lock behind: a restart must not mistake them
         # for a running server (the socket's existence is how we wait for the display).
-        for stale in (spec.workdir / "tmp" / ".X11-unix" / f"X{VNC_DISPLAY}",
-                      spec.workdir / "tmp" / f".X{VNC_DISPLAY}-lock"):
-            stale.unlink(missing_ok=True)
+        for stale in (f".X11-unix/X{VNC_DISPLAY}", f".X{VNC_DISPLAY}-lock"):
+            unlink_beneath(spec.workdir / "tmp", stale)
         xvnc = await self._spawn(spec, "Xvnc", [
             self._programs["Xvnc"], f":{VNC_DISPLAY}",
             "-rfbport", str(VNC_PORT),
             "-SecurityTypes", "VncAuth",
-            "-PasswordFile", f"{GUEST_TMP}/.sandport/vncpasswd",
+            "-PasswordFile", password_file,
             "-desktop", desktop_name(spec.id),
             "-geometry", f"{width}x{height}", "-depth", "24",
             "-AlwaysShared",  # every viewer shares the desktop; none kicks another out
@@ -254,9 +329,9 @@ class NetnsBackend:
             spec, "xsetroot", [self._programs["xsetroot"], "-solid", colour]
         )
         try:
-            assert setroot.process is not None  # started here, not adopted
-            status = await asyncio.wait_for(setroot.process.wait(), ONESHOT_TIMEOUT)
-        except TimeoutError:
+            await asyncio.wait_for(procs.wait_exit(setroot), ONESHOT_TIMEOUT)
+            status = setroot.returncode if setroot.process is not None else 0  # contained:
+        except TimeoutError:                                # not our child, status unknown
             status = -1
         if status != 0:
             log.warning("sandbox %s: xsetroot failed (%s): %s", spec.id, status,
@@ -277,10 +352,14 @@ class NetnsBackend:
         for proc in reversed(self._procs.pop(spec.id, [])):
             await procs.terminate(proc)
         await procs.kill_netns_processes(netns_name(spec.id))
+        if self._crun is not None:
+            await self._crun.delete(netns_name(spec.id))
 
     async def destroy(self, spec: SandboxSpec) -> None:
         """Stop everything and remove namespace, veth and workdir; safe to repeat."""
         await self.stop(spec)
+        self._ids.pop(spec.id, None)
+        await asyncio.to_thread(crun.release_ids, netns_name(spec.id))
         await asyncio.to_thread(netlink.delete_netns, netns_name(spec.id))
         await asyncio.to_thread(netlink.delete_link, host_ifname(spec.id))
         await asyncio.to_thread(shutil.rmtree, spec.workdir, True)
@@ -298,17 +377,41 @@ class NetnsBackend:
         )
 
 
-def guest_python() -> str:
-    """A Python interpreter a guest can run: this one's base interpreter unless it lives
-    under /tmp (guests see their own /tmp there), else the system's ``python3``."""
+def guest_python(*, contained: bool = False) -> str:
+    """A Python interpreter a guest can run: this one's base interpreter if a guest sees
+    it, else the system's ``python3``. A host-root guest sees the host but its own /tmp
+    (so not one under /tmp); a contained guest sees only /usr of the host's trees."""
     base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    if not base.startswith("/tmp/") and os.path.exists(base):
+    visible = base.startswith("/usr/") if contained else not base.startswith("/tmp/")
+    if visible and os.path.exists(base):
         return base
-    found = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    where = "under /usr" if contained else "outside /tmp"
+    found = shutil.which("python3", path="/usr/local/bin:/usr/bin" + ("" if contained
+                                                                        else ":/bin"))
     if found is None:
-        raise SandboxFailed("no python3 outside /tmp to run the guest agent",
+        raise SandboxFailed(f"no python3 {where} to run the guest agent",
                             hint="apt-get install python3")
     return found
+
+
+def unlink_beneath(top: Path, relative: str) -> None:
+    """Remove ``top/relative`` without following a symlink a guest put on the way."""
+    *dirs, leaf = relative.split("/")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(top, flags)
+    except OSError:
+        return
+    try:
+        for d in dirs:
+            nxt = os.open(d, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.unlink(leaf, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def spec_from_record(

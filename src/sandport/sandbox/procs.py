@@ -1,11 +1,13 @@
 """Guest processes of a netns sandbox: start inside it, stop them, find strays.
 
-Every process is started through :mod:`sandport.sandbox.nsexec` in a session of its own (a
-Ctrl-C at the gateway's terminal does not hit guests directly; the gateway stops them in
-order). Guests outlive a gateway killed with ``kill -9``: each is known by pid *and* start
-time (:func:`start_time`), so the next gateway adopts exactly the processes it started
-(:meth:`GuestProcess.adopted`), never a recycled pid. Whatever escapes (a child of a child)
-is still found by its network namespace: :func:`pids_in_netns` reads ``/proc/*/ns/net``.
+Every process is started in a session of its own (a Ctrl-C at the gateway's terminal does
+not hit guests directly; the gateway stops them in order): by default ``crun exec``'d into
+the sandbox's container (:func:`spawn_contained`, see :mod:`sandport.sandbox.crun`), in the
+``host-root-UNSAFE`` mode through :mod:`sandport.sandbox.nsexec` (:func:`spawn`).
+Guests outlive a gateway killed with ``kill -9``: each is known by pid *and* start time
+(:func:`start_time`), so the next gateway adopts exactly the processes it started
+(:meth:`GuestProcess.adopted`), never a recycled pid. Whatever escapes (a child of a
+child) is still found by its network namespace: :func:`pids_in_netns` reads ``/proc/*/ns/net``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandport.net.netlink import netns_inode
+from sandport.sandbox.crun import Crun
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +115,39 @@ async def spawn(
                         log_path=log_path, essential=essential, process=process)
 
 
+async def spawn_contained(
+    *,
+    name: str,
+    runtime: Crun,
+    container: str,
+    process: dict[str, object],
+    doc: Path,
+    log_dir: Path,
+    essential: bool = False,
+) -> GuestProcess:
+    """Start OCI ``process`` in ``container``; stdout and stderr go to ``log_dir/name.log``.
+
+    The program is not this process's child (crun detaches it; the container's init or
+    the host's reaps it), so it is known by pid and start time from the start.
+    """
+    log_path = log_dir / f"{name}.log"
+    pid = await runtime.exec(container, process, doc=doc, log_path=log_path)
+    log.debug("%s: started %s pid %d", container, name, pid)
+    return GuestProcess(name=name, pid=pid, started=start_time(pid) or 0, log_path=log_path,
+                        essential=essential)
+
+
 async def terminate(proc: GuestProcess, *, grace: float = STOP_GRACE) -> None:
     """SIGTERM the program's process group, SIGKILL it after ``grace`` seconds."""
     if not proc.running:
         return
+    try:  # its own session's group: crun exec makes one led by a pid that is gone
+        group = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            os.killpg(group, sig)
         try:
             await asyncio.wait_for(wait_exit(proc), grace)
             return

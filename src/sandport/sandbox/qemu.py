@@ -11,7 +11,9 @@ through PVH and an initramfs with busybox and the profile's services). Per sandb
 - ``<workdir>/logs/serial.log`` (the guest console), ``qemu.log`` (QEMU's stderr),
   ``qmp.sock`` (QEMU's monitor: status, clean shutdown);
 - the QEMU process, known by pid and start time like any guest process
-  (:mod:`sandport.sandbox.procs`), so a restarted gateway adopts it.
+  (:mod:`sandport.sandbox.procs`), so a restarted gateway adopts it. It starts as root
+  (to open the TAP), then runs as an unprivileged host uid of the sandbox's own
+  (``-runas``, the same id ranges as netns guests) under QEMU's seccomp ``-sandbox``.
 
 Acceleration: ``kvm`` where ``/dev/kvm`` is usable and is not the paravirtual ``kvm_pvm``
 (which runs stock kernels far slower than emulation), else ``tcg``; the choice and why
@@ -33,7 +35,7 @@ from sandport.errors import MissingPackage
 from sandport.net import netlink
 from sandport.net.antispoof import sandbox_mac
 from sandport.proto.rfb import obfuscate_password
-from sandport.sandbox import images, procs
+from sandport.sandbox import crun, images, procs
 from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
 from sandport.sandbox.profiles import colour_hex, desktop_colour, desktop_name, get_profile
 
@@ -49,6 +51,9 @@ MEMORY_MB = {"echo": 256, "desktop": 512}
 #: vCPUs by profile: a desktop starts Xvnc, openbox and the agent's Python at once, and
 #: QEMU's multi-threaded TCG runs them on two host cores (about 6 s to ready, not 8).
 VCPUS = {"desktop": 2}
+#: QEMU's own seccomp filter once the guest runs (``elevateprivileges`` must stay allowed
+#: for ``-runas`` to drop root after it is installed).
+QEMU_SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
 
 def tap_name(sandbox_id: str) -> str:
@@ -114,9 +119,10 @@ class QemuBackend:
     restarts_services = False  # a VM that exits is failed with QEMU's last words
 
     def __init__(self, *, image_cache: Path = images.DEFAULT_IMAGE_CACHE,
-                 accel: str = "auto") -> None:
+                 accel: str = "auto", unprivileged: bool = True) -> None:
         self.image_cache = image_cache
         self._accel = accel
+        self.unprivileged = unprivileged
         self._procs: dict[str, procs.GuestProcess] = {}
 
     def ports(self, spec: SandboxSpec) -> tuple[GuestPort, ...]:
@@ -203,6 +209,12 @@ class QemuBackend:
         ]
         if accel == "kvm":
             argv[5:5] = ["-cpu", "host"]
+        if self.unprivileged:
+            # QEMU opens the TAP, sockets and files as root, then, before the guest runs,
+            # becomes a host uid of the sandbox's own (see crun.claim_ids) under its own
+            # seccomp filter (no exec, no obsolete or resource-control syscalls).
+            ids = await asyncio.to_thread(crun.claim_ids, tap_name(spec.id))
+            argv += ["-runas", f"{ids.host_base}:{ids.host_base}", "-sandbox", QEMU_SANDBOX]
         log_path = logs / "qemu.log"
         with open(log_path, "ab") as out:  # noqa: ASYNC230 - a local log file
             process = await asyncio.create_subprocess_exec(
@@ -275,6 +287,7 @@ class QemuBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await asyncio.to_thread(netlink.delete_link, tap_name(spec.id))
+        await asyncio.to_thread(crun.release_ids, tap_name(spec.id))
         await asyncio.to_thread(shutil.rmtree, spec.workdir, True)
         log.info("sandbox %s: destroyed (vm)", spec.id)
 
