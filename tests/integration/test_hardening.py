@@ -167,11 +167,21 @@ def test_the_state_dir_is_private_whatever_the_umask(loop_thread: Any,
 
 def loose_modes(state: Path) -> list[str]:
     """Every path under ``state`` (itself included) with a group or other bit, but a
-    guest's /tmp and what is in it."""
+    guest's /tmp and what is in it, and the directory of files handed to a contained
+    guest: exactly 0755 (its root must enter it), inside a 0700 workdir."""
     found = []
     for root, dirs, files in os.walk(state):
         if Path(root).parent == state / "sandboxes" and "tmp" in dirs:
             dirs.remove("tmp")
+        if Path(root).parent == state / "sandboxes" and "guest" in dirs:
+            if stat.S_IMODE(Path(root, "guest").lstat().st_mode) != 0o755:
+                found.append(f"not 0755: {Path(root, 'guest').relative_to(state.parent)}")
+            if stat.S_IMODE(Path(root).lstat().st_mode) & 0o077:
+                found.append(f"workdir open: {Path(root).relative_to(state.parent)}")
+            dirs.remove("guest")
+            found += [f"{oct(m)} {f.relative_to(state.parent)}"
+                      for f in Path(root, "guest").iterdir()
+                      if (m := stat.S_IMODE(f.lstat().st_mode)) & 0o077]
         for path in (Path(root), *(Path(root, f) for f in files)):
             mode = stat.S_IMODE(path.lstat().st_mode)
             if mode & 0o077 and not path.is_symlink():

@@ -8,7 +8,9 @@ sockets and whatever a later version adds are born private; and :func:`tighten`,
 takes group and other bits from what an older gateway (or a wider umask) left there.
 
 Must not touch: a guest's own ``/tmp`` (``sandboxes/<id>/tmp``: the guest's files, mode
-1777 as any /tmp, reachable only through its 0700 workdir); anything outside the state
+1777 as any /tmp, reachable only through its 0700 workdir) and the files handed to a
+contained guest (``sandboxes/<id>/guest``, 0755, owned by the guest's mapped root and
+mounted read-only in its container); anything outside the state
 dir (the image cache is not secret); a state dir that is a shared sticky directory such as
 /tmp (left as it is, with a warning).
 """
@@ -20,6 +22,8 @@ import os
 import stat
 import threading
 from pathlib import Path
+
+from sandport.sandbox.netns import GUEST_FILES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ def release_private_umask() -> None:
 
 def tighten(state_dir: Path) -> int:
     """Take group and other bits from the state dir and everything under it (symbolic
-    links are not followed; guests' /tmp directories are skipped). Returns how many
+    links are not followed; guests' /tmp directories and the directory of files handed to a
+    contained guest, 0755 and mounted read-only in its container, are skipped). Returns how many
     modes changed; a path that vanishes meanwhile is skipped."""
     st = os.lstat(state_dir)
     if st.st_mode & stat.S_ISVTX:
@@ -72,8 +77,10 @@ def tighten(state_dir: Path) -> int:
     changed = _private(state_dir, st)
     sandboxes = state_dir / "sandboxes"
     for root, dirs, files in os.walk(state_dir):
-        if Path(root).parent == sandboxes and GUEST_TMP in dirs:
-            dirs.remove(GUEST_TMP)  # the guest's /tmp, and what it made in there
+        if Path(root).parent == sandboxes:
+            for guests in (GUEST_TMP, GUEST_FILES_DIR):
+                if guests in dirs:  # the guest's /tmp; what the guest's root must read
+                    dirs.remove(guests)
         for name in (*dirs, *files):
             try:
                 changed += _private(Path(root, name), os.lstat(Path(root, name)))

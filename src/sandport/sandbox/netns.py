@@ -199,6 +199,7 @@ class NetnsBackend:
             os.lchown(path, ids.host_base, ids.host_base)
         files = spec.workdir / GUEST_FILES_DIR
         files.mkdir(mode=0o755, exist_ok=True)
+        files.chmod(0o755)  # the guest's root must enter it, whatever the gateway's umask
         config = container.bundle_config(
             rootfs=str(crun.ROOTFS), netns_path=f"/run/netns/{name}", tmpdir=str(tmp),
             guest_files=str(files), ids=ids, hostname=name,
