@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import errno
 import itertools
-import json
 import logging
 import socket
 import ssl
@@ -53,14 +52,15 @@ from sandport.bridge.model import (
     UpgradeRefusal,
     in_networks,
 )
-from sandport.bridge.session import CLOSE_GOING_AWAY, CLOSE_TIMEOUT, TargetSide, WsSession
+from sandport.bridge.session import CLOSE_TIMEOUT, TargetSide, WsSession
 from sandport.bridge.targets import Target, token_from
 from sandport.bridge.tls import TlsContexts
-from sandport.bridge.web import static_response
+from sandport.bridge.web import json_response, static_response
 from sandport.errors import PortInUseError, UsageError
 from sandport.net.nsock import connect_in_netns
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
+from sandport.proto.wsframes import CLOSE_GOING_AWAY
 
 __all__ = ["WsBridge"]
 
@@ -298,12 +298,11 @@ class WsBridge:
             sock.close()
             return
         if not tls and self._tls is not None and self._tls.config.ssl_only:
-            body = json.dumps({"error": "tls_required",
-                               "message": "this port takes only TLS: use wss:// or https://"})
+            refusal = json_response(400, {
+                "error": "tls_required",
+                "message": "this port takes only TLS: use wss:// or https://"})
             with contextlib.suppress(OSError):
-                sock.send(f"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                          f"{body}".encode())
+                sock.send(refusal.serialize())
             sock.close()
             return
         session = WsSession(self, f"{self.label}#{next(self._seq)}", client, tls)

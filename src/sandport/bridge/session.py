@@ -57,6 +57,10 @@ from sandport.net.splice import SPLICE_AVAILABLE
 from sandport.proto.errors import InvalidTransition
 from sandport.proto.rfbwatch import RfbWatch, Watch
 from sandport.proto.wsframes import (
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED,
     Event,
     FrameError,
     FrameReader,
@@ -71,10 +75,6 @@ if TYPE_CHECKING:
     from sandport.bridge.server import WsBridge
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_INTERNAL",
-    "CLOSE_NORMAL",
-    "CLOSE_UNSUPPORTED",
     "SUBPROTOCOLS",
     "TARGET_CLOSED",
     "TRANSITIONS",
@@ -93,12 +93,6 @@ WRITE_HIGH: Final = 1024 * 1024  # stop reading the other side above this many b
 WRITE_LOW: Final = 256 * 1024
 CLOSE_TIMEOUT: Final = 5.0  # after our close frame, wait this long for the client's
 
-# Close codes (RFC 6455 section 7.4.1).
-CLOSE_NORMAL: Final = 1000
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_UNSUPPORTED: Final = 1003
-CLOSE_INTERNAL: Final = 1011
 #: Close reasons when the target ends a session; the hop is ``sandport doctor``'s name for
 #: where the path broke (the guest's service closed or reset it; or the guest went away).
 TARGET_CLOSED: Final = "the target closed the connection (hop: guest service)"

@@ -58,9 +58,14 @@ MAX_CONTROL_PAYLOAD: Final = 125
 #: Close codes a peer may send (section 7.4.1; 1004-1006 and 1015 are never sent).
 VALID_CLOSE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
                                       1012, 1013, 1014})
+# The close codes sandport sends (section 7.4.1).
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
 CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_UNSUPPORTED: Final = 1003
 CLOSE_INVALID_DATA: Final = 1007
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL: Final = 1011
 
 _OPCODES: Final = {int(op): op for op in Opcode}
 _U16 = struct.Struct("!H")
