@@ -323,8 +323,17 @@ class MessageFramer:
         """
         if self._phase is Phase.CLOSED:
             raise LocalProtocolError("data after the end of the stream")
-        self._buf += data
         events: list[Event] = []
+        if not self._buf and (self._phase is Phase.LENGTH or self._phase is Phase.CHUNK_DATA):
+            # Body bytes as they arrive (a file the app sends): framed without a pass
+            # through the buffer, only counted.
+            n = min(len(data), self._left)
+            events.append(Body(data if n == len(data) else data[:n]))
+            self._left -= n
+            data = data[n:] if n < len(data) else b""
+            if not self._left:
+                self._end_counted(events)
+        self._buf += data
         try:
             while self._step(events):
                 pass
@@ -453,12 +462,16 @@ class MessageFramer:
         self._left -= n
         if self._left:
             return False
+        self._end_counted(events)
+        return True
+
+    def _end_counted(self, events: list[Event]) -> None:
+        """A LENGTH body or a chunk's data is complete."""
         if self._phase is Phase.LENGTH:
             self._move(Phase.HEAD)
             events.append(End())
         else:
             self._move(Phase.CHUNK_END)
-        return True
 
     def _chunk_size(self, events: list[Event]) -> bool:
         end = self._buf.find(_CRLF)
