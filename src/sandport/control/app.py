@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import itertools
 import logging
 import re
 import time
@@ -67,9 +66,9 @@ from sandport.sandbox.state import SandboxState
 
 log = logging.getLogger(__name__)
 
+#: Seconds the front door gives a guest port to accept a bridged connection (504 beyond).
 CONNECT_TIMEOUT = 5.0
 NOT_READY_RETRY_AFTER = 2  # seconds
-_conn_ids = itertools.count(1)
 
 
 @dataclass(slots=True, kw_only=True)
