@@ -755,7 +755,7 @@ def test_trailing_data_cap() -> None:
 def test_handshake_buffer_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cap also bounds an unfinished message (unreachable with the real caps: the largest
     handshake message is far below MAX_BUFFER, so shrink it)."""
-    monkeypatch.setattr(rfb, "MAX_BUFFER", 16)
+    monkeypatch.setattr("sandport.proto.rfb.client.MAX_BUFFER", 16)  # where RFBClient reads it
     client = RFBClient()
     client.receive_data(V33 + u32(1))
     with pytest.raises(BufferOverflow) as info:
