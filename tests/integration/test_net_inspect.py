@@ -27,6 +27,7 @@ import pytest
 from conftest import require_programs, require_root
 from nethelpers import guest_server
 from sandport.net import inspect
+from sandport.net.inspect import nftrules
 
 pytestmark = pytest.mark.integration
 
@@ -268,7 +269,7 @@ def test_rules_dropping_without_nft_is_empty(nft_table: str, tag: str,
     address = f"10.201.{200 + int(tag, 16) % 10}.5"
     _nft("add", "rule", "inet", nft_table, "idle", "ip", "daddr", address, "drop")
     assert len(_our_rules(address, nft_table)) == 1
-    monkeypatch.setattr(inspect.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(nftrules.shutil, "which", lambda _name: None)
     assert inspect.rules_dropping(address) == []
 
 
@@ -281,7 +282,7 @@ def test_rules_dropping_skips_our_own_table(monkeypatch: pytest.MonkeyPatch) -> 
 
     ruleset = [{"metainfo": {}}, rule("ip", "sandport"), rule("inet", "sandport"),
                rule("ip", "other")]
-    monkeypatch.setattr(inspect, "_ruleset", lambda: ruleset)
+    monkeypatch.setattr(nftrules, "_ruleset", lambda: ruleset)
     assert [(r.family, r.table) for r in inspect.rules_dropping("10.201.0.5")] == [
         ("inet", "sandport"), ("ip", "other")]
 
