@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ UNIX_PREFIX = "unix_socket:"
 #: The path noVNC asks for by default; never a token.
 DEFAULT_PATH_SEGMENT = "websockify"
 _TOKEN_LINE = re.compile(r"^(?P<token>[^:\s][^:]*?):\s+(?P<target>\S+)\s*$")
+#: A worker thread parsing a token file lets the event loop run every this many lines
+#: (without it the loop waited up to half a second for the interpreter lock).
+YIELD_EVERY = 256
 MAX_TOKEN_FILE_BYTES = 16 * 1024 * 1024  # a token file larger than this is refused
 #: Token files up to this many bytes in all are parsed inline, on the event loop (well
 #: under a millisecond per KiB): an edit is then seen by the very next connection.
@@ -198,6 +202,8 @@ class TokenFile:
                 with path.open(errors="replace") as f:
                     for number, raw in enumerate(f, 1):
                         _parse_line(targets, raw, path, number)
+                        if not number % YIELD_EVERY:
+                            time.sleep(0)  # hand the interpreter lock to the event loop
             except OSError as exc:
                 log.warning("token file %s: %s: not loaded, the previous table stays", path,
                             exc)
@@ -241,7 +247,10 @@ class TokenFile:
                           self.source, exc)
                 self._keys = files
                 return
+            previous = self._targets
             self._swap(files, fut.result())
+            if previous is not self._targets:  # freed off the loop, a few entries at a time
+                loop.run_in_executor(None, _drain, previous)
 
         loading.add_done_callback(done)
 
@@ -251,6 +260,14 @@ class TokenFile:
         self._reload_if_changed()
         text = self._targets.get(token)
         return parse_target(text) if text is not None else None
+
+
+def _drain(table: dict[str, str]) -> None:
+    """Free a replaced table entry by entry, in a worker thread: dropping 600k entries in
+    one ``dict`` deallocation would hold the interpreter lock (and stall the event loop)
+    for as long as it takes."""
+    while table:
+        table.popitem()
 
 
 class UnixDomainSocketDirectory:
