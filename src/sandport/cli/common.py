@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from sandport.cli.table import Column, layout, terminal_width, wrap_cell
 from sandport.client import ApiError, Client
 from sandport.control.gateway import GATEWAY_FILE
 from sandport.errors import SandportError, UsageError
@@ -62,21 +64,41 @@ def print_json(doc: object) -> None:
     out.print(json.dumps(doc, indent=2), markup=False)
 
 
-def print_columns(rows: Sequence[Sequence[str]]) -> None:
-    """``rows`` (the first is the header) on stdout as plain aligned columns, the last
-    one unpadded; never truncated: the output is grepped as often as read."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
-        out.print("  ".join([*cells, r[-1]]), markup=False, crop=False, overflow="ignore")
+def wide_flag() -> Any:
+    """The ``--wide`` flag of a command that prints a table."""
+    return typer.Option("--wide", help="Show every column, each row on one line, however "
+                        "wide (default: fit the terminal, COLUMNS or 80).")
 
 
-def setup_logging(level: str) -> None:
+def print_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], *,
+                wide: bool) -> None:
+    """``rows`` on stdout as a table with a header (see :mod:`sandport.cli.table`): fitted
+    to the terminal, or every column on one line each if ``wide``. Columns left out to fit
+    are named on stderr, with ``--wide``."""
+    width = None if wide else terminal_width()
+    table = layout(columns, rows, width)
+    for line in table.lines:
+        out.out(line, highlight=False)
+    if table.hidden:
+        note = f"not shown in {width} columns (--wide shows them): {', '.join(table.hidden)}"
+        for line in wrap_cell(note, width or len(note)):
+            err.out(line, highlight=False)
+
+
+#: The log file of ``sandport up``, in its state dir.
+LOG_FILE = "gateway.log"
+#: When the log file is rotated (to ``gateway.log.1`` ...), and how many old ones stay.
+LOG_FILE_BYTES = 16 * 2**20
+LOG_FILE_KEEP = 3
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
     """Log records at ``level`` and above to stderr: through rich on a terminal, else one
-    plain line each.
+    plain line each; with ``log_file``, records at info (or ``level``, if lower) and above
+    to that file too (0600, appended, rotated).
 
     Raises:
-        UsageError: ``level`` is not a logging level.
+        UsageError: ``level`` is not a logging level, or the log file cannot be written.
     """
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -90,10 +112,33 @@ def setup_logging(level: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=numeric, handlers=[handler], force=True)
+    handler.setLevel(numeric)
+    handlers: list[logging.Handler] = [handler]
+    lowest = numeric
+    if log_file is not None:
+        lowest = min(numeric, logging.INFO)
+        handlers.append(_file_handler(log_file, lowest))
+    logging.basicConfig(level=lowest, handlers=handlers, force=True)
     # Third-party chatter only at debug.
     for noisy in ("uvicorn", "uvicorn.error", "websockets", "pyroute2", "asyncio"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def _file_handler(path: Path, level: int) -> logging.Handler:
+    """A handler appending to ``path``, made 0600 (in a 0700 directory) if it is new."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600))
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_KEEP, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the log file {path}: {exc.strerror or exc}",
+                         hint="run as root, or pass a --state-dir you can write") from None
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    return handler
 
 
 def show_error(exc: BaseException) -> None:

@@ -14,8 +14,17 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from sandport.cli.common import err, json_flag, out, print_columns, print_json, run_reporting
+from sandport.cli.common import (
+    err,
+    json_flag,
+    out,
+    print_json,
+    print_table,
+    run_reporting,
+    wide_flag,
+)
 from sandport.cli.help import HelpTyper
+from sandport.cli.table import Column
 from sandport.errors import UsageError
 from sandport.sandbox import images as guest_images
 
@@ -88,6 +97,7 @@ def image_build(
 def image_list(
     cache_dir: ImageCacheOption = guest_images.DEFAULT_IMAGE_CACHE,
     as_json: Annotated[bool, json_flag()] = False,
+    wide: Annotated[bool, wide_flag()] = False,
 ) -> None:
     """Every image in the cache, current or not: profile, key, kernel, sizes, build time.
 
@@ -105,12 +115,16 @@ def image_list(
         if not found:
             err.print(escape(f"no images in {cache_dir}"))
             return
-        rows = [("PROFILE", "KEY", "KERNEL", "INITRAMFS", "UNPACKED", "BUILT", "DIR")]
+        columns = (Column(header="PROFILE"), Column(header="KEY"),
+                   Column(header="KERNEL", rank=3), Column(header="INITRAMFS", rank=2),
+                   Column(header="UNPACKED", rank=4), Column(header="BUILT", rank=5),
+                   Column(header="DIR", rank=1))
+        rows = []
         for i in found:
             sizes = i.manifest.get("sizes", {})
             rows.append((i.profile, i.key[:16], str(i.manifest.get("kernel_version", "-")),
                          _mib(sizes.get("initramfs")), _mib(sizes.get("unpacked")),
                          str(i.manifest.get("built_at", "-")), str(i.dir)))
-        print_columns(rows)
+        print_table(columns, rows, wide=wide)
 
     run_reporting(run)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -25,9 +25,12 @@ from sandport.cli.common import (
     json_flag,
     out,
     print_json,
+    print_table,
     run_reporting,
+    wide_flag,
 )
 from sandport.cli.help import HelpTyper
+from sandport.cli.table import Column
 from sandport.config import DEFAULT_STATE_DIR
 from sandport.errors import UsageError
 
@@ -70,12 +73,40 @@ def sandbox_create(
     run_reporting(run)
 
 
+#: The columns of ``sandbox list``; the docstring of :func:`sandbox_list` says what each is.
+SANDBOX_COLUMNS = (
+    Column(header="ID"),
+    Column(header="NAME", rank=5),
+    Column(header="BACKEND", rank=6),
+    Column(header="PROFILE", rank=3),
+    Column(header="STATE"),
+    Column(header="IP", rank=1),
+    Column(header="VNC", rank=2),
+    Column(header="DESKTOP LINK", rank=7),
+    Column(header="REASON", rank=4, wrap=True),
+)
+
+
+def _vnc(sb: dict[str, Any]) -> str:
+    """Where a native VNC client connects, or "" for a sandbox with no VNC forward."""
+    vnc = sb.get("vnc") or {}
+    return f"{vnc.get('host')}:{vnc['port']}" if vnc.get("port") else ""
+
+
 @sandbox_app.command("list")
 def sandbox_list(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
     as_json: Annotated[bool, json_flag()] = False,
+    wide: Annotated[bool, wide_flag()] = False,
 ) -> None:
-    """Every sandbox: id, state, ip, VNC port and desktop URL."""
+    """Every sandbox, attached targets too, as a table.
+
+    Columns: ID; NAME (an attached target's); BACKEND: netns, qemu or external (attached);
+    PROFILE; STATE; IP (the guest's address); VNC (the host address a VNC viewer
+    connects to; "-": no VNC); DESKTOP LINK (the noVNC page, with its token); REASON (why
+    it failed or is degraded). A narrow terminal shows those that fit, the most useful
+    first; --wide shows all.
+    """
 
     def run() -> None:
         with gateway_client(state_dir) as gateway:
@@ -86,12 +117,11 @@ def sandbox_list(
         if not sandboxes:
             err.print("no sandboxes")
             return
-        for sb in sandboxes:
-            line = (f"{sb['id']}  {sb['state']:<9} {sb['ip']:<15} vnc {sb['vnc']['host']}:"
-                    f"{sb['vnc']['port']}  {sb['desktop_url']}")
-            if sb["reason"]:
-                line += f"  ({sb['reason']})"
-            out.print(line, markup=False, crop=False, overflow="ignore")
+        print_table(SANDBOX_COLUMNS, [
+            (str(sb["id"]), str(sb.get("name") or ""), str(sb.get("backend") or ""),
+             str(sb.get("profile") or ""), str(sb["state"]), str(sb["ip"]), _vnc(sb),
+             str(sb.get("desktop_url") or ""), str(sb.get("reason") or ""))
+            for sb in sandboxes], wide=wide)
 
     run_reporting(run)
 
@@ -287,23 +317,43 @@ def token_create(
     run_reporting(run)
 
 
+#: The columns of ``token list``.
+TOKEN_COLUMNS = (
+    Column(header="ID"),
+    Column(header="STATE"),
+    Column(header="EXPIRES"),
+    Column(header="PORTS", rank=1, wrap=True),
+    Column(header="KINDS", rank=2),
+)
+
+
 @token_app.command("list")
 def token_list(
     sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.", metavar="SANDBOX")],
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    as_json: Annotated[bool, json_flag()] = False,
+    wide: Annotated[bool, wide_flag()] = False,
 ) -> None:
-    """The access tokens of a sandbox: id, expiry, scope (never the tokens)."""
+    """The access tokens of a sandbox (never the tokens themselves).
+
+    Columns: ID (for `token revoke`); STATE: valid or expired; EXPIRES (local time);
+    PORTS and KINDS it opens (all: every one).
+    """
 
     def run() -> None:
         with gateway_client(state_dir) as gateway:
             tokens = gateway.sandbox(sandbox_id, fetch=False).tokens()
+        if as_json:
+            print_json(tokens)
+            return
         if not tokens:
             err.print("no access tokens")
-        for t in tokens:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["expires_at"]))
-            state = "expired" if t["expired"] else f"until {when}"
-            out.print(f"{t['id']}  {state}  ports {','.join(t['ports']) or 'all'}  "
-                      f"kinds {','.join(t['kinds']) or 'all'}", markup=False)
+            return
+        print_table(TOKEN_COLUMNS, [
+            (str(t["id"]), "expired" if t["expired"] else "valid",
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["expires_at"])),
+             ", ".join(t["ports"]) or "all", ", ".join(t["kinds"]) or "all")
+            for t in tokens], wide=wide)
 
     run_reporting(run)
 

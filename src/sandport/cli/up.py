@@ -21,6 +21,7 @@ from rich.markup import escape
 from sandport import __version__
 from sandport.bridge.tls import TlsConfig, TlsContexts
 from sandport.cli.common import (
+    LOG_FILE,
     PUBLISH_HELP,
     STOP_SIGNALS,
     count_option,
@@ -124,9 +125,11 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
                 log.debug("%s", line)
 
             await gateway.start(progress)
-            err.print(f"sandport {__version__} gateway on [bold]{gateway.base_url}[/] "
-                      f"(bridge {config.net.bridge}, subnet {config.net.subnet}, "
-                      f"state {escape(str(config.state_dir))})")
+            err.print(f"sandport {__version__} gateway on [bold]{gateway.base_url}[/]\n"
+                      + escape(f"  Network:  bridge {config.net.bridge}, subnet "
+                               f"{config.net.subnet}\n"
+                               f"  Log:      {config.state_dir / LOG_FILE} (--log-level "
+                               "info shows it here)"))
             if demo:
                 info = await gateway.create_sandbox(vnc_port=vnc_port, publish=publish,
                                                     options=options, progress=progress)
@@ -228,7 +231,9 @@ def up(
              "e.g. from `openssl rand -hex 32`); default: secret.key in the state dir, "
              "created at the first start.", metavar="FILE")] = None,
     log_level: Annotated[str, typer.Option(
-        help="debug, info, warning or error.", metavar="LEVEL")] = "info",
+        help="What the terminal shows of the log: debug, info, warning or error. The "
+             "log file, gateway.log in the state dir, gets info and above (debug with "
+             "debug).", metavar="LEVEL")] = "warning",
 ) -> None:
     """Run the gateway in the foreground until Ctrl-C or SIGTERM.
 
@@ -247,7 +252,6 @@ def up(
       sudo sandport up --demo -p 18080:8080 -p 15353:53/udp --forward-mode proxy
     """
     try:
-        setup_logging(log_level)
         host, port = parse_hostport(listen)
         mappings = [m for spec in publish or []
                     for m in parse_port_spec(spec, default_host_ip=forward_host)]
@@ -276,6 +280,7 @@ def up(
             attach_subnets=tuple(_parse_attach_subnet(t) for t in attach_subnet or ()),
             attach_grace=attach_grace,
         )
+        setup_logging(log_level, config.state_dir / LOG_FILE)
     except SandportError as exc:
         show_error(exc)
         raise typer.Exit(exc.exit_code) from None
