@@ -13,6 +13,7 @@ command's code:
 
 - :mod:`.help`: the typer classes that make every ``--help`` fit a terminal;
 - :mod:`.common`: consoles, errors and exit codes, signals, the running gateway's client;
+- :mod:`.table`: the layout of every list's table (a header, the terminal's width);
 - :mod:`.up`: ``up`` (the gateway in the foreground); :mod:`.ws`: ``ws`` (websockify's CLI);
 - :mod:`.sandboxes`: ``sandbox create|list|logs|rm``, ``attach``, ``detach``, ``retarget``
   and ``token create|list|revoke``;

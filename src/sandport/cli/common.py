@@ -1,10 +1,11 @@
 """What the ``sandport`` commands share: consoles, logging, errors, signals, the gateway.
 
-Owns the two consoles (``out`` for results, ``err`` for everything else), mapping a
-:class:`~sandport.errors.SandportError` onto one line and an exit code, running a
-coroutine under uvloop, the stop signals, and finding the running gateway's API client
-(through its state file). Must not define commands, and makes no HTTP call of its own:
-:class:`sandport.client.Client` does.
+Owns the two consoles (``out`` for results, ``err`` for everything else), printing a
+table (laid out by :mod:`sandport.cli.table`) and JSON, logging (the terminal and the
+log file of ``up``), mapping a :class:`~sandport.errors.SandportError` onto one line and
+an exit code, running a coroutine under uvloop, the stop signals, and finding the running
+gateway's API client (through its state file). Must not define commands, and makes no
+HTTP call of its own: :class:`sandport.client.Client` does.
 """
 
 from __future__ import annotations
