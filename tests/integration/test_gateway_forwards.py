@@ -129,7 +129,7 @@ def test_overlaps_and_taken_ports_are_refused_naming_the_owner(
         loop_thread.run(gw.create_sandbox(publish=parse_port_spec(f"{port}:7")))
     # The same port twice in one request.
     other = free_port()
-    with pytest.raises(PortSpecError, match="already forwarded by another -p spec"):
+    with pytest.raises(PortSpecError, match=f"127.0.0.1:{other}/tcp is asked for twice"):
         loop_thread.run(gw.create_sandbox(publish=[*parse_port_spec(f"{other}:7"),
                                                    *parse_port_spec(f"{other}:8")]))
     # A port another program holds.

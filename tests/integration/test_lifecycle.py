@@ -132,7 +132,7 @@ def test_publish_needs_a_sandbox_and_a_valid_spec(tmp_path: Path) -> None:
     assert r.returncode == 2 and "invalid port spec" in r.stderr
     assert "HOSTPORT:GUESTPORT" in r.stderr
     r = _run_cli("up", "--demo", "-p", "9000:80", "-p", "9000:81", "--state-dir", str(tmp_path))
-    assert r.returncode == 2 and "already forwarded" in r.stderr
+    assert r.returncode == 2 and "asked for twice: by -p 9000:80 and by -p 9000:81" in r.stderr
     r = _run_cli("up", "--demo", "--forward-mode", "fast", "--state-dir", str(tmp_path))
     assert r.returncode == 2 and "not one of auto, kernel, proxy" in r.stderr
 

@@ -72,7 +72,7 @@ def test_overlaps_name_the_owner() -> None:
         check_overlaps(parse_port_spec("15901:22"), existing)
     with pytest.raises(PortSpecError, match="already forwarded by sandbox abc123"):
         check_overlaps(parse_port_spec("0.0.0.0:15901:22"), existing)  # wildcard covers all
-    with pytest.raises(PortSpecError, match="another -p spec"):
+    with pytest.raises(PortSpecError, match=r"asked for twice: by -p 127\.0\.0\.1:9000:1/tcp"):
         check_overlaps(parse_port_spec("9000:1") + parse_port_spec("9000:2"), {})
     # Different protocol, different address or "any port" do not clash.
     check_overlaps(parse_port_spec("15901:5901/udp"), existing)

@@ -41,7 +41,8 @@ sandbox_app = HelpTyper(help="Create, list and remove sandboxes of a running gat
 @sandbox_app.command("create")
 def sandbox_create(
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help=f"Forward a port. {PUBLISH_HELP}", metavar="SPEC")] = None,
+        "--publish", "-p", help=f"Forward a port; a SPEC for a port the profile exposes "
+        f"(5901: VNC) sets that port's host side. {PUBLISH_HELP}", metavar="SPEC")] = None,
     profile: Annotated[str, typer.Option(
         help="desktop (Xvnc + openbox) or echo (TCP/UDP echo on 7, HTTP on 80; qemu).",
         metavar="PROFILE")] = "desktop",
@@ -156,7 +157,8 @@ def attach(
                                         metavar="NAME")],
     ip: Annotated[str, typer.Option(help="The target's IPv4 address.", metavar="ADDR")],
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help=f"Forward a port. {PUBLISH_HELP}", metavar="SPEC")] = None,
+        "--publish", "-p", help=f"Forward a port; a SPEC for the primary port (5901 of a "
+        f"desktop, --port) sets its host side. {PUBLISH_HELP}", metavar="SPEC")] = None,
     profile: Annotated[str, typer.Option(
         help="desktop (VNC on 5901), http (80 or --port) or tcp (--port): what readiness "
              "speaks to it.", metavar="PROFILE")] = "desktop",

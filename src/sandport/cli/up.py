@@ -46,7 +46,8 @@ from sandport.config import (
 from sandport.control.forwards import ForwardOptions
 from sandport.control.gateway import Gateway, SandboxInfo
 from sandport.errors import SandportError, UsageError
-from sandport.forward.spec import PortMapping, check_overlaps, parse_port_spec
+from sandport.forward.spec import ExposedPort, PortMapping, parse_port_spec, place
+from sandport.sandbox.profiles import VNC_PORT
 
 READY_PREFIX = "SANDPORT-READY"
 DEMO_VNC_PORT = 15901
@@ -91,6 +92,26 @@ def _tls_config(cert: Path | None, key: Path | None, ssl_only: bool) -> TlsConfi
                        ssl_only=ssl_only)
     TlsContexts(config)  # loads now: a bad certificate is an error before anything starts
     return config
+
+
+def _demo_vnc(vnc_port: int | None, mappings: list[PortMapping], labels: list[str],
+              forward_host: str) -> int:
+    """The host port of the demo desktop's VNC forward: that of a -p for guest port 5901
+    (it sets it), else ``--vnc-port``, else :data:`DEMO_VNC_PORT`. Every forward of the
+    demo is checked here, before the gateway starts.
+
+    Raises:
+        PortSpecError: two of them want one host port (naming both).
+        UsageError: ``--vnc-port`` (not 0) and a -p set VNC's host port differently.
+    """
+    chosen = vnc_port if vnc_port is not None else DEMO_VNC_PORT
+    label = f"--vnc-port {vnc_port}" if vnc_port is not None else \
+        f"the desktop's VNC (--vnc-port, default {DEMO_VNC_PORT})"
+    placement = place(mappings, [ExposedPort(
+        name="vnc", guest_port=VNC_PORT, label=label, fixed=bool(vnc_port),
+        default=PortMapping(host_ip=forward_host, host_port=chosen, guest_port=VNC_PORT),
+    )], labels=labels)
+    return placement.exposed[0][1].host_port
 
 
 def _print_sandbox(info: SandboxInfo) -> None:
@@ -172,12 +193,14 @@ def up(
     subnet: Annotated[str, typer.Option(
         help="Sandbox address pool; the first address is the bridge's.", metavar="CIDR")]
         = str(DEFAULT_SUBNET),
-    vnc_port: Annotated[int, typer.Option(
-        help="Host port of the demo sandbox's VNC forward (0: any free port).",
-        min=0, max=65535, metavar="PORT")] = DEMO_VNC_PORT,
+    vnc_port: Annotated[int | None, typer.Option(
+        help=f"Host port of the demo sandbox's VNC forward (0: any free port); default "
+             f"{DEMO_VNC_PORT}, or the host port of a -p for guest port {VNC_PORT}.",
+        min=0, max=65535, metavar="PORT", show_default=False)] = None,
     publish: Annotated[list[str] | None, typer.Option(
         "--publish", "-p", metavar="SPEC",
-        help=f"Forward more ports of the demo sandbox. {PUBLISH_HELP}")] = None,
+        help=f"Forward ports of the demo sandbox; a SPEC for guest port {VNC_PORT} sets the "
+             f"VNC forward's host side. {PUBLISH_HELP}")] = None,
     forward_mode: Annotated[str, typer.Option(
         help="auto (kernel DNAT where it can serve, else the relay, and says why), kernel "
         "(nftables DNAT) or proxy (userspace relay on splice).", metavar="MODE")] = "auto",
@@ -253,12 +276,15 @@ def up(
     """
     try:
         host, port = parse_hostport(listen)
-        mappings = [m for spec in publish or []
-                    for m in parse_port_spec(spec, default_host_ip=forward_host)]
+        mappings, labels = [], []
+        for spec in publish or []:
+            for m in parse_port_spec(spec, default_host_ip=forward_host):
+                mappings.append(m)
+                labels.append(f"-p {spec}")
         if mappings and not demo:
             raise UsageError("-p forwards ports of a sandbox: add --demo to create one",
                              hint="sandboxes created through the API take their own specs")
-        check_overlaps(mappings, {})
+        vnc = _demo_vnc(vnc_port, mappings, labels, forward_host)
         options = ForwardOptions(mode=forward_mode, proxy_protocol=proxy_protocol,
                                  max_connections=max_connections, idle_timeout=idle_timeout)
         config = GatewayConfig(
@@ -284,4 +310,4 @@ def up(
     except SandportError as exc:
         show_error(exc)
         raise typer.Exit(exc.exit_code) from None
-    run_async(_serve(config, demo=demo, vnc_port=vnc_port, publish=mappings, options=options))
+    run_async(_serve(config, demo=demo, vnc_port=vnc, publish=mappings, options=options))

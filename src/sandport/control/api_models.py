@@ -74,7 +74,9 @@ class AttachIn(BaseModel):
     vnc_port: int = Field(0, ge=0, le=65535, description="host port of a desktop's VNC "
                                                          "forward; 0: a free one")
     publish: list[str] = Field(default_factory=list, max_length=64,
-                               description="more ports: -p specs (proxy mode)")
+                               description="ports to forward: -p specs; one for the primary "
+                                           "port (5901 of a desktop, port) sets its host "
+                                           "side, every other one is an extra forward")
     vnc_password: str | None = Field(None, max_length=64,
                                      description="the desktop's VNC password")
     interface: str = Field("", max_length=15, pattern=r"^[A-Za-z0-9_.@-]{0,15}$",
@@ -114,10 +116,13 @@ class SandboxCreate(BaseModel):
     vcpus: int | None = Field(None, ge=1, le=8, description="a VM's CPUs (qemu; default 1)")
     publish: list[str] = Field(
         default_factory=list,
-        description="host port forwards, docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
+        description="host port forwards, docker syntax: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]"
+                    "; one for a port the profile exposes (5901 of a desktop) sets that "
+                    "port's host side, every other one is an extra forward",
         examples=[["18080:8080", "127.0.0.1:15353:53/udp"]])
     vnc_port: int = Field(0, ge=0, le=65535,
-                          description="host port of the VNC forward; 0 picks a free one")
+                          description="host port of the VNC forward; 0 picks a free one, or "
+                                      "the one a publish spec for 5901 sets")
     session_ttl_seconds: float | None = Field(
         None, gt=0, le=30 * 86400,
         description="also open a session that lasts this long (see /sessions)")

@@ -231,6 +231,11 @@ class ForwardTable:
         """The forward of a sandbox called ``name`` (``vnc``, ``http``...), or None."""
         return next((f for f in self.of(sandbox) if f.name == name), None)
 
+    def in_use(self) -> dict[PortMapping, str]:
+        """The host side of every forward, with its owner (``sandbox 3fa9c1 (vnc)``): what
+        a new forward must not take (:func:`~sandport.forward.spec.check_overlaps`)."""
+        return {f.mapping: f"sandbox {f.sandbox} ({f.name})" for f in self._forwards.values()}
+
     async def reconcile(self) -> None:
         """Write the kernel ruleset for the current forwards (at start: none) and the guard.
 
@@ -258,9 +263,7 @@ class ForwardTable:
             PortInUseError: a host port is taken by another program.
         """
         async with self._lock:
-            existing = {f.mapping: f"sandbox {f.sandbox} ({f.name})"
-                        for f in self._forwards.values()}
-            check_overlaps([m for _, m in mappings], existing)
+            check_overlaps([m for _, m in mappings], self.in_use())
             plans = [(name, m, *choose_mode(m, options, nft_available=self.nft_available))
                      for name, m in mappings]
             added: list[HostForward] = []

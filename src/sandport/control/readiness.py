@@ -82,7 +82,7 @@ class ReadinessMonitor:
         fwd = self._forwards.named(sb.id, primary.name)
         if fwd is None:
             return None
-        host, port = connect_host(self._config.forward_host), fwd.host_port
+        host, port = connect_host(fwd.mapping.host_ip), fwd.host_port
         if primary.protocol == "rfb":
             password = sb.spec.secrets.get("vnc_password")
             return (f"VNC through the host port {host}:{port} ({fwd.mode} forward)",

@@ -11,7 +11,9 @@ Owns:
     * which bridge port is guarded against spoofing for whom (:meth:`Sandboxes.guard`:
       after the link is made, before the guest runs; released once the link is gone);
     * a sandbox's host forwards (published at start, added and removed at runtime, kept
-      in the store so an adopting gateway publishes them again);
+      in the store so an adopting gateway publishes them again); a ``-p`` that names a
+      port the sandbox exposes sets that port's host side (:func:`~sandport.forward.spec.place`),
+      checked before anything is made;
     * what a caller is told about a sandbox (:class:`SandboxInfo`) and its guest logs.
 
 Must not touch: the gateway's own resources (its locks, bridge, HTTP ports, the store's
@@ -51,13 +53,13 @@ from sandport.errors import (
     SandportError,
     UsageError,
 )
-from sandport.forward.spec import PortMapping
+from sandport.forward.spec import ExposedPort, Placement, PortMapping, place
 from sandport.net import netlink
 from sandport.net.antispoof import PortGuards, sandbox_mac
 from sandport.net.nsock import netns_path, same_namespace
 from sandport.net.pool import AddressPool
 from sandport.probe import ProbeResult
-from sandport.sandbox.base import Backend, SandboxSpec
+from sandport.sandbox.base import Backend, GuestPort, SandboxSpec
 from sandport.sandbox.external import (
     ATTACH_PROFILES,
     MAX_NAME,
@@ -192,10 +194,16 @@ class Sandboxes:
 
         Args:
             profile: guest profile name.
-            vnc_port: host port of the VNC forward; 0 picks a free one.
-            publish: more guest ports to forward (``-p`` specs, parsed).
-            options: mode and limits of the ``publish`` forwards; default: the
-                gateway's forward mode.
+            vnc_port: host port of the VNC forward; 0 picks a free one (or the one a
+                ``publish`` mapping of guest port 5901 sets).
+            publish: guest ports to forward (``-p`` specs, parsed). One that names a port
+                the profile exposes (a desktop's 5901) sets that port's host side: one
+                forward, named after the port, probed by readiness; every other one is
+                an extra forward.
+            options: mode and limits of the extra ``publish`` forwards; default: the
+                gateway's forward mode. An exposed port's forward gets no PROXY header or
+                limits (readiness speaks the guest's protocol to it), and the gateway's
+                mode unless a ``publish`` mapping set it (then ``options``' mode).
             progress: called with a short line before each step.
             session_ttl: also open a session (``waiting`` until the sandbox is ready)
                 that lasts this many seconds; its id is in the info.
@@ -205,7 +213,9 @@ class Sandboxes:
         Raises:
             PortInUseError: ``vnc_port`` or a published port is taken (nothing is left
                 behind).
-            UsageError: published ports overlap each other or another sandbox's.
+            PortSpecError: published ports overlap each other, ``vnc_port`` or another
+                sandbox's, or ``vnc_port`` and a ``publish`` mapping set VNC's host port
+                differently; refused before anything is made.
             SandboxFailed: a step failed or the guest never answered; the reason says
                 which hop and what it answered.
         """
@@ -219,6 +229,7 @@ class Sandboxes:
         if (memory_mb is not None or vcpus is not None) and backend != "qemu":
             raise UsageError("memory and vCPU limits are for qemu sandboxes (a namespace "
                              "shares the host's)")
+        placement = self._place(prof.ports, vnc_port, publish)
         t0 = time.perf_counter()
         sandbox_id = self._new_id()
         address = self._pool.lease(sandbox_id)
@@ -246,7 +257,7 @@ class Sandboxes:
             self._roster.set_state(sb, SandboxState.STARTING)
             progress(f"sandbox {sandbox_id}: starting {prof.summary.split(';')[0]}")
             await be.start(spec)
-            await self._publish(sb, vnc_port, publish or [], options, progress)
+            await self._publish(sb, placement, options, progress)
             await self._readiness.await_ready(sb, progress)
 
         return await self._bring_up(sb, steps, t0)
@@ -268,7 +279,8 @@ class Sandboxes:
                 (``port``): what readiness speaks to its primary port.
             port: the primary port of an ``http`` or ``tcp`` target.
             vnc_port: host port of a desktop's VNC forward; 0 picks a free one.
-            publish: more ports to forward (proxy mode).
+            publish: ports to forward; one that names the primary port (a desktop's 5901,
+                ``port``) sets its host side, as for :meth:`create`.
             vnc_password: the desktop's VNC password (None: the server asks for none).
             interface: the host interface the target is reached through (checked).
             netns: a network namespace the target lives in, by ``ip netns`` name or by
@@ -283,6 +295,8 @@ class Sandboxes:
             Forbidden: the address is outside ``attach_subnets``.
             UsageError: no route to it, a bad profile or port, the port of a forward taken,
                 a name that is not printable text (control characters) or too long.
+            PortSpecError: forwards that want one host port (refused before anything is
+                made), as for :meth:`create`.
             Conflict: a sandbox or attached target already has this address.
             SandboxFailed: it does not answer its protocol within ``ready_timeout``.
         """
@@ -319,6 +333,7 @@ class Sandboxes:
             secrets={"vnc_password": vnc_password} if vnc_password else {},
             name=name, interface=interface, target_port=port, netns=ns,
         )
+        placement = self._place(be.ports(spec), vnc_port, publish)
         sb = self._register(spec, be, {"profile": profile, "attached": name or str(target)},
                             info={"name": name, "interface": interface, "target_port": port,
                                   "netns": ns})
@@ -327,8 +342,7 @@ class Sandboxes:
             progress(f"sandbox {sandbox_id}: attaching {target}" + (f" ({name})" if name else ""))
             await be.create(spec)
             self._roster.set_state(sb, SandboxState.STARTING)
-            await self._publish(sb, vnc_port, publish or [],
-                                ForwardOptions(mode=forward_mode), progress)
+            await self._publish(sb, placement, ForwardOptions(mode=forward_mode), progress)
             await self._readiness.await_ready(sb, progress)
 
         return await self._bring_up(sb, steps, t0)
@@ -509,24 +523,51 @@ class Sandboxes:
 
     # Forwards ------------------------------------------------------------------------------
 
-    async def _publish(self, sb: RunningSandbox, vnc_port: int, publish: list[PortMapping],
+    def _place(self, ports: tuple[GuestPort, ...], vnc_port: int,
+               publish: list[PortMapping] | None) -> Placement:
+        """A new sandbox's forwards, checked before anything is made: its exposed ports'
+        (the primary's always, on ``vnc_port`` for a desktop; another one's when a
+        ``publish`` mapping names it) and the extra ones.
+
+        Raises:
+            PortSpecError: two forwards want one host port (the message names the
+                other: a ``-p`` of the request, ``vnc_port`` or another sandbox's forward),
+                or ``vnc_port`` and a ``-p`` set VNC's host port differently.
+        """
+        exposed = []
+        for i, p in enumerate(ports):
+            if p.path or not p.port:  # a VM's console: the bridge only
+                continue
+            if i:  # published only when a -p names it
+                exposed.append(ExposedPort(name=p.name, guest_port=p.port))
+                continue
+            host_port = vnc_port if p.protocol == "rfb" else 0
+            exposed.append(ExposedPort(
+                name=p.name, guest_port=p.port,
+                default=PortMapping(host_ip=self._config.forward_host, host_port=host_port,
+                                    guest_port=p.port),
+                label=f"vnc_port {host_port}" if host_port else "", fixed=host_port != 0))
+        return place(publish or [], exposed, existing=self._forwards.in_use())
+
+    async def _publish(self, sb: RunningSandbox, placement: Placement,
                        options: ForwardOptions | None, progress: Progress) -> None:
-        """Forward the profile's primary port (a desktop's VNC; ``vnc_port`` on the host)
-        and the ``publish`` ports to the host."""
-        primary = sb.live.ports[0]
+        """Forward the exposed ports (the primary's, where readiness probes), then the
+        extra ones with ``options``. An exposed port's forward gets no PROXY header and
+        no limits (readiness speaks the guest's protocol to it); its mode is the
+        gateway's, or the one asked for when a ``-p`` set it."""
         mode = options.mode if sb.backend.name == "external" and options is not None \
             else self._config.forward_mode
         progress(f"sandbox {sb.id}: forwarding ports ({mode} mode)")
-        mapping = PortMapping(host_ip=self._config.forward_host,
-                              host_port=vnc_port if primary.protocol == "rfb" else 0,
-                              guest_port=primary.port)
-        try:
-            await self._add_forwards(sb, [(primary.name, mapping)], ForwardOptions(mode=mode))
-        except PortInUseError as exc:
-            what = "VNC port" if primary.protocol == "rfb" else f"{primary.name} port"
-            raise PortInUseError(exc.host, exc.port, what=what) from None
-        if publish:
-            await self._add_forwards(sb, [(f"{m.guest_port}/{m.protocol}", m) for m in publish],
+        asked = options.mode if options is not None else mode
+        for name, mapping in placement.exposed:
+            own = ForwardOptions(mode=asked if name in placement.asked else mode)
+            try:
+                await self._add_forwards(sb, [(name, mapping)], own)
+            except PortInUseError as exc:
+                what = "VNC port" if name == "vnc" else f"{name} port"
+                raise PortInUseError(exc.host, exc.port, what=what) from None
+        if placement.extra:
+            await self._add_forwards(sb, list(placement.extra),
                                      options or ForwardOptions(mode=mode))
 
     async def _add_forwards(self, sb: RunningSandbox, mappings: list[tuple[str, PortMapping]],
@@ -614,7 +655,8 @@ class Sandboxes:
             profile=sb.spec.profile,
             token=sb.token,
             desktop_url=f"{self._port.base_url}/s/{sandbox_id}/?token={sb.token}",
-            vnc_host=connect_host(self._config.forward_host),
+            vnc_host=connect_host(fwd.mapping.host_ip if fwd is not None
+                                  else self._config.forward_host),
             vnc_port=fwd.host_port if fwd is not None else 0,
             vnc_password=sb.spec.secrets.get("vnc_password", ""),
             colour=colour_hex(desktop_colour(sandbox_id)),

@@ -10,11 +10,19 @@
 A range maps port by port, so both sides must be the same length. One spec may expand to
 several :class:`PortMapping`; :func:`check_overlaps` refuses two mappings that would bind
 the same host address, port and protocol.
+
+A spec that names a guest port the sandbox already exposes (a desktop's VNC 5901, an
+attached target's ``--port``) *sets* that port's host side, as docker does, rather than
+adding a second forward beside it: :func:`place` sorts a request's mappings onto the
+exposed ports. Only the first TCP mapping of an exposed port sets it; a second spec for the
+same guest port, the other ports of a range and the UDP half of ``/tcp+udp`` are extra
+forwards.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sandport.errors import UsageError
@@ -134,29 +142,122 @@ def parse_port_spec(spec: str, *, default_host_ip: str = DEFAULT_HOST_IP) -> lis
     ]
 
 
-def check_overlaps(mappings: list[PortMapping], existing: dict[PortMapping, str]) -> None:
+def check_overlaps(mappings: Sequence[PortMapping], existing: dict[PortMapping, str], *,
+                   labels: Sequence[str] | None = None) -> None:
     """Refuse a mapping whose host side another mapping (new or ``existing``) already has.
 
     Args:
-        mappings: the new mappings.
+        mappings: the new mappings (one request).
         existing: mappings in use, each with a description of its owner.
+        labels: how the request names each new mapping (``-p 18080:80``,
+            ``--vnc-port 15901``); default ``-p`` and the mapping.
 
     Raises:
-        PortSpecError: naming the port and its owner.
+        PortSpecError: naming the port and its owner: another sandbox's forward, or the
+            spec or option of the same request that asked for the port first.
     """
-    taken: dict[tuple[str, int, str], str] = {}
     wildcard = {"0.0.0.0", "::"}
-    for m, owner in existing.items():
-        taken[(m.host_ip, m.host_port, m.protocol)] = owner
-    for m in mappings:
+    taken: dict[tuple[str, int, str], tuple[str, bool]] = {
+        (m.host_ip, m.host_port, m.protocol): (owner, False) for m, owner in existing.items()}
+    for i, m in enumerate(mappings):
+        label = labels[i] if labels is not None else f"-p {m}"
         if m.host_port == 0:
             continue
-        for (ip, port, proto), owner in taken.items():
+        for (ip, port, proto), (owner, same_request) in taken.items():
             same_ip = ip == m.host_ip or ip in wildcard or m.host_ip in wildcard
-            if port == m.host_port and proto == m.protocol and same_ip:
-                raise PortSpecError(
-                    f"host port {m.host_ip}:{m.host_port}/{m.protocol} is already forwarded "
-                    f"by {owner}",
-                    hint="choose another host port or remove that forward first",
-                )
-        taken[(m.host_ip, m.host_port, m.protocol)] = f"another -p spec ({m})"
+            if port != m.host_port or proto != m.protocol or not same_ip:
+                continue
+            where = f"{m.host_ip}:{m.host_port}/{m.protocol}"
+            if same_request:
+                raise PortSpecError(f"host port {where} is asked for twice: by {owner} and "
+                                    f"by {label}", hint="give each forward its own host port")
+            raise PortSpecError(f"host port {where} is already forwarded by {owner}",
+                                hint="choose another host port or remove that forward first")
+        taken[(m.host_ip, m.host_port, m.protocol)] = (label, True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExposedPort:
+    """A guest port a sandbox exposes on its own (its profile's, an attached target's).
+
+    Attributes:
+        name: the port's name (``vnc``, ``http``); its forward is called so.
+        guest_port: the port inside the sandbox (TCP).
+        default: its host side when no ``-p`` names it; None: it gets a forward only when
+            a ``-p`` names it.
+        label: how messages name ``default`` (``--vnc-port 15901``).
+        fixed: an option chose ``default``'s host port: a ``-p`` that sets another one is
+            refused (False: it is a default, and a ``-p`` sets it).
+    """
+
+    name: str
+    guest_port: int
+    default: PortMapping | None = None
+    label: str = ""
+    fixed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    """A request's forwards: those of the exposed ports, then the extra ones.
+
+    Attributes:
+        exposed: ``(name, mapping)`` of each exposed port that gets a forward, in the
+            order of the exposed ports (the primary first).
+        extra: ``(name, mapping)`` of every other forward (``8080/tcp``), in request order.
+        asked: the names of the exposed ports whose host side a ``-p`` set.
+    """
+
+    exposed: tuple[tuple[str, PortMapping], ...]
+    extra: tuple[tuple[str, PortMapping], ...]
+    asked: frozenset[str] = frozenset()
+
+
+def place(mappings: Sequence[PortMapping], exposed: Sequence[ExposedPort], *,
+          labels: Sequence[str] | None = None,
+          existing: dict[PortMapping, str] | None = None) -> Placement:
+    """Sort a request's ``-p`` mappings onto the sandbox's exposed ports and check them.
+
+    The first TCP mapping whose guest port an exposed port has sets that port's host side
+    (its one forward); every other mapping is an extra forward. Then every host port of
+    the request is checked against the others and against ``existing``.
+
+    Args:
+        mappings: the ``-p`` mappings, in request order.
+        exposed: the sandbox's exposed ports.
+        labels: how the request names each of ``mappings`` (see :func:`check_overlaps`).
+        existing: forwards in use, each with its owner.
+
+    Raises:
+        UsageError: a ``-p`` sets an exposed port whose host port an option chose
+            differently (naming both).
+        PortSpecError: two forwards want one host port (naming the owner).
+    """
+    names = list(labels) if labels is not None else [f"-p {m}" for m in mappings]
+    setters: dict[int, int] = {}  # guest port -> index of the mapping that sets it
+    ports = {p.guest_port for p in exposed}
+    for i, m in enumerate(mappings):
+        if m.protocol == "tcp" and m.guest_port in ports and m.guest_port not in setters:
+            setters[m.guest_port] = i
+    own: list[tuple[str, PortMapping, str]] = []
+    for p in exposed:
+        i = setters.get(p.guest_port, -1)
+        if i < 0:
+            if p.default is not None:
+                own.append((p.name, p.default, p.label or f"the {p.name} forward"))
+            continue
+        m = mappings[i]
+        if p.fixed and p.default is not None and p.default.host_port and \
+                m.host_port != p.default.host_port:
+            raise UsageError(
+                f"{p.label} and {names[i]} both set the host port of the {p.name} port (guest port "
+                f"{p.guest_port})", hint=f"give one of them: {names[i]} alone sets it")
+        own.append((p.name, m, names[i]))
+    taken = set(setters.values())
+    extra = [(f"{m.guest_port}/{m.protocol}", m, names[i])
+             for i, m in enumerate(mappings) if i not in taken]
+    check_overlaps([m for _, m, _ in own + extra], existing or {},
+                   labels=[label for _, _, label in own + extra])
+    return Placement(exposed=tuple((n, m) for n, m, _ in own),
+                     extra=tuple((n, m) for n, m, _ in extra),
+                     asked=frozenset(p.name for p in exposed if p.guest_port in setters))
