@@ -30,7 +30,7 @@ pytestmark = pytest.mark.unit
 class FakePort:
     """The gateway's port as the rooms see it; remembers what it was asked to close."""
 
-    base_url = "http://127.0.0.1:8700"
+    link_base = "http://127.0.0.1:8700"
     ws_base = "ws://127.0.0.1:8700"
 
     def __init__(self) -> None:
@@ -130,7 +130,7 @@ def test_a_revoked_access_token_closes_its_sessions_and_is_forgotten(roster: Ros
         access = Access(roster, SecretBox(os.urandom(32)), port)
         sb = enrol(roster)
         grant = access.create_grant(sb.id, 60, ports=("vnc",))
-        assert grant["desktop_url"] == f"{port.base_url}/s/{sb.id}/?token={grant['token']}"
+        assert grant["desktop_url"] == f"{port.link_base}/s/{sb.id}/?token={grant['token']}"
         access.revoke_grant(sb.id, grant["id"])
         with pytest.raises(SandboxNotFound):
             access.revoke_grant(sb.id, grant["id"])
