@@ -22,6 +22,7 @@ from sandport.control.secretbox import SecretBox
 from sandport.control.store import SqliteStore
 from sandport.errors import SandboxNotFound
 from sandport.sandbox.base import SandboxSpec
+from sandport.sandbox.profiles import get_profile
 from sandport.sandbox.state import IllegalTransition, SandboxState
 
 pytestmark = pytest.mark.unit
@@ -59,7 +60,7 @@ def enrol(roster: Roster, sandbox_id: str = "abc123") -> RunningSandbox:
                        gateway=ipaddress.IPv4Address("10.201.9.1"), bridge="sp-x",
                        workdir=Path("/nonexistent"))
     live = LiveSandbox(id=sandbox_id, ip="10.201.9.2", state=SandboxState.CREATING,
-                       token_hash="h", ports=())
+                       token_hash="h", ports=get_profile("desktop").ports)
     sb = RunningSandbox(spec=spec, live=live, token="t",
                         backend=SimpleNamespace(name="netns"))  # type: ignore[arg-type]
     roster.add(sb)

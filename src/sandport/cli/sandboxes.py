@@ -299,7 +299,9 @@ def token_create(
         links += [url for name, url in doc["ws_urls"].items()
                   if not (doc["desktop_url"] and name in ("vnc", "console"))]
         if doc["desktop_url"]:
-            opens = "its desktop page" + (", and WebSocket URLs" if len(links) > 1 else "")
+            opens = ("its console page (no desktop)" if "&port=console" in doc["desktop_url"]
+                     else "its desktop page")
+            opens += ", and WebSocket URLs" if len(links) > 1 else ""
         else:
             opens = ("WebSocket URLs only (a WebSocket client or your own noVNC page; no "
                      "desktop page)")
