@@ -40,8 +40,8 @@ def _opens(sb: dict[str, Any]) -> str:
     or no link when it has neither."""
     url = str(sb["desktop_url"])
     if not url:
-        return ("no desktop link (it has no VNC port); its ports: the forwards in the JSON "
-                "below")
+        return ("no desktop link (it has no VNC port): reach its ports through forwards "
+                f"(-p) or `sandport token create {sb['id']} --kind ws` (WebSocket URLs)")
     return f"its console (no desktop) {url}" if "&port=console" in url else url
 
 
