@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sandport.bridge.tls import TlsConfig
 from sandport.errors import UsageError
@@ -99,6 +100,11 @@ class GatewayConfig:
         net: bridge and address pool.
         forward_host: address that host port forwards bind to.
         public_host: host name written into URLs; defaults to ``listen_host``.
+        public_url: ``http(s)://host[:port]`` where clients reach the gateway (its name,
+            a reverse proxy): every link handed out (desktop and token links, WebSocket
+            URLs) starts with it, and its origin may open desktop WebSockets whatever
+            ``origins`` says. None: the listen address; for a wildcard listen
+            (``0.0.0.0``, ``::``) this host's address on its default route.
         ready_timeout: seconds a sandbox may take to answer its protocol.
         probe_interval: seconds between readiness probes of a ready sandbox (it turns
             ``degraded`` when one fails, ``ready`` again when one succeeds).
@@ -134,6 +140,7 @@ class GatewayConfig:
     net: NetConfig = field(default_factory=NetConfig)
     forward_host: str = "127.0.0.1"
     public_host: str | None = None
+    public_url: str | None = None
     ready_timeout: float = 60.0
     probe_interval: float = 5.0
     forward_mode: str = "auto"
@@ -152,6 +159,8 @@ class GatewayConfig:
     guest_privileges: str = GUEST_UNPRIVILEGED
 
     def __post_init__(self) -> None:
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", _check_public_url(self.public_url))
         if self.guest_privileges not in (GUEST_UNPRIVILEGED, GUEST_HOST_ROOT_UNSAFE):
             raise UsageError(
                 f"guest_privileges {self.guest_privileges!r} must be {GUEST_UNPRIVILEGED!r} "
@@ -168,6 +177,31 @@ class GatewayConfig:
         """The host part used in URLs printed for people."""
         host = connect_host(self.public_host or self.listen_host)
         return f"[{host}]" if ":" in host else host
+
+
+def _check_public_url(text: str) -> str:
+    """``text`` without a trailing ``/``, if it is ``http(s)://host[:port]``.
+
+    Raises:
+        UsageError: another scheme, no host, a bad port, or a path, query or user part
+            (links are made at the root of the URL: serve the gateway at the root of a
+            host name, not under a path prefix).
+    """
+    usage = (f"public URL {text!r} must be http://HOST[:PORT] or https://HOST[:PORT], "
+             "e.g. https://sandport.example.com or http://192.0.2.10:8700")
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        raise UsageError(usage) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or (
+            port is not None and not 0 < port < 65536):
+        raise UsageError(usage)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username \
+            or parts.password is not None:
+        raise UsageError(f"{usage} (no path, query or user: the gateway's links start at "
+                         "the root of the host; a reverse proxy must serve it at a root)")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def connect_host(bind_host: str) -> str:

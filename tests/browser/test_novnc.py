@@ -360,3 +360,24 @@ def test_an_attached_desktop_in_chromium_and_after_it_moved(
     loop_thread.run(gw.retarget(info.id, ip=new_ip, reason="migrated"))
     shows_it()
     loop_thread.run(gw.destroy_sandbox(info.id))
+
+
+def test_the_desktop_link_opens_with_origin_and_public_url(
+        browser: Any, gateway_factory: Any, loop_thread: Any, remote: RemoteHost) -> None:
+    """A gateway listening on every address with --origin (other sites' pages) and
+    --public-url (the address the remote browser uses): the printed link opens the
+    desktop in Chromium; the gateway's own noVNC page is same-origin (issue 17)."""
+    from nethelpers import free_port
+
+    port = free_port()
+    public = f"http://{remote.host_ip}:{port}"
+    gw = gateway_factory(listen_host="0.0.0.0", listen_port=port, public_url=public,
+                         origins=("https://app.example",))
+    info = loop_thread.run(gw.create_sandbox())
+    assert info.desktop_url.startswith(f"{public}/s/{info.id}/?token=")
+    try:
+        state = open_desktop(browser, info.desktop_url, info.colour)
+        assert state["status"] == f"Connected (unencrypted) to sandport {info.id}", state
+    finally:
+        browser.get("about:blank")
+        loop_thread.run(gw.destroy_sandbox(info.id))

@@ -191,9 +191,12 @@ def test_token_scopes_limit_ports_and_kinds(gw: Gateway, sandbox: dict[str, Any]
         assert (ws_only["ports"], ws_only["kinds"]) == (["vnc"], ["ws"])
         r = c.post(f"/api/sandboxes/{sid}/tokens", json={"ttl_seconds": 60, "kinds": ["tcp"]})
         assert r.status_code == 422
-    page = httpx.get(ws_only["desktop_url"], timeout=10)
+    # It cannot open the desktop page, so it hands out no page link: its WebSocket URL.
+    assert ws_only["desktop_url"] == ""
+    page = httpx.get(f"{gw.base_url}/s/{sid}/?token={ws_only['token']}", timeout=10)
     assert (page.status_code, page.json()["error"]) == (403, "out_of_scope")
     ws = gw.base_url.replace("http", "ws") + f"/s/{sid}/ports/%s/ws?token={ws_only['token']}"
+    assert ws_only["ws_urls"] == {"vnc": ws % "vnc"}
     ok = asyncio.run(probe_rfb_ws(ws % "vnc", password=sandbox["vnc_password"], timeout=5))
     assert ok.ok, ok
     other = asyncio.run(probe_rfb_ws(ws % "7412", password="", timeout=5))

@@ -22,6 +22,7 @@ from sandport.control.secretbox import SecretBox
 from sandport.control.store import SqliteStore
 from sandport.errors import SandboxNotFound
 from sandport.sandbox.base import SandboxSpec
+from sandport.sandbox.profiles import get_profile
 from sandport.sandbox.state import IllegalTransition, SandboxState
 
 pytestmark = pytest.mark.unit
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.unit
 class FakePort:
     """The gateway's port as the rooms see it; remembers what it was asked to close."""
 
-    base_url = "http://127.0.0.1:8700"
+    link_base = "http://127.0.0.1:8700"
     ws_base = "ws://127.0.0.1:8700"
 
     def __init__(self) -> None:
@@ -59,7 +60,7 @@ def enrol(roster: Roster, sandbox_id: str = "abc123") -> RunningSandbox:
                        gateway=ipaddress.IPv4Address("10.201.9.1"), bridge="sp-x",
                        workdir=Path("/nonexistent"))
     live = LiveSandbox(id=sandbox_id, ip="10.201.9.2", state=SandboxState.CREATING,
-                       token_hash="h", ports=())
+                       token_hash="h", ports=get_profile("desktop").ports)
     sb = RunningSandbox(spec=spec, live=live, token="t",
                         backend=SimpleNamespace(name="netns"))  # type: ignore[arg-type]
     roster.add(sb)
@@ -130,7 +131,7 @@ def test_a_revoked_access_token_closes_its_sessions_and_is_forgotten(roster: Ros
         access = Access(roster, SecretBox(os.urandom(32)), port)
         sb = enrol(roster)
         grant = access.create_grant(sb.id, 60, ports=("vnc",))
-        assert grant["desktop_url"] == f"{port.base_url}/s/{sb.id}/?token={grant['token']}"
+        assert grant["desktop_url"] == f"{port.link_base}/s/{sb.id}/?token={grant['token']}"
         access.revoke_grant(sb.id, grant["id"])
         with pytest.raises(SandboxNotFound):
             access.revoke_grant(sb.id, grant["id"])

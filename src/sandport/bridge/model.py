@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from websockets.http11 import Request
 
@@ -189,3 +190,36 @@ def in_networks(addr: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6
     except ValueError:
         return False
     return any(ip in n for n in nets)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _origin_key(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an origin (RFC 6454 §4), lower case, the default port
+    filled in; None for what is not one (``null``, no host, a bad port)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def origin_allowed(origin: str, allowed: Sequence[str], *, scheme: str, host: str) -> bool:
+    """Whether a browser's ``Origin`` may open a WebSocket here (``allowed`` not empty).
+
+    Allowed: an origin in ``allowed``, and the server's own: the ``scheme`` of this
+    connection and the ``Host`` header of this request (RFC 6454 §5: a page loaded
+    from where it connects is same-origin). The Host header is the client's word, but a
+    browser sends the one of the URL it connects to, so a page of another site never
+    matches it; a client that is not a browser can send any Origin anyway.
+    """
+    key = _origin_key(origin)
+    if key is None:
+        return False
+    if any(_origin_key(a) == key for a in allowed):
+        return True
+    return bool(host) and key == _origin_key(f"{scheme}://{host}")

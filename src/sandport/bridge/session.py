@@ -48,7 +48,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from sandport.bridge.model import RouteStats, UpgradeRefusal, in_networks
+from sandport.bridge.model import RouteStats, UpgradeRefusal, in_networks, origin_allowed
 from sandport.bridge.passthrough import AppRelay
 from sandport.bridge.splicedown import SpliceDown
 from sandport.bridge.targets import Target
@@ -546,11 +546,15 @@ class WsSession(asyncio.Protocol):
             return None
         origins = bridge.config.origins
         origin = request.headers.get("Origin")
-        # Browsers always send Origin; other clients (probes, scripts) send none.
-        if origins and origin is not None and origin not in origins:
+        # Browsers always send Origin; other clients (probes, scripts) send none. Pages
+        # of this server (its noVNC) are same-origin: allowed besides --origin.
+        if origins and origin is not None and not origin_allowed(
+                origin, origins, scheme="https" if self.tls else "http",
+                host=request.headers.get("Host", "")):
             raise UpgradeRefusal(403, "origin_not_allowed",
                                  f"Origin {origin!r} is not allowed (cross-site WebSocket "
-                                 f"requests are refused; allowed: {', '.join(origins)})")
+                                 f"requests are refused; allowed: this server's own pages, "
+                                 f"{', '.join(origins)})")
         return bridge.resolve(request)
 
     async def _connect(self, route: BridgeRoute) -> None:

@@ -38,6 +38,16 @@ sandbox_app = HelpTyper(help="Create, list and remove sandboxes of a running gat
                           "(through its API, with the admin token from its state dir).")
 
 
+def _opens(sb: dict[str, Any]) -> str:
+    """What a sandbox's link opens, in words, with the link: its desktop, a VM's console,
+    or no link when it has neither."""
+    url = str(sb["desktop_url"])
+    if not url:
+        return ("no desktop link (it has no VNC port): reach its ports through forwards "
+                f"(-p) or `sandport token create {sb['id']} --kind ws` (WebSocket URLs)")
+    return f"its console (no desktop) {url}" if "&port=console" in url else url
+
+
 @sandbox_app.command("create")
 def sandbox_create(
     publish: Annotated[list[str] | None, typer.Option(
@@ -68,7 +78,7 @@ def sandbox_create(
             sb = gateway.create_sandbox(publish=publish or [], profile=profile,
                                         backend=backend).doc
         err.print(escape(f"sandbox {sb['id']} ready in {sb['ready_seconds']} s: "
-                         f"{sb['desktop_url']}"))
+                         f"{_opens(sb)}"))
         print_json(sb)
 
     run_reporting(run)
@@ -209,7 +219,7 @@ def attach(
                                 port=port, vnc_password=password, interface=interface,
                                 netns=netns, forward_mode=forward_mode).doc
         err.print(escape(f"attached {ip} as sandbox {sb['id']} ({sb['state']}): "
-                         f"{sb['desktop_url']}"))
+                         f"{_opens(sb)}"))
         print_json(sb)
 
     run_reporting(run)
@@ -289,14 +299,17 @@ def token_create(
         "--port", help="A guest port (name or number) it opens; repeatable; default all.",
         metavar="PORT")] = None,
     kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help="What it opens: ws (the WebSocket bridge), http (the desktop page); "
-        "repeatable; default both.", metavar="KIND")] = None,
+        "--kind", help="What it opens: ws (the WebSocket bridge), http (the desktop page; "
+        "it connects through ws, so it needs ws too); repeatable; default both.",
+        metavar="KIND")] = None,
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
     as_json: Annotated[bool, json_flag()] = False,
 ) -> None:
-    """Make an access token and print its desktop link.
+    """Make an access token and print the links it opens, one a line.
 
-    The token is shown only now: `sandport token list` shows ids and expiry, never tokens.
+    The desktop page if it opens it; a --kind ws token (or one limited to other ports)
+    prints the WebSocket URL of each port it opens. The token is shown only now:
+    `sandport token list` shows ids and expiry, never tokens.
 
     Example:
 
@@ -313,8 +326,21 @@ def token_create(
         if as_json:
             print_json(doc)
             return
-        err.print(escape(f"token {doc['id']} for sandbox {sandbox_id}, valid {ttl:g} s"))
-        out.print(doc["desktop_url"], markup=False, crop=False, overflow="ignore")
+        # stdout: the links the token opens, one a line (the desktop page first).
+        links = [doc["desktop_url"]] if doc["desktop_url"] else []
+        links += [url for name, url in doc["ws_urls"].items()
+                  if not (doc["desktop_url"] and name in ("vnc", "console"))]
+        if doc["desktop_url"]:
+            opens = ("its console page (no desktop)" if "&port=console" in doc["desktop_url"]
+                     else "its desktop page")
+            opens += ", and WebSocket URLs" if len(links) > 1 else ""
+        else:
+            opens = ("WebSocket URLs only (a WebSocket client or your own noVNC page; no "
+                     "desktop page)")
+        err.print(escape(f"token {doc['id']} for sandbox {sandbox_id}, valid {ttl:g} s; "
+                         f"opens {opens}:"))
+        for link in links:
+            out.print(link, markup=False, crop=False, overflow="ignore")
 
     run_reporting(run)
 

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
@@ -130,6 +131,18 @@ def _print_sandbox(info: SandboxInfo) -> None:
     sys.stdout.flush()
 
 
+def _print_links(config: GatewayConfig, link_base: str) -> None:
+    """Where the links the gateway hands out point, when that is not the listen address."""
+    if config.public_url:
+        err.print(f"  Links:    {escape(link_base)} (--public-url)")
+    elif config.listen_host in ("0.0.0.0", "::"):
+        host = urlsplit(link_base).hostname or ""
+        why = ("no default route: links only open on this host" if host in ("127.0.0.1", "::1")
+               else "this host's address on its default route")
+        err.print(f"  Links:    {escape(link_base)} ({why}); clients that reach this host "
+                  "by another name or through a proxy: --public-url URL")
+
+
 async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
                  publish: list[PortMapping], options: ForwardOptions) -> None:
     """Run the gateway until SIGINT or SIGTERM; always stop it cleanly."""
@@ -151,6 +164,7 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
                                f"{config.net.subnet}\n"
                                f"  Log:      {config.state_dir / LOG_FILE} (--log-level "
                                "info shows it here)"))
+            _print_links(config, gateway.link_base)
             if demo:
                 info = await gateway.create_sandbox(vnc_port=vnc_port, publish=publish,
                                                     options=options, progress=progress)
@@ -184,6 +198,11 @@ def up(
     listen: Annotated[str, typer.Option(
         help="Address and port of the HTTP port (noVNC, WebSocket bridge, API).",
         metavar="HOST:PORT")] = "127.0.0.1:8700",
+    public_url: Annotated[str | None, typer.Option(
+        help="Where clients reach the HTTP port, e.g. https://sandport.example.com (a name, "
+             "a reverse proxy): every link printed or handed out starts with it. Default: "
+             "the --listen address; for 0.0.0.0 this host's address on its default route.",
+        metavar="URL")] = None,
     state_dir: Annotated[Path, typer.Option(
         help="Store, per-sandbox files and logs; locked while the gateway runs.",
         metavar="DIR")] = DEFAULT_STATE_DIR,
@@ -228,7 +247,8 @@ def up(
         "--ssl-only", help="With --cert: refuse plain http and ws clients.")] = False,
     origin: Annotated[list[str] | None, typer.Option(
         help="Origin allowed to open desktop WebSockets, such as https://app.example.com "
-             "(repeatable); default: any.", metavar="ORIGIN")] = None,
+             "(repeatable), besides the gateway's own pages; default: any.",
+        metavar="ORIGIN")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(
         help="Address or network of a reverse proxy in front of the gateway whose "
              "X-Forwarded-For or PROXY protocol header names the client (repeatable).",
@@ -270,7 +290,7 @@ def up(
       sudo sandport up --demo
 
       sudo sandport up --listen 0.0.0.0:8700 --subnet 10.201.5.0/24 \\
-          --bridge sp-br5
+          --bridge sp-br5 --public-url http://sandport.example.com:8700
 
       sudo sandport up --demo -p 18080:8080 -p 15353:53/udp --forward-mode proxy
     """
@@ -290,6 +310,7 @@ def up(
         config = GatewayConfig(
             listen_host=host,
             listen_port=port,
+            public_url=public_url,
             state_dir=state_dir.absolute(),
             net=NetConfig(bridge=bridge, subnet=_parse_subnet(subnet)),
             forward_host=forward_host,

@@ -24,7 +24,7 @@ import secrets
 import time
 from typing import Any
 
-from sandport.control.app import Grant
+from sandport.control.app import Grant, check_grant_scope, grant_links
 from sandport.control.roster import GatewayPort, Roster, RunningSandbox
 from sandport.control.secretbox import SecretBox
 from sandport.control.store import CredentialRecord, GrantRecord, SessionRecord
@@ -224,10 +224,15 @@ class Access:
         bridge sessions opened with it are closed (1008, with the reason) and new
         requests with it get 403.
 
+        The answer's links are the ones the token opens (:func:`grant_links`): the
+        desktop page only if it opens the page and its WebSocket, a WebSocket URL per port.
+
         Raises:
             SandboxNotFound: no such sandbox.
+            UsageError: a scope that opens nothing it names (:func:`check_grant_scope`).
         """
         sb = self._roster[sandbox_id]
+        check_grant_scope(sb.live, ports, kinds)
         token = new_token()
         grant = Grant(id=f"g{secrets.token_hex(4)}", token_hash=hash_token(token),
                       expires_at=time.time() + ttl, ports=ports, kinds=kinds)
@@ -245,7 +250,7 @@ class Access:
                                    "fingerprint": fingerprint(grant.token_hash)})
         log.info("sandbox %s: access token %s, valid %g s", sandbox_id, grant.id, ttl)
         return {"id": grant.id, "token": token, "expires_at": grant.expires_at, **scope,
-                "desktop_url": f"{self._port.base_url}/s/{sandbox_id}/?token={token}"}
+                **grant_links(self._port.link_base, sb.live, token, grant)}
 
     def grants(self, sandbox_id: str) -> list[dict[str, Any]]:
         """The extra access tokens of a sandbox (ids and expiry; never the tokens).

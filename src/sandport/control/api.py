@@ -413,6 +413,8 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                 sandbox_id, body.ttl_seconds, ports=tuple(body.ports), kinds=tuple(body.kinds)))
         except SandboxNotFound:
             raise ApiRefusal(404, "unknown_sandbox", f"no sandbox {sandbox_id!r}") from None
+        except UsageError as exc:  # a scope that opens nothing it names
+            raise ApiRefusal(422, "bad_scope", words(exc)) from None
 
     @router.get("/sandboxes/{sandbox_id}/tokens", response_model=TokenList,
                 summary="The access tokens of a sandbox")

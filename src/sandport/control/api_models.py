@@ -161,7 +161,12 @@ class TokenOut(BaseModel):
     expires_at: float
     ports: list[str]
     kinds: list[str]
-    desktop_url: str
+    desktop_url: str = Field(
+        description="the desktop page; \"\" when the token cannot open it (a ws-only or "
+                    "port-limited token, a sandbox without a desktop)")
+    ws_urls: dict[str, str] = Field(
+        description="port name: the WebSocket URL of each port the token opens through "
+                    "the bridge")
 
 
 class TokenInfo(BaseModel):
@@ -339,7 +344,9 @@ class SandboxOut(BaseModel):
     profile: str
     backend: str = Field("", description="netns, qemu, or external (an attached target)")
     name: str = Field("", description="an attached target's name")
-    desktop_url: str
+    desktop_url: str = Field(
+        description="the desktop page (a VM without one: its console); \"\" when the "
+                    "sandbox has neither (an attached target without VNC)")
     token: str
     vnc: VncAddress
     vnc_password: str

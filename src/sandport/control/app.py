@@ -28,6 +28,7 @@ import html
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,11 +61,15 @@ from sandport.control.api import (
 from sandport.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandport.control.metrics import render as render_metrics
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
-from sandport.errors import SandboxNotFound
+from sandport.errors import SandboxNotFound, UsageError
 from sandport.sandbox.base import GuestPort
 from sandport.sandbox.state import SandboxState
 
 log = logging.getLogger(__name__)
+
+#: What a desktop link opens, the first a sandbox has: its VNC desktop, else a VM's
+#: console (QEMU's own display of the VM: its serial console). Neither: no desktop link.
+DESKTOP_PORTS = ("vnc", "console")
 
 #: Seconds the front door gives a guest port to accept a bridged connection (504 beyond).
 CONNECT_TIMEOUT = 5.0
@@ -165,6 +170,11 @@ class Registry(Protocol):
         """The WebSocket bridge's counters (None before it runs)."""
         ...
 
+    @property
+    def link_base(self) -> str:
+        """``http(s)://host:port`` that the links handed out start with."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Refusal:
@@ -253,28 +263,93 @@ def authorise(
     return sb, port, grant
 
 
+def desktop_port(ports: Iterable[GuestPort]) -> str | None:
+    """The port a sandbox's desktop link opens (:data:`DESKTOP_PORTS`), None: none."""
+    names = {p.name for p in ports}
+    return next((name for name in DESKTOP_PORTS if name in names), None)
+
+
+def desktop_link(base: str, sandbox_id: str, token: str, port_key: str | None) -> str:
+    """The desktop link of a sandbox (its page, ``/s/ID/``) opening ``port_key``; "" for
+    None (a sandbox without a desktop gets no link)."""
+    if port_key is None:
+        return ""
+    which = "" if port_key == DESKTOP_PORTS[0] else f"&port={quote(port_key, safe='')}"
+    return f"{base}/s/{sandbox_id}/?token={token}{which}"
+
+
+def ws_link(base: str, sandbox_id: str, port_key: str, token: str) -> str:
+    """The WebSocket URL of a guest port (``ws(s)://.../s/ID/ports/PORT/ws?token=T``) for
+    a link base ``http(s)://host:port``."""
+    scheme, rest = base.split(":", 1)
+    return (f"{'wss' if scheme == 'https' else 'ws'}:{rest}/s/{sandbox_id}/ports/"
+            f"{quote(port_key, safe='')}/ws?token={token}")
+
+
+def grant_links(base: str, sb: LiveSandbox, token: str, grant: Grant) -> dict[str, Any]:
+    """What a new access token opens, as links that open: ``desktop_url`` (the desktop
+    page, which connects through the bridge: "" unless the token opens both for the
+    desktop's port) and ``ws_urls`` (port name: WebSocket URL, for every port the token
+    opens through the bridge)."""
+    desk = desktop_port(sb.ports)
+    page = desk is not None and all(grant.allows(sb.port(desk), kind) for kind in ("http", "ws"))
+    ws_urls: dict[str, str] = {}
+    if not grant.kinds or "ws" in grant.kinds:
+        for key in grant.ports or tuple(p.name for p in sb.ports):
+            port = sb.port(key)
+            if port is not None:
+                ws_urls[port.name] = ws_link(base, sb.id, port.name, token)
+    return {"desktop_url": desktop_link(base, sb.id, token, desk if page else None),
+            "ws_urls": ws_urls}
+
+
+def check_grant_scope(sb: LiveSandbox, ports: tuple[str, ...], kinds: tuple[str, ...]) -> None:
+    """Refuse a scope whose token could open nothing it names.
+
+    Raises:
+        UsageError: a port the sandbox does not expose, or ``http`` without ``ws`` (the
+            desktop page connects through the WebSocket bridge: alone it opens nothing).
+    """
+    for key in ports:
+        if sb.port(key) is None:
+            known = ", ".join(f"{p.name} ({p.port})" for p in sb.ports)
+            raise UsageError(f"sandbox {sb.id} exposes no port {key!r}; it exposes {known} "
+                             "(or give a port number)")
+    if "http" in kinds and "ws" not in kinds:
+        raise UsageError("a token for the desktop page alone opens nothing: the page "
+                         "connects through the WebSocket bridge; give kinds http and ws "
+                         "(or none: both), or ws alone for WebSocket clients")
+
+
 def _wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
 def desktop_redirect_target(
-    request: Request, sandbox_id: str, token: str, password: str, port_key: str = "vnc"
+    request: Request, sandbox_id: str, token: str, password: str, port_key: str = "vnc",
+    link_base: str = "",
 ) -> str:
     """The noVNC URL that opens a sandbox's desktop.
 
     Settings go in the fragment, which noVNC reads first and browsers never send to a
     server, so the VNC password stays out of logs and Referer headers. Host and port
     are given explicitly: noVNC would otherwise fall back to values an earlier session
-    left in the browser's localStorage.
+    left in the browser's localStorage. They are where the page was asked for (its Host);
+    when that names the host of ``link_base`` (the public URL), its scheme and port: a
+    TLS proxy in front may have handed the request on as plain http on another port.
     """
     ws_path = f"s/{sandbox_id}/ports/{port_key}/ws?token={token}"
-    secure = request.url.scheme == "https"
-    port = request.url.port or (443 if secure else 80)
+    url = request.url
+    public = urlsplit(link_base)
+    if public.hostname and url.hostname and public.hostname.lower() == url.hostname.lower():
+        url = url.replace(scheme=public.scheme, netloc=public.netloc)
+    secure = url.scheme == "https"
+    port = url.port or (443 if secure else 80)
     params = {
         "autoconnect": "1",
         "resize": "scale",
         "reconnect": "0",
-        "host": request.url.hostname or "127.0.0.1",
+        "host": url.hostname or "127.0.0.1",
         "port": str(port),
         "encrypt": "1" if secure else "0",
         "path": ws_path,
@@ -300,15 +375,27 @@ def build_app(registry: Registry, *, novnc_dir: Path,
 
     async def desktop(request: Request) -> Response:
         sandbox_id = request.path_params["sandbox"]
-        # ?port=console opens a VM's console (QEMU's display) instead of its desktop.
-        port_key = "console" if request.query_params.get("port") == "console" else "vnc"
+        # ?port=console opens a VM's console (QEMU's display) instead of its desktop;
+        # without ?port= the page opens what the sandbox has (desktop_port).
+        asked = request.query_params.get("port")
+        found = registry.lookup(sandbox_id)
+        port_key = asked if asked in DESKTOP_PORTS else \
+            desktop_port(found.ports) if found is not None else DESKTOP_PORTS[0]
         verdict = authorise(registry, presented_token(request), sandbox_id, port_key, "http")
         if isinstance(verdict, Refusal):
             return verdict.response(wants_html=_wants_html(request))
         sb, _, _ = verdict
+        if port_key is None:
+            known = ", ".join(f"{p.name} ({p.port})" for p in sb.ports)
+            return Refusal(status=404, error="no_desktop", sandbox=sandbox_id, hop="route",
+                           message=f"sandbox {sandbox_id} has no desktop to show (no VNC "
+                           f"port): it exposes {known}; reach them through its forwards "
+                           f"or a WebSocket on /s/{sandbox_id}/ports/PORT/ws"
+                           ).response(wants_html=_wants_html(request))
         token = presented_token(request) or ""
         password = sb.secrets.get("vnc_password", "") if port_key == "vnc" else ""
-        target = desktop_redirect_target(request, sb.id, token, password, port_key)
+        target = desktop_redirect_target(request, sb.id, token, password, port_key,
+                                         registry.link_base)
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
 
     def admin_refusal(request: Request) -> Response | None:

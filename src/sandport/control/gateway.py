@@ -173,6 +173,8 @@ class Gateway:
         self.admin_token = ""
         self._admin_hash = ""
         self._private_umask = False  # held while it runs (see sandport.control.statedir)
+        #: The host links name (see link_base), resolved at start.
+        self._link_host = ""
 
     # The rooms ---------------------------------------------------------------------------
 
@@ -194,6 +196,16 @@ class Gateway:
     def base_url(self) -> str:
         """``http://host:port`` as printed for people."""
         return f"{self.config.scheme}://{self.config.url_host}:{self.http_port}"
+
+    @property
+    def link_base(self) -> str:
+        """``http(s)://host:port`` that every link handed out to clients starts with: the
+        public URL; else the listen address, and for a wildcard listen this host's
+        address on its default route (:func:`link_host`)."""
+        if self.config.public_url:
+            return self.config.public_url
+        host = self._link_host or self.config.url_host
+        return f"{self.config.scheme}://{host}:{self.http_port}"
 
     @property
     def ws_base(self) -> str:
@@ -241,6 +253,7 @@ class Gateway:
                               guest_privileges=cfg.guest_privileges),
                           "qemu": QemuBackend(image_cache=cfg.image_cache, accel=cfg.qemu_accel)}
         self._lock_state_dir()
+        self._link_host = await asyncio.to_thread(link_host, cfg)
         self.events, self._rooms = EventHub(), None  # this loop's, made on this run's store
         try:
             # What this run writes in the state dir is private whatever the umask was;
@@ -282,7 +295,10 @@ class Gateway:
             self._front = WsBridge(BridgeConfig(
                 listen_host=cfg.listen_host, listen_port=cfg.listen_port,
                 router=GatewayRouter(self), app_socket=str(app_socket), tls=cfg.tls,
-                origins=cfg.origins, trusted_proxies=cfg.trusted_proxies,
+                # Its own pages' origin is allowed by the bridge (same origin); the public
+                # URL's is added: a reverse proxy may hand the request on under another Host.
+                origins=(*cfg.origins, cfg.public_url) if cfg.origins and cfg.public_url
+                else cfg.origins, trusted_proxies=cfg.trusted_proxies,
                 limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT,
                                     heartbeat=HEARTBEAT_SECONDS,
                                     max_connections=cfg.ws_max_sessions,
@@ -294,7 +310,8 @@ class Gateway:
             # running and recorded for the next start; it does not destroy them.
             await self.stop(keep_sandboxes=True)
             raise
-        log.info("gateway up: %s, state %s", self.base_url, cfg.state_dir)
+        log.info("gateway up: %s (links: %s), state %s", self.base_url, self.link_base,
+                 cfg.state_dir)
 
     def _make_rooms(self, store: StateStore, box: SecretBox) -> _Rooms:
         """The rooms of this run, wired: each gets what it works with, nothing more."""
@@ -640,3 +657,19 @@ class Gateway:
     def credentials(self, sandbox_id: str) -> list[dict[str, Any]]:
         """The credentials of a sandbox, unsealed (:meth:`Access.credentials`)."""
         return self.access.credentials(sandbox_id)
+
+
+def link_host(config: GatewayConfig) -> str:
+    """The host part of the links a gateway without a public URL hands out.
+
+    A wildcard listen (``0.0.0.0``, ``::``) serves other machines, so its links name this
+    host's address on its default route (loopback without one); any other listen address
+    is named as it is (or ``public_host``).
+    """
+    if config.public_host is None and config.listen_host in ("0.0.0.0", "::", ""):
+        versions = (4, 6) if config.listen_host == "::" else (4,)
+        for version in versions:
+            found = netlink.default_source_address(version)
+            if found:
+                return f"[{found}]" if ":" in found else found
+    return config.url_host

@@ -64,8 +64,8 @@ class GatewayPort(Protocol):
     """What the rooms need of the gateway's HTTP port (the gateway is it)."""
 
     @property
-    def base_url(self) -> str:
-        """``http(s)://host:port`` as printed for people."""
+    def link_base(self) -> str:
+        """``http(s)://host:port`` that links handed out to clients start with."""
         ...
 
     @property

@@ -38,7 +38,7 @@ from typing import Any, Required, TypedDict
 
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.access import Access
-from sandport.control.app import LiveSandbox
+from sandport.control.app import LiveSandbox, desktop_link, desktop_port
 from sandport.control.forwards import ForwardOptions, ForwardTable, HostForward
 from sandport.control.readiness import Progress, ReadinessMonitor, quiet
 from sandport.control.roster import GatewayPort, Roster, RunningSandbox
@@ -654,7 +654,8 @@ class Sandboxes:
             state=sb.live.state.value,
             profile=sb.spec.profile,
             token=sb.token,
-            desktop_url=f"{self._port.base_url}/s/{sandbox_id}/?token={sb.token}",
+            desktop_url=desktop_link(self._port.link_base, sandbox_id, sb.token,
+                                     desktop_port(sb.live.ports)),
             vnc_host=connect_host(fwd.mapping.host_ip if fwd is not None
                                   else self._config.forward_host),
             vnc_port=fwd.host_port if fwd is not None else 0,

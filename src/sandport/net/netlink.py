@@ -240,3 +240,24 @@ def ipv4_interfaces() -> dict[str, list[str]]:
                 continue
             out.setdefault(str(name).split(":")[0], []).append(str(msg.get_attr("IFA_ADDRESS")))
     return out
+
+
+#: Route lookups for "somewhere beyond this host": documentation addresses (RFC 5737,
+#: RFC 3849) that only a default route leads to. Nothing is ever sent to them.
+_BEYOND = {4: "198.51.100.1", 6: "2001:db8::1"}
+
+
+def default_source_address(version: int = 4) -> str | None:
+    """The address this host sends from on its default route: the one clients on its
+    network most likely reach it by. None without a default route. A route lookup
+    (``ip route get``): no packet is sent."""
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=_BEYOND[version])
+        except NetlinkError:  # ENETUNREACH: no default route
+            return None
+    for route in routes:
+        src = route.get_attr("RTA_PREFSRC")
+        if src:
+            return str(src)
+    return None
