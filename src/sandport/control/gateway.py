@@ -269,13 +269,13 @@ class Gateway:
                                          agent_socket, cfg.agent_limits)
             await self._agent_port.start()
             # Sandboxes a killed gateway left: adopted with their forwards, or failed.
-            # Host settings the killed gateway's kernel forwards needed (sandport.net.
-            # sysctl) stay while forwards come back one sandbox at a time ...
+            # Meanwhile the host settings its kernel forwards needed (sandport.net.sysctl)
+            # stay: the forwards come back one sandbox at a time.
             self.forwards.keep_host_settings = True
             await self._recover(rooms, box, progress)
             # Kernel forwards and host isolation, anti-spoofing: exactly this gateway's;
-            # a killed one's stale rules are gone, and (... then) the host settings the
-            # adopted forwards do not need are given back.
+            # a killed one's stale rules are gone, host settings no adopted forward
+            # needs are given back.
             await self.forwards.reconcile()
             await self.guards.reconcile()
             app = build_app(self, novnc_dir=novnc, api=self)
