@@ -20,15 +20,15 @@ gateway's host isolation (:class:`~sandport.net.nft.HostGuard`: what sandboxes m
 on the host), so the guard is there from the start and through every change.
 
 Owns: every host port the gateway publishes (relays, reservations, its nft chains in
-``ip sandport``, host isolation included) and the interface settings kernel forwards to
-attached targets need. Must not touch: which
+``ip sandport``, host isolation included) and the interface settings kernel forwards
+need (made, recorded and given back by :mod:`sandport.net.nft` through the host's ledger,
+:mod:`sandport.net.sysctl`). Must not touch: which
 sandbox gets which forward or what is stored about it (:mod:`sandport.control.sandboxes`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import ipaddress
 import logging
@@ -36,7 +36,6 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sandport.errors import MissingPackage, PortInUseError, UsageError
@@ -216,9 +215,9 @@ class ForwardTable:
         self._seq = 0
         self._lock = asyncio.Lock()
         self.nft_available = shutil.which("nft") is not None
-        #: Settings of foreign interfaces (attached targets' links) changed for kernel
-        #: forwards, with their values before: restored when no forward needs them.
-        self._egress_before: dict[str, dict[str, str]] = {}
+        #: While True, host settings no forward needs are kept, not given back: a start
+        #: adopting forwards one sandbox at a time sets it; :meth:`reconcile` ends it.
+        self.keep_host_settings = False
 
     def __iter__(self) -> Any:
         return iter(list(self._forwards.values()))
@@ -246,6 +245,7 @@ class ForwardTable:
         if self.guard is not None and not self.nft_available:
             raise MissingPackage("nft is not installed: sandport isolates sandboxes from "
                                  "the host with nftables", hint="apt-get install nftables")
+        self.keep_host_settings = False  # every adopted forward is back: give back the rest
         if self.nft_available:
             await self._apply_kernel()
 
@@ -355,7 +355,6 @@ class ForwardTable:
             gone, self._forwards = list(self._forwards.values()), {}
             for fwd in gone:
                 await _stop(fwd)
-            await asyncio.to_thread(self._egress_settings, set())
             if self.nft_available and keep_guard and self.guard is not None:
                 await asyncio.to_thread(nft.apply, self.bridge, [], guard=self.guard)
             elif self.nft_available:
@@ -372,31 +371,16 @@ class ForwardTable:
         rules = [f.rule() for f in self._forwards.values() if f.mode == "kernel"]
 
         def apply() -> None:
-            ingress = nft.ingress_interfaces(rules, netlink.ipv4_interfaces()) if rules else []
-            needed = {r.egress for r in rules if r.egress} - {self.bridge}
-            # Settings given back before their 127.0.0.0/8 drop goes, set after it came.
-            self._egress_settings(needed & set(self._egress_before))
-            nft.apply(self.bridge, rules, ingress=[i for i in ingress if i != self.bridge],
-                      guard=self.guard)
-            self._egress_settings(needed)
+            # Host settings (route_localnet, forwarding) are made, recorded and given back
+            # by nft.apply through the host's ledger (sandport.net.sysctl).
+            wildcard = any(r.host_ip in nft.WILDCARD for r in rules)
+            ingress = nft.ingress_interfaces(rules, netlink.ipv4_interfaces(),
+                                             nft.other_links() if wildcard else ()) \
+                if rules else []
+            nft.apply(self.bridge, rules, ingress=ingress, guard=self.guard,
+                      give_back=not self.keep_host_settings)
 
         await asyncio.to_thread(apply)
-
-    def _egress_settings(self, needed: set[str]) -> None:
-        """``route_localnet`` and ``forwarding`` on exactly the foreign interfaces kernel
-        forwards need; an interface no forward needs any more gets its values back."""
-        for ifname in sorted(needed - set(self._egress_before)):
-            before: dict[str, str] = {}
-            for key in ("route_localnet", "forwarding"):
-                path = Path(f"/proc/sys/net/ipv4/conf/{ifname}/{key}")
-                with contextlib.suppress(OSError):
-                    before[key] = path.read_text().strip()
-                    nft.set_sysctl(f"net/ipv4/conf/{ifname}/{key}", "1")
-            self._egress_before[ifname] = before
-        for ifname in sorted(set(self._egress_before) - needed):
-            for key, value in self._egress_before.pop(ifname).items():
-                with contextlib.suppress(OSError):  # the interface may be gone
-                    nft.set_sysctl(f"net/ipv4/conf/{ifname}/{key}", value)
 
 
 async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> int:

@@ -24,9 +24,11 @@ Lifecycle is ``start -> serve -> stop`` (``async with Gateway(config) as gw``):
 start:  preflight (capabilities, programs) -> lock the state dir -> admin token and
         secret key -> open the store (the rooms are made on it) -> bridge -> agent
         listener -> adopt what a crashed gateway left running (or mark it failed) ->
-        kernel forwards with host isolation, anti-spoofing -> HTTP port.
-stop:   events end -> HTTP port (browsers get a close code) -> sandboxes -> forwards ->
-        bridge -> store and lock. Every step runs even if an earlier one failed.
+        kernel forwards with host isolation (host settings the adopted forwards do not
+        need are given back), anti-spoofing -> HTTP port.
+stop:   events end -> HTTP port (browsers get a close code) -> sandboxes -> forwards
+        (and the host settings they needed, given back) -> bridge -> store and lock.
+        Every step runs even if an earlier one failed.
 
 A gateway that is killed (``kill -9``, a crash) leaves its sandboxes running. The next
 start on the same state dir adopts every sandbox whose guest services still run: its
@@ -280,9 +282,13 @@ class Gateway:
                                          agent_socket, cfg.agent_limits)
             await self._agent_port.start()
             # Sandboxes a killed gateway left: adopted with their forwards, or failed.
+            # Meanwhile the host settings its kernel forwards needed (sandport.net.sysctl)
+            # stay: the forwards come back one sandbox at a time.
+            self.forwards.keep_host_settings = True
             await self._recover(rooms, box, progress)
             # Kernel forwards and host isolation, anti-spoofing: exactly this gateway's;
-            # a killed one's stale rules are gone.
+            # a killed one's stale rules are gone, host settings no adopted forward
+            # needs are given back.
             await self.forwards.reconcile()
             await self.guards.reconcile()
             app = build_app(self, novnc_dir=novnc, api=self)

@@ -17,9 +17,20 @@ A client on 127.0.0.1 additionally needs ``route_localnet`` on the bridge (or th
 drops the packet as a martian once it leaves ``lo``) and a masquerade so the guest can
 answer; :func:`apply` sets both. A remote client's packets are routed from the interface
 they arrive on to the bridge, so :func:`apply` turns on IPv4 ``forwarding`` for the bridge
-and for exactly the interfaces that hold the forwarded host addresses (every addressed
-interface for a wildcard rule), never the global ``ip_forward``. Remote clients need no
-SNAT: the guest's default route is the bridge, and it sees their real address.
+and for the interfaces remote clients arrive on (:func:`ingress_interfaces`), never the
+global ``ip_forward``. Remote clients need no SNAT: the guest's default route is the
+bridge, and it sees their real address.
+
+**Host settings** (:func:`host_settings`): only what the forwards need, recorded in the
+host's ledger (:mod:`sandport.net.sysctl`) before they change and given back when no
+forward needs them (the last forward goes, :func:`remove`, or the next start after a
+``kill -9`` reconciles). For a rule on a named address that is the interface holding it;
+for ``0.0.0.0`` every addressed interface *except* loopback (local clients take the output
+hook) and the links of other programs' networks: bridges (``docker0``, ``virbr0``, other
+gateways' ``sp-`` bridges), bridge ports, veths and TAPs (:func:`other_links`). Clients
+on such a network reach a ``0.0.0.0`` kernel forward when its owner turned ``forwarding``
+on there (Docker and libvirt do); otherwise publish on that network's host address
+(``-p 172.17.0.1:8080:80``) or use ``--forward-mode proxy``.
 
 Every DNAT rule has a counter. NAT chains only see the first packet of a connection, so
 the counter is the number of connections (TCP) or flows (UDP) the rule has translated.
@@ -49,16 +60,20 @@ while the gateway is down, so a killed gateway's sandboxes stay contained.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
 
 from sandport.errors import MissingPackage, SandportError
+from sandport.net import sysctl
 
 log = logging.getLogger(__name__)
 
@@ -344,12 +359,16 @@ def guard_drops(bridge: str) -> dict[str, int]:
             if any("drop" in e for e in _exprs(r))}
 
 
-def ingress_interfaces(rules: list[DnatRule], interfaces: dict[str, list[str]]) -> list[str]:
-    """Interfaces remote clients of ``rules`` arrive on: those holding a forwarded address.
+def ingress_interfaces(rules: list[DnatRule], interfaces: dict[str, list[str]],
+                       others: Collection[str] = ()) -> list[str]:
+    """Interfaces remote clients of ``rules`` arrive on: those holding a forwarded address;
+    for a wildcard rule every addressed one but ``lo`` and ``others`` (:func:`other_links`).
 
     Args:
         rules: the kernel forwards.
         interfaces: ``{ifname: [IPv4 address, ...]}`` of the host.
+        others: links of other programs' networks (a rule naming an address held by one
+            still gets it: the user asked for that network).
     """
     names: set[str] = set()
     for rule in rules:
@@ -358,28 +377,91 @@ def ingress_interfaces(rules: list[DnatRule], interfaces: dict[str, list[str]]) 
         for ifname, addrs in interfaces.items():
             if ifname == "lo":
                 continue
-            if rule.host_ip in WILDCARD or rule.host_ip in addrs:
+            if rule.host_ip in addrs or (rule.host_ip in WILDCARD and ifname not in others):
                 names.add(ifname)
     return sorted(names)
 
 
-def set_sysctl(path: str, value: str) -> None:
-    """Write a /proc/sys value, logging a change."""
-    p = Path("/proc/sys") / path
-    if p.read_text().strip() != value:
-        p.write_text(value)
-        log.info("sysctl %s = %s", path.replace("/", "."), value)
+TUN_TYPE_TAP = 2  # IFLA_TUN_TYPE of a TAP (1: a TUN, an L3 tunnel such as a VPN's)
+
+
+def other_links() -> dict[str, str]:
+    """The host's links that are no place a remote client arrives on for ``0.0.0.0``:
+    ``{ifname: what it is}`` (loopback, bridges, bridge ports, veths, TAPs).
+
+    Blocks (netlink): async callers run it in a thread.
+    """
+    out: dict[str, str] = {}
+    with IPRoute() as ipr:
+        links = list(ipr.get_links())
+    names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in links}
+    kinds = {link["index"]: _kind(link) for link in links}
+    for link in links:
+        name, kind = names[link["index"]], kinds[link["index"]]
+        master = link.get_attr("IFLA_MASTER")
+        if name == "lo":
+            out[name] = "loopback"
+        elif kind == "bridge":
+            out[name] = "a bridge"
+        elif master and kinds.get(master) == "bridge":  # not a VRF's or a bond's
+            out[name] = f"a port of bridge {names[master]}"
+        elif kind == "veth":
+            out[name] = "a veth"
+        elif kind == "tun" and _tun_type(link) == TUN_TYPE_TAP:
+            out[name] = "a TAP"
+    return out
+
+
+def _kind(link: Any) -> str:
+    info = link.get_attr("IFLA_LINKINFO")
+    return str(info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
+
+
+def _tun_type(link: Any) -> int:
+    data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+    return int(data.get_attr("IFLA_TUN_TYPE") or 0) if hasattr(data, "get_attr") else 0
+
+
+def host_settings(bridge: str, rules: list[DnatRule],
+                  ingress: Collection[str] = ()) -> list[sysctl.Setting]:
+    """The per-interface settings ``rules`` need, each with why.
+
+    The link a guest is reached through (the bridge, or an attached target's ``egress``):
+    ``route_localnet`` for rules 127.0.0.1 clients use, ``forwarding`` for rules remote
+    clients use (their replies are routed through it). Each interface in ``ingress``:
+    ``forwarding``. Never ``all``, ``default`` or the global ``ip_forward``.
+    """
+    wanted: dict[str, sysctl.Setting] = {}
+
+    def want(ifname: str, key: str, why: str) -> None:
+        path = sysctl.conf(ifname, key)
+        wanted.setdefault(path, sysctl.Setting(path=path, value="1", why=why))
+
+    for rule in rules:
+        link = rule.egress or bridge
+        if rule.host_ip in WILDCARD or rule.host_ip.startswith("127."):
+            want(link, "route_localnet", f"kernel forwards of {bridge}: 127.0.0.1 clients "
+                                         f"reach their guests through {link}")
+        if not rule.host_ip.startswith("127."):
+            want(link, "forwarding", f"kernel forwards of {bridge}: replies to remote "
+                                     f"clients are routed through {link}")
+    for ifname in ingress:
+        want(ifname, "forwarding", f"kernel forwards of {bridge}: remote clients arrive "
+                                   f"on {ifname}")
+    return list(wanted.values())
 
 
 def apply(bridge: str, rules: list[DnatRule], ingress: list[str] | None = None,
-          guard: HostGuard | None = None) -> None:
+          guard: HostGuard | None = None, *, give_back: bool = True) -> None:
     """Make this gateway's chains hold exactly ``rules`` and ``guard``, atomically; delete
     stray chains.
 
-    Also enables what the rules need: on the bridge ``route_localnet`` (127.0.0.1
-    clients) and ``forwarding`` (replies to remote clients are routed through it), and
-    ``forwarding`` on each interface in ``ingress`` (see :func:`ingress_interfaces`);
-    the 127.0.0.0/8 drops are in the table before ``route_localnet`` goes on.
+    Also makes the host settings the rules need (:func:`host_settings`: on the bridge
+    ``route_localnet`` and ``forwarding``, ``forwarding`` on each interface in
+    ``ingress``, see :func:`ingress_interfaces`) through the ledger; the 127.0.0.0/8
+    drops are in the table before ``route_localnet`` goes on. With ``give_back`` (the
+    default) the settings this gateway holds and ``rules`` do not need are given back
+    first; without, they stay (a start adopting forwards one sandbox at a time).
     """
     if rules and not (Path("/proc/sys/net/ipv4/conf") / bridge).exists():
         raise NftError(f"bridge {bridge} does not exist: kernel forwards go through it",
@@ -389,19 +471,20 @@ def apply(bridge: str, rules: list[DnatRule], ingress: list[str] | None = None,
     for stray in sorted(set(own_chains(bridge)) - expected):
         log.warning("deleting stray nft chain %s", stray)
         script += f"flush chain {FAMILY} {TABLE} {stray}\ndelete chain {FAMILY} {TABLE} {stray}\n"
+    wanted = host_settings(bridge, rules, ingress or [])
+    ledger = sysctl.Ledger(owner=bridge)
+    if give_back:  # before their 127.0.0.0/8 drops may go
+        ledger.give_back(keep={w.path for w in wanted})
     run_script(script)
-    if rules:
-        set_sysctl(f"net/ipv4/conf/{bridge}/route_localnet", "1")
-        set_sysctl(f"net/ipv4/conf/{bridge}/forwarding", "1")
-    for ifname in ingress or []:  # an interface that went away meanwhile needs nothing
-        with contextlib.suppress(FileNotFoundError):
-            set_sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")
+    ledger.take(wanted)
     log.debug("nft: %d forward(s) for %s%s", len(rules), bridge,
               ", host isolation" if guard is not None else "")
 
 
 def remove(bridge: str) -> None:
-    """Delete this gateway's chains, and the table once no gateway has chains in it."""
+    """Give back the host settings this gateway holds, then delete its chains, and the
+    table once no gateway has chains in it."""
+    sysctl.Ledger(owner=bridge).give_back()
     chains = own_chains(bridge)
     if chains:
         run_script("".join(f"flush chain {FAMILY} {TABLE} {c}\ndelete chain {FAMILY} {TABLE} {c}\n"
