@@ -160,6 +160,8 @@ class ForwardFacts:
         host_port: the host port.
         mode: ``kernel`` (nft DNAT) or ``proxy`` (the userspace relay).
         rule: a kernel forward's nft rule comment (how its rules are found).
+        name: its name: the profile port's (``vnc``) for the forward a sandbox is made
+            with, ``8080/tcp`` for a published one (only those can be added again alone).
     """
 
     id: str
@@ -168,6 +170,13 @@ class ForwardFacts:
     host_port: int
     mode: str
     rule: str = ""
+    name: str = ""
+
+    @property
+    def published(self) -> bool:
+        """A port published by number (``-p``, ``POST .../forwards``): removing it and
+        adding it again gives the same forward."""
+        return "/" in self.name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -381,9 +390,11 @@ async def _gateway(walk: Walk, s: Subject) -> None:
     for forward in s.unrun_forwards:
         walk.add("gateway", "forward in the store", False,
                  f"the store has {forward}, but the gateway does not run it",
-                 "restoring it failed (see the gateway's log): remove the forward "
-                 f"(`DELETE /api/sandboxes/{s.sandbox}/forwards/ID`) and add it again "
-                 f"(`POST /api/sandboxes/{s.sandbox}/forwards`)")
+                 "restoring it failed (see the gateway's log): a published port's forward "
+                 f"comes back when removed and added again (`DELETE /api/sandboxes/"
+                 f"{s.sandbox}/forwards/ID`, then `POST /api/sandboxes/{s.sandbox}/"
+                 f"forwards`); one the sandbox was made with (vnc) only if you "
+                 f"{_recreate(s)}")
     for port in _ports(s):
         for f in port.forwards:
             fid, proto, host, host_port, mode = f.id, f.protocol, f.host, f.host_port, f.mode
@@ -408,9 +419,11 @@ async def _gateway(walk: Walk, s: Subject) -> None:
                          f"forward {fid} ({mode}): nothing listens on {_addr(host, host_port)}"
                          " although the store has this forward",
                          "the forward's listener is gone (closed behind sandport's back): "
-                         f"remove the forward (`DELETE /api/sandboxes/{s.sandbox}/forwards/"
-                         f"{fid}`) and add it again (`POST /api/sandboxes/{s.sandbox}/"
-                         "forwards`)", port=port.name)
+                         + (f"remove the forward (`DELETE /api/sandboxes/{s.sandbox}/"
+                            f"forwards/{fid}`) and add it again (`POST /api/sandboxes/"
+                            f"{s.sandbox}/forwards`)" if f.published else
+                            f"it is one sandbox {s.sandbox} was made with, which comes back "
+                            f"only with it: {_recreate(s)}"), port=port.name)
 
 
 def _route(walk: Walk, s: Subject) -> bool:
@@ -493,10 +506,7 @@ def _isolation(walk: Walk, s: Subject) -> None:
     iso, hop = s.isolation, "host network"
     if iso is None or walk.skipped(hop, "host isolation"):
         return
-    restart = ("someone changed table ip sandport: sandport writes all of it again "
-               "whenever a kernel forward is added or removed (`POST`/`DELETE "
-               f"/api/sandboxes/{s.sandbox}/forwards`), or at `sandport up` (a stopped "
-               "gateway removes every sandbox it runs: create them again)")
+    restart = f"someone changed table ip sandport: {_REWRITES}, or {_recreate(s)}"
     if not iso.guarded:
         walk.add(hop, "host isolation", False,
                  f"table ip sandport has no host isolation for {iso.link}: "
@@ -619,7 +629,7 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
                 walk.add("host network", check, False,
                          f"forward {fid}: no DNAT rule in table ip sandport",
                          "the table was changed by someone else: "
-                         + _rewrite(s, fid), port=port.name)
+                         + _rewrite(s, f), port=port.name)
             elif not in_out:
                 walk.add("host network", check, False,
                          f"forward {fid}: the DNAT rule for {_addr(host, host_port)} is only in "
@@ -627,13 +637,13 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
                          f"nothing listens on {_addr(host, host_port)}; the forward is in kernel "
                          "mode but the DNAT rule covers only prerouting, which local clients "
                          "never pass; sandport writes the output-chain rule too (the table "
-                         "was changed by someone else): " + _rewrite(s, fid), port=port.name)
+                         "was changed by someone else): " + _rewrite(s, f), port=port.name)
             elif not in_pre and not loopback:
                 walk.add("host network", check, False,
                          f"forward {fid}: the DNAT rule is only in output ({out}): clients on "
                          "other machines are not forwarded",
                          "sandport writes the prerouting rule too (the table was changed by "
-                         "someone else): " + _rewrite(s, fid), port=port.name)
+                         "someone else): " + _rewrite(s, f), port=port.name)
             elif loopback and not _route_localnet(out_link := s.link if s.external
                                                   else s.bridge):
                 walk.add("host network", check, False,
@@ -647,11 +657,27 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
                          f"forward {fid}: DNAT to {s.ip} in {chains}", port=port.name)
 
 
-def _rewrite(s: Subject, fid: str) -> str:
-    """How sandport's table is written again without losing the sandbox."""
-    return (f"remove the forward (`DELETE /api/sandboxes/{s.sandbox}/forwards/{fid}`) and "
-            f"add it again (`POST /api/sandboxes/{s.sandbox}/forwards`): sandport then "
-            "writes all of table ip sandport again")
+#: What makes sandport write all of its table again (with its guard) and keeps sandboxes.
+_REWRITES = ("sandport writes all of table ip sandport again whenever a kernel forward is "
+             "removed or added: remove a published port's forward and add it again "
+             "(`DELETE /api/sandboxes/ID/forwards/FID`, then `POST "
+             "/api/sandboxes/ID/forwards`)")
+
+
+def _rewrite(s: Subject, f: ForwardFacts) -> str:
+    """How sandport's table is written again, for the rules of forward ``f``."""
+    if f.published:
+        return (f"remove the forward (`DELETE /api/sandboxes/{s.sandbox}/forwards/{f.id}`) "
+                f"and add it again (`POST /api/sandboxes/{s.sandbox}/forwards`): sandport "
+                "then writes all of table ip sandport again")
+    return f"{_REWRITES}; or {_recreate(s)}"
+
+
+def _recreate(s: Subject) -> str:
+    """Make the sandbox anew (what brings back the forwards it was made with)."""
+    if s.external:
+        return (f"detach the target (`sandport detach {s.sandbox}`) and attach it again")
+    return f"delete the sandbox (`sandport sandbox rm {s.sandbox}`) and create another"
 
 
 def _route_localnet(bridge: str) -> bool:

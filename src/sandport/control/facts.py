@@ -30,7 +30,7 @@ def forward_facts(f: HostForward) -> ForwardFacts:
     """A forward as the doctor sees it."""
     return ForwardFacts(id=f.id, protocol=f.mapping.protocol, host=f.mapping.host_ip,
                         host_port=f.host_port, mode=f.mode,
-                        rule=f.rule().comment if f.mode == "kernel" else "")
+                        rule=f.rule().comment if f.mode == "kernel" else "", name=f.name)
 
 
 def when(at: float) -> str:
