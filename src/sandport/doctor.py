@@ -552,20 +552,22 @@ async def _route_link(walk: Walk, s: Subject) -> None:
         walk.add("host network", "namespace", there,
                  f"the target is inside network namespace {s.netns}" if there else
                  f"its network namespace {s.netns} is gone",
-                 "the container or its namespace is gone: tell sandport where it went "
-                 "(`sandport retarget`), or detach it")
+                 "the container or its namespace is gone, and a target is moved only "
+                 f"within its namespace: detach it (`sandport detach {s.sandbox}`) and, if "
+                 "it runs elsewhere now, attach it there (`sandport attach ... --netns`)")
         return
     if not s.link:
         walk.add("host network", "route", False, f"no route to {s.ip} from this host",
                  f"the target's network is not reachable: add a route (`ip route add {s.ip} "
-                 "dev IFACE`), or tell sandport its new address if it moved")
+                 f"dev IFACE`), or, if it moved, `sandport retarget {s.sandbox} --ip NEW`")
         return
     link = await asyncio.to_thread(inspect.link_facts, s.link)
     if not link.exists or not link.up:
         walk.add("host network", "route", False,
                  f"{s.ip} is reached through {s.link}, which "
                  + ("does not exist" if not link.exists else "is down"),
-                 f"bring {s.link} up, or tell sandport the target's new address")
+                 f"bring {s.link} up (`ip link set {s.link} up`), or, if the target "
+                 f"moved, `sandport retarget {s.sandbox} --ip NEW`")
         return
     walk.add("host network", "route", True, f"{s.ip} via {s.link} (up"
              + (f", {', '.join(link.addresses)}" if link.addresses else "") + ")")

@@ -117,17 +117,17 @@ def test_an_attached_target_is_its_owners_and_gone_is_said_so(
 def test_attaching_where_nothing_answers_fails_fast_and_truly(
         gateway_factory: Any, loop_thread: Any, hand_made: HandMade) -> None:
     """An address on the target's link where nothing answers ARP is refused within
-    seconds, naming the hop (ARP on that link), not after the ready timeout with words of
+    15 s, naming the hop (ARP on that link), not after the ready timeout with words of
     guest logs; a target whose port refuses is waited for, and its failure speaks of the
     target, not of logs sandport does not have."""
-    gw: Gateway = gateway_factory(attach_subnets=(hand_made.network,), ready_timeout=30,
+    gw: Gateway = gateway_factory(attach_subnets=(hand_made.network,), ready_timeout=40,
                                   **QUIET)
     dead = str(hand_made.network.network_address + 9)
     t0 = time.monotonic()
     status, doc = api_post(gw, "/api/attach", {"ip": dead, "profile": "http", "port": 8080})
     took = time.monotonic() - t0
     assert status == 503 and doc["error"] == "not_ready", doc
-    assert took < 15, (took, doc)
+    assert took < 25, (took, doc)  # within ANSWER_WINDOW (15 s), not the ready timeout
     assert f"nothing answers on {dead}:8080 from this host" in doc["message"], doc
     assert f"no host on {hand_made.host_link} answers ARP" in doc["message"], doc
     assert "guest logs" not in doc["message"], doc

@@ -49,8 +49,8 @@ ATTACH_PROFILES = ("desktop", "http", "tcp")
 ANSWER_TIMEOUT = 3.5
 #: How long an attach tries before a target where nothing answers at all is refused: a
 #: VM started just before its attach has its network up by then (the echo microVM's
-#: kernel answers ARP about 4 s after QEMU starts, under TCG).
-ANSWER_WINDOW = 10.0
+#: kernel answers ARP about 5 s after QEMU starts under TCG; twice that on a busy host).
+ANSWER_WINDOW = 15.0
 #: How the reason of a target whose owner said it is gone (``retarget --gone``) begins.
 GONE_BY_OWNER = "its owner says it is gone"
 #: Where ``ip netns`` keeps named namespaces, sandport's sandboxes' among them.
