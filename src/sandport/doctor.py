@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandport.errors import UsageError
 from sandport.net import inspect
 from sandport.probe import (
     ProbeResult,
@@ -49,6 +51,7 @@ from sandport.probe import (
     run_rfb_handshake,
 )
 from sandport.proto.rfb import Stage
+from sandport.sandbox.external import GONE_BY_OWNER
 
 #: The hops, in walking order.
 HOPS = ("gateway", "route", "host network", "guest reachability", "guest service",
@@ -56,6 +59,24 @@ HOPS = ("gateway", "route", "host network", "guest reachability", "guest service
 OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
 PROBE_TIMEOUT = 2.0  # per protocol probe; a walk stays well under 5 s when a hop is down
 SCHEMA_VERSION = 1
+#: The forms of ``--port`` (and ``?port=``): a name (``vnc``), a number (``8080``) or a
+#: number with its protocol (``8080/tcp``, ``53/udp``), as ``sandport forward list`` shows.
+PORT_FORM = re.compile(r"[A-Za-z0-9_-]{1,32}(?:/(?:tcp|udp))?")
+PORT_FORMS = ("a name (vnc, agent), a number (8080) or a number with its protocol "
+              "(8080/tcp, 53/udp), as `sandport forward list` shows them")
+
+
+def check_port(text: str) -> str:
+    """``text`` if it is a port the doctor can be asked about (:data:`PORT_FORMS`).
+
+    Raises:
+        UsageError: any other form; the message names the accepted ones.
+    """
+    if PORT_FORM.fullmatch(text) is None:
+        shown = text if len(text) <= 40 and text.isprintable() else f"{text[:40]!r}..."
+        raise UsageError(f"port {shown!r} is not a port the doctor knows how to name: give "
+                         f"{PORT_FORMS}")
+    return text
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +160,8 @@ class ForwardFacts:
         host_port: the host port.
         mode: ``kernel`` (nft DNAT) or ``proxy`` (the userspace relay).
         rule: a kernel forward's nft rule comment (how its rules are found).
+        name: its name: the profile port's (``vnc``) for the forward a sandbox is made
+            with, ``8080/tcp`` for a published one (only those can be added again alone).
     """
 
     id: str
@@ -147,6 +170,13 @@ class ForwardFacts:
     host_port: int
     mode: str
     rule: str = ""
+    name: str = ""
+
+    @property
+    def published(self) -> bool:
+        """A port published by number (``-p``, ``POST .../forwards``): removing it and
+        adding it again gives the same forward."""
+        return "/" in self.name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +190,10 @@ class PortFacts:
         path: a Unix socket serving it instead of the guest's address (a VM's console).
         forwards: its host forwards.
         ws: whether the WebSocket bridge serves it (``/s/{id}/ports/{name}/ws``).
+        managed: sandport started the service behind it (a profile's port of its own
+            sandbox: the desktop's Xvnc, a VM image's services; the guest agent). False
+            for a port the user serves (``-p 18080:8080``) and for every port of an
+            attached target: sandport neither starts nor restarts those.
     """
 
     name: str
@@ -168,6 +202,17 @@ class PortFacts:
     path: str = ""
     forwards: tuple[ForwardFacts, ...] = ()
     ws: bool = False
+    managed: bool = False
+
+    def matches(self, asked: str) -> bool:
+        """Whether ``--port asked`` means this port: its name, its guest port's number,
+        or that number with its protocol (``8080/tcp``, ``53/udp``)."""
+        if asked == self.name:
+            return True
+        number, _, proto = asked.partition("/")
+        if self.path or number != str(self.guest_port):
+            return False
+        return not proto or proto == ("udp" if self.protocol == "udp" else "tcp")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,7 +292,11 @@ class Subject:
     ports: tuple[PortFacts, ...] = ()
     vnc_password: str | None = None
     service_failure: str | None = None  # the backend's word on an exited guest service
-    logs: str = ""  # where the guest's logs are
+    logs: str = ""  # where the guest's logs are ("" when sandport keeps none: attached)
+    #: The backend (``netns``, ``qemu``, ``external``) and whether it restarts the guest
+    #: services it started when they exit (a namespace's desktop does; a VM does not).
+    backend: str = ""
+    restarts_services: bool = False
     nft_rules: tuple[tuple[str, str], ...] = ()  # (chain, comment) of our table
     chains: tuple[str, str] = ("", "")  # our (prerouting, output) chains
     ws_base: str = ""  # ws://host:port of the bridge
@@ -333,7 +382,7 @@ async def diagnose(subject: Subject) -> Report:
 def _ports(subject: Subject) -> tuple[PortFacts, ...]:
     if subject.port_asked is None:
         return subject.ports
-    return tuple(p for p in subject.ports if subject.port_asked in (p.name, str(p.guest_port)))
+    return tuple(p for p in subject.ports if p.matches(subject.port_asked))
 
 
 async def _gateway(walk: Walk, s: Subject) -> None:
@@ -341,8 +390,11 @@ async def _gateway(walk: Walk, s: Subject) -> None:
     for forward in s.unrun_forwards:
         walk.add("gateway", "forward in the store", False,
                  f"the store has {forward}, but the gateway does not run it",
-                 "restoring it failed (see the gateway's log): restart `sandport up`, which "
-                 "restores every forward of the store, or remove the forward")
+                 "restoring it failed (see the gateway's log): a published port's forward "
+                 f"comes back when removed and added again (`DELETE /api/sandboxes/"
+                 f"{s.sandbox}/forwards/ID`, then `POST /api/sandboxes/{s.sandbox}/"
+                 f"forwards`); one the sandbox was made with (vnc) only if you "
+                 f"{_recreate(s)}")
     for port in _ports(s):
         for f in port.forwards:
             fid, proto, host, host_port, mode = f.id, f.protocol, f.host, f.host_port, f.mode
@@ -367,8 +419,11 @@ async def _gateway(walk: Walk, s: Subject) -> None:
                          f"forward {fid} ({mode}): nothing listens on {_addr(host, host_port)}"
                          " although the store has this forward",
                          "the forward's listener is gone (closed behind sandport's back): "
-                         "remove and add the forward again, or restart `sandport up`, which "
-                         "restores every forward of the store", port=port.name)
+                         + (f"remove the forward (`DELETE /api/sandboxes/{s.sandbox}/"
+                            f"forwards/{fid}`) and add it again (`POST /api/sandboxes/"
+                            f"{s.sandbox}/forwards`)" if f.published else
+                            f"it is one sandbox {s.sandbox} was made with, which comes back "
+                            f"only with it: {_recreate(s)}"), port=port.name)
 
 
 def _route(walk: Walk, s: Subject) -> bool:
@@ -384,8 +439,7 @@ def _route(walk: Walk, s: Subject) -> bool:
                  warn=True)
     else:
         walk.add("route", "sandbox", s.state in ("ready", "starting"), evidence,
-                 f"the sandbox is {s.state}: {s.reason or 'see its events'}; delete it and "
-                 "create another")
+                 _state_fix(s))
     if s.port_asked is not None and not _ports(s):
         walk.add("route", "port", False,
                  f"sandbox {s.sandbox} exposes no port {s.port_asked!r}; it exposes "
@@ -404,6 +458,23 @@ def _route(walk: Walk, s: Subject) -> bool:
         }.get(t.verdict, "use a token whose scope includes this port (`sandport token "
               "create --port ...`)"))
     return True
+
+
+def _state_fix(s: Subject) -> str:
+    """What to do about a sandbox that is neither ready nor starting."""
+    if not s.external:
+        return (f"the sandbox is {s.state}: {s.reason or 'see its events'}; delete it "
+                f"(`sandport sandbox rm {s.sandbox}`) and create another")
+    again = (f"detach it (`sandport detach {s.sandbox}`) and attach it again where it runs "
+             "now (`sandport attach NAME --ip ADDR ...`)")
+    if s.state == "failed" and s.reason.startswith(GONE_BY_OWNER):
+        return (f"the target was marked gone (`sandport retarget {s.sandbox} --gone`): "
+                f"sandport closed its forwards and sends nothing to it; once it runs again, "
+                f"{again}")
+    if s.state == "failed":
+        return (f"the attached target is failed ({s.reason or 'see its events'}); sandport "
+                f"does not run it, so it cannot restart it: start the target, then {again}")
+    return f"the attached target is {s.state}: {s.reason or 'see its events'}"
 
 
 async def _host_network(walk: Walk, s: Subject) -> None:
@@ -435,7 +506,7 @@ def _isolation(walk: Walk, s: Subject) -> None:
     iso, hop = s.isolation, "host network"
     if iso is None or walk.skipped(hop, "host isolation"):
         return
-    restart = "restart `sandport up`, which rewrites its chains (someone changed the table)"
+    restart = f"someone changed table ip sandport: {_REWRITES}, or {_recreate(s)}"
     if not iso.guarded:
         walk.add(hop, "host isolation", False,
                  f"table ip sandport has no host isolation for {iso.link}: "
@@ -481,20 +552,22 @@ async def _route_link(walk: Walk, s: Subject) -> None:
         walk.add("host network", "namespace", there,
                  f"the target is inside network namespace {s.netns}" if there else
                  f"its network namespace {s.netns} is gone",
-                 "the container or its namespace is gone: tell sandport where it went "
-                 "(`sandport retarget`), or detach it")
+                 "the container or its namespace is gone, and a target is moved only "
+                 f"within its namespace: detach it (`sandport detach {s.sandbox}`) and, if "
+                 "it runs elsewhere now, attach it there (`sandport attach ... --netns`)")
         return
     if not s.link:
         walk.add("host network", "route", False, f"no route to {s.ip} from this host",
                  f"the target's network is not reachable: add a route (`ip route add {s.ip} "
-                 "dev IFACE`), or tell sandport its new address if it moved")
+                 f"dev IFACE`), or, if it moved, `sandport retarget {s.sandbox} --ip NEW`")
         return
     link = await asyncio.to_thread(inspect.link_facts, s.link)
     if not link.exists or not link.up:
         walk.add("host network", "route", False,
                  f"{s.ip} is reached through {s.link}, which "
                  + ("does not exist" if not link.exists else "is down"),
-                 f"bring {s.link} up, or tell sandport the target's new address")
+                 f"bring {s.link} up (`ip link set {s.link} up`), or, if the target "
+                 f"moved, `sandport retarget {s.sandbox} --ip NEW`")
         return
     walk.add("host network", "route", True, f"{s.ip} via {s.link} (up"
              + (f", {', '.join(link.addresses)}" if link.addresses else "") + ")")
@@ -505,15 +578,16 @@ async def _bridge_and_link(walk: Walk, s: Subject) -> None:
     br = await asyncio.to_thread(inspect.link_facts, s.bridge)
     if not br.exists:
         walk.add(hop, "bridge", False, f"bridge {s.bridge} does not exist",
-                 "someone deleted sandport's bridge: restart `sandport up` (it creates it)")
+                 "someone deleted sandport's bridge, and with it every sandbox's link: stop "
+                 "and start `sandport up` (it makes the bridge; the stop removes every "
+                 "sandbox it runs: create them again)")
     elif s.pool_gateway not in br.addresses:
         has = ", ".join(br.addresses) or "no IPv4 address"
         walk.add(hop, "bridge address", False,
                  f"bridge {s.bridge} has {has}; the pool needs {s.pool_gateway} (the guests' "
                  "gateway)", f"the bridge was re-addressed, so guests on the pool's subnet no "
                  f"longer reach it: `ip addr flush dev {s.bridge} && ip addr add "
-                 f"{s.pool_gateway} dev {s.bridge}`, or restart `sandport up`, which "
-                 "re-addresses its bridge")
+                 f"{s.pool_gateway} dev {s.bridge}`")
     elif not br.up:
         walk.add(hop, "bridge", False, f"bridge {s.bridge} is down",
                  f"`ip link set {s.bridge} up`")
@@ -556,24 +630,22 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
             if not in_out and not in_pre:
                 walk.add("host network", check, False,
                          f"forward {fid}: no DNAT rule in table ip sandport",
-                         "the table was changed by someone else: restart `sandport up` "
-                         "(it rewrites its rules) or remove and add the forward",
-                         port=port.name)
+                         "the table was changed by someone else: "
+                         + _rewrite(s, f), port=port.name)
             elif not in_out:
                 walk.add("host network", check, False,
                          f"forward {fid}: the DNAT rule for {_addr(host, host_port)} is only in "
                          f"prerouting ({pre}), not in output ({out})",
                          f"nothing listens on {_addr(host, host_port)}; the forward is in kernel "
                          "mode but the DNAT rule covers only prerouting, which local clients "
-                         "never pass — add the output-chain rule (sandport does this; the "
-                         "table was changed by someone else): restart `sandport up`",
-                         port=port.name)
+                         "never pass; sandport writes the output-chain rule too (the table "
+                         "was changed by someone else): " + _rewrite(s, f), port=port.name)
             elif not in_pre and not loopback:
                 walk.add("host network", check, False,
                          f"forward {fid}: the DNAT rule is only in output ({out}): clients on "
                          "other machines are not forwarded",
-                         "add the prerouting rule (sandport does this; the table was changed "
-                         "by someone else): restart `sandport up`", port=port.name)
+                         "sandport writes the prerouting rule too (the table was changed by "
+                         "someone else): " + _rewrite(s, f), port=port.name)
             elif loopback and not _route_localnet(out_link := s.link if s.external
                                                   else s.bridge):
                 walk.add("host network", check, False,
@@ -585,6 +657,29 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
                 chains = "output" if loopback else "prerouting and output"
                 walk.add("host network", check, True,
                          f"forward {fid}: DNAT to {s.ip} in {chains}", port=port.name)
+
+
+#: What makes sandport write all of its table again (with its guard) and keeps sandboxes.
+_REWRITES = ("sandport writes all of table ip sandport again whenever a kernel forward is "
+             "removed or added: remove a published port's forward and add it again "
+             "(`DELETE /api/sandboxes/ID/forwards/FID`, then `POST "
+             "/api/sandboxes/ID/forwards`)")
+
+
+def _rewrite(s: Subject, f: ForwardFacts) -> str:
+    """How sandport's table is written again, for the rules of forward ``f``."""
+    if f.published:
+        return (f"remove the forward (`DELETE /api/sandboxes/{s.sandbox}/forwards/{f.id}`) "
+                f"and add it again (`POST /api/sandboxes/{s.sandbox}/forwards`): sandport "
+                "then writes all of table ip sandport again")
+    return f"{_REWRITES}; or {_recreate(s)}"
+
+
+def _recreate(s: Subject) -> str:
+    """Make the sandbox anew (what brings back the forwards it was made with)."""
+    if s.external:
+        return (f"detach the target (`sandport detach {s.sandbox}`) and attach it again")
+    return f"delete the sandbox (`sandport sandbox rm {s.sandbox}`) and create another"
 
 
 def _route_localnet(bridge: str) -> bool:
@@ -620,12 +715,21 @@ async def _reachability(walk: Walk, s: Subject) -> None:
                  "what sandport gave it passes the bridge; set them back, or recreate the "
                  "sandbox")
         return
-    if arp in ("failed", "incomplete", None):
+    if arp in ("failed", "incomplete", None) and s.external:
+        why = (f"ARP for {s.ip} is {arp or 'absent'}: nothing on {s.link or 'its link'} "
+               "answers for that address")
+        fix = ("the target is not running or has another address now: check it; if it "
+               f"moved, `sandport retarget {s.sandbox} --ip NEW`; if it is gone, "
+               f"`sandport retarget {s.sandbox} --gone` or `sandport detach {s.sandbox}`")
+    elif arp in ("failed", "incomplete", None):
         why = (f"ARP for {s.ip} is {arp or 'absent'}: nothing on {s.bridge} answers for "
                "that address")
-        fix = ("the guest's link is down or not on the bridge, or the guest has another "
-               f"address; check {s.link} (host network hop) and the guest's network in its "
-               "logs")
+        fix = ("the guest's network is down or has another address: check "
+               f"{s.link} (host network hop)"
+               + (f" and the VM's console (`sandport sandbox logs {s.sandbox}`)"
+                  if s.backend == "qemu" else "")
+               + f"; if it stays so, delete the sandbox (`sandport sandbox rm {s.sandbox}`) "
+               "and create another")
     else:
         why = f"ARP for {s.ip} is {arp}: the guest is there but does not answer ICMP"
         fix = ("something drops ICMP to or from the guest (a firewall rule in the guest or "
@@ -723,21 +827,86 @@ def _inside(s: Subject) -> str:
 
 
 def _service_fix(port: PortFacts, result: ProbeResult, s: Subject) -> str:
+    """The likely cause and a fix that works for this port of this backend: sandport
+    restarts only what it started (a namespace desktop's Xvnc and openbox, the agent);
+    a user's own service, and every port of an attached target, is the user's to start."""
     detail = result.detail.lower()
-    server = {"rfb": "the VNC server (Xvnc)", "agent": "the guest agent",
-              "http": "the HTTP service"}.get(port.protocol, "the guest service")
+    server = {"rfb": "the VNC server", "agent": "the guest agent",
+              "http": "the HTTP service"}.get(port.protocol, "the service")
     if result.stage == "auth" or "authentication" in detail:
+        if s.external:
+            return ("the VNC password given when the target was attached is not its "
+                    f"server's: detach it (`sandport detach {s.sandbox}`) and attach it "
+                    "again with the right one (--vnc-password-file)")
         return (f"the VNC password sandport stored for sandbox {s.sandbox} is not the "
                 "server's: the server's password file was changed, or the store's secret; "
-                "delete and recreate the sandbox")
+                f"delete the sandbox (`sandport sandbox rm {s.sandbox}`) and create another")
     if "refused" in detail:
-        return (f"nothing listens on {port.guest_port} inside the sandbox: {server} is not "
-                "running. sandport restarts a desktop's services within the probe interval; "
-                f"if it keeps exiting, read its log in {s.logs or 'the sandbox logs'}")
+        return _not_listening(port, s, server)
+    where = f"the target {s.ip}" if s.external else "the guest"
     if "no answer" in detail or "timed out" in detail:
-        return (f"{server} accepts nothing in {PROBE_TIMEOUT:g} s: it hangs, or a firewall "
-                "in the guest drops the port")
-    return f"{server} does not speak its protocol on {port.guest_port}: see its log"
+        return (f"{server} on {port.guest_port} accepts nothing in {PROBE_TIMEOUT:g} s: it "
+                f"hangs, or a firewall in {where} drops the port")
+    return (f"{server} on {port.guest_port} of {where} does not speak "
+            f"{_protocol_words(port)}: check what listens there" + _log_hint(port, s))
+
+
+def _protocol_words(port: PortFacts) -> str:
+    return {"rfb": "VNC (RFB)", "http": "HTTP", "agent": "the agent's HTTP"}.get(
+        port.protocol, "the expected protocol")
+
+
+def _log_command(port: PortFacts, s: Subject) -> str:
+    """The command that shows the log of a service sandport started ("" for others)."""
+    if s.external or not port.managed:
+        return ""
+    name = {"rfb": "Xvnc", "agent": "agent"}.get(port.protocol) if s.backend != "qemu" \
+        else None  # a VM's services log to its console, the default log
+    return f"`sandport sandbox logs {s.sandbox}" + (f" --name {name}`" if name else "`")
+
+
+def _log_hint(port: PortFacts, s: Subject) -> str:
+    command = _log_command(port, s)
+    return f" (its log: {command})" if command else ""
+
+
+def _not_listening(port: PortFacts, s: Subject, server: str) -> str:
+    """Nothing listens on the port (the connection was refused): who must start what."""
+    number = port.guest_port
+    if s.external:
+        inside = f" inside {s.netns}" if s.netns else ""
+        return (f"nothing listens on {_addr(s.ip, number)}{inside}: start the service on "
+                f"the target and make it listen on {s.ip} (or 0.0.0.0) port {number}; "
+                "sandport does not run attached targets, so it starts nothing there")
+    if port.managed and s.restarts_services:
+        return (f"nothing listens on {number} inside the sandbox: {server} sandport started "
+                "there is not running. sandport restarts it within the probe interval; if "
+                f"it keeps exiting, read its log: {_log_command(port, s)}")
+    if port.managed:
+        return (f"nothing listens on {number} inside the VM: {server} of its image is not "
+                "running, and sandport does not restart services inside a VM: read the VM's "
+                f"console (`sandport sandbox logs {s.sandbox}`), then delete the sandbox "
+                f"(`sandport sandbox rm {s.sandbox}`) and create another")
+    loopback = _loopback_only(s, number)
+    if loopback:
+        return (f"your service listens on {loopback} only, which the host cannot reach: "
+                f"make it listen on 0.0.0.0:{number} (or {s.ip}:{number}) inside the sandbox")
+    if s.backend == "qemu":
+        return (f"nothing listens on {number} inside the VM: its image serves only its "
+                "profile's ports; sandport starts no service of yours there")
+    return (f"nothing listens on {number} inside the sandbox: start your service there, "
+            f"listening on 0.0.0.0:{number} (e.g. `ip netns exec sp-{s.sandbox} ...`); "
+            "sandport starts only a desktop's own services and its agent, never yours")
+
+
+def _loopback_only(s: Subject, number: int) -> str:
+    """``127.0.0.1:8080`` if the guest agent saw ``number`` listening on loopback only."""
+    report = s.agent_report or {}
+    seen = [str(x.get("address", "")) for x in report.get("listening", [])
+            if x.get("proto") == "tcp" and x.get("port") == number]
+    if seen and all(a.startswith("127.") or a == "::1" for a in seen):
+        return _addr(seen[0], number)
+    return ""
 
 
 async def _end_to_end(walk: Walk, s: Subject) -> None:

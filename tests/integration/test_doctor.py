@@ -125,7 +125,7 @@ def test_no_process_listens_on_the_forwards_host_port(gw: Gateway, loop_thread: 
     assert fwd.relay is not None
     loop_thread.run(fwd.relay.stop())  # the listener is gone; the store still has it
     broken(walk(gw, loop_thread, sandbox.id), "gateway", "nothing listens",
-           f"127.0.0.1:{fwd.host_port}", "restart")
+           f"127.0.0.1:{fwd.host_port}", "sandport sandbox rm")
 
 
 def test_a_kernel_forward_whose_dnat_rule_is_only_in_prerouting(

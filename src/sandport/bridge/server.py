@@ -149,7 +149,7 @@ class WsBridge:
         self._loop.add_reader(sock.fileno(), self._accept)
         cfg = self.config
         log.info("%s: listening on %s:%d%s, %s%s", self.label, host, self.bound_port,
-                 " (ws and wss)" if cfg.tls else "",
+                 (" (wss only)" if cfg.tls.ssl_only else " (ws and wss)") if cfg.tls else "",
                  f"target {cfg.target}" if cfg.target else "targets by token",
                  f", web {cfg.web_dir}" if cfg.web_dir else "")
 

@@ -44,7 +44,7 @@ app = HelpTyper(
 
 # Commands first, in the order --help lists them; then the groups.
 app.command()(up.up)
-app.command("ws", help=ws.WS_HELP)(ws.ws_command)
+app.command("ws", help=ws.WS_HELP, cls=ws.WsCommand)(ws.ws_command)
 app.command()(sandboxes.attach)
 app.command()(sandboxes.detach)
 app.command()(sandboxes.retarget)

@@ -28,7 +28,7 @@ from sandport.cli.common import (
 )
 from sandport.config import DEFAULT_STATE_DIR
 from sandport.control.gateway import GATEWAY_FILE
-from sandport.doctor import Report, Row, Walk
+from sandport.doctor import Report, Row, Walk, check_port
 from sandport.errors import SandportError, UsageError
 
 DOCTOR_STYLE = {"ok": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
@@ -74,7 +74,9 @@ def doctor(
     sandbox_id: Annotated[str | None, typer.Argument(
         help="Sandbox id; default: every sandbox.", metavar="SANDBOX")] = None,
     port: Annotated[str | None, typer.Option(
-        help="Only this port (name, e.g. vnc, or number).", metavar="NAME|NUMBER")] = None,
+        help="Only this port: its name (vnc), number (8080) or number/protocol "
+             "(8080/tcp, 53/udp), as `sandport forward list` shows it.",
+        metavar="PORT")] = None,
     token: Annotated[str | None, typer.Option(
         help="A token someone uses for the sandbox (a link's ?token=...): checked too.",
         metavar="TOKEN")] = None,
@@ -100,6 +102,12 @@ def doctor(
       sandport doctor 3f2a1c --token "$TOKEN" --json
     """
     state_dir = state_dir.absolute()
+    if port is not None:
+        try:
+            check_port(port)
+        except UsageError as exc:
+            show_error(exc)
+            raise typer.Exit(exc.exit_code) from None
     gateway_rows = _gateway_rows(state_dir)
     reports: list[Report] = []
     if all(r.status == "ok" for r in gateway_rows):

@@ -87,6 +87,10 @@ class _HelpCommand(_FitsTerminal, TyperCommand):
     """A command whose help fits a terminal."""
 
 
+#: The base of a command class of its own (``command(cls=...)``).
+HelpCommand = _HelpCommand
+
+
 class _HelpGroup(_FitsTerminal, TyperGroup):
     """A group whose help fits a terminal."""
 
@@ -97,6 +101,6 @@ class HelpTyper(typer.Typer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(cls=_HelpGroup, no_args_is_help=True, **kwargs)
 
-    def command(self, *args: Any,
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None,
                 **kwargs: Any) -> Callable[[CommandFunctionType], CommandFunctionType]:
-        return super().command(*args, cls=_HelpCommand, **kwargs)
+        return super().command(*args, cls=cls or _HelpCommand, **kwargs)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from sandport.bridge.model import BridgeConfig
 from sandport.bridge.server import WsBridge
 from sandport.bridge.standalone import UNSUPPORTED, WsOptions, build_config
 from sandport.bridge.standalone import serve as serve_ws
@@ -28,6 +29,7 @@ from sandport.cli.common import (
     setup_logging,
     show_error,
 )
+from sandport.cli.help import HelpCommand
 from sandport.errors import SandportError, UsageError
 
 WS_HELP = """WebSocket-to-TCP bridge with websockify's command line: swap the binary name.
@@ -55,11 +57,38 @@ directory of files; edits take effect for the next connection.
 """
 
 
+#: Where :class:`WsCommand` leaves what followed ``--`` (websockify's wrap mode).
+WRAP = "sandport.ws.wrap"
+
+
+class WsCommand(HelpCommand):
+    """``ws`` as Click parses it, noting what follows ``--``: websockify runs that as a
+    program (wrap mode), which sandport ws refuses by name, however many words it has."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Click's parsing; the words after ``--`` are kept in ``ctx.meta[WRAP]``."""
+        if "--" in args:
+            ctx.meta[WRAP] = args[args.index("--") + 1:]
+        return super().parse_args(ctx, args)
+
+
+def served(config: BridgeConfig) -> str:
+    """What the startup line says the port serves: ``ws`` and ``wss`` (``http`` and
+    ``https`` with ``--web``), only the encrypted ones with ``--ssl-only``."""
+    web = config.web_dir is not None
+    if config.tls is None:
+        return "ws and http" if web else "ws"
+    if config.tls.ssl_only:
+        return ("wss and https" if web else "wss") + " only: unencrypted clients are refused"
+    return "ws, wss, http and https" if web else "ws and wss"
+
+
 def _unsupported(name: str) -> Any:
     return typer.Option(hidden=True, help=name)
 
 
 def ws_command(
+    ctx: typer.Context,
     args: Annotated[list[str], typer.Argument(
         metavar="SOURCE [TARGET]",
         help="Where to listen, [SOURCE_ADDR:]SOURCE_PORT, and the fixed target, "
@@ -161,6 +190,12 @@ def ws_command(
         for name, value in given.items():
             if value:
                 raise UsageError(f"--{name.replace('_', '-')}: {UNSUPPORTED[name]}")
+        wrapped = ctx.meta.get(WRAP)
+        if wrapped is not None:
+            program = " ".join(wrapped) or "PROGRAM"
+            raise UsageError(f"websockify's wrap mode (`-- {program}`): "
+                             f"{UNSUPPORTED['wrap_mode']} (e.g. `sandport ws 6080 "
+                             "localhost:5901`)")
         if not args:
             raise UsageError("give [SOURCE_ADDR:]SOURCE_PORT (e.g. 6080)")
         config = build_config(WsOptions(
@@ -183,9 +218,8 @@ def ws_command(
         install_stop_signals(asyncio.get_running_loop(), stop.set)
 
         def ready(bridge: WsBridge) -> None:
-            scheme = "ws and wss" if config.tls else "ws"
             err.print(escape(f"sandport ws on {config.listen_host}:{bridge.bound_port} "
-                             f"({scheme}) -> "
+                             f"({served(config)}) -> "
                              f"{config.target or 'targets by token'}"
                              + (f", web {config.web_dir}" if config.web_dir else "")))
 

@@ -68,7 +68,6 @@ from sandport.control.api_models import (
     EventList,
     ForwardList,
     ForwardsCreate,
-    PortKey,
     SandboxCreate,
     SandboxList,
     SandboxOut,
@@ -84,6 +83,7 @@ from sandport.control.events import EventHub, sse_stream
 from sandport.control.forwards import ForwardOptions
 from sandport.control.store import EventRecord, SessionRecord
 from sandport.control.tokens import TokenCheck, bearer_token, check_token
+from sandport.doctor import PORT_FORMS, check_port
 from sandport.doctor import Report as DoctorReport
 from sandport.errors import (
     Conflict,
@@ -494,11 +494,16 @@ def api_router(gateway: SandboxApi) -> APIRouter:
                 summary="Walk the path to the sandbox hop by hop; name the broken hop")
     async def doctor(
         sandbox_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
-        port: Annotated[PortKey | None, Query(description="one port (name or number)")]
-        = None,
+        port: Annotated[str | None, Query(max_length=64, description=(
+            "one port: " + PORT_FORMS))] = None,
         token: Annotated[str | None, Query(max_length=256, description=(
             "a token someone uses for the sandbox (a link's ?token=): checked too"))] = None,
     ) -> DoctorOut:
+        if port is not None:
+            try:
+                check_port(port)
+            except UsageError as exc:
+                raise ApiRefusal(422, "invalid_port", words(exc)) from None
         report = await gateway.doctor(sandbox_id, port=port, token=token or None)
         return DoctorOut.model_validate(report.as_json())
 

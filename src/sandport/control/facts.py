@@ -30,7 +30,7 @@ def forward_facts(f: HostForward) -> ForwardFacts:
     """A forward as the doctor sees it."""
     return ForwardFacts(id=f.id, protocol=f.mapping.protocol, host=f.mapping.host_ip,
                         host_port=f.host_port, mode=f.mode,
-                        rule=f.rule().comment if f.mode == "kernel" else "")
+                        rule=f.rule().comment if f.mode == "kernel" else "", name=f.name)
 
 
 def when(at: float) -> str:
@@ -99,6 +99,7 @@ def port_facts(sb: RunningSandbox, forwards: list[HostForward]) -> list[PortFact
     """The ports of a sandbox with their forwards: the profile's, then app ports published
     by number, then the guest agent's."""
     ports = []
+    ours = sb.backend.name != "external"  # sandport started the profile's services
     for guest_port in sb.live.ports:
         own = [f for f in forwards if f.name == guest_port.name or
                (f.mapping.guest_port == guest_port.port and f.mapping.protocol == "tcp"
@@ -106,7 +107,8 @@ def port_facts(sb: RunningSandbox, forwards: list[HostForward]) -> list[PortFact
         protocol = guest_port.protocol if guest_port.protocol in ("rfb", "http") else "tcp"
         ports.append(PortFacts(
             name=guest_port.name, guest_port=guest_port.port, protocol=protocol,
-            path=guest_port.path, ws=True, forwards=tuple(forward_facts(f) for f in own)))
+            path=guest_port.path, ws=True, forwards=tuple(forward_facts(f) for f in own),
+            managed=ours))
     named = {p.name for p in ports}
     for f in forwards:  # app ports published by number
         attached = f.name in named or (f.mapping.protocol == "tcp" and any(
@@ -118,7 +120,8 @@ def port_facts(sb: RunningSandbox, forwards: list[HostForward]) -> list[PortFact
                 protocol="udp" if f.mapping.protocol == "udp" else "tcp",
                 forwards=(forward_facts(f),)))
     if sb.spec.agent_url:
-        ports.append(PortFacts(name="agent", guest_port=AGENT_PORT, protocol="agent"))
+        ports.append(PortFacts(name="agent", guest_port=AGENT_PORT, protocol="agent",
+                               managed=True))
     return ports
 
 
@@ -170,6 +173,10 @@ def subject(roster: Roster, forwards: ForwardTable, config: GatewayConfig, *,
     if forwards.nft_available and any(f.mode == "kernel" for f in own):
         nft_rules = nft.rules_of(net.bridge)
     running = {f.id for f in own}
+    external = sb.backend.name == "external"
+    # A failed sandbox's forwards were closed with it on purpose (a target gone, a guest
+    # that died): the route hop says so; they are not forwards the gateway lost.
+    closed = sb.live.state.value in ("failed", "stopping", "stopped")
     return Subject(
         sandbox=sandbox_id, known=True, state=sb.live.state.value,
         reason=sb.live.reason, ip=sb.live.ip, bridge=net.bridge,
@@ -177,7 +184,8 @@ def subject(roster: Roster, forwards: ForwardTable, config: GatewayConfig, *,
         link=link, ports=tuple(ports),
         vnc_password=sb.spec.secrets.get("vnc_password"),
         service_failure=sb.backend.failure(sb.spec),
-        logs=str(sb.spec.workdir / "logs"),
+        logs="" if external else str(sb.spec.workdir / "logs"),
+        backend=sb.backend.name, restarts_services=sb.backend.restarts_services,
         nft_rules=tuple(nft_rules), chains=(chains[0], chains[1]),
         ws_base=ws_base, token=sb.token,
         forward_host=connect_host(config.forward_host), token_facts=facts,
@@ -185,8 +193,8 @@ def subject(roster: Roster, forwards: ForwardTable, config: GatewayConfig, *,
         agent_report=sb.agent_report,
         agent_report_age=time.time() - sb.agent_report_at
         if sb.agent_report_at is not None else None,
-        external=sb.backend.name == "external", netns=sb.spec.netns,
+        external=external, netns=sb.spec.netns,
         isolation=isolation_facts(forwards, sb, bridge=net.bridge, link=link),
         unrun_forwards=tuple(
             f"forward {r.id} ({r.protocol} {r.host_ip}:{r.host_port} -> {r.guest_port})"
-            for r in roster.store.forwards(sandbox_id) if r.id not in running))
+            for r in roster.store.forwards(sandbox_id) if r.id not in running and not closed))

@@ -60,6 +60,22 @@ def _insecure_client_context() -> ssl.SSLContext:
     return ctx
 
 
+def _not_ready_hint(sb: RunningSandbox) -> str:
+    """What to do about a sandbox that did not become ready (it is removed, with its
+    files: no log of it is left to point at)."""
+    if sb.backend.name == "external":
+        primary = sb.live.ports[0]
+        where = f"{sb.live.ip}:{primary.port}" + (f" in {sb.spec.netns}" if sb.spec.netns
+                                                  else "")
+        listen = "" if sb.spec.netns else (" (listening on its address or 0.0.0.0, not "
+                                            "only 127.0.0.1)")
+        return (f"sandport does not run attached targets and keeps no log of them: check "
+                f"that the target's service answers on {where}{listen}, then attach it "
+                "again")
+    return ("the sandbox was removed, with its logs; the words above are what its path "
+            "and its guest said")
+
+
 class ReadinessMonitor:
     """Probes, the wait for readiness and the monitors of one gateway run."""
 
@@ -143,11 +159,13 @@ class ReadinessMonitor:
             sb.probes.append(result)
             if not result.ok:
                 console = backend.diagnostics(spec)
+                exited = backend.failure(spec, agent=True)
                 raise SandboxFailed(
                     f"sandbox {spec.id} did not become ready: {label}: {result.detail} "
                     f"(stage {result.stage}, {attempts} attempts)"
+                    + (f"; {exited}" if exited else "")
                     + (f"; guest console: {console}" if console else ""),
-                    hint=f"guest logs are in {spec.workdir / 'logs'}",
+                    hint=_not_ready_hint(sb),
                 )
 
     # Monitors ------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from sandport.probe import ProbeResult
 from sandport.sandbox.base import Backend, GuestPort, SandboxSpec
 from sandport.sandbox.external import (
     ATTACH_PROFILES,
+    GONE_BY_OWNER,
     MAX_NAME,
     MAX_REASON,
     check_target,
@@ -443,7 +444,7 @@ class Sandboxes:
                            "it again (detach, attach) rather than moving it")
         await self._readiness.unwatch(sandbox_id)
         if gone:
-            why = f"its owner says it is gone{': ' + reason if reason else ''}"
+            why = f"{GONE_BY_OWNER}{': ' + reason if reason else ''}"
             self._port.close_sessions(sandbox_id, 1001, f"the target is gone: {reason}"
                                       if reason else "the target is gone")
             await self.drop_forwards(sandbox_id)

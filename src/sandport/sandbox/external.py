@@ -24,6 +24,7 @@ behind the gateway's back.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -33,8 +34,9 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 
-from sandport.errors import Forbidden, UsageError
-from sandport.net.nsock import namespace_sockets
+from sandport.errors import Forbidden, SandboxFailed, UsageError
+from sandport.net.inspect import connect_outcome, neighbour_state
+from sandport.net.nsock import connect_in_netns, namespace_sockets
 from sandport.sandbox.base import GuestPort, Inspection, SandboxSpec
 from sandport.sandbox.profiles import get_profile
 
@@ -42,6 +44,15 @@ log = logging.getLogger(__name__)
 
 #: The profiles an attached target can have: what readiness speaks to its primary port.
 ATTACH_PROFILES = ("desktop", "http", "tcp")
+#: How long one try waits for any answer from the target (a connection accepted or
+#: refused): enough for the kernel's ARP (3 requests, 1 s apart).
+ANSWER_TIMEOUT = 3.5
+#: How long an attach tries before a target where nothing answers at all is refused: a
+#: VM started just before its attach has its network up by then (the echo microVM's
+#: kernel answers ARP about 5 s after QEMU starts under TCG; twice that on a busy host).
+ANSWER_WINDOW = 15.0
+#: How the reason of a target whose owner said it is gone (``retarget --gone``) begins.
+GONE_BY_OWNER = "its owner says it is gone"
 #: Where ``ip netns`` keeps named namespaces, sandport's sandboxes' among them.
 NETNS_DIR = Path("/run/netns")
 #: A sandbox's network namespace: ``sp-`` and its id (:func:`sandport.sandbox.netns.netns_name`
@@ -194,14 +205,67 @@ class ExternalBackend:
             return ""
 
     async def create(self, spec: SandboxSpec) -> None:
-        """Check the route to the target (or that its namespace can be entered); make
-        sandport's own directory for it."""
+        """Check the route to the target (or that its namespace can be entered) and that
+        something answers there (:meth:`check_answers`); make sandport's own directory
+        for it."""
+        link = ""
         if spec.netns:
             await asyncio.to_thread(namespace_sockets, spec.netns)
         else:
-            await asyncio.to_thread(route_to, spec.ip, spec.interface)
+            link = await asyncio.to_thread(route_to, spec.ip, spec.interface)
+        await self.check_answers(spec, link)
         (spec.workdir / "logs").mkdir(parents=True, exist_ok=True)
         log.info("sandbox %s: attached %s (%s)", spec.id, spec.ip, spec.name or "no name")
+
+    async def check_answers(self, spec: SandboxSpec, link: str = "") -> None:
+        """Refuse, within :data:`ANSWER_WINDOW`, a target where nothing answers: TCP
+        connections to its primary port. Accepted or refused (a reset: the target is
+        there, its service may still be starting) lets readiness wait for the protocol;
+        no answer at all is refused at once, naming the hop: ARP (no host on ``link``,
+        the interface it is reached through, has the address), or the port (the host is
+        there; something drops the port).
+
+        Raises:
+            SandboxFailed: nothing answers; the words say which hop and what to check.
+        """
+        host, port = str(spec.ip), self.ports(spec)[0].port
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ANSWER_WINDOW
+        while True:
+            try_for = max(0.5, min(ANSWER_TIMEOUT, deadline - loop.time()))
+            if spec.netns:
+                outcome, detail = await _connect_in(spec.netns, host, port, try_for)
+            else:
+                outcome, detail = await asyncio.to_thread(connect_outcome, host, port,
+                                                          try_for)
+            if outcome in ("open", "refused") or loop.time() >= deadline - 0.5:
+                break
+            await asyncio.sleep(0.5)
+        if outcome == "open":
+            return
+        if outcome == "refused":
+            log.info("sandbox %s: %s refuses port %d for now; readiness waits for it",
+                     spec.id, host, port)
+            return
+        if spec.netns:
+            raise SandboxFailed(
+                f"nothing answers on {host}:{port} inside {spec.netns}: {detail}",
+                hint=f"check that the target runs and serves port {port} in its namespace")
+        link = link or spec.interface or "its link"
+        arp = await asyncio.to_thread(neighbour_state, host)
+        if arp in ("reachable", "stale", "delay", "probe", "permanent", "noarp"):
+            raise SandboxFailed(
+                f"nothing answers on {host}:{port} from this host: {host} answers ARP on "
+                f"{link} ({arp}), but port {port} gives no answer in {ANSWER_WINDOW:g} s"
+                + ("" if outcome == "timeout" else f" ({detail})"),
+                hint=f"the target is there: check that its service runs on port {port} and "
+                     "that no firewall in the target or on the way drops the port")
+        raise SandboxFailed(
+            f"nothing answers on {host}:{port} from this host: no host on {link} answers "
+            f"ARP for {host} in {ANSWER_WINDOW:g} s (its ARP entry: {arp or 'none'})"
+            + ("" if outcome in ("timeout", "no_route") else f"; {detail}"),
+            hint=f"check that the target runs and that its address is {host} "
+                 f"(`ip neigh show {host}`, `ping {host}`); attach it once it answers")
 
     async def start(self, spec: SandboxSpec) -> None:
         """Nothing: the target's owner runs it."""
@@ -240,6 +304,22 @@ class ExternalBackend:
     def failure(self, spec: SandboxSpec, *, agent: bool = False) -> str | None:
         """sandport runs no process of the target: only its probes can tell."""
         return None
+
+
+async def _connect_in(netns: str, host: str, port: int, timeout: float) -> tuple[str, str]:
+    """:func:`~sandport.net.inspect.connect_outcome` inside the namespace ``netns``."""
+    try:
+        async with asyncio.timeout(timeout):
+            sock = await connect_in_netns(asyncio.get_running_loop(), netns, host, port)
+    except TimeoutError:
+        return "timeout", f"no answer in {timeout:g} s"
+    except ConnectionRefusedError:
+        return "refused", "refused the connection"
+    except OSError as exc:
+        unreachable = exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+        return ("no_route" if unreachable else "error"), exc.strerror or str(exc)
+    sock.close()
+    return "open", "accepted"
 
 
 #: The longest name an attached target may have (shown in lists and logs).
