@@ -107,13 +107,9 @@ class DocRun:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.state_dir = tmp / "state"
-        self.bridge, subnet = test_net_names()
-        self.subnet = str(subnet)
-        py_bridge, py_subnet = test_net_names()
-        self.py_names = dict(zip(PY_NAMES, (str(tmp / "example-state"), py_bridge,
-                                            str(py_subnet), f"sp-d{secrets.token_hex(3)}"),
-                                 strict=True))
+        self.used: list[tuple[Path, str]] = []  # (state dir, bridge) of every gateway
+        self.state_dir, self.bridge, self.subnet = tmp / "state", "", ""  # at each start
+        self.netns = f"sp-d{secrets.token_hex(3)}"
         self.ports = _free_port_block()
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
@@ -126,18 +122,30 @@ class DocRun:
 
     # --- the gateway ---------------------------------------------------------------------
 
-    def up_flags(self) -> list[str]:
-        return ["--state-dir", str(self.state_dir), "--bridge", self.bridge,
-                "--subnet", self.subnet, "--listen", "127.0.0.1:0", "--vnc-port", "0"]
+    def names(self) -> tuple[Path, str, str]:
+        """A state dir, bridge and subnet for one more gateway, picked as it starts: the
+        test subnets are shared with every test run on this machine."""
+        state_dir = self.tmp / f"state{len(self.used)}"
+        bridge, subnet = test_net_names()
+        self.used.append((state_dir, bridge))
+        return state_dir, bridge, str(subnet)
+
+    @staticmethod
+    def up_flags(state_dir: Path, bridge: str, subnet: str) -> list[str]:
+        return ["--state-dir", str(state_dir), "--bridge", bridge, "--subnet", subnet,
+                "--listen", "127.0.0.1:0", "--vnc-port", "0"]
 
     def ensure_gateway(self) -> None:
         """Start ``sandport up --demo`` unless it runs; keep its ready document."""
         if self.proc is not None:
             return
         self.starts += 1
+        self.state_dir, self.bridge, self.subnet = self.names()
         out, err = self.tmp / f"up{self.starts}.out", self.tmp / f"up{self.starts}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            self.proc = subprocess.Popen([SANDPORT, "up", "--demo", *self.up_flags()],
+            self.proc = subprocess.Popen([SANDPORT, "up", "--demo",
+                                          *self.up_flags(self.state_dir, self.bridge,
+                                                         self.subnet)],
                                          stdout=o, stderr=e, cwd=self.tmp)
         stdout = _wait_for(out, "SANDPORT-READY ", self.proc, "sandport up --demo")
         stderr = _wait_for(err, "Press Ctrl-C", self.proc, "sandport up --demo")
@@ -156,10 +164,9 @@ class DocRun:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        remove_gateway_leftovers(bridge=self.bridge, state_dir=self.state_dir)
-        remove_gateway_leftovers(bridge=self.py_names["sp-example"],
-                                 state_dir=Path(self.py_names["/tmp/sandport-example"]))
-        subprocess.run(["ip", "netns", "del", self.py_names["sp-demo"]], capture_output=True,
+        for state_dir, bridge in self.used:
+            remove_gateway_leftovers(bridge=bridge, state_dir=state_dir)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True,
                        check=False)
 
     # --- substitutions -----------------------------------------------------------------
@@ -217,8 +224,7 @@ class DocRun:
         argv = shlex.split(self.substitute(line.replace("sudo ", "")))
         argv[0] = SANDPORT
         if sub == "up":
-            self.stop_gateway()  # one gateway per state dir
-            argv += self.up_flags()
+            argv += self.up_flags(*self.names())
         out, err = self.tmp / f"{sub}.out", self.tmp / f"{sub}.err"
         with out.open("wb") as o, err.open("wb") as e:
             proc = subprocess.Popen(argv, stdout=o, stderr=e, cwd=self.tmp)
@@ -241,8 +247,11 @@ class DocRun:
         text = block.text
         if "/var/lib/sandport" in text:
             self.ensure_gateway()
-        for name, ours in self.py_names.items():
-            text = text.replace(name, ours)
+        if any(name in text for name in PY_NAMES[:3]):
+            state_dir, bridge, subnet = self.names()
+            text = (text.replace(PY_NAMES[0], str(state_dir)).replace(PY_NAMES[1], bridge)
+                    .replace(PY_NAMES[2], subnet))
+        text = text.replace(PY_NAMES[3], self.netns)
         program = self.tmp / f"block{block.line}.py"
         program.write_text(self.substitute(text))
         result = subprocess.run([sys.executable, str(program)], capture_output=True,
@@ -406,8 +415,8 @@ def test_every_block_runs_as_written(path: Path, doc_runs: Callable[[Path], DocR
 def test_a_port_a_kernel_forward_holds_is_named_where_ss_shows_nothing(
         doc_runs: Callable[[Path], DocRun]) -> None:
     """README, "Port forwards": `ss` does not list a kernel forward's port, `sandport
-    forward list` does, and a second gateway that wants the port is told which process
-    (a sandport gateway, with its state dir) holds it."""
+    forward list` does, and a program that wants the port (here `sandport ws`) is told
+    which process (a sandport gateway, with its state dir) holds it."""
     doc_run = doc_runs(ROOT / "README.md")
     doc_run.ensure_gateway()
     assert doc_run.proc is not None
@@ -421,17 +430,10 @@ def test_a_port_a_kernel_forward_holds_is_named_where_ss_shows_nothing(
                               str(doc_run.state_dir)], capture_output=True, text=True,
                              check=True).stdout
     assert f"127.0.0.1:{port}" in listing
-    bridge, subnet = test_net_names()
-    other = doc_run.tmp / "other-state"
-    try:
-        second = subprocess.run(
-            [SANDPORT, "up", "--demo", "--state-dir", str(other), "--bridge", bridge,
-             "--subnet", str(subnet), "--listen", "127.0.0.1:0", "--vnc-port", str(port)],
-            capture_output=True, text=True, timeout=STEP_TIMEOUT, check=False)
-    finally:
-        remove_gateway_leftovers(bridge=bridge, state_dir=other)
+    second = subprocess.run([SANDPORT, "ws", f"127.0.0.1:{port}", "localhost:5901"],
+                            capture_output=True, text=True, timeout=STEP_TIMEOUT, check=False)
     assert second.returncode == 2, second.stderr
-    assert f"host VNC port 127.0.0.1:{port} is already in use" in second.stderr
+    assert f"host WebSocket port 127.0.0.1:{port} is already in use" in second.stderr
     assert (f"127.0.0.1:{port} is held by pid {doc_run.proc.pid} (" in second.stderr
             and "a sandport gateway" in second.stderr), second.stderr
     assert f"sandport forward list --state-dir {doc_run.state_dir}`" in second.stderr
