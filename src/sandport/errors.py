@@ -7,6 +7,7 @@ Errors caused by bytes a peer sent live in :mod:`sandport.proto.errors` instead.
 
 from __future__ import annotations
 
+import os
 import re
 
 
@@ -81,12 +82,16 @@ def port_holder_hint(host: str, port: int, protocol: str = "tcp") -> str:
     wildcards = ("0.0.0.0", "::", "")
     near = [h for h in holders if host in wildcards
             or h.address.rsplit(":", 1)[0].strip("[]") in (host, *wildcards)]
-    if not near and not holders:
-        flags = "-tanp" if protocol == "tcp" else "-uanp"
-        return (f"see what holds it with `ss {flags} 'sport = :{port}'`; a port that a "
+    if not holders:
+        if protocol != "tcp":
+            return f"see what holds it with `ss -uanp 'sport = :{port}'`, or choose another port"
+        return (f"see what holds it with `ss -tanp 'sport = :{port}'`; a TCP port that a "
                 "sandport gateway forwards in kernel mode is only bound, which `ss` does not "
                 "list: `sandport forward list` shows those. Or choose another port")
     holder = (near or holders)[0]
+    if holder.pid == os.getpid():
+        return (f"{holder.address} is held by pid {holder.pid}, the very process that asked "
+                "for it (its own port or one of its forwards): choose another port")
     command = holder.command
     shown = command if len(command) <= _COMMAND_SHOWN else command[:_COMMAND_SHOWN] + "..."
     where = f"{holder.address} is held by pid {holder.pid} ({shown})"

@@ -441,12 +441,42 @@ def test_a_port_a_kernel_forward_holds_is_named_where_ss_shows_nothing(
 
 
 def test_a_port_another_program_holds_is_named_with_its_pid() -> None:
-    """The same hint for a holder that is no gateway: a socket bound without listening."""
+    """The same hint for a holder that is no gateway (a socket bound without listening,
+    in another process), and for a port the asking process holds itself."""
     from sandport.errors import PortInUseError
 
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys; s = socket.socket(); "
+         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        port = int(holder.stdout.readline())
+        hint = PortInUseError("127.0.0.1", port, what="tcp port").hint
+    finally:
+        holder.communicate("")
+    assert hint.startswith(f"127.0.0.1:{port} is held by pid {holder.pid} ({sys.executable}"
+                           " -c import socket"), hint
+    assert hint.endswith("): stop it or choose another port"), hint
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        hint = PortInUseError("127.0.0.1", port, what="tcp port").hint
-    assert hint.startswith(f"127.0.0.1:{port} is held by pid {os.getpid()} ("), hint
-    assert hint.endswith("): stop it or choose another port"), hint
+        hint = PortInUseError("127.0.0.1", port).hint
+    assert hint == (f"127.0.0.1:{port} is held by pid {os.getpid()}, the very process that "
+                    "asked for it (its own port or one of its forwards): choose another port")
+
+
+def test_a_hint_without_a_visible_holder_names_what_shows_one() -> None:
+    """Where the kernel names no holder (another namespace, an older kernel), the hint
+    names the `ss` that shows listeners and connections, and where kernel forwards show."""
+    from sandport.errors import port_holder_hint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free again once closed
+    assert port_holder_hint("127.0.0.1", port, "tcp") == (
+        f"see what holds it with `ss -tanp 'sport = :{port}'`; a TCP port that a sandport "
+        "gateway forwards in kernel mode is only bound, which `ss` does not list: "
+        "`sandport forward list` shows those. Or choose another port")
+    assert port_holder_hint("127.0.0.1", port, "udp") == (
+        f"see what holds it with `ss -uanp 'sport = :{port}'`, or choose another port")
