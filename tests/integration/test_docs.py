@@ -6,7 +6,8 @@ are compared with what PRODUCER prints, ``<!-- not run: REASON -->`` blocks are 
 (tests/unit/test_docs_blocks.py checks that each of those says why).
 
 One gateway per Markdown file, ``sandport up --demo`` as a subprocess with the test's own
-state dir, bridge and subnet. What a reader would type stays as written except for these
+state dir, bridge and subnet (each ``sandport up`` line of the docs runs beside it, with
+names of its own). What a reader would type stays as written except for these
 substitutions (the README's Development section names them too):
 
 * ``sudo`` is dropped (the tests run as root); ``sandport`` is the venv's;
@@ -20,7 +21,9 @@ substitutions (the README's Development section names them too):
 
 A shell block runs as one ``bash -e`` script per run of plain lines; ``sandport up`` and
 ``sandport ws`` run until they serve (ready line, or the port answers), then get SIGINT
-and must exit 0. A Python block runs as a program and must exit 0.
+and must exit 0; a ``-p`` of ``sandport up`` must be among the forwards it prints. A
+Python block runs as a program and must exit 0, and a ``print(...)  # TEXT`` line in it
+must print TEXT.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ RANGE_PORTS = ("15900-15909", 10)  # a range of ten, at this offset
 PORT_BLOCK = 20
 #: Names that Python examples choose for their own gateway or namespace.
 PY_NAMES = ("/tmp/sandport-example", "sp-example", "10.201.9.0/24", "sp-demo")
+PRINTS = re.compile(r"^\s*print\(.*\)\s+#\s*(.+)$", re.MULTILINE)  # print(...)  # TEXT
 SANDPORT_LINE = re.compile(r"^(?:sudo\s+)?(?:\.venv/bin/)?sandport\s+(?P<sub>\S+)")
 
 
@@ -258,6 +262,10 @@ class DocRun:
                                 text=True, cwd=self.tmp, timeout=STEP_TIMEOUT, check=False)
         assert result.returncode == 0, (f"{block.where}: exit {result.returncode}\n"
                                         f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        for said in PRINTS.findall(self.substitute(text)):
+            assert said.strip() in result.stdout, (
+                f"{block.where}: it should print {said.strip()!r}; it printed:\n"
+                f"{result.stdout[-2000:]}")
 
     # --- output blocks -----------------------------------------------------------------
 
