@@ -41,13 +41,19 @@ class NetConfig:
 
     Attributes:
         bridge: the bridge that holds the gateway address; sandbox links are its ports.
-        subnet: the sandbox address pool; the first host address is the gateway's.
+        subnet: the sandbox address pool; the first host address is the gateway's. A
+            string (``"10.201.5.0/24"``) is taken too and turned into the network.
+
+    Raises:
+        UsageError: the bridge name or the subnet is not usable (with why).
     """
 
     bridge: str = DEFAULT_BRIDGE
     subnet: ipaddress.IPv4Network = DEFAULT_SUBNET
 
     def __post_init__(self) -> None:
+        if not isinstance(self.subnet, ipaddress.IPv4Network):
+            object.__setattr__(self, "subnet", _ipv4_network(self.subnet))
         if not self.bridge.startswith("sp-") or len(self.bridge) > IFNAMSIZ:
             raise UsageError(
                 f"bridge name {self.bridge!r} must start with 'sp-' and be at most "
@@ -63,6 +69,18 @@ class NetConfig:
     def gateway_ip(self) -> ipaddress.IPv4Address:
         """The bridge's own address: the first host address of the subnet."""
         return self.subnet.network_address + 1
+
+
+def _ipv4_network(value: object) -> ipaddress.IPv4Network:
+    """``value`` (a string like ``10.201.5.0/24``) as the subnet of a :class:`NetConfig`."""
+    if not isinstance(value, str):
+        raise UsageError(f"subnet {value!r} ({type(value).__name__}) is not an IPv4 network "
+                         "like '10.201.5.0/24'")
+    try:
+        return ipaddress.IPv4Network(value)
+    except ValueError as exc:
+        raise UsageError(f"subnet {value!r} is not an IPv4 network like '10.201.5.0/24': "
+                         f"{exc}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

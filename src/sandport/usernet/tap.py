@@ -19,6 +19,7 @@ with a virtio-net header (`sandport.proto.packets.vnet`): give the stack ``vnet=
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -67,16 +68,38 @@ def has_vnet_header(fd: int) -> bool:
 
 def tap_into_netns(name: str, netns: str, guest_name: str = "eth0", *,
                    offload: bool = True) -> int:
-    """Make TAP ``name``, move it into ``netns`` as ``guest_name``; return its fd."""
+    """Make TAP ``name``, move it into ``netns`` as ``guest_name``; return its fd.
+
+    Callable from plain code and from a coroutine alike: pyroute2 0.9's synchronous
+    ``IPRoute`` runs an event loop of its own, which cannot run in a thread whose loop
+    already runs ("This event loop is already running"), so there the move is made on a
+    short-lived thread of its own (one netlink round trip, milliseconds).
+    """
     fd = open_tap(name, offload=offload)
     try:
-        with IPRoute() as ipr:
-            (index,) = ipr.link_lookup(ifname=name)
-            ipr.link("set", index=index, net_ns_fd=netns, ifname=guest_name)
+        if _loop_running():
+            with concurrent.futures.ThreadPoolExecutor(1, "tap_into_netns") as pool:
+                pool.submit(_move_link, name, netns, guest_name).result()
+        else:
+            _move_link(name, netns, guest_name)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _move_link(name: str, netns: str, guest_name: str) -> None:
+    with IPRoute() as ipr:
+        (index,) = ipr.link_lookup(ifname=name)
+        ipr.link("set", index=index, net_ns_fd=netns, ifname=guest_name)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class TapTransport(FrameTransport):
