@@ -59,6 +59,14 @@ def record(line: str) -> None:
     print(line)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/unit is a unit test (`make test-unit`), marked or not."""
+    unit = Path(__file__).parent / "unit"
+    for item in items:
+        if unit in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.unit)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the figures tests measured (ready times, first-frame times)."""
     lines = list(MEASUREMENTS)

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNNABLE = ("sh", "python")
 #: Output blocks test_docs.py knows how to compare, by the producer their marker names.
-OUTPUT_PRODUCERS = ("sandport up --demo", "sandport doctor --json")
+OUTPUT_PRODUCERS = ("sandport up --demo", "sandport doctor --json", "sandport forward list")
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 _MARKER = re.compile(r"^\s*<!--\s*(?P<kind>not run|output)\s*:?(?P<reason>.*?)-->\s*$")
 

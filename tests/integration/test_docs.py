@@ -29,6 +29,7 @@ must print TEXT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -272,7 +273,8 @@ class DocRun:
     def check_output(self, block: Block) -> None:
         self.ensure_gateway()
         if block.reason == "sandport up --demo":
-            _compare_lines(block, self.demo_output)
+            _compare_lines(dataclasses.replace(block, text=self.substitute(block.text)),
+                           self.demo_output)
         elif block.reason == "sandport doctor --json":
             result = subprocess.run([SANDPORT, "doctor", self.ready["id"], "--json",
                                      "--state-dir", str(self.state_dir)],
@@ -280,6 +282,13 @@ class DocRun:
                                     check=False)
             assert result.returncode == 0, result.stdout + result.stderr
             _compare_keys(block, json.loads(block.text), json.loads(result.stdout), "")
+        elif block.reason == "sandport forward list":
+            result = subprocess.run([SANDPORT, "forward", "list", "--state-dir",
+                                     str(self.state_dir)], capture_output=True, text=True,
+                                    timeout=STEP_TIMEOUT, check=False,
+                                    env={**os.environ, "COLUMNS": "80"})
+            assert result.returncode == 0, result.stdout + result.stderr
+            _check_forward_table(block, result.stdout, result.stderr)
         else:
             raise AssertionError(f"{block.where}: no check for output of {block.reason!r}")
 
@@ -358,6 +367,25 @@ def _compare_lines(block: Block, real: str) -> None:
                               for word in line.split())
         assert any(re.fullmatch(pattern, x) for x in real_lines), (
             f"{block.where}: no line like {line.strip()!r} in what it printed:\n{real}")
+
+
+FORWARD_MODES = ("kernel (DNAT)", "proxy (splice)", "proxy (copy)", "proxy (datagrams)")
+
+
+def _check_forward_table(block: Block, stdout: str, stderr: str) -> None:
+    """The doc's table has the real header at 80 columns, rows in modes the real one
+    prints, and the real note naming the columns left out."""
+    doc = block.text.splitlines()
+    real = stdout.splitlines()
+    assert doc[0].split() == real[0].split(), (
+        f"{block.where}: the header is {doc[0]!r}; at 80 columns it is {real[0]!r}")
+    noted = doc.index(next(x for x in doc if x.startswith("not shown")))
+    for row in doc[1:noted]:
+        assert any(f" {mode} " in row for mode in FORWARD_MODES), (
+            f"{block.where}: {row!r} has no MODE of {FORWARD_MODES}")
+    note = " ".join(doc[noted:])
+    assert note.split() == " ".join(stderr.splitlines()).split(), (
+        f"{block.where}: it says {note!r}; the real command said {stderr!r}")
 
 
 def _compare_keys(block: Block, doc: Any, real: Any, path: str) -> None:
