@@ -232,11 +232,18 @@ def test_every_link_uses_the_public_url_and_opens_from_a_remote_host(
     with remote_host() as remote:
         public = f"http://{remote.host_ip}:{port}"
         up = up_factory("--listen", f"0.0.0.0:{port}", "--public-url", public + "/",
-                        "--origin", "https://app.example", "--demo")
+                        "--origin", "https://app.example", "--forward-host", "0.0.0.0",
+                        "--forward-mode", "proxy", "--demo")  # a kernel forward on
+        # 0.0.0.0 leaves veths such as this stand-in remote host's to their owner (README)
         try:
             doc = up.wait_ready()
             assert doc["desktop_url"].startswith(f"{public}/s/{doc['id']}/?token=")
             assert_opens(doc["desktop_url"], remote.netns)
+            # The printed VNC address opens from there too (a wildcard forward is reached
+            # at the public host, not at this host's 127.0.0.1).
+            assert doc["vnc"]["host"] == remote.host_ip, doc["vnc"]
+            assert rfb_banner(remote.netns, remote.host_ip, doc["vnc"]["port"]) == \
+                "RFB 003.008"
             state = str(up.state_dir)
             listed = sandport("sandbox", "list", "--json", "--state-dir", state)
             assert listed.returncode == 0, listed.stderr
@@ -253,6 +260,17 @@ def test_every_link_uses_the_public_url_and_opens_from_a_remote_host(
             code, stderr = up.stop()
         assert code == 0, stderr
         assert f"Browser:  {public}/s/" in stderr and f"Links:    {public}" in stderr
+        assert f"vncviewer {remote.host_ip}::" in stderr
+
+
+def rfb_banner(netns: str, host: str, port: int) -> str:
+    """The first line a VNC server sends, read from inside ``netns``."""
+    code = ("import socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2])),"
+            " timeout=10); print(s.recv(12).decode().strip())")
+    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, host,
+                        str(port)], capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 def test_a_bad_public_url_is_refused_with_the_syntax(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Required, TypedDict
+from urllib.parse import urlsplit
 
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.access import Access
@@ -641,6 +642,16 @@ class Sandboxes:
 
     # What callers see ----------------------------------------------------------------------
 
+    def _address_for_clients(self, bind_host: str) -> str:
+        """Where clients reach a forward bound to ``bind_host``: a wildcard bind is reached
+        at the host the gateway's links name (``--public-url``, else the address it picked
+        for a wildcard listen), so a printed VNC address opens from where its link does."""
+        if bind_host in ("0.0.0.0", "", "::"):
+            host = urlsplit(self._port.link_base).hostname or ""
+            if host and host not in ("localhost", "127.0.0.1", "::1"):
+                return host
+        return connect_host(bind_host)
+
     def info(self, sandbox_id: str) -> SandboxInfo:
         """The printable facts of a running sandbox.
 
@@ -657,8 +668,8 @@ class Sandboxes:
             token=sb.token,
             desktop_url=desktop_link(self._port.link_base, sandbox_id, sb.token,
                                      desktop_port(sb.live.ports)),
-            vnc_host=connect_host(fwd.mapping.host_ip if fwd is not None
-                                  else self._config.forward_host),
+            vnc_host=self._address_for_clients(fwd.mapping.host_ip if fwd is not None
+                                               else self._config.forward_host),
             vnc_port=fwd.host_port if fwd is not None else 0,
             vnc_password=sb.spec.secrets.get("vnc_password", ""),
             colour=colour_hex(desktop_colour(sandbox_id)),
