@@ -152,7 +152,8 @@ def test_api_clashes_name_the_real_owner_and_make_nothing(gateway_factory: Any) 
     made = creations(gw)
     status, doc = api_post(gw, "/api/sandboxes", {"vnc_port": port,
                                                   "publish": [f"{port}:8080"]})
-    assert status == 409, doc
+    # A clash inside one request is a bad request (422); a port another sandbox has, 409.
+    assert (status, doc["error"]) == (422, "invalid_port_spec"), doc
     assert doc["message"].startswith(f"host port 127.0.0.1:{port}/tcp is asked for twice: "
                                      f"by vnc_port {port} and by -p 127.0.0.1:{port}:8080/tcp")
     status, doc = api_post(gw, "/api/sandboxes", {"vnc_port": port,

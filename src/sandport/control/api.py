@@ -94,7 +94,13 @@ from sandport.errors import (
     Unauthorized,
     UsageError,
 )
-from sandport.forward.spec import PortMapping, PortSpecError, check_overlaps, parse_port_spec
+from sandport.forward.spec import (
+    PortMapping,
+    PortSpecError,
+    PortTaken,
+    check_overlaps,
+    parse_port_spec,
+)
 
 #: OpenAPI security schemes (the check itself is :class:`ApiGate`'s, before the body).
 ADMIN_BEARER = HTTPBearer(scheme_name="admin token", auto_error=False,
@@ -156,9 +162,12 @@ def _mappings(specs: list[str]) -> list[PortMapping]:
 
 
 def _port_conflict(exc: Exception) -> ApiRefusal:
-    """A port taken by another program or already forwarded: 409; other bad input: 422."""
-    if isinstance(exc, (PortInUseError, PortSpecError)):
+    """A port taken by another program or another sandbox's forward: 409; other bad input
+    (two specs of the request that want one port included): 422."""
+    if isinstance(exc, (PortInUseError, PortTaken)):
         return ApiRefusal(409, "port_conflict", words(exc))
+    if isinstance(exc, PortSpecError):
+        return ApiRefusal(422, "invalid_port_spec", words(exc))
     return ApiRefusal(422, "invalid", words(exc))
 
 

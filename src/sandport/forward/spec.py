@@ -37,7 +37,12 @@ DEFAULT_HOST_IP = "127.0.0.1"
 
 
 class PortSpecError(UsageError):
-    """A -p spec that does not parse; the message shows the syntax."""
+    """A -p spec that does not parse, or two specs of one request that want one host port;
+    the message shows the syntax or names both."""
+
+
+class PortTaken(PortSpecError):
+    """A host port that another sandbox's forward already has (the API's 409)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,8 +158,9 @@ def check_overlaps(mappings: Sequence[PortMapping], existing: dict[PortMapping, 
             ``--vnc-port 15901``); default ``-p`` and the mapping.
 
     Raises:
-        PortSpecError: naming the port and its owner: another sandbox's forward, or the
-            spec or option of the same request that asked for the port first.
+        PortTaken: another sandbox's forward has the port (naming it).
+        PortSpecError: the spec or option of the same request that asked for the port
+            first (naming both).
     """
     wildcard = {"0.0.0.0", "::"}
     taken: dict[tuple[str, int, str], tuple[str, bool]] = {
@@ -171,7 +177,7 @@ def check_overlaps(mappings: Sequence[PortMapping], existing: dict[PortMapping, 
             if same_request:
                 raise PortSpecError(f"host port {where} is asked for twice: by {owner} and "
                                     f"by {label}", hint="give each forward its own host port")
-            raise PortSpecError(f"host port {where} is already forwarded by {owner}",
+            raise PortTaken(f"host port {where} is already forwarded by {owner}",
                                 hint="choose another host port or remove that forward first")
         taken[(m.host_ip, m.host_port, m.protocol)] = (label, True)
 
