@@ -360,6 +360,9 @@ def remove_gateway_leftovers(*, bridge: str, state_dir: Path) -> None:
         subprocess.run(["ip", "netns", "del", f"sp-{sid}"], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", f"sp-{sid}-v"], capture_output=True, check=False)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+    # Its bridge lock and sockets in /run/sandport (a start on the bridge would reuse them).
+    for leftover in Path("/run/sandport").glob(f"bridge-{bridge}.*"):
+        leftover.unlink(missing_ok=True)
     if shutil.which("nft"):
         from sandport.net import antispoof, nft
 
