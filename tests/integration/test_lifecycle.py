@@ -210,7 +210,8 @@ def test_gateway_port_in_use_exits_2_naming_the_port(tmp_path: Path) -> None:
         r = _run_cli("up", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
                      "--bridge", bridge, "--subnet", str(subnet))
     assert r.returncode == 2, r.stderr
-    assert f"127.0.0.1:{port} is already in use" in r.stderr
+    # the words README's "Errors say what to do" table shows (not the `sandport ws` one's)
+    assert f"host gateway port 127.0.0.1:{port} is already in use" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert bridge not in links  # the bridge made before the bind failed is gone again
