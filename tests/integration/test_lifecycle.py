@@ -73,6 +73,29 @@ def test_wildcard_binds_print_addresses_that_connect(up_factory: Any, leftovers:
     assert leftovers(bridge=up.bridge, sandbox_ids=[ready["id"]], state_dir=up.state_dir) == []
 
 
+def test_https_clients_leave_no_asyncio_warning_on_the_terminal(up_factory: Any,
+                                                                 tmp_path: Path) -> None:
+    """README, "Encrypted": `--cert` serves https on the same port. A client that ends
+    its TLS session (curl sends close_notify) printed "WARNING asyncio: returning true
+    from eof_received() has no effect when using ssl" on the gateway's terminal."""
+    pem = tmp_path / "gateway.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(pem), "-out", str(pem), "-subj", "/CN=localhost", "-days", "1"],
+                   check=True, capture_output=True)
+    up = up_factory("--cert", str(pem))
+    up.wait_http()
+    url = json.loads((up.state_dir / "gateway.json").read_text())["url"]
+    assert url.startswith("https://"), url
+    for _ in range(3):
+        curl = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+                               f"{url}/openapi.json"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert curl.stdout == "200", (curl.stdout, curl.stderr)
+    code, stderr = up.stop()
+    assert code == 0, stderr
+    assert "eof_received" not in stderr and "WARNING asyncio" not in stderr, stderr
+
+
 def test_sigterm_also_stops_cleanly(up_factory: Any, leftovers: Any) -> None:
     up = up_factory("--demo")
     ready = up.wait_ready()
