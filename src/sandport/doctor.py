@@ -435,8 +435,9 @@ def _route(walk: Walk, s: Subject) -> bool:
         return False
     evidence = f"sandbox {s.sandbox}: {s.state}" + (f" ({s.reason})" if s.reason else "")
     if s.state == "degraded":  # routed; the walk finds what degrades it
-        walk.add("route", "sandbox", False, evidence, "see the failing hop below",
-                 warn=True)
+        walk.add("route", "sandbox", False, evidence,
+                 "a failing hop below says why; if every hop answers now, the next "
+                 "readiness probe turns it ready again", warn=True)
     else:
         walk.add("route", "sandbox", s.state in ("ready", "starting"), evidence,
                  _state_fix(s))

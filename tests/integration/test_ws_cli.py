@@ -151,6 +151,13 @@ def test_timeout_and_log_file(guest: RemoteHost, tmp_path: Path) -> None:
         (["6080", "localhost:5900", "--", "vncserver"], "wrap mode is not supported"),
         (["-D", "6080", "localhost:5900"], "run it under systemd"),
         (["--auth-plugin", "BasicHTTPAuth", "6080", "localhost:5900"], "auth plugins"),
+        # each refused websockify option says what to do instead, naming itself once
+        (["--record", "x", "6080", "localhost:5900"], "--record: session recording is not "
+         "supported: drop --record"),
+        (["--syslog", "x", "6080", "localhost:5900"], "error: --syslog: not supported: use "
+         "--log-file"),
+        (["--web-auth", "6080", "localhost:5900"], "error: --web-auth: not supported (it "
+         "needs an auth plugin): use token files"),
         (["--token-plugin", "TokenRedis", "--token-source", "x", "6080"], "not supported"),
         (["--token-plugin", "TokenFile", "--token-source", "/nonexistent", "6080"],
          "does not exist"),

@@ -138,8 +138,8 @@ class WsBridge:
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(host, self.config.listen_port,
-                                     what="WebSocket port") from None
+                what = "gateway port" if self.config.router is not None else "WebSocket port"
+                raise PortInUseError(host, self.config.listen_port, what=what) from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise UsageError(f"{host} is not an address of this machine") from None
             raise

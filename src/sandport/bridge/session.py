@@ -338,7 +338,10 @@ class WsSession(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.phase is Phase.HTTP:
             assert self.relay is not None
-            return self.relay.client_eof()
+            keep_open = self.relay.client_eof()
+            # A TLS transport closes after the client's close_notify whatever this
+            # returns, and asyncio warns on True: keeping the write side is plain TCP's.
+            return keep_open and not self.tls
         if self.phase is Phase.HANDSHAKE:
             self.ws.receive_eof()
             self._process()

@@ -34,15 +34,17 @@ DEFAULT_CERT = "self.pem"  # websockify loads ./self.pem when it exists
 #: websockify options sandport ws refuses, with what to do instead.
 UNSUPPORTED = {
     "daemon": "run it under systemd (Type=simple) or your supervisor instead of -D",
-    "record": "session recording is not supported",
+    "record": "session recording is not supported: drop --record (each session is logged: "
+              "client, target, bytes each way, close reason)",
     "inetd": "inetd mode is not supported: let sandport ws listen itself",
     "wrap_mode": "wrap mode is not supported: start the program yourself and give its "
                  "TARGET_ADDR:TARGET_PORT",
-    "libserver": "--libserver is not needed: sandport ws has one engine",
+    "libserver": "not needed: sandport ws has one engine; drop it",
     "auth_plugin": "auth plugins are not supported: use token files (--token-plugin "
                    "TokenFile) and --origin",
-    "web_auth": "--web-auth is not supported (it needs an auth plugin)",
-    "syslog": "--syslog is not supported: use --log-file or your supervisor's log",
+    "web_auth": "not supported (it needs an auth plugin): use token files (--token-plugin "
+                "TokenFile) and --origin",
+    "syslog": "not supported: use --log-file or your supervisor's log",
 }
 
 
