@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,6 +69,9 @@ def test_wildcard_binds_print_addresses_that_connect(up_factory: Any, leftovers:
         assert r.ok, (vnc_host, r.detail)
     code, stderr = up.stop()
     assert code == 0, stderr
+    # The first line says it listens on every address, and where this host reaches it.
+    assert re.search(r"gateway on 0\.0\.0\.0 port \d+ \(http://127\.0\.0\.1:\d+ from here\)",
+                     stderr), stderr
     assert leftovers(bridge=up.bridge, sandbox_ids=[ready["id"]], state_dir=up.state_dir) == []
 
 

@@ -172,8 +172,10 @@ def attach(
     profile: Annotated[str, typer.Option(
         help="desktop (VNC on 5901), http (80 or --port) or tcp (--port): what readiness "
              "speaks to it.", metavar="PROFILE")] = "desktop",
-    port: Annotated[int, typer.Option(help="Primary port of an http or tcp target.",
-                                      min=0, max=65535, metavar="PORT")] = 0,
+    port: Annotated[int, typer.Option(
+        help="Primary port of the target: needed for tcp; http: 80 unless given; a desktop "
+             "is always VNC on 5901.", min=0, max=65535, metavar="PORT",
+        show_default=False)] = 0,
     vnc_password_file: Annotated[Path | None, typer.Option(
         help="File holding the desktop's VNC password (plain text, first line).",
         metavar="FILE")] = None,

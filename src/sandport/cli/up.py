@@ -159,7 +159,10 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
                 log.debug("%s", line)
 
             await gateway.start(progress)
-            err.print(f"sandport {__version__} gateway on [bold]{gateway.base_url}[/]\n"
+            where = gateway.base_url
+            if config.listen_host in ("0.0.0.0", "::"):  # every address: say so
+                where = f"{config.listen_host} port {gateway.http_port} ({where} from here)"
+            err.print(f"sandport {__version__} gateway on [bold]{escape(where)}[/]\n"
                       + escape(f"  Network:  bridge {config.net.bridge}, subnet "
                                f"{config.net.subnet}\n"
                                f"  Log:      {config.state_dir / LOG_FILE} (--log-level "
