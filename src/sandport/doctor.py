@@ -896,8 +896,10 @@ def _not_listening(port: PortFacts, s: Subject, server: str) -> str:
         return (f"nothing listens on {number} inside the VM: its image serves only its "
                 "profile's ports; sandport starts no service of yours there")
     return (f"nothing listens on {number} inside the sandbox: start your service there, "
-            f"listening on 0.0.0.0:{number} (e.g. `ip netns exec sp-{s.sandbox} ...`); "
-            "sandport starts only a desktop's own services and its agent, never yours")
+            f"listening on 0.0.0.0:{number}; sandport starts only a desktop's own services "
+            f"and its agent, never yours (`ip netns exec sp-{s.sandbox} PROGRAM` runs one "
+            "in the sandbox's network, but as host root outside its container: only for "
+            "a program you trust)")
 
 
 def _loopback_only(s: Subject, number: int) -> str:

@@ -66,7 +66,8 @@ def subject(backend: str, **kw: object) -> Subject:
      ["sandport restarts"]),
     # The user's own port of a sandbox (-p 18080:8080).
     (PortFacts(name="8080/tcp", guest_port=8080, protocol="tcp"), subject("netns"),
-     ["start your service there", "0.0.0.0:8080", "never yours"], ["sandport restarts"]),
+     ["start your service there", "0.0.0.0:8080", "never yours",
+      "as host root outside its container"], ["sandport restarts"]),
     (PortFacts(name="8080/tcp", guest_port=8080, protocol="tcp"), subject("qemu"),
      ["its image serves only its profile's ports"], ["sandport restarts"]),
     # ... that listens on the guest's loopback only (the agent saw it).
