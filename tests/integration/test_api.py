@@ -232,4 +232,10 @@ def test_access_tokens_expire_and_are_revoked_for_new_and_live_sessions(gw: Gate
         assert api.delete(f"{base}/{long['id']}").status_code == 404
         assert api.post(base, json={"ttl_seconds": 0}).status_code == 422
         assert api.post("/api/sandboxes/nope/tokens", json={"ttl_seconds": 5}).status_code == 404
+        # A port as `forward list` names it (5901/tcp) is its number; UDP opens nothing.
+        scoped = api.post(base, json={"ttl_seconds": 60, "ports": ["5901/tcp"]})
+        assert scoped.status_code == 201 and scoped.json()["ports"] == ["5901"], scoped.text
+        assert httpx.get(scoped.json()["desktop_url"], timeout=10).status_code == 302
+        udp = api.post(base, json={"ttl_seconds": 60, "ports": ["5901/udp"]})
+        assert udp.status_code == 422 and "a token opens TCP ports only" in udp.text, udp.text
         assert api.delete(f"/api/sandboxes/{sb['id']}").status_code == 204

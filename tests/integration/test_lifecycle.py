@@ -214,6 +214,7 @@ def test_gateway_port_in_use_exits_2_naming_the_port(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert f"127.0.0.1:{port} is already in use" in r.stderr
     assert "Traceback" not in r.stderr
+    assert "stopping" not in r.stderr  # nothing started, so nothing is said to stop
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert bridge not in links  # the bridge made before the bind failed is gone again
 

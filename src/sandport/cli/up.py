@@ -159,6 +159,7 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
                 log.debug("%s", line)
 
             await gateway.start(progress)
+            started.set()
             where = gateway.base_url
             if config.listen_host in ("0.0.0.0", "::"):  # every address: say so
                 where = f"{config.listen_host} port {gateway.http_port} ({where} from here)"
@@ -177,6 +178,7 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
                   "removed.")
         await asyncio.Event().wait()
 
+    started = asyncio.Event()  # "stopping" is said only of a gateway that started
     task = asyncio.create_task(main(), name="gateway main")
     stopper = asyncio.create_task(stop.wait(), name="signal wait")
     try:
@@ -185,7 +187,8 @@ async def _serve(config: GatewayConfig, *, demo: bool, vnc_port: int,
         for t in (task, stopper):
             t.cancel()
         results = await asyncio.gather(task, stopper, return_exceptions=True)
-        err.print("stopping: removing sandboxes, links and processes ...")
+        if started.is_set():
+            err.print("stopping: removing sandboxes, links and processes ...")
         await gateway.stop()
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)

@@ -10,6 +10,7 @@ routes do the calls.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -36,7 +37,18 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "a conflict: a port taken, a session ended"}}
 
 
-PortKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+def _port_key(value: str) -> str:
+    """A port's name or number; ``8080/tcp`` (as ``forward list`` names a published port)
+    is taken as ``8080``: what a token opens (the WebSocket bridge, the desktop) is TCP."""
+    key, _, proto = value.partition("/")
+    if proto not in ("", "tcp") or re.fullmatch(r"[A-Za-z0-9_-]{1,32}", key) is None:
+        raise ValueError(f"{value[:40]!r} is not a port: give its name (vnc), its number "
+                         "(8080) or its number with /tcp (8080/tcp); a token opens TCP ports "
+                         "only")
+    return key
+
+
+PortKey = Annotated[str, AfterValidator(_port_key)]
 SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
