@@ -10,6 +10,7 @@ works there: sandport restarts only what it started; an attached target is its o
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -172,3 +173,29 @@ def test_ws_says_what_it_serves_and_names_wrap_mode(tmp_path: Path) -> None:
         assert r.returncode == 2, (argv, r.stderr)
         assert "wrap mode" in r.stderr and "is not supported" in r.stderr, r.stderr
         assert "not HOST:PORT" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_moving_a_target_to_where_nothing_answers_is_refused_and_changes_nothing(
+        gateway_factory: Any, loop_thread: Any, hand_made: HandMade) -> None:
+    """`retarget --ip` to an address where nothing answers is refused as an attach is
+    (within seconds, naming the hop), before anything moves: the target stays where it
+    was, ready, its forward serving, and still watched."""
+    gw: Gateway = gateway_factory(attach_subnets=(hand_made.network,), ready_timeout=40,
+                                  **QUIET)
+    info = loop_thread.run(gw.attach(ip=hand_made.ip, vnc_password=hand_made.password))
+    try:
+        dead = str(hand_made.network.network_address + 9)
+        t0 = time.monotonic()
+        status, doc = api_post(gw, f"/api/sandboxes/{info.id}/target", {"ip": dead})
+        took = time.monotonic() - t0
+        assert status == 503, doc
+        assert took < 25, (took, doc)  # the answer window (15 s), not the ready timeout
+        assert f"nothing answers on {dead}:5901 from this host" in doc["message"], doc
+        assert f"the target stays at {hand_made.ip}" in doc["message"], doc
+        after = gw.sandboxes.info(info.id)
+        assert (after.ip, after.state) == (hand_made.ip, "ready"), after
+        with socket.create_connection((after.vnc_host, after.vnc_port), timeout=5) as s:
+            assert s.recv(12) == b"RFB 003.008\n"
+        assert gw.readiness.watching(info.id), "the monitor no longer watches it"
+    finally:
+        loop_thread.run(gw.destroy_sandbox(info.id))

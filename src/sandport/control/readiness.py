@@ -175,6 +175,11 @@ class ReadinessMonitor:
         self._monitors[sb.id] = asyncio.create_task(
             self._monitor(sb, first_delay), name=f"sandbox {sb.id} readiness")
 
+    def watching(self, sandbox_id: str) -> bool:
+        """Whether the monitor of ``sandbox_id`` runs."""
+        monitor = self._monitors.get(sandbox_id)
+        return monitor is not None and not monitor.done()
+
     async def unwatch(self, sandbox_id: str) -> None:
         """Stop the monitor of a sandbox (if it has one) and wait until it has ended."""
         monitor = self._monitors.pop(sandbox_id, None)

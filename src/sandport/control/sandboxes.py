@@ -66,6 +66,7 @@ from sandport.sandbox.external import (
     GONE_BY_OWNER,
     MAX_NAME,
     MAX_REASON,
+    ExternalBackend,
     check_target,
     printable,
     resolve_ip,
@@ -433,6 +434,8 @@ class Sandboxes:
             SandboxNotFound: no such attached target.
             Forbidden, UsageError, Conflict: as for :meth:`attach` (the new address, the
                 reason's text).
+            SandboxFailed: nothing answers at the new address (as for :meth:`attach`,
+                within seconds); the target stays where it was, still watched.
         """
         sb = self._roster.get(sandbox_id)
         if sb is None or sb.backend.name != "external":
@@ -443,6 +446,22 @@ class Sandboxes:
         if sb.live.state not in (SandboxState.READY, SandboxState.DEGRADED) and not gone:
             raise Conflict(f"attached target {sandbox_id} is {sb.live.state.value}: attach "
                            "it again (detach, attach) rather than moving it")
+        if ip is not None:  # checked before anything changes: a refusal loses nothing
+            target = resolve_ip(ip)
+            check_target(target, allowed=self._config.attach_subnets,
+                         pool=self._config.net.subnet, netns=sb.spec.netns)
+            self._check_free(target, sb.spec.netns, moving=sb)
+            link = "" if sb.spec.netns else \
+                await asyncio.to_thread(route_to, target, sb.spec.interface)
+            backend = sb.backend
+            assert isinstance(backend, ExternalBackend)
+            try:
+                await backend.check_answers(dataclasses.replace(
+                    sb.spec, address=ipaddress.IPv4Interface(f"{target}/32"), gateway=target),
+                    link)
+            except SandboxFailed as exc:
+                raise SandboxFailed(f"{exc}; the target stays at {sb.live.ip}",
+                                    hint=exc.hint) from None
         await self._readiness.unwatch(sandbox_id)
         if gone:
             why = f"{GONE_BY_OWNER}{': ' + reason if reason else ''}"
@@ -452,13 +471,6 @@ class Sandboxes:
             if sb.live.state is not SandboxState.FAILED:
                 self._roster.set_state(sb, SandboxState.FAILED, why)
             return self.info(sandbox_id)
-        assert ip is not None
-        target = resolve_ip(ip)
-        check_target(target, allowed=self._config.attach_subnets,
-                     pool=self._config.net.subnet, netns=sb.spec.netns)
-        self._check_free(target, sb.spec.netns, moving=sb)
-        if not sb.spec.netns:
-            await asyncio.to_thread(route_to, target, sb.spec.interface)
         old = sb.live.ip
         moved = f"the target moved from {old} to {target}" + (f": {reason}" if reason else "")
         self._port.close_sessions(sandbox_id, 1012, moved)  # browsers reconnect, same URL
