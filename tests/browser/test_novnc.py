@@ -363,7 +363,8 @@ def test_an_attached_desktop_in_chromium_and_after_it_moved(
 
 
 def test_the_desktop_link_opens_with_origin_and_public_url(
-        browser: Any, gateway_factory: Any, loop_thread: Any, remote: RemoteHost) -> None:
+        browser: Any, gateway_factory: Any, loop_thread: Any, remote: RemoteHost,
+        tmp_path: Path) -> None:
     """A gateway listening on every address with --origin (other sites' pages) and
     --public-url (the address the remote browser uses): the printed link opens the
     desktop in Chromium; the gateway's own noVNC page is same-origin (issue 17)."""
@@ -377,6 +378,7 @@ def test_the_desktop_link_opens_with_origin_and_public_url(
     assert info.desktop_url.startswith(f"{public}/s/{info.id}/?token=")
     try:
         state = open_desktop(browser, info.desktop_url, info.colour)
+        browser.save_screenshot(str(tmp_path / "desktop-public-url.png"))
         assert state["status"] == f"Connected (unencrypted) to sandport {info.id}", state
     finally:
         browser.get("about:blank")
