@@ -31,6 +31,7 @@ from sandport.errors import Conflict, Forbidden, UsageError
 from sandport.forward.spec import parse_port_spec
 from sandport.probe import probe_rfb_ws
 from sandport.proto.rfb import obfuscate_password
+from uphelpers import up_factory  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -425,3 +426,41 @@ def udp_echo(port: int, message: bytes) -> bytes:
             except OSError:
                 continue
     return b""
+
+
+def test_a_foreign_links_settings_come_back_after_a_kill_9(
+        up_factory: Any, hand_made: HandMade) -> None:
+    """Issue 18, finding 4: what kernel forwards changed on an attached target's link
+    (``route_localnet``, ``forwarding``) is recorded before the change, so after a
+    ``kill -9`` the next gateway on the state dir keeps it while the adopted forward
+    needs it and gives it back when it goes (it used to be known only to the killed
+    process: the link kept ``route_localnet=1`` for good)."""
+    from sandport.client import Client
+
+    conf = Path(f"/proc/sys/net/ipv4/conf/{hand_made.host_link}")
+
+    def settings() -> tuple[str, str]:
+        return ((conf / "route_localnet").read_text().strip(),
+                (conf / "forwarding").read_text().strip())
+
+    (conf / "forwarding").write_text("0")  # this test's own link: a known start
+    assert settings() == ("0", "0")
+    first = up_factory("--attach-subnet", str(hand_made.network))
+    first.wait_http()
+    sb = Client.from_state_dir(first.state_dir).attach(
+        hand_made.ip, vnc_password=hand_made.password, forward_mode="kernel")
+    assert settings()[0] == "1"  # 127.0.0.1 clients of the kernel forward need it
+    changed = settings()
+    first.proc.kill()  # SIGKILL: no clean-up at all
+    first.proc.communicate(timeout=10)
+    assert settings() == changed  # the DNAT rules stay, and so does what they need
+
+    second = up_factory("--attach-subnet", str(hand_made.network), state_dir=first.state_dir,
+                        bridge=first.bridge, subnet=first.subnet)
+    second.wait_http()
+    adopted = Client.from_state_dir(second.state_dir).sandbox(sb.id)
+    assert adopted.doc["state"] == "ready", adopted.doc
+    assert settings() == changed  # the adopted forward still needs them
+    code, stderr = second.stop()
+    assert code == 0, stderr
+    assert settings() == ("0", "0"), "the settings before the first gateway came back"
