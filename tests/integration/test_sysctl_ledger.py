@@ -162,6 +162,44 @@ def test_wildcard_kernel_forward_sets_only_entry_links_and_gives_them_back(
     assert h.ledger() == []
 
 
+def test_a_wildcard_kernel_forward_follows_interfaces_that_come_and_go(ns_host: NsHost) -> None:
+    """Issue 18, finding 3: a link that gets an address after a 0.0.0.0 kernel forward was
+    made is where remote clients arrive too: its forwarding goes on (recorded), and back
+    off when its address goes (it used to stay off: its clients timed out)."""
+    h = ns_host
+    bridge, subnet = test_net_names()
+    up = h.up("--demo", "--forward-host", "0.0.0.0", "--forward-mode", "kernel",
+              state_dir=h.tmp / "state", bridge=bridge, subnet=str(subnet))
+    up.wait_ready()
+    late = f"{h.plain[:-1]}l"
+    if h.ip("link", "add", late, "type", "dummy").returncode != 0:
+        assert h.ip("link", "add", late, "type", "ifb").returncode == 0
+    subprocess.run(["ip", "netns", "exec", h.netns, "sysctl", "-qw",
+                    f"net.ipv4.conf.{late}.forwarding=0"], check=True)
+    assert h.ip("addr", "add", "10.201.49.1/28", "dev", late).returncode == 0
+    assert h.ip("link", "set", late, "up").returncode == 0
+
+    def within(seconds: float, what: str, value: str) -> None:
+        deadline = time.monotonic() + seconds
+        while h.setting(late) != value:
+            log = (h.tmp / "state" / "gateway.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, \
+                f"{what}: forwarding of {late} is {h.setting(late)!r}; gateway log:\n{log}"
+            time.sleep(0.1)
+
+    within(5, "a link with an address came", "1")
+    [change] = [c for c in h.ledger() if c["path"] == sysctl.conf(late, "forwarding")]
+    assert change["before"] == "0"
+    assert h.setting(h.other) == "0"  # another program's bridge is still left alone
+    assert h.ip("addr", "flush", "dev", late).returncode == 0
+    within(5, "its address went", "0")
+    assert not [c for c in h.ledger() if c["path"] == sysctl.conf(late, "forwarding")]
+    h.ip("link", "del", late)
+    code, stderr = up.stop(signal.SIGINT)
+    assert code == 0, stderr
+    assert h.ledger() == []
+
+
 def test_after_kill_9_the_next_start_keeps_what_adopted_forwards_need_and_gives_back_the_rest(
         ns_host: NsHost) -> None:
     h = ns_host

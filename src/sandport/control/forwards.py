@@ -44,6 +44,7 @@ from sandport.forward.spec import PortMapping, check_overlaps
 from sandport.forward.tcp import TcpForward, TcpForwardSpec
 from sandport.forward.udp import UdpForward, UdpForwardSpec
 from sandport.net import netlink, nft
+from sandport.net.addrwatch import AddressWatch
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,12 @@ class ForwardTable:
         #: While True, host settings no forward needs are kept, not given back: a start
         #: adopting forwards one sandbox at a time sets it; :meth:`reconcile` ends it.
         self.keep_host_settings = False
+        #: While a kernel forward binds 0.0.0.0: interfaces that come or go change where
+        #: remote clients arrive, so the ruleset and settings are made again.
+        self._watch = AddressWatch(self._interfaces_changed)
+        self._ingress: list[str] = []  # where forwarding is on for remote clients
+        self._refresh: asyncio.Task[None] | None = None
+        self._changed_again = False
 
     def __iter__(self) -> Any:
         return iter(list(self._forwards.values()))
@@ -351,6 +358,10 @@ class ForwardTable:
     async def close(self, *, keep_guard: bool = False) -> None:
         """Stop every forward and delete this gateway's nft chains (``keep_guard``: all
         but the host isolation, for sandboxes that stay running)."""
+        self._watch.close()
+        if self._refresh is not None:
+            self._refresh.cancel()
+            await asyncio.gather(self._refresh, return_exceptions=True)
         async with self._lock:
             gone, self._forwards = list(self._forwards.values()), {}
             for fwd in gone:
@@ -369,18 +380,56 @@ class ForwardTable:
 
     async def _apply_kernel(self) -> None:
         rules = [f.rule() for f in self._forwards.values() if f.mode == "kernel"]
+        wildcard = any(r.host_ip in nft.WILDCARD for r in rules)
 
-        def apply() -> None:
+        def apply() -> list[str]:
             # Host settings (route_localnet, forwarding) are made, recorded and given back
             # by nft.apply through the host's ledger (sandport.net.sysctl).
-            wildcard = any(r.host_ip in nft.WILDCARD for r in rules)
             ingress = nft.ingress_interfaces(rules, netlink.ipv4_interfaces(),
                                              nft.other_links() if wildcard else ()) \
                 if rules else []
             nft.apply(self.bridge, rules, ingress=ingress, guard=self.guard,
                       give_back=not self.keep_host_settings)
+            return ingress
 
-        await asyncio.to_thread(apply)
+        self._ingress = await asyncio.to_thread(apply)
+        if wildcard and not self._watch.running:
+            try:
+                self._watch.start()
+            except OSError as exc:  # the forwards work; later interfaces are not followed
+                log.warning("cannot watch interfaces for kernel forwards on 0.0.0.0: %s",
+                            exc)
+        elif not wildcard:
+            self._watch.close()
+
+    def _interfaces_changed(self) -> None:
+        self._changed_again = True  # a change during a refresh is looked at after it
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(
+                self._follow_interfaces(), name="kernel forwards: interfaces changed")
+
+    async def _follow_interfaces(self) -> None:
+        """Make the kernel forwards' ruleset and settings again if the interfaces remote
+        clients arrive on changed (one came, one went, an address moved)."""
+        while self._changed_again:
+            self._changed_again = False
+            async with self._lock:
+                rules = [f.rule() for f in self._forwards.values() if f.mode == "kernel"]
+                try:
+                    now = await asyncio.to_thread(_ingress_now, rules)
+                    if now == self._ingress:
+                        continue
+                    log.info("kernel forwards on 0.0.0.0: remote clients now arrive on %s "
+                             "(was %s)", ", ".join(now) or "none",
+                             ", ".join(self._ingress) or "none")
+                    await self._apply_kernel()
+                except Exception:  # the next change tries again; the forwards keep working
+                    log.exception("kernel forwards: following the interfaces failed")
+
+
+def _ingress_now(rules: list[nft.DnatRule]) -> list[str]:
+    """Where remote clients of ``rules`` arrive now (a wildcard forward: every entry link)."""
+    return nft.ingress_interfaces(rules, netlink.ipv4_interfaces(), nft.other_links())
 
 
 async def _start_relay(relay: TcpForward | UdpForward, mapping: PortMapping) -> int:
