@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from sandport.errors import UsageError
-from sandport.net import inspect
+from sandport.net import inspect, netlink, nft
 from sandport.probe import (
     ProbeResult,
     probe_agent_health,
@@ -654,6 +654,14 @@ async def _nft_rules(walk: Walk, s: Subject) -> None:
                          "127.0.0.1 are not routed to the guest",
                          f"`sysctl -w net.ipv4.conf.{out_link}.route_localnet=1` (sandport "
                          "sets it; someone reset it)", port=port.name)
+            elif off := ([] if loopback else await asyncio.to_thread(_forwarding_off, host)):
+                walk.add("host network", check, False,
+                         f"forward {fid}: forwarding is off on {', '.join(off)}, where remote "
+                         "clients come in: their connections are rewritten to the guest, "
+                         "then dropped",
+                         " and ".join(f"`sysctl -w net.ipv4.conf.{i}.forwarding=1`" for i in off)
+                         + " (sandport turns it on while a kernel forward needs it and gives "
+                         "it back after; someone reset it)", port=port.name)
             else:
                 chains = "output" if loopback else "prerouting and output"
                 walk.add("host network", check, True,
@@ -681,6 +689,20 @@ def _recreate(s: Subject) -> str:
     if s.external:
         return (f"detach the target (`sandport detach {s.sandbox}`) and attach it again")
     return f"delete the sandbox (`sandport sandbox rm {s.sandbox}`) and create another"
+
+
+def _forwarding_off(host: str) -> list[str]:
+    """The links where remote clients of a kernel forward on ``host`` arrive whose
+    ``forwarding`` is off. Blocks (netlink)."""
+    return [i for i in nft.entry_links(host, netlink.ipv4_interfaces())
+            if _conf(i, "forwarding") != "1"]
+
+
+def _conf(ifname: str, key: str) -> str:
+    try:
+        return Path(f"/proc/sys/net/ipv4/conf/{ifname}/{key}").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _route_localnet(bridge: str) -> bool:

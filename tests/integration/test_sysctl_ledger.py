@@ -165,7 +165,8 @@ def test_wildcard_kernel_forward_sets_only_entry_links_and_gives_them_back(
 def test_a_wildcard_kernel_forward_follows_interfaces_that_come_and_go(ns_host: NsHost) -> None:
     """Issue 18, finding 3: a link that gets an address after a 0.0.0.0 kernel forward was
     made is where remote clients arrive too: its forwarding goes on (recorded), and back
-    off when its address goes (it used to stay off: its clients timed out)."""
+    off when its address goes (it used to stay off: its clients timed out). The doctor
+    names an entry link whose forwarding someone turned off."""
     h = ns_host
     bridge, subnet = test_net_names()
     up = h.up("--demo", "--forward-host", "0.0.0.0", "--forward-mode", "kernel",
@@ -191,6 +192,23 @@ def test_a_wildcard_kernel_forward_follows_interfaces_that_come_and_go(ns_host: 
     [change] = [c for c in h.ledger() if c["path"] == sysctl.conf(late, "forwarding")]
     assert change["before"] == "0"
     assert h.setting(h.other) == "0"  # another program's bridge is still left alone
+
+    # Someone turns it off on an entry link: the doctor names that link and the fix.
+    subprocess.run(["ip", "netns", "exec", h.netns, "sysctl", "-qw",
+                    f"net.ipv4.conf.{h.plain}.forwarding=0"], check=True)
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{h.netns}", *SANDPORT, "doctor",
+                        "--json", "--state-dir", str(up.state_dir)], capture_output=True,
+                       text=True, timeout=90, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    [report] = json.loads(r.stdout)["reports"]
+    failed = report["failed"]
+    assert failed["hop"] == "host network", failed
+    assert f"forwarding is off on {h.plain}, where remote clients come in" in \
+        failed["evidence"], failed
+    assert f"sysctl -w net.ipv4.conf.{h.plain}.forwarding=1" in failed["fix"], failed
+    subprocess.run(["ip", "netns", "exec", h.netns, "sysctl", "-qw",
+                    f"net.ipv4.conf.{h.plain}.forwarding=1"], check=True)
+
     assert h.ip("addr", "flush", "dev", late).returncode == 0
     within(5, "its address went", "0")
     assert not [c for c in h.ledger() if c["path"] == sysctl.conf(late, "forwarding")]

@@ -382,6 +382,15 @@ def ingress_interfaces(rules: list[DnatRule], interfaces: dict[str, list[str]],
     return sorted(names)
 
 
+def entry_links(host_ip: str, interfaces: dict[str, list[str]]) -> list[str]:
+    """Where remote clients of a kernel forward bound to ``host_ip`` arrive (as
+    :func:`ingress_interfaces` for that one address). Blocks (netlink, for a wildcard)."""
+    rule = DnatRule(protocol="tcp", host_ip=host_ip, host_port=1, guest_ip="0.0.0.0",
+                    guest_port=1)
+    others = other_links() if host_ip in WILDCARD else {}
+    return ingress_interfaces([rule], interfaces, others)
+
+
 TUN_TYPE_TAP = 2  # IFLA_TUN_TYPE of a TAP (1: a TUN, an L3 tunnel such as a VPN's)
 
 
