@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sandport.bridge.throttle import ThrottleConfig
 from sandport.bridge.tls import TlsConfig
 from sandport.errors import UsageError
 
@@ -132,6 +133,8 @@ class GatewayConfig:
         origins: ``Origin`` values allowed to open bridge WebSockets; empty allows any.
         trusted_proxies: networks whose X-Forwarded-For / PROXY header names the client.
         ws_max_sessions, ws_max_per_client: bridge session limits (None: none).
+        vnc_logins: failed VNC logins per client address before its new desktop
+            sessions wait (:mod:`sandport.bridge.throttle`); None: not counted.
         secret_key_file: the key that seals secrets at rest (64 hex digits); None keeps
             it in ``<state dir>/secret.key``, created at the first start (mode 0600).
         agent_port: where guest agents reach the gateway: this port on the bridge
@@ -167,6 +170,7 @@ class GatewayConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ws_max_sessions: int | None = None
     ws_max_per_client: int | None = None
+    vnc_logins: ThrottleConfig | None = field(default_factory=ThrottleConfig)
     secret_key_file: Path | None = None
     agent_port: int = DEFAULT_AGENT_PORT
     agent_limits: AgentLimits = field(default_factory=AgentLimits)

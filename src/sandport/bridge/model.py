@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from websockets.http11 import Request
 
 from sandport.bridge.targets import Target, TokenPlugin
+from sandport.bridge.throttle import ThrottleConfig
 from sandport.bridge.tls import TlsConfig
 from sandport.errors import UsageError
 
@@ -47,6 +48,8 @@ class BridgeLimits:
         idle_timeout: close a session after this many seconds without data either way.
         heartbeat: send a ping every this many seconds; no pong by the next one closes
             the session with 1011.
+        logins: failed VNC logins per client address before it waits (429 with
+            ``Retry-After``; :mod:`sandport.bridge.throttle`); None: not counted.
     """
 
     max_connections: int | None = None
@@ -56,6 +59,7 @@ class BridgeLimits:
     handshake_timeout: float = 10.0
     idle_timeout: float | None = None
     heartbeat: float | None = None
+    logins: ThrottleConfig | None = field(default_factory=ThrottleConfig)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +171,7 @@ class BridgeStats:
     web_requests: int = 0
     refused: Counter[int] = field(default_factory=Counter)  # by HTTP status
     closed: Counter[str] = field(default_factory=Counter)  # by reason
+    login_blocks: int = 0  # upgrades refused: their address failed VNC logins too often
 
 
 class UpgradeRefusal(Exception):

@@ -35,6 +35,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import math
 import socket
 import ssl
 import time
@@ -54,6 +55,7 @@ from sandport.bridge.model import (
 )
 from sandport.bridge.session import CLOSE_TIMEOUT, TargetSide, WsSession
 from sandport.bridge.targets import Target, token_from
+from sandport.bridge.throttle import LoginThrottle
 from sandport.bridge.tls import TlsContexts
 from sandport.bridge.web import json_response, static_response
 from sandport.errors import PortInUseError, UsageError
@@ -99,6 +101,9 @@ class WsBridge:
         self._seq = itertools.count(1)
         self._sessions: set[WsSession] = set()
         self._per_client: Counter[str] = Counter()
+        #: Failed VNC logins by client address (None: not counted).
+        self.logins = LoginThrottle(config.limits.logins) \
+            if config.limits.logins is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
         #: Client addresses from PROXY headers of sockets still waiting for their first byte.
@@ -349,6 +354,17 @@ class WsBridge:
                           f"the bridge has its limit of {lim.max_connections} sessions open",
                           [("Retry-After", "5")])
         ip = session.client[0]
+        wait = self.logins.retry_after(session.login_key, time.monotonic()) \
+            if self.logins else 0.0
+        if wait > 0:
+            self.stats.login_blocks += 1
+            after = str(math.ceil(wait))
+            where = f" to sandbox {session.route.labels[0]}" \
+                if session.route is not None and session.route.labels[0] else ""
+            raise UpgradeRefusal(429, "too_many_failed_logins",
+                                 f"{ip} failed VNC authentication{where} too often: its new "
+                                 f"sessions there are refused for {after} s more",
+                                 [("Retry-After", after)])
         if lim.max_per_client is not None and self._per_client[ip] >= lim.max_per_client:
             raise UpgradeRefusal(429, "too_many_sessions_from_client",
                           f"{ip} has its limit of {lim.max_per_client} sessions open",

@@ -490,6 +490,22 @@ class WsSession(asyncio.Protocol):
             log.info("%s: the RFB server refused the handshake (wrong password?)", self.cid)
             if rs is not None:
                 rs.rfb_failed += 1
+        logins = self.bridge.logins
+        if logins is not None and state is Watch.SERVER_INIT:
+            logins.succeeded(self.login_key)
+        elif logins is not None and state is Watch.FAILED:
+            block = logins.failed(self.login_key, time.monotonic())
+            if block:
+                log.warning("%s: %s failed VNC authentication %d times within %g s: its new "
+                            "sessions there are refused for %g s", self.cid, self.client[0],
+                            logins.config.failures, logins.config.window, block)
+
+    @property
+    def login_key(self) -> str:
+        """What failed VNC logins are counted by: the client's address and the sandbox
+        (one guesser does not lock a client out of other sandboxes' desktops)."""
+        sandbox = self.route.labels[0] if self.route is not None else ""
+        return f"{self.client[0]} {sandbox}"
 
     def _flush(self) -> None:
         if self.transport is None:

@@ -308,7 +308,8 @@ class Gateway:
                 limits=BridgeLimits(connect_timeout=CONNECT_TIMEOUT,
                                     heartbeat=HEARTBEAT_SECONDS,
                                     max_connections=cfg.ws_max_sessions,
-                                    max_per_client=cfg.ws_max_per_client)))
+                                    max_per_client=cfg.ws_max_per_client,
+                                    logins=cfg.vnc_logins)))
             await self._front.start()
             self._write_gateway_file()
         except BaseException:

@@ -55,6 +55,9 @@ _FAMILIES = (
      "VNC targets: handshakes the server refused (a wrong password, mostly)."),
     ("sandport_ws_refusals_total", "counter",
      "WebSocket upgrades refused before the upgrade, by HTTP status."),
+    ("sandport_ws_login_blocks_total", "counter",
+     "WebSocket upgrades refused (429) because their client address failed VNC "
+     "authentication too often."),
 )
 
 
@@ -145,6 +148,8 @@ def _bridge_samples(samples: dict[str, list[str]], stats: BridgeStats) -> None:
         for reason, count in sorted(rs.closed.items()):
             samples["sandport_ws_closes_total"].append(
                 f"sandport_ws_closes_total{_labels([*base, ('reason', reason)])} {count}")
+    samples["sandport_ws_login_blocks_total"].append(
+        f"sandport_ws_login_blocks_total {stats.login_blocks}")
     for status, count in sorted(stats.refused.items()):
         samples["sandport_ws_refusals_total"].append(
             f"sandport_ws_refusals_total{_labels([('status', str(status))])} {count}")
