@@ -48,6 +48,7 @@ from sandport.probe import (
     probe_http,
     probe_rfb_tcp,
     probe_rfb_ws,
+    probe_tcp,
     run_rfb_handshake,
 )
 from sandport.proto.rfb import Stage
@@ -767,19 +768,16 @@ async def _services(walk: Walk, s: Subject) -> None:
             walk.add(hop, f"{port.name} udp {port.guest_port}", None,
                      "UDP has no handshake to probe", port=port.name)
             continue
-        if s.netns:
-            walk.add(hop, f"{port.name} at {_addr(s.ip, port.guest_port)}", None,
-                     f"inside {s.netns}: probed through the forward (end to end)",
-                     port=port.name)
-            continue
         where = port.path or _addr(s.ip, port.guest_port)
+        if s.netns:  # asked from inside the target's namespace, where the address is
+            where += f" in {s.netns}"
         check = f"{port.name} at {where}"
         if walk.skipped(hop, check, port.name):
             continue
         if port.path:
             result = await _rfb_unix(port.path)
         else:
-            result = await _probe_port(port, s.ip, port.guest_port, s)
+            result = await _probe_port(port, s.ip, port.guest_port, s, netns=s.netns)
         if result.ok:
             inside = _inside(s) if port.protocol == "agent" else ""
             walk.add(hop, check, True, result.detail + (f"; {inside}" if inside else ""),
@@ -789,12 +787,17 @@ async def _services(walk: Walk, s: Subject) -> None:
                  _service_fix(port, result, s), port=port.name)
 
 
-async def _probe_port(port: PortFacts, host: str, number: int, s: Subject) -> ProbeResult:
+async def _probe_port(port: PortFacts, host: str, number: int, s: Subject, *,
+                      netns: str = "") -> ProbeResult:
+    """Probe ``host:number`` in ``port``'s protocol (``netns``: from inside that network
+    namespace: an attached container's own address)."""
     if port.protocol == "rfb":
         return await probe_rfb_tcp(host, number, password=s.vnc_password or None,
-                                   timeout=PROBE_TIMEOUT)
+                                   timeout=PROBE_TIMEOUT, netns=netns)
     if port.protocol == "http":
-        return await probe_http(host, number, timeout=PROBE_TIMEOUT)
+        return await probe_http(host, number, timeout=PROBE_TIMEOUT, netns=netns)
+    if netns:
+        return await probe_tcp(host, number, timeout=PROBE_TIMEOUT, netns=netns)
     if port.protocol == "agent":
         return await probe_agent_health(host, number, sandbox_id=s.sandbox,
                                         timeout=PROBE_TIMEOUT)

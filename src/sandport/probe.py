@@ -119,6 +119,19 @@ def _os_error_text(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+async def _open(host: str, port: int, netns: str = "") -> tuple[asyncio.StreamReader,
+                                                                  asyncio.StreamWriter]:
+    """A TCP connection to ``host:port``; ``netns``: made inside that network namespace."""
+    if netns:
+        sock = await connect_in_netns(asyncio.get_running_loop(), netns, host, port)
+        return await asyncio.open_connection(sock=sock)
+    return await asyncio.open_connection(host, port)
+
+
+def _where(host: str, port: int, netns: str) -> str:
+    return f"tcp {host}:{port}" + (f" in {netns}" if netns else "")
+
+
 async def probe_rfb_tcp(
     host: str,
     port: int,
@@ -126,13 +139,15 @@ async def probe_rfb_tcp(
     password: str | None = None,
     stop_at: Stage = Stage.SERVER_INIT,
     timeout: float = 5.0,
+    netns: str = "",
 ) -> ProbeResult:
-    """RFB handshake over a TCP connection to ``host:port``."""
-    hop = f"tcp {host}:{port}"
+    """RFB handshake over a TCP connection to ``host:port`` (``netns``: inside that
+    network namespace)."""
+    hop = _where(host, port, netns)
     t0 = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await _open(host, port, netns)
             try:
 
                 async def send(data: bytes) -> None:
@@ -224,10 +239,11 @@ async def wait_until(
         delay = min(delay * 1.5, 0.5)
 
 
-async def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[str, bytes]:
+async def _http_get(host: str, port: int, path: str, timeout: float,
+                    netns: str = "") -> tuple[str, bytes]:
     """``(status line, body)`` of an HTTP/1.0 GET; raises OSError or TimeoutError."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await _open(host, port, netns)
         try:
             writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
             await writer.drain()
@@ -249,15 +265,11 @@ async def probe_tcp(host: str, port: int, *, timeout: float = 3.0,
     protocol sandport speaks; a forward's own listener accepting is not proof, so the
     connection must stay open: a proxy that cannot reach its target closes it at once).
     ``netns``: connect inside that network namespace (a container's)."""
-    hop = f"tcp {host}:{port}" + (f" in {netns}" if netns else "")
+    hop = _where(host, port, netns)
     t0 = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            if netns:
-                sock = await connect_in_netns(asyncio.get_running_loop(), netns, host, port)
-                reader, writer = await asyncio.open_connection(sock=sock)
-            else:
-                reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await _open(host, port, netns)
             try:
                 try:  # a relay whose target refuses closes (EOF/RST) at once
                     async with asyncio.timeout(min(0.3, timeout / 4)):
@@ -281,12 +293,13 @@ async def probe_tcp(host: str, port: int, *, timeout: float = 3.0,
 
 
 async def probe_http(host: str, port: int, *, path: str = "/",
-                     timeout: float = 3.0) -> ProbeResult:
-    """An HTTP service answers ``GET path`` through this hop (any status below 500)."""
-    hop = f"http {host}:{port}{path}"
+                     timeout: float = 3.0, netns: str = "") -> ProbeResult:
+    """An HTTP service answers ``GET path`` through this hop (any status below 500);
+    ``netns``: asked inside that network namespace."""
+    hop = f"http {host}:{port}{path}" + (f" in {netns}" if netns else "")
     t0 = time.perf_counter()
     try:
-        status, _ = await _http_get(host, port, path, timeout)
+        status, _ = await _http_get(host, port, path, timeout, netns)
     except TimeoutError:
         return ProbeResult(ok=False, hop=hop, stage="connect", elapsed=time.perf_counter() - t0,
                            detail=f"no answer within {timeout:g} s")

@@ -464,3 +464,29 @@ def test_a_foreign_links_settings_come_back_after_a_kill_9(
     code, stderr = second.stop()
     assert code == 0, stderr
     assert settings() == ("0", "0"), "the settings before the first gateway came back"
+
+
+def test_the_doctor_walks_a_netns_targets_service_from_inside_its_namespace(
+        gateway_factory: Any, loop_thread: Any, hand_made: HandMade) -> None:
+    """Issue 18, finding 4: for a `--netns` target the doctor asks the service where it
+    lives, inside the namespace (its address means nothing on the host): a VNC handshake
+    there is the guest-service hop, and a server that stopped fails that hop, not only
+    the end-to-end one after it (the service row used to be skipped)."""
+    gw: Gateway = gateway_factory(attach_subnets=(LOOPBACK,), probe_interval=600.0)
+    info = loop_thread.run(gw.attach(ip="127.0.0.1", netns=hand_made.netns,
+                                     vnc_password=hand_made.password))
+    try:
+        report = loop_thread.run(gw.doctor(info.id))
+        [row] = [r for r in report.rows if r.hop == "guest service"]
+        assert row.status == "ok", row
+        assert row.check == f"vnc at 127.0.0.1:5901 in /run/netns/{hand_made.netns}", row
+        assert "RFB" in row.evidence, row
+        hand_made.xvnc.kill()
+        hand_made.xvnc.wait(10)
+        report = loop_thread.run(gw.doctor(info.id))
+        failed = report.failed
+        assert failed is not None and failed.hop == "guest service", report.rows
+        assert "connection refused" in failed.evidence, failed
+        assert f"inside /run/netns/{hand_made.netns}" in failed.fix, failed
+    finally:
+        loop_thread.run(gw.destroy_sandbox(info.id))
