@@ -289,7 +289,7 @@ class TcpForward(Forward):
         self._failures = _zero_failures()
         #: Out-of-descriptor events since the last log line about them, and its time.
         self._fd_events = 0
-        self._fd_logged_at = -DESCRIPTOR_LOG_INTERVAL
+        self._fd_logged_at = float("-inf")
         self._done_up = 0
         self._done_down = 0
 
