@@ -807,6 +807,7 @@ def test_failure_reasons_refused(run: Callable[..., Any]) -> None:
                     "limit": 0,
                     "idle": 0,
                     "reset": 0,
+                    "descriptors": 0,
                 }
                 assert st.failed_connects == 2
                 assert st.total == 2

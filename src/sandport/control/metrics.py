@@ -27,7 +27,7 @@ _FAMILIES = (
      "Connections (TCP) or flows (UDP) a forward accepted; kernel: DNAT translations."),
     ("sandport_forward_failures_total", "counter",
      "Connections a forward failed or ended, by reason (refused, unreachable, timeout, "
-     "limit, idle, reset)."),
+     "limit, idle, reset, descriptors)."),
     ("sandport_sandboxes", "gauge", "Sandboxes the gateway runs."),
     ("sandport_sandbox_state", "gauge",
      "1 for the state each sandbox is in (creating, starting, ready, degraded, ...)."),

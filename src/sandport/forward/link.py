@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -36,6 +37,13 @@ log = logging.getLogger("sandport.forward.tcp")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 _monotonic = time.monotonic
+
+
+def _close_with_reset(sock: socket.socket) -> None:
+    """Close ``sock`` so its peer sees a RST (``SO_LINGER {on, 0}``), not a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
 
 
 class _Link:
@@ -105,6 +113,12 @@ class _Link:
             self.connect_task = None
 
     def _connect_failed(self, host: str, port: int, text: str, reason: FailureReason) -> None:
+        if reason is FailureReason.DESCRIPTORS:  # counted, and logged once per burst
+            self.fwd.out_of_descriptors(f"no socket to {format_addr(host, port)}: {text}; "
+                                        "reset the client")
+            self.connect_task = None
+            self.finish(reset=True)
+            return
         self.fwd.count_failure(reason)
         log.warning("%s: connect to %s failed (%s): %s; resetting the client",
                     self.cid, format_addr(host, port), reason, text)
@@ -126,17 +140,35 @@ class _Link:
             header = _proxy_header(version, self.client)
             log.debug("%s: PROXY header %r", self.cid, header)
             prefix = bytes(header)
-        splice = self.fwd.spec.splice
         self.up = _Pump(self, self.client, upstream, "up", prefix)
         self.down = _Pump(self, upstream, self.client, "down", b"")
-        self.up.open(splice)
-        self.down.open(splice)
+        self._open_data_path(self.up, self.down)
         self.last_activity = _monotonic()
         log.debug("%s: connected to %s (%s)", self.cid, _peer(upstream),
                   "splice" if self.up.pipe_w >= 0 else "copy")
         self.up.start()
         if not self.finished:
             self.down.start()
+
+    def _open_data_path(self, up: _Pump, down: _Pump) -> None:
+        """A pipe per direction for splice; when one cannot be had (out of descriptors, or
+        the pipe budget), both directions copy: 2 descriptors for the connection, not 6."""
+        if self.fwd.spec.splice:
+            exc = up.open_pipe() or down.open_pipe()
+            if exc is None:
+                return
+            why = f"no pipe: {os.strerror(exc.errno) if exc.errno else exc}"
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.fwd.out_of_descriptors(f"{self.cid} relays on the copy path ({why})",
+                                            refused=False)
+            else:
+                log.info("%s: %s; copying with recv/send instead", self.cid, why)
+            for pump in (up, down):
+                self.fwd.count_fallback()
+                pump.use_copy()
+            return
+        up.use_copy()
+        down.use_copy()
 
     # -- events from the pumps --------------------------------------------------------------
 
@@ -213,9 +245,9 @@ class _Link:
             if sock is None:
                 continue
             if reset:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            sock.close()
+                _close_with_reset(sock)
+            else:
+                sock.close()
         self.fwd.link_finished(self)
         log.debug("%s: %s after %.3f s, up %d B, down %d B", self.cid,
                   "reset" if reset else "closed", _monotonic() - self.started,

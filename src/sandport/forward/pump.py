@@ -94,17 +94,17 @@ class _Pump:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def open(self, splice: bool) -> None:
-        """Take a pipe for splice, or a buffer when splice is off or the pipe is refused."""
-        if splice:
-            try:
-                self.pipe_r, self.pipe_w, self.capacity = open_pipe()
-                return
-            except OSError as exc:
-                self.link.fell_back(f"no pipe for the {self.side} direction: {exc}")
-        self._use_copy()
+    def open_pipe(self) -> OSError | None:
+        """Take a pipe for splice; the error when the kernel refuses one (the caller then
+        puts the connection on the copy path with :meth:`use_copy`)."""
+        try:
+            self.pipe_r, self.pipe_w, self.capacity = open_pipe()
+        except OSError as exc:
+            return exc
+        return None
 
-    def _use_copy(self) -> None:
+    def use_copy(self) -> None:
+        """Relay with recv/send through a buffer; give back the pipe if one was taken."""
         self._close_pipe()
         self.buf = memoryview(bytearray(COPY_CHUNK))
         self.capacity = COPY_CHUNK
@@ -137,7 +137,7 @@ class _Pump:
             except OSError as exc:
                 if exc.errno == errno.EINVAL and self.pipe_w >= 0 and self.pending == 0:
                     link.fell_back(f"splice refused the {self.side} direction: {exc}")
-                    self._use_copy()
+                    self.use_copy()
                     continue
                 link.failed(self, exc, "reading")
                 return

@@ -41,6 +41,14 @@ Semantics of one relayed connection (RFC 9293 terms):
   forever) and counted as ``idle``. Each read stores a monotonic timestamp on the link; one
   timer per forward sweeps all links every ``min(`` :data:`IDLE_SWEEP_MAX` ``, idle / 4)``
   seconds, so a silent connection is closed between ``idle`` and ``idle + sweep``.
+* Out of file descriptors (``EMFILE``/``ENFILE``): the client is reset at once, never left
+  in the kernel's accept queue, and counted as ``descriptors``. The process keeps one spare
+  descriptor (:class:`_SpareDescriptor`, the nginx/libuv technique): when ``accept`` fails
+  for want of descriptors, the spare is closed, the waiting client accepted and reset, the
+  spare taken again; the listener keeps running, so the queue drains. A connection whose
+  upstream socket cannot be made is reset under the same reason; one whose splice pipes
+  cannot be made relays on the copy path (2 descriptors instead of 6, counted in
+  ``fallbacks``). One log line per :data:`DESCRIPTOR_LOG_INTERVAL`, not one per client.
 * Connection limit (``TcpForwardSpec.max_connections``): a client accepted while that many
   connections are active (connecting or relaying) is reset at once, never connected
   upstream, and counted as ``limit``; existing connections are untouched. ``total`` still
@@ -78,7 +86,7 @@ import time
 from typing import Final
 
 from sandport.forward.base import Forward, PortInUse, format_addr
-from sandport.forward.link import _LINGER_RESET, _Link, _peer
+from sandport.forward.link import _close_with_reset, _Link, _peer
 from sandport.forward.pump import COPY_CHUNK
 from sandport.forward.tcpspec import (
     CONNECT_FAILURES,
@@ -113,10 +121,17 @@ LISTEN_BACKLOG = 512
 STOP_GRACE = 2.0
 #: Accepts one readiness callback of the listener may do.
 ACCEPTS_PER_WAKEUP = 64
-#: Seconds the listener pauses when the process is out of file descriptors.
+#: Seconds the listener pauses when the kernel is out of memory for a new socket, or out of
+#: descriptors while the spare one could not be taken back.
 ACCEPT_RETRY = 0.5
-#: Out of descriptors or memory: pause accepting instead of spinning on the listener.
-_ACCEPT_PAUSE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds between two log lines about running out of descriptors: one line per burst.
+DESCRIPTOR_LOG_INTERVAL = 10.0
+#: Spliced connections hold six descriptors: two sockets, two pipes.
+FDS_PER_SPLICED_CONNECTION = 6
+#: The process (``EMFILE``) or the system (``ENFILE``) is out of file descriptors.
+OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+#: Out of memory for a new socket: pause accepting instead of spinning on the listener.
+_ACCEPT_PAUSE_ERRNOS: Final = frozenset({errno.ENOBUFS, errno.ENOMEM})
 
 _monotonic = time.monotonic
 
@@ -140,6 +155,58 @@ def raise_fd_limit() -> None:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             log.debug("RLIMIT_NOFILE raised from %d to %d", soft, target)
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("descriptors: %d (about %d spliced connections; over it, clients are reset and "
+             "counted as 'descriptors'; raise it with `ulimit -n` or systemd LimitNOFILE=)",
+             now, now // FDS_PER_SPLICED_CONNECTION)
+
+
+class _SpareDescriptor:
+    """One descriptor held back so a client can still be accepted, and reset, when the
+    process is out of descriptors (nginx and libuv do the same).
+
+    ``release`` closes it just before that ``accept``; ``take`` opens it again after. It is
+    held while at least one forward runs (``hold``/``unhold``), and closed after the last.
+    """
+
+    __slots__ = ("fd", "holders")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.holders = 0
+
+    def hold(self) -> None:
+        """A forward starts: make sure the spare is held."""
+        self.holders += 1
+        self.take()
+
+    def unhold(self) -> None:
+        """A forward stopped: close the spare after the last one."""
+        self.holders -= 1
+        if self.holders <= 0:
+            self.holders = 0
+            self.release()
+
+    def take(self) -> bool:
+        """Hold the spare (``/dev/null``); False when no descriptor is free for it."""
+        if self.fd < 0:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def release(self) -> bool:
+        """Close the spare so the next ``accept`` can succeed; False when none is held."""
+        if self.fd < 0:
+            return False
+        os.close(self.fd)
+        self.fd = -1
+        return True
+
+
+#: The process's spare descriptor, shared by every forward (the limit is per process).
+_SPARE = _SpareDescriptor()
 
 
 async def _bind(host: str, port: int) -> list[socket.socket]:
@@ -220,6 +287,9 @@ class TcpForward(Forward):
         self._total = 0
         self._fallbacks = 0
         self._failures = _zero_failures()
+        #: Out-of-descriptor events since the last log line about them, and its time.
+        self._fd_events = 0
+        self._fd_logged_at = float("-inf")
         self._done_up = 0
         self._done_down = 0
 
@@ -282,6 +352,7 @@ class TcpForward(Forward):
         raise_fd_limit()
         spec = self.spec
         self._listeners = await _bind(spec.listen_host, spec.listen_port)
+        _SPARE.hold()
         if not self._label:
             self._label = f"tcp:{self.bound_port}"
         self._listen()
@@ -322,6 +393,7 @@ class TcpForward(Forward):
             for lsock in listeners:
                 loop.remove_reader(lsock.fileno())
                 lsock.close()
+            _SPARE.unhold()
         for link in list(self._links):
             link.close("forward stopping")
         if self._links:
@@ -346,16 +418,44 @@ class TcpForward(Forward):
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    log.error("%s: cannot accept: %s; pausing for %g s", self._label,
-                              os.strerror(exc.errno or 0), ACCEPT_RETRY)
-                    self._unlisten()
-                    self._accept_retry = asyncio.get_running_loop().call_later(
-                        ACCEPT_RETRY, self._resume_accept)
+                if exc.errno in OUT_OF_DESCRIPTORS and self._refuse_one(lsock):
+                    continue
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS or exc.errno in OUT_OF_DESCRIPTORS:
+                    self._pause_accepting(exc)
                     return
                 log.debug("%s: accept: %s", self._label, exc)  # e.g. ECONNABORTED
                 continue
             self._accepted(conn)
+
+    def _refuse_one(self, lsock: socket.socket) -> bool:
+        """Out of descriptors: accept one waiting client on the spare descriptor and reset it.
+
+        Returns False when that cannot be done (no spare held, or ``accept`` still fails),
+        so the caller pauses instead.
+        """
+        if not _SPARE.release():
+            return False
+        try:
+            conn, _ = lsock.accept()
+        except BlockingIOError:  # the client gave up meanwhile: nothing waits
+            _SPARE.take()
+            return True
+        except OSError:  # ENFILE: another process took the descriptor we freed
+            _SPARE.take()
+            return False
+        self._total += 1
+        peer = _peer(conn)
+        _close_with_reset(conn)
+        _SPARE.take()  # the client's descriptor is free again: hold the spare once more
+        self.out_of_descriptors(f"reset the client from {peer} at accept")
+        return True
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        log.error("%s: cannot accept: %s; pausing for %g s", self._label,
+                  os.strerror(exc.errno or 0), ACCEPT_RETRY)
+        self._unlisten()
+        self._accept_retry = asyncio.get_running_loop().call_later(
+            ACCEPT_RETRY, self._resume_accept)
 
     def _resume_accept(self) -> None:
         self._accept_retry = None
@@ -373,9 +473,7 @@ class TcpForward(Forward):
             self.count_failure(FailureReason.LIMIT)
             log.info("%s: %d connections active (limit); resetting the client from %s",
                      cid, limit, _peer(conn))
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            conn.close()
+            _close_with_reset(conn)
             return
         link = _Link(self, cid, conn)
         self._links.add(link)
@@ -398,6 +496,24 @@ class TcpForward(Forward):
     def count_failure(self, reason: FailureReason) -> None:
         """Count one failure under ``reason``."""
         self._failures[reason.value] += 1
+
+    def out_of_descriptors(self, what: str, *, refused: bool = True) -> None:
+        """The process ran out of descriptors for a client: count it (under
+        ``descriptors`` when it was ``refused``) and log once per burst."""
+        if refused:
+            self.count_failure(FailureReason.DESCRIPTORS)
+        self._fd_events += 1
+        now = _monotonic()
+        if now - self._fd_logged_at < DESCRIPTOR_LOG_INTERVAL:
+            return
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        log.warning("%s: out of file descriptors (limit %d, %d connections on this forward): "
+                    "%s; %d such event(s) since the last line, %d client(s) reset in all. "
+                    "Raise the limit (`ulimit -n`, systemd LimitNOFILE=) or cap the forward "
+                    "with --max-connections", self._label, soft, len(self._links), what,
+                    self._fd_events, self._failures[FailureReason.DESCRIPTORS.value])
+        self._fd_events = 0
+        self._fd_logged_at = now
 
     def count_fallback(self) -> None:
         """Count one direction of a connection that could not splice."""

@@ -52,6 +52,9 @@ class FailureReason(enum.StrEnum):
     IDLE = "idle"
     #: A relayed connection ended because one side failed (RST, write error).
     RESET = "reset"
+    #: The relay was out of file descriptors (``EMFILE``/``ENFILE``): the client was reset
+    #: at accept, or its upstream socket could not be made.
+    DESCRIPTORS = "descriptors"
 
 
 #: Reasons that count as a failed upstream connect (``failed_connects``).
@@ -61,6 +64,8 @@ _ERRNO_REASONS: Final = {
     errno.EHOSTUNREACH: FailureReason.UNREACHABLE,
     errno.ENETUNREACH: FailureReason.UNREACHABLE,
     errno.ETIMEDOUT: FailureReason.TIMEOUT,
+    errno.EMFILE: FailureReason.DESCRIPTORS,
+    errno.ENFILE: FailureReason.DESCRIPTORS,
 }
 #: Several failed addresses of one name are reported as a single OSError without errno
 #: ("Multiple exceptions: [Errno 111] ..., [Errno 111] ..."); the errnos are in its text.
