@@ -359,6 +359,8 @@ def remove_gateway_leftovers(*, bridge: str, state_dir: Path) -> None:
         crun.release_ids(f"sp-{sid}")
         subprocess.run(["ip", "netns", "del", f"sp-{sid}"], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", f"sp-{sid}-v"], capture_output=True, check=False)
+    with contextlib.suppress(OSError):  # its crun root, once no container is left in it
+        runtime.root.rmdir()
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
     # Its bridge lock and sockets in /run/sandport (a start on the bridge would reuse them).
     for leftover in Path("/run/sandport").glob(f"bridge-{bridge}.*"):
