@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from sandport.doctor import Subject, Walk, _route
+from sandport.doctor import Subject, Walk
+from sandport.doctor.walk import _route
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sandport.doctor import IsolationFacts, Subject, Walk, _isolation
+from sandport.doctor import IsolationFacts, Subject, Walk
+from sandport.doctor.walk import _isolation
 from sandport.net import antispoof, nft
 from sandport.sandbox.qemu import guest_mac
 

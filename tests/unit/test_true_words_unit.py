@@ -13,7 +13,8 @@ import pytest
 from sandport.bridge.model import BridgeConfig, Target
 from sandport.bridge.tls import TlsConfig
 from sandport.cli.ws import served
-from sandport.doctor import PortFacts, Subject, _service_fix, check_port
+from sandport.doctor import PortFacts, Subject, check_port
+from sandport.doctor.walk import _service_fix
 from sandport.errors import UsageError
 from sandport.probe import ProbeResult
 
