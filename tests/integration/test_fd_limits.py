@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from conftest import require
 from nethelpers import ECHO_SERVER, free_port, guest_server
 from sandport.cli.common import LOG_FILE
 from sandport.client import Client
@@ -44,8 +45,9 @@ def many_descriptors() -> Iterator[None]:
     """This process may hold every client socket (its soft limit raised to the hard one)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 4 * CLIENTS
-    if hard != resource.RLIM_INFINITY and hard < need:
-        pytest.skip(f"needs RLIMIT_NOFILE >= {need} for the test's own clients")
+    require(hard == resource.RLIM_INFINITY or hard >= need,
+            f"a hard RLIMIT_NOFILE of {need} for the test's own clients",
+            f"raise it (`ulimit -Hn {need}`, systemd LimitNOFILE={need})")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

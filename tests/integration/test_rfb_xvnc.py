@@ -6,7 +6,6 @@ A plain blocking socket moves the bytes; the sans-I/O client does all the protoc
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from sandport.proto.rfb import (
     AuthFailed,
     AuthOK,
@@ -45,10 +45,8 @@ def _stale(display: int) -> list[Path]:
 
 def _xvnc() -> str:
     path = shutil.which("Xvnc") or ("/usr/bin/Xvnc" if Path("/usr/bin/Xvnc").exists() else None)
-    if path is None:
-        if os.environ.get("SANDPORT_REQUIRE") == "all":
-            pytest.fail("Xvnc missing: install the Debian package tigervnc-standalone-server")
-        pytest.skip("no Xvnc (apt-get install tigervnc-standalone-server); SANDPORT_REQUIRE!=all")
+    require(path is not None, "Xvnc", "apt-get install tigervnc-standalone-server")
+    assert path is not None
     return path
 
 

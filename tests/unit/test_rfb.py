@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import shutil
 import struct
 import subprocess
@@ -21,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vncdotool.rfb import _vnc_des, des_encrypt
 
+from conftest import require
 from sandport.proto import rfb
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.rfb import (
@@ -1018,10 +1018,8 @@ def test_deobfuscate_empty_password() -> None:
 
 def _x11vnc() -> str:
     path = shutil.which("x11vnc")
-    if path is None:
-        if os.environ.get("SANDPORT_REQUIRE"):
-            pytest.fail("x11vnc missing: install the Debian package x11vnc")
-        pytest.skip("x11vnc missing (apt-get install x11vnc); SANDPORT_REQUIRE unset")
+    require(path is not None, "x11vnc", "apt-get install x11vnc")
+    assert path is not None
     return path
 
 
