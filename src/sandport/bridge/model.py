@@ -172,6 +172,8 @@ class BridgeStats:
     refused: Counter[int] = field(default_factory=Counter)  # by HTTP status
     closed: Counter[str] = field(default_factory=Counter)  # by reason
     login_blocks: int = 0  # upgrades refused: their address failed VNC logins too often
+    #: Clients reset at accept, by reason (``descriptors``: the process was out of them).
+    accept_refused: Counter[str] = field(default_factory=Counter)
 
 
 class UpgradeRefusal(Exception):

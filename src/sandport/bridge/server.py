@@ -36,6 +36,8 @@ import errno
 import itertools
 import logging
 import math
+import os
+import resource
 import socket
 import ssl
 import time
@@ -60,6 +62,7 @@ from sandport.bridge.tls import TlsContexts
 from sandport.bridge.web import json_response, static_response
 from sandport.errors import PortInUseError, UsageError
 from sandport.net.nsock import connect_in_netns
+from sandport.net.spare import SPARE, BurstLog, accept_failed
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
 from sandport.proto.wsframes import CLOSE_GOING_AWAY
@@ -72,6 +75,11 @@ PEEK_MAX: Final = 536  # enough for a PROXY v1 line and a v2 header with small T
 TLS_FIRST_BYTES: Final = (0x16, 0x80)  # TLS handshake record; SSLv2-style ClientHello
 _PROXY_V1: Final = b"PROXY "
 _PROXY_V2: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+#: Seconds between two log lines about running out of descriptors: one line per burst.
+DESCRIPTOR_LOG_INTERVAL: Final = 10.0
+#: Seconds accepting pauses when the kernel has no memory for a socket, or no descriptor
+#: is free even with the spare given back (another process took it: ENFILE).
+ACCEPT_RETRY: Final = 0.5
 
 
 def _proxy_signature(head: bytes) -> bool | None:
@@ -87,7 +95,9 @@ def _proxy_signature(head: bytes) -> bool | None:
 class WsBridge:
     """The server: ``await start()``, then ``await stop()`` (or ``async with``)."""
 
-    def __init__(self, config: BridgeConfig) -> None:
+    def __init__(self, config: BridgeConfig, *, logins: LoginThrottle | None = None) -> None:
+        """``logins``: a throttle shared with others (the gateway's relay); by default
+        the bridge makes its own from ``config.limits.logins``."""
         self.config = config
         self.stats = BridgeStats()
         self._tls = TlsContexts(config.tls) if config.tls is not None else None
@@ -102,7 +112,7 @@ class WsBridge:
         self._sessions: set[WsSession] = set()
         self._per_client: Counter[str] = Counter()
         #: Failed VNC logins by client address (None: not counted).
-        self.logins = LoginThrottle(config.limits.logins) \
+        self.logins = logins if logins is not None else LoginThrottle(config.limits.logins) \
             if config.limits.logins is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
@@ -112,6 +122,9 @@ class WsBridge:
         #: Called with no arguments whenever a session ends (for --run-once and friends).
         self.on_session_end: Callable[[], None] | None = None
         self.bound_port = 0
+        #: Clients reset for want of descriptors: one log line per burst.
+        self._fd_log = BurstLog(DESCRIPTOR_LOG_INTERVAL)
+        self._accept_retry: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> WsBridge:
         await self.start()
@@ -151,6 +164,7 @@ class WsBridge:
         sock.setblocking(False)
         self._sock = sock
         self.bound_port = sock.getsockname()[1]
+        SPARE.hold()  # out of descriptors, a client is still accepted and reset at once
         self._loop.add_reader(sock.fileno(), self._accept)
         cfg = self.config
         log.info("%s: listening on %s:%d%s, %s%s", self.label, host, self.bound_port,
@@ -161,10 +175,14 @@ class WsBridge:
     async def stop(self) -> None:
         """Stop accepting, close every session with 1001 and wait for them (bounded)."""
         self._closing = True
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
         if self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            SPARE.unhold()
         for fd, (sock, timer) in list(self._pending.items()):
             timer.cancel()
             if self._loop is not None:
@@ -204,7 +222,9 @@ class WsBridge:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("%s: accept: %s", self.label, exc)
+                if accept_failed(self._sock, exc, refused=self._out_of_descriptors,
+                                 pause=self._pause_accepting, label=self.label):
+                    continue
                 return
             conn.setblocking(False)
             fd = conn.fileno()
@@ -212,6 +232,35 @@ class WsBridge:
                                           self._first_bytes_timeout, fd)
             self._pending[fd] = (conn, timer)
             self._loop.add_reader(fd, self._on_first_bytes, fd)
+
+    def _out_of_descriptors(self, peer: str) -> None:
+        """A client was reset at accept for want of descriptors: count it, and log once
+        per burst (not once per client)."""
+        self.stats.accept_refused["descriptors"] += 1
+        burst = self._fd_log.due()
+        if burst:
+            log.warning("%s: out of file descriptors (limit %d, %d sessions open): reset %d "
+                        "new client(s) at accept since the last line (the latest from %s), "
+                        "%d in all. Raise the limit (`ulimit -n`, systemd LimitNOFILE=) or "
+                        "cap the sessions (a session limit)", self.label,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0], len(self._sessions),
+                        burst, peer, self.stats.accept_refused["descriptors"])
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """No descriptor even with the spare given back, or no memory: stop accepting for
+        :data:`ACCEPT_RETRY` seconds instead of spinning on the listener."""
+        log.error("%s: cannot accept: %s; pausing for %g s", self.label,
+                  os.strerror(exc.errno or 0), ACCEPT_RETRY)
+        assert self._sock is not None
+        assert self._loop is not None
+        self._loop.remove_reader(self._sock.fileno())
+
+        def resume() -> None:
+            self._accept_retry = None
+            if self._sock is not None and self._loop is not None and not self._closing:
+                self._loop.add_reader(self._sock.fileno(), self._accept)
+
+        self._accept_retry = self._loop.call_later(ACCEPT_RETRY, resume)
 
     def _drop_pending(self, fd: int) -> socket.socket | None:
         self._proxied.pop(fd, None)

@@ -52,6 +52,7 @@ from sandport.bridge.model import RouteStats, UpgradeRefusal, in_networks, origi
 from sandport.bridge.passthrough import AppRelay
 from sandport.bridge.splicedown import SpliceDown
 from sandport.bridge.targets import Target
+from sandport.bridge.throttle import login_key
 from sandport.bridge.web import json_response
 from sandport.net.splice import SPLICE_AVAILABLE
 from sandport.proto.errors import InvalidTransition
@@ -505,7 +506,7 @@ class WsSession(asyncio.Protocol):
         """What failed VNC logins are counted by: the client's address and the sandbox
         (one guesser does not lock a client out of other sandboxes' desktops)."""
         sandbox = self.route.labels[0] if self.route is not None else ""
-        return f"{self.client[0]} {sandbox}"
+        return login_key(self.client[0], sandbox)
 
     def _flush(self) -> None:
         if self.transport is None:

@@ -20,6 +20,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
+def login_key(ip: str, sandbox: str) -> str:
+    """What failed logins are counted by: the client's address and the sandbox. The bridge
+    and the TCP relay (:mod:`sandport.forward.rfbgate`) use the same key, so failures
+    through either add up."""
+    return f"{ip} {sandbox}"
+
+
 @dataclass(slots=True)
 class _Client:
     failed: list[float] = field(default_factory=list)  # times of recent failures

@@ -38,8 +38,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandport.bridge.throttle import LoginThrottle
 from sandport.errors import MissingPackage, PortInUseError, UsageError
 from sandport.forward.base import PortInUse, format_addr
+from sandport.forward.rfbgate import LOGIN_BLOCKED, RfbGate
 from sandport.forward.spec import PortMapping, check_overlaps
 from sandport.forward.tcp import TcpForward, TcpForwardSpec
 from sandport.forward.udp import UdpForward, UdpForwardSpec
@@ -159,9 +161,12 @@ class HostForward:
         relay = self.relay
         if isinstance(relay, TcpForward):
             st = relay.stats
+            failures = st.failures
+            if relay.rfb_gate is not None:
+                failures = {**failures, LOGIN_BLOCKED: relay.rfb_gate.blocks}
             doc.update(data_path=relay.data_path, active=st.active, total=st.total,
                        bytes_up=st.bytes_up, bytes_down=st.bytes_down,
-                       failures=st.failures, buffered=st.buffered)
+                       failures=failures, buffered=st.buffered)
         elif isinstance(relay, UdpForward):
             us = relay.stats
             doc.update(data_path="datagram", active=us.flows_active, total=us.flows_total,
@@ -225,6 +230,10 @@ class ForwardTable:
         self._ingress: list[str] = []  # where forwarding is on for remote clients
         self._refresh: asyncio.Task[None] | None = None
         self._changed_again = False
+        #: Failed VNC logins by client and sandbox, shared with the WebSocket bridge: a
+        #: relayed ``vnc`` port counts into it and refuses blocked clients (rfbgate).
+        self.logins: LoginThrottle | None = None
+        self._said_unthrottled = False
 
     def __iter__(self) -> Any:
         return iter(list(self._forwards.values()))
@@ -295,7 +304,23 @@ class ForwardTable:
                 log.info("forward %s: %s %s -> %s:%d (%s: %s)", fwd.id, fwd.mapping.protocol,
                          format_addr(fwd.mapping.host_ip, fwd.host_port), guest_ip,
                          fwd.mapping.guest_port, fwd.mode, fwd.why)
+                if fwd.name == "vnc" and fwd.mode == "kernel" and self.logins is not None:
+                    self._say_unthrottled(fwd)
             return added
+
+    def _say_unthrottled(self, fwd: HostForward) -> None:
+        """Once per run: failed logins through a kernel-mode VNC forward are not counted
+        (no byte of it passes through sandport); a warning when remote clients reach it."""
+        if self._said_unthrottled:
+            return
+        self._said_unthrottled = True
+        host = fwd.mapping.host_ip
+        remote = not host.startswith("127.") and host not in ("::1", "localhost")
+        log.log(logging.WARNING if remote else logging.INFO,
+                "forward %s: the VNC port %s is a kernel forward: failed VNC logins through "
+                "it are not throttled (only the bridge's and proxy forwards' are); "
+                "--forward-mode proxy throttles them", fwd.id,
+                format_addr(host, fwd.host_port))
 
     async def _start(self, sandbox: str, name: str, mapping: PortMapping, guest_ip: str,
                      options: ForwardOptions, mode: str, why: str,
@@ -314,11 +339,14 @@ class ForwardTable:
             fwd.reservation = _reserve(mapping)
             port = int(fwd.reservation.getsockname()[1])
         elif mapping.protocol == "tcp":
-            relay: TcpForward | UdpForward = TcpForward(TcpForwardSpec(
+            tcp = TcpForward(TcpForwardSpec(
                 listen_host=mapping.host_ip, listen_port=mapping.host_port,
                 target_host=guest_ip, target_port=mapping.guest_port, name=label,
                 proxy_protocol=options.proxy_protocol, idle_timeout=options.idle_timeout,
                 max_connections=options.max_connections, netns=options.netns))
+            if name == "vnc" and self.logins is not None and options.proxy_protocol is None:
+                tcp.rfb_gate = RfbGate(self.logins, sandbox)
+            relay: TcpForward | UdpForward = tcp
             port = await _start_relay(relay, mapping)
             fwd.relay = relay
         else:

@@ -53,6 +53,7 @@ from typing import Any, Generic, TextIO, TypeVar, Unpack, cast
 from sandport import preflight
 from sandport.bridge.model import BridgeConfig, BridgeLimits, BridgeStats
 from sandport.bridge.server import WsBridge
+from sandport.bridge.throttle import LoginThrottle
 from sandport.config import GatewayConfig, connect_host
 from sandport.control.access import DEFAULT_SESSION_TTL, Access
 from sandport.control.agent_api import agent_app
@@ -168,6 +169,9 @@ class Gateway:
         #: Forwards and, in the same nft transaction, what sandboxes reach on the host.
         self.forwards = ForwardTable(config.net.bridge, guard=nft.HostGuard(
             gateway_ip=str(config.net.gateway_ip), agent_port=config.agent_port))
+        #: Failed VNC logins by client and sandbox: one count for the bridge and the relay.
+        self.forwards.logins = LoginThrottle(config.vnc_logins) \
+            if config.vnc_logins is not None else None
         #: Anti-spoofing on the sandboxes' bridge ports.
         self.guards = PortGuards(config.net.bridge)
         #: For the API, /metrics and the CLI; created at the first start in the state dir
@@ -309,7 +313,7 @@ class Gateway:
                                     heartbeat=HEARTBEAT_SECONDS,
                                     max_connections=cfg.ws_max_sessions,
                                     max_per_client=cfg.ws_max_per_client,
-                                    logins=cfg.vnc_logins)))
+                                    logins=cfg.vnc_logins)), logins=self.forwards.logins)
             await self._front.start()
             self._write_gateway_file()
         except BaseException:

@@ -58,6 +58,9 @@ _FAMILIES = (
     ("sandport_ws_login_blocks_total", "counter",
      "WebSocket upgrades refused (429) because their client address failed VNC "
      "authentication too often."),
+    ("sandport_accept_refusals_total", "counter",
+     "Clients the gateway's port (HTTP API and WebSocket bridge) reset at accept, by "
+     "reason (descriptors: the process was out of file descriptors)."),
 )
 
 
@@ -150,6 +153,10 @@ def _bridge_samples(samples: dict[str, list[str]], stats: BridgeStats) -> None:
                 f"sandport_ws_closes_total{_labels([*base, ('reason', reason)])} {count}")
     samples["sandport_ws_login_blocks_total"].append(
         f"sandport_ws_login_blocks_total {stats.login_blocks}")
+    for reason in sorted({"descriptors", *stats.accept_refused}):
+        samples["sandport_accept_refusals_total"].append(
+            f"sandport_accept_refusals_total{_labels([('reason', reason)])} "
+            f"{stats.accept_refused[reason]}")
     for status, count in sorted(stats.refused.items()):
         samples["sandport_ws_refusals_total"].append(
             f"sandport_ws_refusals_total{_labels([('status', str(status))])} {count}")

@@ -387,9 +387,8 @@ def _route_localnet(link: str) -> bool:
 async def _reachability(walk: Walk, s: Subject) -> None:
     if walk.skipped("guest reachability", "ping"):
         return
-    if s.netns:
-        walk.add("guest reachability", "ping", None, f"not pinged from the host: {s.ip} is "
-                 f"an address inside {s.netns} (proven end to end below)")
+    if s.netns:  # its address means something only in there: pinged from inside
+        await _reachability_in_netns(walk, s)
         return
     result = await asyncio.to_thread(inspect.ping, s.ip, 1.0)
     arp = await asyncio.to_thread(inspect.neighbour_state, s.ip)
@@ -429,6 +428,22 @@ async def _reachability(walk: Walk, s: Subject) -> None:
         fix = ("something drops ICMP to or from the guest (a firewall rule in the guest or "
                "on the host), or the guest hangs")
     walk.add("guest reachability", "ping", False, f"{result.detail}; {why}", fix)
+
+
+async def _reachability_in_netns(walk: Walk, s: Subject) -> None:
+    """A ``--netns`` target: one ICMP echo sent from inside its namespace."""
+    result = await asyncio.to_thread(inspect.ping, s.ip, 1.0, s.netns)
+    if result.ok:
+        walk.add("guest reachability", "ping", True,
+                 f"{s.ip} answers ICMP echo inside {s.netns} in "
+                 f"{1000 * (result.rtt or 0):.1f} ms (pinged from inside the namespace)")
+        return
+    walk.add("guest reachability", "ping", False,
+             f"pinged from inside {s.netns}: {result.detail}",
+             f"nothing answers for {s.ip} inside {s.netns}: check the container's network "
+             f"there (`nsenter --net={s.netns} ip -br addr`; its loopback must be up for "
+             "127.0.0.1); if the target has another address now, detach it "
+             f"(`sandport detach {s.sandbox}`) and attach it again with that one")
 
 
 async def _services(walk: Walk, s: Subject) -> None:

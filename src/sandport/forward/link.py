@@ -28,6 +28,7 @@ from sandport.net.nsock import namespace_sockets
 from sandport.proto.proxyproto import ProxyHeader
 
 if TYPE_CHECKING:
+    from sandport.forward.rfbgate import _Handshake
     from sandport.forward.tcp import TcpForward
 
 #: Same logger as before the split (``sandport.forward.tcp``): one name for the relay's log.
@@ -57,6 +58,7 @@ class _Link:
         "down",
         "finished",
         "fwd",
+        "gate",
         "idled",
         "last_activity",
         "loop",
@@ -81,6 +83,7 @@ class _Link:
         #: The idle sweep closed this link (so it is counted once).
         self.idled = False
         self.counted_reset = False
+        self.gate: _Handshake | None = None  # a desktop's VNC port: see forward.rfbgate
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -134,6 +137,9 @@ class _Link:
             return
         with contextlib.suppress(OSError):
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.fwd.rfb_gate is not None and self.gate is None:  # RFB handshake first
+            self.gate = self.fwd.rfb_gate.watch(self, upstream)  # it calls _pair again
+            return
         prefix = b""
         version = self.fwd.spec.proxy_protocol
         if version is not None:
@@ -238,6 +244,8 @@ class _Link:
         if self.finished:
             return
         self.finished = True
+        if self.gate is not None:
+            self.gate.close()
         for pump in (self.up, self.down):
             if pump is not None:
                 pump.close()

@@ -83,7 +83,7 @@ import os
 import resource
 import socket
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sandport.forward.base import Forward, PortInUse, format_addr
 from sandport.forward.link import _close_with_reset, _Link, _peer
@@ -100,6 +100,12 @@ from sandport.forward.tcpspec import (
 from sandport.forward.tcpspec import (  # re-exported: tests import it from here
     _connect_failure_reason as _connect_failure_reason,  # noqa: PLC0414
 )
+from sandport.net.spare import SPARE as _SPARE
+from sandport.net.spare import SpareDescriptor as _SpareDescriptor  # noqa: F401 - tests
+from sandport.net.spare import accept_failed
+
+if TYPE_CHECKING:
+    from sandport.forward.rfbgate import RfbGate
 
 __all__ = [
     "COPY_CHUNK",
@@ -161,52 +167,6 @@ def raise_fd_limit() -> None:
              now, now // FDS_PER_SPLICED_CONNECTION)
 
 
-class _SpareDescriptor:
-    """One descriptor held back so a client can still be accepted, and reset, when the
-    process is out of descriptors (nginx and libuv do the same).
-
-    ``release`` closes it just before that ``accept``; ``take`` opens it again after. It is
-    held while at least one forward runs (``hold``/``unhold``), and closed after the last.
-    """
-
-    __slots__ = ("fd", "holders")
-
-    def __init__(self) -> None:
-        self.fd = -1
-        self.holders = 0
-
-    def hold(self) -> None:
-        """A forward starts: make sure the spare is held."""
-        self.holders += 1
-        self.take()
-
-    def unhold(self) -> None:
-        """A forward stopped: close the spare after the last one."""
-        self.holders -= 1
-        if self.holders <= 0:
-            self.holders = 0
-            self.release()
-
-    def take(self) -> bool:
-        """Hold the spare (``/dev/null``); False when no descriptor is free for it."""
-        if self.fd < 0:
-            try:
-                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return False
-        return True
-
-    def release(self) -> bool:
-        """Close the spare so the next ``accept`` can succeed; False when none is held."""
-        if self.fd < 0:
-            return False
-        os.close(self.fd)
-        self.fd = -1
-        return True
-
-
-#: The process's spare descriptor, shared by every forward (the limit is per process).
-_SPARE = _SpareDescriptor()
 
 
 async def _bind(host: str, port: int) -> list[socket.socket]:
@@ -292,6 +252,8 @@ class TcpForward(Forward):
         self._fd_logged_at = float("-inf")
         self._done_up = 0
         self._done_down = 0
+        #: A desktop's VNC port: failed logins counted, blocked clients refused (rfbgate).
+        self.rfb_gate: RfbGate | None = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -418,37 +380,16 @@ class TcpForward(Forward):
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in OUT_OF_DESCRIPTORS and self._refuse_one(lsock):
+                if accept_failed(lsock, exc, refused=self._refused_at_accept,
+                                 pause=self._pause_accepting, label=self._label):
                     continue
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS or exc.errno in OUT_OF_DESCRIPTORS:
-                    self._pause_accepting(exc)
-                    return
-                log.debug("%s: accept: %s", self._label, exc)  # e.g. ECONNABORTED
-                continue
+                return
             self._accepted(conn)
 
-    def _refuse_one(self, lsock: socket.socket) -> bool:
-        """Out of descriptors: accept one waiting client on the spare descriptor and reset it.
-
-        Returns False when that cannot be done (no spare held, or ``accept`` still fails),
-        so the caller pauses instead.
-        """
-        if not _SPARE.release():
-            return False
-        try:
-            conn, _ = lsock.accept()
-        except BlockingIOError:  # the client gave up meanwhile: nothing waits
-            _SPARE.take()
-            return True
-        except OSError:  # ENFILE: another process took the descriptor we freed
-            _SPARE.take()
-            return False
+    def _refused_at_accept(self, peer: str) -> None:
+        """Out of descriptors, a waiting client was accepted on the spare and reset."""
         self._total += 1
-        peer = _peer(conn)
-        _close_with_reset(conn)
-        _SPARE.take()  # the client's descriptor is free again: hold the spare once more
         self.out_of_descriptors(f"reset the client from {peer} at accept")
-        return True
 
     def _pause_accepting(self, exc: OSError) -> None:
         log.error("%s: cannot accept: %s; pausing for %g s", self._label,

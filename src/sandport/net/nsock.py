@@ -54,8 +54,8 @@ class NamespaceSockets:
         self.path = path
         st = os.stat(path)
         self.identity = (st.st_dev, st.st_ino)  # which namespace the path named then
-        self._requests: queue.SimpleQueue[tuple[int, int, Future[socket.socket]] | None] = \
-            queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[
+            tuple[int, int, int, Future[socket.socket]] | None] = queue.SimpleQueue()
         ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True,
                                         name=f"netns {path}")
@@ -76,17 +76,17 @@ class NamespaceSockets:
             return
         ready.set_result(None)
         while (request := self._requests.get()) is not None:
-            family, kind, result = request
+            family, kind, proto, result = request
             try:
-                result.set_result(socket.socket(family, kind))
+                result.set_result(socket.socket(family, kind, proto))
             except OSError as exc:
                 result.set_exception(exc)
 
-    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
-               ) -> socket.socket:
+    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM,
+               proto: int = 0) -> socket.socket:
         """A new socket in the namespace (blocking mode: set it as needed)."""
         result: Future[socket.socket] = Future()
-        self._requests.put((family, kind, result))
+        self._requests.put((family, kind, proto, result))
         return result.result(5)
 
     def close(self) -> None:

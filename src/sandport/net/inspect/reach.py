@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from sandport.net.nsock import namespace_sockets
 from sandport.proto.packets.errors import MalformedFrame
 from sandport.proto.packets.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IcmpEcho
 
@@ -88,7 +89,7 @@ def _error_for_us(icmp: bytes, target: bytes, ident: int, seq: int) -> bool:
     return bool(icmp_type == ICMP_ECHO_REQUEST and (inner_ident, inner_seq) == (ident, seq))
 
 
-def ping(address: str, timeout: float = 1.0) -> PingResult:
+def ping(address: str, timeout: float = 1.0, netns: str = "") -> PingResult:
     """Send one ICMP echo request to the IPv4 ``address`` and wait for its reply.
 
     Uses a raw socket (root or CAP_NET_RAW). Other ICMP traffic the socket sees is ignored:
@@ -98,6 +99,9 @@ def ping(address: str, timeout: float = 1.0) -> PingResult:
     Args:
         address: An IPv4 address.
         timeout: Seconds to wait for the reply.
+        netns: A network namespace file (``/run/netns/NAME``, ``/proc/PID/ns/net``): the
+            raw socket is made in there, so the echo goes out from inside it (an
+            attached container's address means nothing on the host).
 
     Returns:
         ``ok`` with the round-trip time, or what went wrong: no reply in time, an ICMP
@@ -112,9 +116,12 @@ def ping(address: str, timeout: float = 1.0) -> PingResult:
     data = secrets.token_bytes(16)
     request = IcmpEcho(type=ICMP_ECHO_REQUEST, ident=ident, seq=seq, data=data).build()
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        sock = namespace_sockets(netns).socket(
+            socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) if netns else \
+            socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     except OSError as exc:
-        return PingResult(ok=False, detail=f"cannot open a raw ICMP socket: "
+        where = f" in {netns}" if netns else ""
+        return PingResult(ok=False, detail=f"cannot open a raw ICMP socket{where}: "
                           f"{exc.strerror or exc}", rtt=None)
     with sock:
         wanted = (1 << ICMP_ECHO_REPLY) | (1 << ICMP_DEST_UNREACH) | (1 << ICMP_TIME_EXCEEDED)
