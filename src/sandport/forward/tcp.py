@@ -83,7 +83,7 @@ import os
 import resource
 import socket
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from sandport.forward.base import Forward, PortInUse, format_addr
 from sandport.forward.link import _close_with_reset, _Link, _peer
@@ -134,10 +134,6 @@ ACCEPT_RETRY = 0.5
 DESCRIPTOR_LOG_INTERVAL = 10.0
 #: Spliced connections hold six descriptors: two sockets, two pipes.
 FDS_PER_SPLICED_CONNECTION = 6
-#: The process (``EMFILE``) or the system (``ENFILE``) is out of file descriptors.
-OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
-#: Out of memory for a new socket: pause accepting instead of spinning on the listener.
-_ACCEPT_PAUSE_ERRNOS: Final = frozenset({errno.ENOBUFS, errno.ENOMEM})
 
 _monotonic = time.monotonic
 
