@@ -12,19 +12,19 @@ Bench code, not product: it uses sandport's sans-I/O RFB client through
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
-from sandport.probe import run_rfb_handshake
+from sandport.probe import run_rfb_handshake, ws_byte_stream
 from sandport.proto.rfb.messages import Stage
 
 #: The echo token's length: 8 random bytes per connection, so a mixed-up echo shows.
@@ -37,6 +37,7 @@ FB_UPDATE_REQUEST = struct.pack("!BBHHHH", 3, 0, 0, 0, 1, 1)
 FB_UPDATE = 0
 
 Progress = Callable[[str], None]
+C = TypeVar("C")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -47,16 +48,60 @@ def _os_reason(exc: OSError) -> str:
 
 
 @dataclass
-class TcpLoad:
-    """Idle TCP connections: what was opened, verified, and why the rest failed."""
+class Load(Generic[C]):
+    """Connections of one kind: how many were asked for, opened and verified, why the
+    rest failed (reason -> count), and the verified ones, still open (``held``)."""
 
     asked: int
     opened: int = 0
     verified: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    held: list[socket.socket] = field(default_factory=list, repr=False)
+    held: list[C] = field(default_factory=list, repr=False)
     open_seconds: float = 0.0
     verify_seconds: float = 0.0
+
+    async def fill(self, open_one: Callable[[], Awaitable[C | str]],
+                   verify_one: Callable[[C], Awaitable[str | None]],
+                   drop_one: Callable[[C], None], *, batch: int, progress: Progress,
+                   every: int, words: str) -> None:
+        """Open ``asked`` connections, ``batch`` at a time (each batch concurrently); once
+        all are open, verify each (``VERIFY_CHUNK`` at a time) and drop the failed ones.
+        ``words``: what the progress line calls them, e.g. "connects, {} open"."""
+        loop = asyncio.get_running_loop()
+        opened: list[C] = []
+        t0 = loop.time()
+        next_report = every
+        for start in range(0, self.asked, batch):
+            results = await asyncio.gather(
+                *(open_one() for _ in range(min(batch, self.asked - start))))
+            for res in results:
+                if isinstance(res, str):
+                    self.errors[res] += 1
+                else:
+                    opened.append(res)
+            done = start + len(results)
+            if done >= next_report or done == self.asked:
+                progress(f"  {done}/{self.asked} {words.format(len(opened))}"
+                         + (f", errors {dict(self.errors)}" if self.errors else ""))
+                next_report += every
+        self.opened = len(opened)
+        self.open_seconds = loop.time() - t0
+        t1 = loop.time()
+        for start in range(0, len(opened), VERIFY_CHUNK):
+            chunk = opened[start:start + VERIFY_CHUNK]
+            reasons = await asyncio.gather(*(verify_one(c) for c in chunk))
+            for conn, reason in zip(chunk, reasons, strict=True):
+                if reason is None:
+                    self.held.append(conn)
+                else:
+                    self.errors[reason] += 1
+                    drop_one(conn)
+        self.verified = len(self.held)
+        self.verify_seconds = loop.time() - t1
+
+
+class TcpLoad(Load[socket.socket]):
+    """Idle TCP connections."""
 
     def close(self) -> None:
         """Close every connection still held."""
@@ -108,51 +153,14 @@ async def open_tcp(addr: tuple[str, int], count: int, *, batch: int, timeout: fl
     The connections stay open (``load.held``) until :meth:`TcpLoad.close`.
     """
     load = TcpLoad(asked=count)
-    loop = asyncio.get_running_loop()
-    opened: list[socket.socket] = []
-    t0 = loop.time()
-    next_report = every
-    for start in range(0, count, batch):
-        results = await asyncio.gather(
-            *(_connect(addr, timeout) for _ in range(min(batch, count - start))))
-        for res in results:
-            if isinstance(res, str):
-                load.errors[res] += 1
-            else:
-                opened.append(res)
-        done = start + len(results)
-        if done >= next_report or done == count:
-            progress(f"  {done}/{count} connects, {len(opened)} open"
-                     + (f", errors {dict(load.errors)}" if load.errors else ""))
-            next_report += every
-    load.opened = len(opened)
-    load.open_seconds = loop.time() - t0
-    t1 = loop.time()
-    for start in range(0, len(opened), VERIFY_CHUNK):
-        chunk = opened[start:start + VERIFY_CHUNK]
-        reasons = await asyncio.gather(*(_echo(s, timeout) for s in chunk))
-        for sock, reason in zip(chunk, reasons, strict=True):
-            if reason is None:
-                load.held.append(sock)
-            else:
-                load.errors[reason] += 1
-                sock.close()
-    load.verified = len(load.held)
-    load.verify_seconds = loop.time() - t1
+    await load.fill(lambda: _connect(addr, timeout), lambda s: _echo(s, timeout),
+                    socket.socket.close, batch=batch, progress=progress, every=every,
+                    words="connects, {} open")
     return load
 
 
-@dataclass
-class WsLoad:
-    """RFB sessions over WebSockets: opened (ServerInit read), verified, errors by reason."""
-
-    asked: int
-    opened: int = 0
-    verified: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    held: list[ClientConnection] = field(default_factory=list, repr=False)
-    open_seconds: float = 0.0
-    verify_seconds: float = 0.0
+class WsLoad(Load[ClientConnection]):
+    """RFB sessions over WebSockets (opened: ServerInit read)."""
 
     async def close(self, timeout: float) -> int:
         """Close every session (close frame 1000, bounded); how many did not close cleanly."""
@@ -190,16 +198,7 @@ async def rfb_session(url: str, password: str | None,
     except WebSocketException as exc:
         return f"upgrade: {type(exc).__name__}: {exc}"[:120]
 
-    async def send(data: bytes) -> None:
-        await ws.send(data)
-
-    async def recv() -> bytes:
-        try:
-            message = await ws.recv()
-        except WebSocketException:
-            return b""
-        return message if isinstance(message, bytes) else message.encode()
-
+    recv, send = ws_byte_stream(ws)
     try:
         async with asyncio.timeout(timeout):
             res = await run_rfb_handshake(recv, send, hop=url, password=password,
@@ -244,36 +243,8 @@ async def open_rfb(url: str, password: str | None, count: int, *, batch: int, ti
     """Open ``count`` RFB sessions, ``batch`` at a time; once all are up, verify each
     with a FramebufferUpdate round trip (through the gateway to the VNC server)."""
     load = WsLoad(asked=count)
-    loop = asyncio.get_running_loop()
-    opened: list[ClientConnection] = []
-    t0 = loop.time()
-    next_report = every
-    for start in range(0, count, batch):
-        results = await asyncio.gather(
-            *(rfb_session(url, password, timeout) for _ in range(min(batch, count - start))))
-        for res in results:
-            if isinstance(res, str):
-                load.errors[res] += 1
-            else:
-                opened.append(res)
-        done = start + len(results)
-        if done >= next_report or done == count:
-            progress(f"  {done}/{count} sessions, {len(opened)} at ServerInit"
-                     + (f", errors {dict(load.errors)}" if load.errors else ""))
-            next_report += every
-    load.opened = len(opened)
-    load.open_seconds = loop.time() - t0
-    t1 = loop.time()
-    for start in range(0, len(opened), VERIFY_CHUNK):
-        chunk = opened[start:start + VERIFY_CHUNK]
-        reasons = await asyncio.gather(*(_fb_update(ws, timeout) for ws in chunk))
-        for ws, reason in zip(chunk, reasons, strict=True):
-            if reason is None:
-                load.held.append(ws)
-            else:
-                load.errors[reason] += 1
-                with contextlib.suppress(Exception):
-                    ws.transport.abort()
-    load.verified = len(load.held)
-    load.verify_seconds = loop.time() - t1
+    await load.fill(lambda: rfb_session(url, password, timeout),
+                    lambda ws: _fb_update(ws, timeout), lambda ws: ws.transport.abort(),
+                    batch=batch, progress=progress, every=every,
+                    words="sessions, {} at ServerInit")
     return load

@@ -56,6 +56,7 @@ from soak_gateway import (
 )
 from testbed import BenchError, Proc, progress
 
+from sandport.client import ApiError
 from sandport.probe import probe_rfb_ws
 from sandport.sandbox.procs import NSEXEC
 from sandport.sandbox.profiles import VNC_PORT
@@ -74,6 +75,7 @@ SETTLE_SECONDS = 30.0
 #: ...give or take this many (an API call of the bench itself holds one for a moment).
 FD_SLACK = 2
 GUEST_ECHO_PORT = 7
+CAP_SYS_RESOURCE = 24  # linux/capability.h
 DEFAULT_STATE_DIR = Path("/var/tmp/sandport-soak-scale")
 DEFAULT_BRIDGE = "sp-soak0"
 DEFAULT_SUBNET = "10.201.253.0/24"
@@ -146,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Unavailable(BenchError):
     """The machine cannot run what was asked (exit 2)."""
 
+    status = 2
+
 
 def raise_own_nofile(need: int) -> int:
     """This process holds every client socket: raise soft (and, as root, hard)
@@ -177,6 +181,14 @@ def xvnc_pid(netns: str) -> int | None:
         except OSError:
             continue
     return None
+
+
+def can_raise_hard_limit() -> bool:
+    """Whether this process has CAP_SYS_RESOURCE (a container may withhold it from root)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return False
 
 
 def mib(kib: int | None) -> float | None:
@@ -238,6 +250,22 @@ async def settle(gw: UpProcess, baseline: int, gauge: Any) -> tuple[bool, float]
 
     ok = await soak_gateway.wait_until(back, SETTLE_SECONDS)
     return ok, loop.time() - t0
+
+
+def _outcome(load: soak_load.Load[Any], gateway: tuple[ProcSample, ProcSample, ProcSample],
+             active_peak: int) -> dict[str, Any]:
+    """What every scenario reports: counts, errors, times, the gateway's samples."""
+    before, peak, after = gateway
+    return {
+        "asked": load.asked, "opened": load.opened, "verified": load.verified,
+        "errors": dict(load.errors), "active_at_peak": active_peak,
+        "open_seconds": round(load.open_seconds, 2),
+        "verify_seconds": round(load.verify_seconds, 2),
+        "gateway": {"before": before.as_dict(), "peak": peak.as_dict(),
+                    "after": after.as_dict()},
+        "gateway_rss_growth_kib": growth(before, peak, "rss_kib"),
+        "gateway_pss_growth_kib": growth(before, peak, "pss_kib"),
+    }
 
 
 def _since(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
@@ -305,24 +333,20 @@ async def scenario_proxy(gw: UpProcess, sandbox: str, port: int,
         why.append(f"gateway failures by reason (/metrics): {fails or 'none counted'}")
         why.append(f"gateway RLIMIT_NOFILE {peak.nofile_soft} soft / {peak.nofile_hard} "
                    "hard" + (f" (its log: about {limit_line[1]} spliced connections)"
-                             if limit_line else ""))
+                             if limit_line else "")
+                   + ("" if can_raise_hard_limit() else "; root here lacks "
+                      "CAP_SYS_RESOURCE: no process can raise its hard limit"))
         why.append(f"listen overflows in the host namespace while opening: {overflows} "
                    "(host-wide: other programs' listeners count too)")
     if api_errors:
         why.append(f"the gateway's API did not answer /metrics within "
-                   f"{gw.metrics_timeout:g} s, {len(api_errors)} time(s) (failure "
-                   "counts above may be missing): " + "; ".join(api_errors[:3]))
+                   f"{gw.metrics_timeout:g} s, {len(api_errors)} time(s) while the "
+                   "connections were open (the counts above were read after close): "
+                   + "; ".join(api_errors[:3]))
     return {
-        "asked": args.conns, "opened": load.opened, "verified": load.verified,
-        "errors": dict(load.errors), "gateway_failures": fails,
-        "active_at_peak": active_peak,
+        **_outcome(load, (before, peak, after), active_peak),
+        "gateway_failures": fails,
         "host_listen_overflows": overflows,
-        "open_seconds": round(load.open_seconds, 2),
-        "verify_seconds": round(load.verify_seconds, 2),
-        "gateway": {"before": before.as_dict(), "peak": peak.as_dict(),
-                    "after": after.as_dict()},
-        "gateway_rss_growth_kib": rss_growth,
-        "gateway_pss_growth_kib": growth(before, peak, "pss_kib"),
         "gateway_rss_growth_per_conn_bytes": per_conn,
         "gateway_rss_after_close_growth_kib": growth(before, after, "rss_kib"),
         "descriptors_back": back, "settle_seconds": round(settle_s, 2),
@@ -397,15 +421,8 @@ async def scenario_ws(gw: UpProcess, sandbox: dict[str, Any], listen: str,
                    f"{gw.metrics_timeout:g} s, {len(api_errors)} time(s): "
                    + "; ".join(api_errors[:3]))
     return {
-        "asked": args.ws_sessions, "opened": load.opened, "verified": load.verified,
-        "errors": dict(load.errors), "closed_uncleanly": unclean,
-        "active_at_peak": active_peak,
-        "open_seconds": round(load.open_seconds, 2),
-        "verify_seconds": round(load.verify_seconds, 2),
-        "gateway": {"before": before.as_dict(), "peak": peak.as_dict(),
-                    "after": after.as_dict()},
-        "gateway_rss_growth_kib": rss_growth,
-        "gateway_pss_growth_kib": growth(before, peak, "pss_kib"),
+        **_outcome(load, (before, peak, after), active_peak),
+        "closed_uncleanly": unclean,
         "gateway_rss_growth_per_session_bytes": (
             rss_growth * 1024 / load.verified if rss_growth is not None and load.verified
             else None),
@@ -427,58 +444,53 @@ async def scenario_ws(gw: UpProcess, sandbox: dict[str, Any], listen: str,
 # -- report ----------------------------------------------------------------------------------
 
 
+def _line(what: str, value: str, target: str | None, ok: bool | None) -> dict[str, Any]:
+    return {"what": what, "value": value, "target": target, "verdict": verdict(ok)}
+
+
+def _common_lines(name: str, r: dict[str, Any], words: str) -> list[dict[str, Any]]:
+    """Every scenario: all verified with 0 errors; after it, /metrics answered throughout
+    and the descriptors came back."""
+    n, ok, g = r["asked"], r["verified"], r["gateway"]
+    return [
+        _line(f"{name}: {words}, 0 errors", f"{ok}/{n}, {sum(r['errors'].values())} errors",
+              f"{n}/{n}, 0 errors", ok == n and not r["errors"]),
+        _line(f"{name}: gateway API answers /metrics throughout",
+              f"{len(r['api_unanswered'])} unanswered", "0 unanswered",
+              not r["api_unanswered"]),
+        _line(f"{name}: gateway descriptors back to baseline after close",
+              f"{g['after']['fds']} (baseline {g['before']['fds']})",
+              f"<= baseline + {FD_SLACK} within {SETTLE_SECONDS:g} s", r["descriptors_back"]),
+    ]
+
+
 def judge(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The PASS/MISS lines against the goals (and a few info lines)."""
     lines: list[dict[str, Any]] = []
     p = results.get("proxy")
     if p is not None:
-        n, ok = p["asked"], p["verified"]
-        lines.append({"what": "proxy: connections open and echoing, 0 errors",
-                      "value": f"{ok}/{n}, {sum(p['errors'].values())} errors",
-                      "target": f"{n}/{n}, 0 errors",
-                      "verdict": verdict(ok == n and not p["errors"])})
+        lines += _common_lines("proxy", p, "connections open and echoing")
         per = p["gateway_rss_growth_per_conn_bytes"]
-        grow = p["gateway_rss_growth_kib"]
-        lines.append({
-            "what": "proxy: gateway RSS growth per connection",
-            "value": "—" if per is None else
-            f"{per / 1024:.1f} KiB ({grow / 1024:.0f} MiB for {ok}; "
-            f"{per * GOAL_CONNS / 1e6:.0f} MB per 10,000)",
-            "target": f"<= {GOAL_BYTES_PER_CONN / 1024:.1f} KiB (150 MB per 10,000)",
-            "verdict": verdict(None if per is None else per <= GOAL_BYTES_PER_CONN)})
-        lines.append({"what": "proxy: gateway API answers /metrics throughout",
-                      "value": f"{len(p['api_unanswered'])} unanswered",
-                      "target": "0 unanswered", "verdict": verdict(not p["api_unanswered"])})
-        lines.append({"what": "proxy: gateway descriptors back to baseline after close",
-                      "value": f"{p['gateway']['after']['fds']} "
-                               f"(baseline {p['gateway']['before']['fds']})",
-                      "target": f"<= baseline + {FD_SLACK} within {SETTLE_SECONDS:g} s",
-                      "verdict": verdict(p["descriptors_back"])})
+        lines.insert(1, _line(
+            "proxy: gateway RSS growth per connection",
+            "—" if per is None else
+            f"{per / 1024:.1f} KiB ({p['gateway_rss_growth_kib'] / 1024:.0f} MiB for "
+            f"{p['verified']}; {per * GOAL_CONNS / 1e6:.0f} MB per 10,000)",
+            f"<= {GOAL_BYTES_PER_CONN / 1024:.1f} KiB (150 MB per 10,000)",
+            None if per is None else per <= GOAL_BYTES_PER_CONN))
     w = results.get("ws")
     if w is not None:
-        n, ok = w["asked"], w["verified"]
-        lines.append({"what": "ws: RFB sessions at ServerInit and answering, 0 errors",
-                      "value": f"{ok}/{n}, {sum(w['errors'].values())} errors",
-                      "target": f"{n}/{n}, 0 errors",
-                      "verdict": verdict(ok == n and not w["errors"])})
+        common = _common_lines("ws", w, "RFB sessions at ServerInit and answering")
         per = w["gateway_rss_growth_per_session_bytes"]
-        lines.append({"what": "ws: gateway RSS growth per session",
-                      "value": "—" if per is None else f"{per / 1024:.1f} KiB",
-                      "target": None, "verdict": None})
         x = w["xvnc"]
-        lines.append({"what": "ws: Xvnc alive and answering a new session after",
-                      "value": f"{'alive' if x['same_process_after'] else 'gone'}, new "
-                               f"session {'ok' if x['new_session_after'] else 'failed'}",
-                      "target": "alive, ok",
-                      "verdict": verdict(x["same_process_after"] and x["new_session_after"])})
-        lines.append({"what": "ws: gateway API answers /metrics throughout",
-                      "value": f"{len(w['api_unanswered'])} unanswered",
-                      "target": "0 unanswered", "verdict": verdict(not w["api_unanswered"])})
-        lines.append({"what": "ws: gateway descriptors back to baseline after close",
-                      "value": f"{w['gateway']['after']['fds']} "
-                               f"(baseline {w['gateway']['before']['fds']})",
-                      "target": f"<= baseline + {FD_SLACK} within {SETTLE_SECONDS:g} s",
-                      "verdict": verdict(w["descriptors_back"])})
+        lines += [common[0],
+                  _line("ws: gateway RSS growth per session",
+                        "—" if per is None else f"{per / 1024:.1f} KiB", None, None),
+                  _line("ws: Xvnc alive and answering a new session after",
+                        f"{'alive' if x['same_process_after'] else 'gone'}, new session "
+                        f"{'ok' if x['new_session_after'] else 'failed'}", "alive, ok",
+                        x["same_process_after"] and x["new_session_after"]),
+                  *common[1:]]
     return lines
 
 
@@ -571,7 +583,10 @@ class Run:
         api = self.gw.start()
         self.record()
         port = testbed.free_port()
-        sb = api.create_sandbox(publish=[f"127.0.0.1:{port}:{GUEST_ECHO_PORT}"])
+        try:
+            sb = api.create_sandbox(publish=[f"127.0.0.1:{port}:{GUEST_ECHO_PORT}"])
+        except ApiError as exc:
+            raise BenchError(f"the gateway did not make the sandbox: {exc}") from exc
         self.gw.sandbox_ids.append(sb.id)
         limits = sample_process(self.gw.pid)
         progress(f"{scenario}: gateway pid {self.gw.pid} (RLIMIT_NOFILE {limits.nofile_soft} "
@@ -635,11 +650,10 @@ def run(args: argparse.Namespace) -> int:
     label = ("plain `sandport up` (the limits a user gets)" if args.gateway_nofile is None
              else f"UNDER `prlimit --nofile={args.gateway_nofile}:{args.gateway_nofile}` "
                   "(not what a plain `sandport up` gets)")
-    result_path: Path | None = None
-    teardown_errors: list[str] = []
     with tempfile.TemporaryDirectory(prefix=testbed.LOGDIR_PREFIX) as tmp:
         r = Run(args, Path(tmp))
-        try:
+
+        def body() -> Path:
             if not args.no_lock:
                 testbed.cleanup_leftovers(progress)
             r.record()
@@ -681,6 +695,7 @@ def run(args: argparse.Namespace) -> int:
                     "connections verified",
                 ],
             }
+            result_path: Path
             if args.out is not None:
                 result_path = args.out
             else:
@@ -688,27 +703,9 @@ def run(args: argparse.Namespace) -> int:
                 result_path = args.out_dir / \
                     f"soak-scale-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
             result_path.write_text(report.to_json(doc))
-        except KeyboardInterrupt as exc:
-            progress(f"interrupted ({exc or 'SIGINT'}); tearing down, no result written")
-            return 130
-        except Unavailable as exc:
-            progress(f"soak cannot run here: {exc}")
-            return 2
-        except BenchError as exc:
-            progress(f"soak failed: {exc}")
-            return 1
-        except Exception as exc:  # e.g. the API refused the sandbox: a setup failure
-            progress(f"soak failed: {type(exc).__name__}: {exc}")
-            return 1
-        finally:
-            testbed.protect_teardown()
-            progress("teardown ...")
-            teardown_errors = r.teardown()
-            for err in teardown_errors:
-                progress(f"teardown: {err}")
-    if result_path is not None:
-        print(f"\nwrote {result_path}", flush=True)
-    return 1 if teardown_errors else 0
+            return result_path
+
+        return testbed.finish(body, r.teardown, failed="soak failed")
 
 
 def main(argv: list[str] | None = None) -> int:
