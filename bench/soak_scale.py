@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -618,6 +619,8 @@ class Run:
             shutil.rmtree(self.args.state_dir, ignore_errors=True)
             if not self.args.no_lock:
                 self.state_file.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty: another run's file is in it
+                    testbed.STATE_DIR.rmdir()
         return errors
 
 
