@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 # gateway with its own state dir, bridge and subnet.
 WORKERS ?= 3
 
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo test test-unit lint bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python bench/run.py && $(BIN)/python bench/ws.py && $(BIN)/python bench/ready.py && $(BIN)/python bench/usernet.py
+
+# Minutes, not a test (short versions of its scenarios are in `make test`).
+soak: setup
+	$(BIN)/python bench/soak_scale.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build src/*.egg-info

@@ -275,11 +275,10 @@ def run(args: argparse.Namespace) -> int:
     rounds: dict[str, list[dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     paths: dict[str, str] = {}
-    teardown_errors: list[str] = []
-    result_path: Path | None = None
     with tempfile.TemporaryDirectory(prefix=testbed.LOGDIR_PREFIX) as tmp:
         tb = testbed.Testbed(Path(tmp), progress)
-        try:
+
+        def body() -> Path | int:
             testbed.cleanup_leftovers(progress)
             tb.create()
             peers = []
@@ -341,23 +340,11 @@ def run(args: argparse.Namespace) -> int:
                 ],
             }
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            result_path = args.out_dir / f"forward-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+            result_path: Path = args.out_dir / f"forward-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
             result_path.write_text(report.to_json(result))
-        except KeyboardInterrupt as exc:
-            progress(f"interrupted ({exc or 'SIGINT'}); tearing down, no result written")
-            return 130
-        except testbed.BenchError as exc:
-            progress(f"bench failed: {exc}")
-            return 1
-        finally:
-            testbed.protect_teardown()
-            progress("teardown ...")
-            teardown_errors = tb.teardown()
-            for err in teardown_errors:
-                progress(f"teardown: {err}")
-    if result_path is not None:
-        print(f"\nwrote {result_path}", flush=True)
-    return 1 if teardown_errors else 0
+            return result_path
+
+        return testbed.finish(body, tb.teardown)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,7 +102,44 @@ def protect_teardown() -> None:
 
 
 class BenchError(Exception):
-    """Something the bench needs did not work; the message says what."""
+    """Something the bench needs did not work; the message says what.
+
+    ``status`` is the exit status it means: 1, or 2 when the machine cannot run it.
+    """
+
+    status = 1
+
+
+def finish(body: Callable[[], Path | int | None], teardown: Callable[[], list[str]],
+           failed: str = "bench failed") -> int:
+    """Run a bench's ``body``, then always its ``teardown``; the exit status.
+
+    ``body`` returns the result file it wrote (or an exit status of its own). An
+    interrupt is 130, a :class:`BenchError` its ``status``, an error the teardown
+    reports 1. From the teardown on, signals only say that it runs
+    (:func:`protect_teardown`).
+    """
+    written: Path | int | None = None
+    errors: list[str] = []
+    try:
+        written = body()
+    except KeyboardInterrupt as exc:
+        progress(f"interrupted ({exc or 'SIGINT'}); tearing down, no result written")
+        return 130
+    except BenchError as exc:
+        progress(f"{failed}: {exc}")
+        return exc.status
+    finally:
+        protect_teardown()
+        progress("teardown ...")
+        errors = teardown()
+        for err in errors:
+            progress(f"teardown: {err}")
+    if isinstance(written, int):
+        return written
+    if written is not None:
+        print(f"\nwrote {written}", flush=True)
+    return 1 if errors else 0
 
 
 def sh(argv: list[str], *, check: bool = True, timeout: float = CMD_TIMEOUT) -> str:

@@ -768,12 +768,11 @@ def run(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     paths: dict[str, str] = {}
     at_rest: dict[str, int] = {}
-    teardown_errors: list[str] = []
-    result_path: Path | None = None
     sp_argv = sandport_argv(args)
     with tempfile.TemporaryDirectory(prefix=testbed.LOGDIR_PREFIX) as tmp:
         bed = Bed(Path(tmp), args.client)
-        try:
+
+        def body() -> Path | int:
             cleanup_leftovers()
             bed.create()
             peers = []
@@ -849,23 +848,11 @@ def run(args: argparse.Namespace) -> int:
                 ],
             }
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            result_path = args.out_dir / f"ws-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+            result_path: Path = args.out_dir / f"ws-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
             result_path.write_text(report.to_json(result))
-        except KeyboardInterrupt as exc:
-            progress(f"interrupted ({exc or 'SIGINT'}); tearing down, no result written")
-            return 130
-        except BenchError as exc:
-            progress(f"bench failed: {exc}")
-            return 1
-        finally:
-            testbed.protect_teardown()
-            progress("teardown ...")
-            teardown_errors = bed.teardown()
-            for err in teardown_errors:
-                progress(f"teardown: {err}")
-    if result_path is not None:
-        print(f"\nwrote {result_path}", flush=True)
-    return 1 if teardown_errors else 0
+            return result_path
+
+        return testbed.finish(body, bed.teardown)
 
 
 def main(argv: list[str] | None = None) -> int:

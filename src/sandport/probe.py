@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
@@ -167,6 +168,23 @@ async def probe_rfb_tcp(
         return _failed(hop, _os_error_text(exc), t0)
 
 
+def ws_byte_stream(ws: ClientConnection) -> tuple[Recv, Send]:
+    """A WebSocket's messages as a byte stream for :func:`run_rfb_handshake`: ``recv``
+    gives b"" once the WebSocket is closed."""
+
+    async def recv() -> bytes:
+        try:
+            message = await ws.recv()
+        except WebSocketException:
+            return b""
+        return message if isinstance(message, bytes) else message.encode()
+
+    async def send(data: bytes) -> None:
+        await ws.send(data)
+
+    return recv, send
+
+
 async def probe_rfb_ws(
     url: str,
     *,
@@ -184,17 +202,7 @@ async def probe_rfb_ws(
             url, subprotocols=["binary"], compression=None, open_timeout=timeout,  # type: ignore[list-item]
             **extra,
         ) as ws:
-
-            async def send(data: bytes) -> None:
-                await ws.send(data)
-
-            async def recv() -> bytes:
-                try:
-                    message = await ws.recv()
-                except WebSocketException:
-                    return b""
-                return message if isinstance(message, bytes) else message.encode()
-
+            recv, send = ws_byte_stream(ws)
             return await run_rfb_handshake(recv, send, hop=hop, password=password,
                                            stop_at=stop_at)
     except InvalidStatus as exc:
