@@ -141,6 +141,12 @@ def test_out_of_descriptors_clients_are_reset_at_once_and_accepting_goes_on(
             f'sandport_forward_failures_total{{forward="{fwd["id"]}"')
             and 'reason="descriptors"' in line]
         assert [line.rsplit(" ", 1)[1] for line in counted] == [str(kinds["reset"])], counted
+        # Idle connections hold no splice pipe; none of them had to copy for want of one.
+        assert (fwd["pipes"], fwd["fallbacks"]) == (0, 0), fwd
+        for family in ("sandport_forward_pipes", "sandport_forward_copy_fallbacks_total"):
+            held = [line for line in metrics
+                    if line.startswith(f'{family}{{forward="{fwd["id"]}"')]
+            assert [line.rsplit(" ", 1)[1] for line in held] == ["0"], (family, held)
 
         # All closed: the relay serves new clients again.
         deadline = time.monotonic() + 10
