@@ -20,18 +20,12 @@ from typing import Any
 import pytest
 
 from conftest import eventually
-from sandport.forward.tcp import TcpForward, TcpForwardSpec
+from relayhelpers import accept_n, connect, forward_to_listener, read_to_eof, send_all
 from sandport.net.splice import PIPES
 
 pytestmark = pytest.mark.integration
 
-LOOPBACK = "127.0.0.1"
-KiB = 1024
-MiB = 1024 * KiB
-
-
-def spec_for(port: int, **kw: Any) -> TcpForwardSpec:
-    return TcpForwardSpec(listen_port=0, target_host=LOOPBACK, target_port=port, **kw)
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -43,39 +37,6 @@ def small_pool() -> Iterator[int]:
     PIPES.resize(limit)
 
 
-async def _accept_n(srv: socket.socket, n: int) -> list[socket.socket]:
-    loop = asyncio.get_running_loop()
-    conns = []
-    for _ in range(n):
-        conn, _ = await loop.sock_accept(srv)
-        conns.append(conn)
-    return conns
-
-
-async def _send_all(sock: socket.socket, data: bytes, *, fin: bool) -> None:
-    await asyncio.get_running_loop().sock_sendall(sock, data)
-    if fin:
-        sock.shutdown(socket.SHUT_WR)
-
-
-async def _recv_all(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    got = bytearray()
-    while chunk := await loop.sock_recv(sock, 256 * KiB):
-        got += chunk
-    return bytes(got)
-
-
-async def _read_n(sock: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    got = bytearray()
-    while len(got) < n:
-        chunk = await loop.sock_recv(sock, n - len(got))
-        assert chunk, "EOF before all bytes"
-        got += chunk
-    return bytes(got)
-
-
 def test_more_bulk_connections_than_pipes_switch_paths_intact(
         run: Callable[..., Any], small_pool: int) -> None:
     """Four connections move 8 MiB each way at once through a pool of two pipes, with
@@ -85,48 +46,36 @@ def test_more_bulk_connections_than_pipes_switch_paths_intact(
     n, size = 4, 8 * MiB
 
     async def main() -> None:
-        with socket.socket() as srv:
-            srv.bind((LOOPBACK, 0))
-            srv.listen(n)
-            srv.setblocking(False)
-            async with TcpForward(spec_for(srv.getsockname()[1])) as fwd:
-                loop = asyncio.get_running_loop()
-                clients = []
-                for _ in range(n):
-                    c = socket.socket()
-                    c.setblocking(False)
-                    await loop.sock_connect(c, (LOOPBACK, fwd.bound_port))
-                    clients.append(c)
-                targets = await _accept_n(srv, n)
-                for t in targets:
-                    t.setblocking(False)
-                ups = [random.Random(i).randbytes(size) for i in range(n)]
-                downs = [random.Random(100 + i).randbytes(size) for i in range(n)]
-                # Everyone sends first; nobody reads yet: the relay's pumps stall holding
-                # what they read, so the pool runs dry.
-                sends = [asyncio.ensure_future(_send_all(c, d, fin=True))
-                         for c, d in zip(clients, ups, strict=True)]
-                sends += [asyncio.ensure_future(_send_all(t, d, fin=True))
-                          for t, d in zip(targets, downs, strict=True)]
-                await eventually(lambda: fwd.stats.pipes == small_pool, within=10)
-                await eventually(lambda: fwd.stats.fallbacks > 0, within=10)
-                assert PIPES.stats.in_use <= small_pool
-                got_up = await asyncio.gather(*(_recv_all(t) for t in targets))
-                got_down = await asyncio.gather(*(_recv_all(c) for c in clients))
-                await asyncio.gather(*sends)
-                for i in range(n):
-                    assert hashlib.sha256(got_up[i]).digest() == \
-                        hashlib.sha256(ups[i]).digest(), f"connection {i}: up differs"
-                    assert hashlib.sha256(got_down[i]).digest() == \
-                        hashlib.sha256(downs[i]).digest(), f"connection {i}: down differs"
-                for s in clients + targets:
-                    s.close()
-                await eventually(lambda: fwd.stats.active == 0)
-                st = fwd.stats
-                assert (st.bytes_up, st.bytes_down) == (n * size, n * size)
-                assert st.pipes == 0 and PIPES.stats.in_use == 0  # all given back
-                assert PIPES.stats.free <= small_pool
-                assert st.failures["reset"] == 0
+        async with forward_to_listener(n) as (fwd, srv):
+            clients = [await connect(fwd.bound_port) for _ in range(n)]
+            targets = await accept_n(srv, n)
+            ups = [random.Random(i).randbytes(size) for i in range(n)]
+            downs = [random.Random(100 + i).randbytes(size) for i in range(n)]
+            # Everyone sends first; nobody reads yet: the relay's pumps stall holding
+            # what they read, so the pool runs dry.
+            sends = [asyncio.ensure_future(send_all(c, d, fin=True))
+                     for c, d in zip(clients, ups, strict=True)]
+            sends += [asyncio.ensure_future(send_all(t, d, fin=True))
+                      for t, d in zip(targets, downs, strict=True)]
+            await eventually(lambda: fwd.stats.pipes == small_pool, within=10)
+            await eventually(lambda: fwd.stats.fallbacks > 0, within=10)
+            assert PIPES.stats.in_use <= small_pool
+            got_up = await asyncio.gather(*(read_to_eof(t) for t in targets))
+            got_down = await asyncio.gather(*(read_to_eof(c) for c in clients))
+            await asyncio.gather(*sends)
+            for i in range(n):
+                assert hashlib.sha256(got_up[i]).digest() == \
+                    hashlib.sha256(ups[i]).digest(), f"connection {i}: up differs"
+                assert hashlib.sha256(got_down[i]).digest() == \
+                    hashlib.sha256(downs[i]).digest(), f"connection {i}: down differs"
+            for s in clients + targets:
+                s.close()
+            await eventually(lambda: fwd.stats.active == 0)
+            st = fwd.stats
+            assert (st.bytes_up, st.bytes_down) == (n * size, n * size)
+            assert st.pipes == 0 and PIPES.stats.in_use == 0  # all given back
+            assert PIPES.stats.free <= small_pool
+            assert st.failures["reset"] == 0
 
     run(main, timeout=90)
 
@@ -137,40 +86,30 @@ def test_reset_with_bytes_in_a_pipe_never_reuses_that_pipe(
     gets a clean one (none of the old bytes)."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        with socket.socket() as srv:
-            srv.bind((LOOPBACK, 0))
-            srv.listen(4)
-            srv.setblocking(False)
-            async with TcpForward(spec_for(srv.getsockname()[1])) as fwd:
-                c = socket.socket()
-                c.setblocking(False)
-                await loop.sock_connect(c, (LOOPBACK, fwd.bound_port))
-                (t,) = await _accept_n(srv, 1)
-                # The target never reads: the up pump stalls with bytes in its pipe.
-                sender = asyncio.ensure_future(
-                    _send_all(c, b"\xee" * (32 * MiB), fin=False))
-                await eventually(lambda: fwd.stats.pipes == 1 and fwd.stats.buffered > 0,
-                                 within=10)
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                t.close()  # RST: the relay resets the pair
-                await eventually(lambda: fwd.stats.active == 0, within=5)
-                c.close()
-                assert PIPES.stats.in_use == 0
-                # A fresh connection, bulk again: only its own bytes arrive.
-                c2 = socket.socket()
-                c2.setblocking(False)
-                await loop.sock_connect(c2, (LOOPBACK, fwd.bound_port))
-                (t2,) = await _accept_n(srv, 1)
-                t2.setblocking(False)
-                data = random.Random(5).randbytes(8 * MiB)
-                _, got = await asyncio.gather(_send_all(c2, data, fin=True), _recv_all(t2))
-                assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-                c2.close()
-                t2.close()
-                await eventually(lambda: fwd.stats.active == 0)
+        async with forward_to_listener(4) as (fwd, srv):
+            c = await connect(fwd.bound_port)
+            (t,) = await accept_n(srv, 1)
+            # The target never reads: the up pump stalls with bytes in its pipe.
+            sender = asyncio.ensure_future(
+                send_all(c, b"\xee" * (32 * MiB), fin=False))
+            await eventually(lambda: fwd.stats.pipes == 1 and fwd.stats.buffered > 0,
+                             within=10)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            t.close()  # RST: the relay resets the pair
+            await eventually(lambda: fwd.stats.active == 0, within=5)
+            c.close()
+            assert PIPES.stats.in_use == 0
+            # A fresh connection, bulk again: only its own bytes arrive.
+            c2 = await connect(fwd.bound_port)
+            (t2,) = await accept_n(srv, 1)
+            data = random.Random(5).randbytes(8 * MiB)
+            _, got = await asyncio.gather(send_all(c2, data, fin=True), read_to_eof(t2))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            c2.close()
+            t2.close()
+            await eventually(lambda: fwd.stats.active == 0)
 
     run(main, timeout=60)
