@@ -42,6 +42,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _monotonic = time.monotonic
 _DEBUG = logging.DEBUG
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,13 +128,12 @@ class _Link:
 
     def _connect_now(self, family: int, host: str, port: int) -> None:
         """An address literal: a non-blocking connect, finished by a writer callback."""
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # SOCK_NONBLOCK: non-blocking from the start, no ioctl of its own
+            sock = socket.socket(family, _STREAM_NONBLOCK)
         except OSError as exc:
             self._connect_failed(host, port, os.strerror(exc.errno or 0),
                                  _connect_failure_reason(exc))
             return
-        sock.setblocking(False)
         err = sock.connect_ex((host, port))
         if err == 0:
             self._pair(sock)
