@@ -166,7 +166,8 @@ class HostForward:
                 failures = {**failures, LOGIN_BLOCKED: relay.rfb_gate.blocks}
             doc.update(data_path=relay.data_path, active=st.active, total=st.total,
                        bytes_up=st.bytes_up, bytes_down=st.bytes_down,
-                       failures=failures, buffered=st.buffered)
+                       failures=failures, buffered=st.buffered,
+                       pipes=st.pipes, fallbacks=st.fallbacks)
         elif isinstance(relay, UdpForward):
             us = relay.stats
             doc.update(data_path="datagram", active=us.flows_active, total=us.flows_total,

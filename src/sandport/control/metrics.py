@@ -28,6 +28,12 @@ _FAMILIES = (
     ("sandport_forward_failures_total", "counter",
      "Connections a forward failed or ended, by reason (refused, unreachable, timeout, "
      "limit, idle, reset, descriptors)."),
+    ("sandport_forward_pipes", "gauge",
+     "Splice pipes a userspace TCP forward's connections hold now (one per direction with "
+     "bytes in flight; taken from the process's bounded pool)."),
+    ("sandport_forward_copy_fallbacks_total", "counter",
+     "Times a direction of a userspace TCP forward copied instead of splicing (the pipe "
+     "pool was empty, or a pipe or splice was refused)."),
     ("sandport_sandboxes", "gauge", "Sandboxes the gateway runs."),
     ("sandport_sandbox_state", "gauge",
      "1 for the state each sandbox is in (creating, starting, ready, degraded, ...)."),
@@ -119,6 +125,11 @@ def render(forwards: list[dict[str, Any]], *, sandboxes: int,
                 f"sandport_forward_connections_active{_labels(base)} {int(f['active'])}")
         samples["sandport_forward_connections_total"].append(
             f"sandport_forward_connections_total{_labels(base)} {int(f['total'] or 0)}")
+        if f.get("pipes") is not None:
+            samples["sandport_forward_pipes"].append(
+                f"sandport_forward_pipes{_labels(base)} {int(f['pipes'])}")
+            samples["sandport_forward_copy_fallbacks_total"].append(
+                f"sandport_forward_copy_fallbacks_total{_labels(base)} {int(f['fallbacks'])}")
         for reason, count in sorted((f.get("failures") or {}).items()):
             samples["sandport_forward_failures_total"].append(
                 f"sandport_forward_failures_total{_labels([*base, ('reason', reason)])} "

@@ -2,10 +2,12 @@
 
 Owns :class:`_Link` (connect with timeout and failure reason, the PROXY header, pairing the
 two :class:`~sandport.forward.pump._Pump` s, half-close, reset, idle-out, accounting) and its
-helpers: :func:`_open_connection` (optionally in a network namespace), :func:`_proxy_header`
-and :func:`_peer`. It must not touch the listener, accepting or the forward's counters
-directly: it reports to its :class:`~sandport.forward.tcp.TcpForward` (``count_failure``,
-``count_fallback``, ``link_finished``) and reads its ``spec`` and ``closing``.
+helpers: :func:`_open_connection` (a name, or a network namespace), :func:`_proxy_header`
+and :func:`_peer`. An address literal in our own namespace is connected without a task:
+a non-blocking ``connect``, a writer callback and one timer. It must not touch the
+listener, accepting or the forward's counters directly: it reports to its
+:class:`~sandport.forward.tcp.TcpForward` (``count_failure``, ``count_fallback``,
+``out_of_descriptors``, ``link_finished``) and reads its ``spec`` and ``closing``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -38,6 +41,19 @@ log = logging.getLogger("sandport.forward.tcp")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 _monotonic = time.monotonic
+_DEBUG = logging.DEBUG
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+
+
+@functools.lru_cache(maxsize=64)
+def _literal_family(host: str) -> int:
+    """The address family of an IP literal, 0 for a name (resolved per connect)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return 0
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 def _close_with_reset(sock: socket.socket) -> None:
@@ -51,9 +67,11 @@ class _Link:
     """One relayed connection: the client socket, the connect step, then two pumps."""
 
     __slots__ = (
-        "cid",
         "client",
         "connect_task",
+        "connect_timer",
+        "connect_writer",
+        "connecting",
         "counted_reset",
         "down",
         "finished",
@@ -62,20 +80,29 @@ class _Link:
         "idled",
         "last_activity",
         "loop",
+        "seq",
         "started",
         "up",
         "upstream",
     )
 
-    def __init__(self, fwd: TcpForward, cid: str, client: socket.socket) -> None:
+    def __init__(self, fwd: TcpForward, seq: int, client: socket.socket,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.fwd = fwd
-        self.loop = asyncio.get_running_loop()
-        self.cid = cid
+        self.loop = loop
+        #: Number of the connection on its forward (the id is built when a line is logged).
+        self.seq = seq
         self.client = client
         self.upstream: socket.socket | None = None
         self.up: _Pump | None = None
         self.down: _Pump | None = None
+        #: The connect step of a name or a namespace target (else None).
         self.connect_task: asyncio.Task[None] | None = None
+        #: The upstream socket of an address literal while its handshake is pending.
+        self.connecting: socket.socket | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
+        #: The connect writer is still registered on the (now connected) upstream.
+        self.connect_writer = False
         self.finished = False
         self.started = _monotonic()
         #: When a byte last moved in either direction (set at pairing, then per read).
@@ -87,11 +114,91 @@ class _Link:
 
     # -- connecting -------------------------------------------------------------------------
 
+    @property
+    def cid(self) -> str:
+        """The connection's id in log lines: ``<forward name>#<n>``."""
+        return f"{self.fwd.label}#{self.seq}"
+
     def connect(self, host: str, port: int) -> None:
         """Start the upstream connect; the pumps start when it succeeds."""
+        family = _literal_family(host)
+        if family and not self.fwd.spec.netns:
+            self._connect_now(family, host, port)
+            return
         self.connect_task = self.loop.create_task(
             self._connect(host, port), name=f"{self.cid} connect"
         )
+
+    def _connect_now(self, family: int, host: str, port: int) -> None:
+        """An address literal: a non-blocking connect, finished by a writer callback."""
+        try:  # SOCK_NONBLOCK: non-blocking from the start, no ioctl of its own
+            sock = socket.socket(family, _STREAM_NONBLOCK)
+        except OSError as exc:
+            self._connect_failed(host, port, os.strerror(exc.errno or 0),
+                                 _connect_failure_reason(exc))
+            return
+        err = sock.connect_ex((host, port))
+        if err == 0:
+            self._pair(sock)
+            return
+        if err not in _IN_PROGRESS:
+            sock.close()
+            self._connect_failed(host, port, os.strerror(err),
+                                 _connect_failure_reason(OSError(err, os.strerror(err))))
+            return
+        self.connecting = sock
+        loop = self.loop
+        loop.add_writer(sock.fileno(), self._on_connect_writable, host, port)
+        self.connect_timer = loop.call_later(self.fwd.spec.connect_timeout,
+                                             self._connect_timed_out, host, port)
+
+    def _stop_connecting(self) -> socket.socket | None:
+        sock, self.connecting = self.connecting, None
+        if sock is not None:
+            self.loop.remove_writer(sock.fileno())
+        timer, self.connect_timer = self.connect_timer, None
+        if timer is not None:
+            timer.cancel()
+        return sock
+
+    def _on_connect_writable(self, host: str, port: int) -> None:
+        sock = self.connecting
+        if sock is None:  # pragma: no cover - reset() unregistered us first
+            return
+        self.connecting = None
+        timer, self.connect_timer = self.connect_timer, None
+        if timer is not None:
+            timer.cancel()
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.loop.remove_writer(sock.fileno())
+            sock.close()
+            self._connect_failed(host, port, os.strerror(err),
+                                 _connect_failure_reason(OSError(err, os.strerror(err))))
+            return
+        # The pumps register the upstream's reader before the connect writer goes, so the
+        # loop keeps one poll handle for the socket instead of closing and making another.
+        self.upstream = sock
+        self.connect_writer = True
+        self._pair(sock)
+        self._drop_connect_writer()
+
+    def _drop_connect_writer(self) -> None:
+        """Unregister the connect step's writer, unless the up pump took it over."""
+        if self.connect_writer:
+            self.connect_writer = False
+            up = self.up
+            if up is None or not up.writing:
+                assert self.upstream is not None
+                self.loop.remove_writer(self.upstream.fileno())
+
+    def _connect_timed_out(self, host: str, port: int) -> None:
+        self.connect_timer = None
+        sock = self._stop_connecting()
+        if sock is not None:
+            sock.close()
+        self._connect_failed(host, port, f"no answer within {self.fwd.spec.connect_timeout:g} s",
+                             FailureReason.TIMEOUT)
 
     async def _connect(self, host: str, port: int) -> None:
         timeout = self.fwd.spec.connect_timeout
@@ -150,38 +257,36 @@ class _Link:
         self.down = _Pump(self, upstream, self.client, "down", b"")
         self._open_data_path(self.up, self.down)
         self.last_activity = _monotonic()
-        log.debug("%s: connected to %s (%s)", self.cid, _peer(upstream),
-                  "splice" if self.up.pipe_w >= 0 else "copy")
+        if log.isEnabledFor(_DEBUG):
+            log.debug("%s: connected to %s (%s)", self.cid, _peer(upstream),
+                      "splice" if self.up.may_splice else "copy")
         self.up.start()
         if not self.finished:
             self.down.start()
 
     def _open_data_path(self, up: _Pump, down: _Pump) -> None:
-        """A pipe per direction for splice; when one cannot be had (out of descriptors, or
-        the pipe budget), both directions copy: 2 descriptors for the connection, not 6."""
+        """Splice or copy: a spliced direction copies its first bytes and takes a pipe from
+        the pool only once bulk data flows (and gives it back whenever nothing is in
+        flight); nothing is allocated here."""
         if self.fwd.spec.splice:
-            exc = up.open_pipe() or down.open_pipe()
-            if exc is None:
-                return
-            why = f"no pipe: {os.strerror(exc.errno) if exc.errno else exc}"
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                self.fwd.out_of_descriptors(f"{self.cid} relays on the copy path ({why})",
-                                            refused=False)
-            else:
-                log.info("%s: %s; copying with recv/send instead", self.cid, why)
-            for pump in (up, down):
-                self.fwd.count_fallback()
-                pump.use_copy()
-            return
-        up.use_copy()
-        down.use_copy()
+            up.use_splice()
+            down.use_splice()
 
     # -- events from the pumps --------------------------------------------------------------
 
-    def fell_back(self, why: str) -> None:
-        """A pump could not splice; it relays with recv/send instead."""
+    def fell_back(self, why: str | None) -> None:
+        """A pump could not splice (``why``; None: the pool had no pipe for it); it relays
+        with recv/send instead."""
         self.fwd.count_fallback()
-        log.info("%s: %s; copying with recv/send instead", self.cid, why)
+        if why is None:
+            log.debug("%s: no pipe free in the pool; copying for now", self.cid)
+        else:
+            log.info("%s: %s; copying with recv/send instead", self.cid, why)
+
+    def out_of_pipes(self, exc: OSError) -> None:
+        """The kernel refused a new pipe for want of descriptors (the pump copies)."""
+        self.fwd.out_of_descriptors(f"{self.cid} relays on the copy path (no pipe: "
+                                    f"{os.strerror(exc.errno or 0)})", refused=False)
 
     def failed(self, pump: _Pump, exc: OSError, doing: str) -> None:
         """A socket failed: reset both sides, count it once."""
@@ -190,11 +295,14 @@ class _Link:
         self.count_reset()
         self.finish(reset=True)
 
-    def fin_passed(self) -> None:
-        """A FIN was passed on; once both directions are done the sockets close."""
-        if self.up is not None and self.down is not None and self.up.fin_sent \
-                and self.down.fin_sent:
+    def fin_passed(self, pump: _Pump) -> bool:
+        """``pump`` passes a FIN on. Once both directions are done the sockets close (and
+        True: the closing itself sends that FIN, no ``shutdown`` needed)."""
+        other = self.down if pump is self.up else self.up
+        if other is not None and other.fin_sent:
             self.finish(reset=False)
+            return True
+        return False
 
     def pump_drained(self) -> None:
         """A draining pump wrote its last byte; close when both are done."""
@@ -206,7 +314,7 @@ class _Link:
     def close(self, why: str) -> None:
         """Stop reading; close both sockets once what the relay holds is written."""
         log.debug("%s: closing: %s", self.cid, why)
-        if self.connect_task is not None:
+        if self.connect_task is not None or self.connecting is not None:
             self.reset()
             return
         drained = [p.drain() for p in (self.up, self.down) if p is not None]
@@ -219,6 +327,9 @@ class _Link:
         if task is not None:
             task.cancel()  # its handler finishes the link
             return
+        sock = self._stop_connecting()
+        if sock is not None:
+            _close_with_reset(sock)
         self.finish(reset=True)
 
     def idle_out(self, idle_for: float) -> None:
@@ -246,9 +357,13 @@ class _Link:
         self.finished = True
         if self.gate is not None:
             self.gate.close()
+        pending = self._stop_connecting()
+        if pending is not None:
+            _close_with_reset(pending)
         for pump in (self.up, self.down):
             if pump is not None:
                 pump.close()
+        self._drop_connect_writer()
         for sock in (self.client, self.upstream):
             if sock is None:
                 continue
@@ -257,9 +372,10 @@ class _Link:
             else:
                 sock.close()
         self.fwd.link_finished(self)
-        log.debug("%s: %s after %.3f s, up %d B, down %d B", self.cid,
-                  "reset" if reset else "closed", _monotonic() - self.started,
-                  self.bytes_up, self.bytes_down)
+        if log.isEnabledFor(_DEBUG):
+            log.debug("%s: %s after %.3f s, up %d B, down %d B", self.cid,
+                      "reset" if reset else "closed", _monotonic() - self.started,
+                      self.bytes_up, self.bytes_down)
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -281,6 +397,10 @@ class _Link:
     def buffered(self) -> int:
         """Bytes the relay holds for this connection."""
         return sum(p.held() for p in (self.up, self.down) if p is not None)
+
+    def pipes(self) -> int:
+        """Pipes of the pool this connection holds now (0 to 2)."""
+        return sum(p.holds_pipe() for p in (self.up, self.down) if p is not None)
 
 
 def _peer(sock: socket.socket) -> str:

@@ -3,31 +3,46 @@
 One :class:`TcpForward` owns the listening socket(s). Every accepted client gets exactly one
 upstream connection to the current target; once it is connected, two *pumps* move the bytes,
 one per direction, driven by readiness callbacks of the running loop (``add_reader`` /
-``add_writer``: asyncio and uvloop alike). No transport, no stream, no per-connection task
-once the pair exists.
+``add_writer``: asyncio and uvloop alike). No transport, no stream, no task per connection:
+an address-literal target is connected with a non-blocking ``connect``, a writer callback
+and one timer (a name, or a target in another network namespace, takes a connect task).
 
 Data path (``TcpForwardSpec.data_path``)::
 
-    client ──splice──► pipe ──splice──► upstream      (one pipe per direction)
-    client ◄──splice── pipe ◄──splice── upstream
+    client ──recv──► shared buffer ──send──► upstream         (short exchanges, first bytes)
+    client ──splice──► pipe from the pool ──splice──► upstream (bulk, while bytes are held)
 
-* ``splice`` (the default where ``os.splice`` exists): ``splice(2)`` moves the bytes from the
-  source socket into a pipe and from the pipe into the destination socket; they never reach
-  user space, Python only schedules. The pipe is sized to :data:`~sandport.net.splice.PIPE_SIZE`.
-* ``copy``: ``recv_into`` a fixed buffer of :data:`COPY_CHUNK` bytes and ``send`` it on. Used
-  when asked for, when ``os.splice`` does not exist, and per connection when the kernel
-  refuses the pipe (fd limit) or splice itself (``EINVAL``); counted in ``fallbacks``.
+* A connection holds two descriptors, its sockets, and no buffer: an idle direction has
+  nothing but its reader registration. A read goes into the event loop thread's one shared
+  buffer (:data:`~sandport.forward.pump.COPY_CHUNK`) and is sent on at once; only what the
+  destination does not take is copied out and kept by that direction.
+* ``splice`` (the default where ``os.splice`` exists): once a direction has moved
+  :data:`~sandport.forward.pump.SPLICE_AFTER` bytes it takes a pipe from the process's
+  bounded pool (:data:`~sandport.net.splice.PIPES`, HAProxy's ``tune.maxpipes``: at most a
+  quarter of the descriptor limit, :data:`~sandport.net.splice.DEFAULT_MAX_PIPES` at most,
+  ``PIPES.resize()`` to change it) for each wake-up: ``splice(2)`` moves the bytes from the
+  source socket into the pipe and from the pipe into the destination, never through user
+  space, and the pipe goes back to the pool as soon as it is empty. It stays with the
+  direction only while the destination cannot take what it holds. When the pool has no pipe
+  (or the kernel refuses one), that read is copied, counted once in ``fallbacks`` until a
+  pipe is had again. A pipe that still holds bytes when its connection is reset is closed,
+  never reused. Switching between the paths happens only between reads, when nothing is
+  held, so bytes keep their order.
+* ``copy``: always the shared buffer. Used when asked for, when ``os.splice`` does not
+  exist, and per direction when the kernel refuses splice for it (``EINVAL``; counted in
+  ``fallbacks``).
 
 Semantics of one relayed connection (RFC 9293 terms):
 
-* Backpressure: a pump reads from its source only while its pipe (or buffer) is empty. When
-  the destination cannot take everything (``EAGAIN``), the pump stops reading and waits for
-  the destination to become writable. Per direction at most one read is held: a pipe's
-  worth in kernel pages (splice) or :data:`COPY_CHUNK` bytes (copy). The rest waits in the
+* Backpressure: a pump reads from its source only while it holds nothing. When the
+  destination cannot take everything (``EAGAIN``), the pump stops reading and waits for the
+  destination to become writable. Per direction at most one read is held: a pipe's worth in
+  kernel pages (splice) or at most :data:`COPY_CHUNK` bytes (copy). The rest waits in the
   sockets' kernel buffers, so a slow reader slows the sender down instead of growing memory.
 * Half-close (RFC 9293 §3.6): end of stream from one side (FIN) is passed on as
   ``shutdown(SHUT_WR)`` once everything before it was written; the other direction keeps
-  flowing. When FIN went both ways, both sockets are closed.
+  flowing. When FIN went both ways, both sockets are closed (the second FIN is the close's
+  own: both receive queues are empty then, so ``close`` sends FIN, not RST).
 * Reset: when a socket fails (RST, ``EPIPE``, any other error) both sockets are closed with
   ``SO_LINGER {on, 0}``, so the other peer sees a RST too instead of a clean FIN. Counted
   once per connection as ``reset``.
@@ -46,9 +61,11 @@ Semantics of one relayed connection (RFC 9293 terms):
   descriptor (:class:`_SpareDescriptor`, the nginx/libuv technique): when ``accept`` fails
   for want of descriptors, the spare is closed, the waiting client accepted and reset, the
   spare taken again; the listener keeps running, so the queue drains. A connection whose
-  upstream socket cannot be made is reset under the same reason; one whose splice pipes
-  cannot be made relays on the copy path (2 descriptors instead of 6, counted in
-  ``fallbacks``). One log line per :data:`DESCRIPTOR_LOG_INTERVAL`, not one per client.
+  upstream socket cannot be made is reset under the same reason; a direction whose pipe
+  cannot be made copies (counted in ``fallbacks``). One log line per
+  :data:`DESCRIPTOR_LOG_INTERVAL`, not one per client. The first forward raises the
+  process's limit (:func:`raise_fd_limit`: as root the hard one too, to
+  :data:`HARD_NOFILE_TARGET` or ``fs.nr_open``) and logs it with the connections it fits.
 * Connection limit (``TcpForwardSpec.max_connections``): a client accepted while that many
   connections are active (connecting or relaying) is reset at once, never connected
   upstream, and counted as ``limit``; existing connections are untouched. ``total`` still
@@ -83,6 +100,7 @@ import os
 import resource
 import socket
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from sandport.forward.base import Forward, PortInUse, format_addr
@@ -106,10 +124,13 @@ from sandport.net.spare import accept_failed
 
 if TYPE_CHECKING:
     from sandport.forward.rfbgate import RfbGate
+from sandport.net.splice import PIPES
 
 __all__ = [
     "COPY_CHUNK",
     "DATA_PATHS",
+    "FDS_PER_CONNECTION",
+    "HARD_NOFILE_TARGET",
     "IDLE_SWEEP_MAX",
     "LISTEN_BACKLOG",
     "FailureReason",
@@ -132,35 +153,74 @@ ACCEPTS_PER_WAKEUP = 64
 ACCEPT_RETRY = 0.5
 #: Seconds between two log lines about running out of descriptors: one line per burst.
 DESCRIPTOR_LOG_INTERVAL = 10.0
-#: Spliced connections hold six descriptors: two sockets, two pipes.
-FDS_PER_SPLICED_CONNECTION = 6
+#: A relayed connection holds two descriptors: its sockets. A direction with bytes in flight
+#: on the splice path holds a pipe (two more) of the process's pool, which is bounded.
+FDS_PER_CONNECTION = 2
+#: Descriptors per pipe of the pool.
+FDS_PER_PIPE = 2
+#: Share of the descriptor limit the pipe pool may use at most: 1 / this.
+PIPE_SHARE = 4
+#: The hard ``RLIMIT_NOFILE`` a root gateway raises itself to (systemd's ``LimitNOFILE``
+#: would do the same), bounded by ``/proc/sys/fs/nr_open``.
+HARD_NOFILE_TARGET = 1 << 20
+NR_OPEN = "/proc/sys/fs/nr_open"
 
 _monotonic = time.monotonic
+
+#: The forwards of this process whose listeners are open (the pipe pool's kept empty pipes
+#: are closed once the last one stopped).
+_RUNNING: weakref.WeakSet[TcpForward] = weakref.WeakSet()
 
 
 _nofile_raised = False
 
 
-def raise_fd_limit() -> None:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit, once per process.
+def _nr_open() -> int:
+    """The kernel's ceiling for any process's descriptor limit (``fs.nr_open``)."""
+    try:
+        with open(NR_OPEN, encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return HARD_NOFILE_TARGET
 
-    A spliced connection holds six descriptors (two sockets, two pipes); the common soft
-    limit of 1024 would cap a forward at ~170 connections.
+
+def raise_fd_limit() -> None:
+    """Raise ``RLIMIT_NOFILE`` for the relay, once per process, and say the number.
+
+    As root (``CAP_SYS_RESOURCE``) the hard limit goes up to :data:`HARD_NOFILE_TARGET`
+    or ``fs.nr_open``, whichever is lower, as systemd's ``LimitNOFILE`` would; then the soft
+    limit is raised to the hard one. A connection holds two descriptors (its sockets); the
+    pipe pool is capped at a quarter of the limit (:data:`PIPE_SHARE`).
     """
     global _nofile_raised  # noqa: PLW0603 - once per process, like the kernel limit itself
     if _nofile_raised:
         return
     _nofile_raised = True
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    said = ""
+    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY:
+        target = min(HARD_NOFILE_TARGET, _nr_open())
+        if target > hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, target))
+            except (ValueError, OSError) as exc:  # no CAP_SYS_RESOURCE (a container)
+                said = f"hard limit not raised to {target}: {exc}; "
+            else:
+                said = f"hard limit raised from {hard}; "
+                hard = target
     if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, HARD_NOFILE_TARGET)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             log.debug("RLIMIT_NOFILE raised from %d to %d", soft, target)
     now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    log.info("descriptors: %d (about %d spliced connections; over it, clients are reset and "
-             "counted as 'descriptors'; raise it with `ulimit -n` or systemd LimitNOFILE=)",
-             now, now // FDS_PER_SPLICED_CONNECTION)
+    PIPES.resize(min(PIPES.limit, now // (PIPE_SHARE * FDS_PER_PIPE)))
+    pipes = PIPES.limit
+    log.info("descriptors: %d (%sabout %d connections at %d each, plus up to %d splice "
+             "pipes at %d each; over it, clients are reset and counted as 'descriptors'; "
+             "raise it with `ulimit -Hn` or systemd LimitNOFILE=)",
+             now, said, (now - pipes * FDS_PER_PIPE) // FDS_PER_CONNECTION,
+             FDS_PER_CONNECTION, pipes, FDS_PER_PIPE)
 
 
 
@@ -187,6 +247,8 @@ async def _bind(host: str, port: int) -> list[socket.socket]:
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with contextlib.suppress(OSError):  # accepted sockets inherit it (Linux)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if family == socket.AF_INET6:
                 # "::" alone serves IPv4 too (like docker); a specific v6 address only v6.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
@@ -213,8 +275,8 @@ class TcpForward(Forward):
     """A host TCP listener relaying every connection to a target address.
 
     Lifecycle is ``start() → serve → stop()``; ``async with TcpForward(spec) as fwd`` does
-    both. Everything runs as readiness callbacks on the running loop; the only task per
-    connection is the upstream connect step, and it ends when the pumps start.
+    both. Everything runs as readiness callbacks on the running loop; a connection has no
+    task (only a name or namespace target takes one for its connect step).
 
     Example:
         >>> spec = TcpForwardSpec(listen_port=15901, target_host="10.77.0.2", target_port=5901)
@@ -232,6 +294,7 @@ class TcpForward(Forward):
         self.spec = spec
         self._listeners: list[socket.socket] = []
         self._started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = itertools.count(1)
         self._links: set[_Link] = set()
         self._idle = asyncio.Event()
@@ -266,6 +329,11 @@ class TcpForward(Forward):
         return port
 
     @property
+    def label(self) -> str:
+        """The forward's name in log lines and connection ids."""
+        return self._label
+
+    @property
     def data_path(self) -> str:
         """``splice`` or ``copy``: what new connections start on."""
         return "splice" if self.spec.splice else "copy"
@@ -278,12 +346,14 @@ class TcpForward(Forward):
     @property
     def stats(self) -> TcpForwardStats:
         """A consistent snapshot of the counters."""
-        up, down, buffered = self._done_up, self._done_down, 0
+        up, down, buffered, pipes = self._done_up, self._done_down, 0, 0
         for link in self._links:
             up += link.bytes_up
             down += link.bytes_down
             buffered += link.buffered()
+            pipes += link.pipes()
         return TcpForwardStats(
+            pipes=pipes,
             active=len(self._links),
             total=self._total,
             bytes_up=up,
@@ -307,10 +377,12 @@ class TcpForward(Forward):
         if self._started or self._closing:
             raise RuntimeError("TcpForward can be started once")
         self._started = True
+        self._loop = asyncio.get_running_loop()
         raise_fd_limit()
         spec = self.spec
         self._listeners = await _bind(spec.listen_host, spec.listen_port)
         _SPARE.hold()
+        _RUNNING.add(self)
         if not self._label:
             self._label = f"tcp:{self.bound_port}"
         self._listen()
@@ -352,6 +424,7 @@ class TcpForward(Forward):
                 loop.remove_reader(lsock.fileno())
                 lsock.close()
             _SPARE.unhold()
+            _RUNNING.discard(self)
         for link in list(self._links):
             link.close("forward stopping")
         if self._links:
@@ -364,6 +437,8 @@ class TcpForward(Forward):
                 for link in list(self._links):
                     link.reset()
         await self._idle.wait()  # cancelled connects finish on their next loop pass
+        if not _RUNNING:  # the last relay of the process: close the pool's kept pipes
+            PIPES.clear()
         if listeners and not already:
             log.info("%s: stopped", self._label)
 
@@ -400,24 +475,25 @@ class TcpForward(Forward):
             self._listen()
 
     def _accepted(self, conn: socket.socket) -> None:
+        # TCP_NODELAY comes from the listener; one syscall here, none for the id or logs.
         conn.setblocking(False)
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cid = f"{self._label}#{next(self._seq)}"
+        seq = next(self._seq)
         self._total += 1
         limit = self.spec.max_connections
         if limit is not None and len(self._links) >= limit:
             self.count_failure(FailureReason.LIMIT)
-            log.info("%s: %d connections active (limit); resetting the client from %s",
-                     cid, limit, _peer(conn))
+            log.info("%s#%d: %d connections active (limit); resetting the client from %s",
+                     self._label, seq, limit, _peer(conn))
             _close_with_reset(conn)
             return
-        link = _Link(self, cid, conn)
+        assert self._loop is not None
+        link = _Link(self, seq, conn, self._loop)
         self._links.add(link)
         self._idle.clear()
         host, port = self._target
-        log.debug("%s: accepted from %s, connecting to %s", cid, _peer(conn),
-                  format_addr(host, port))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: accepted from %s, connecting to %s", link.cid, _peer(conn),
+                      format_addr(host, port))
         link.connect(host, port)
 
     # -- callbacks from links ---------------------------------------------------------------

@@ -171,10 +171,15 @@ class TcpForwardStats:
         bytes_down: Bytes received from targets and passed on to clients.
         failed_connects: Upstream connects that failed: the sum of ``failures`` for
             ``refused``, ``unreachable`` and ``timeout``.
-        buffered: Bytes the relay currently holds (in its pipes or copy buffers) because a
+        buffered: Bytes the relay currently holds (in pipes or copy remainders) because a
             destination could not take them yet. Bounded by backpressure: at most one
-            pipe or buffer per direction of each connection.
-        fallbacks: Connections that could not use splice and ran on the copy data path.
+            read per direction of each connection.
+        fallbacks: Times a direction of a spliced connection copied instead: the pipe pool
+            was empty (counted once until it gets a pipe again), the kernel refused a
+            pipe, or refused splice for that socket (then for good).
+        pipes: Pipes of the process's pool this forward's connections hold now: one per
+            direction with bytes in flight on the splice path; an idle connection holds
+            none.
         failures: Count per :class:`FailureReason` value (every key present).
     """
 
@@ -185,4 +190,5 @@ class TcpForwardStats:
     failed_connects: int
     buffered: int
     fallbacks: int = 0
+    pipes: int = 0
     failures: dict[str, int] = field(default_factory=_zero_failures)
