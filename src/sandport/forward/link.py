@@ -245,6 +245,7 @@ class _Link:
         with contextlib.suppress(OSError):
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.fwd.rfb_gate is not None and self.gate is None:  # RFB handshake first
+            self._drop_connect_writer()  # the gate registers its own callbacks (or closes)
             self.gate = self.fwd.rfb_gate.watch(self, upstream)  # it calls _pair again
             return
         prefix = b""
