@@ -32,7 +32,7 @@ from sandport.client import ApiError, Client
 
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 60.0
-_DESCRIPTORS_LINE = re.compile(r"descriptors: (\d+) \(about (\d+) spliced")
+_DESCRIPTORS_LINE = re.compile(r"descriptors: (\d+) \((?:[^;)]*; )?about (\d+) connections")
 _SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -179,7 +179,7 @@ class UpProcess:
         return self.api
 
     def descriptor_line(self) -> tuple[int, int] | None:
-        """(limit, spliced connections) from the gateway's own log line, once said."""
+        """(limit, relayed connections) from the gateway's own log line, once said."""
         with contextlib.suppress(OSError):
             m = _DESCRIPTORS_LINE.search((self.state_dir / "gateway.log").read_text())
             if m:

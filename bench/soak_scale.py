@@ -333,7 +333,7 @@ async def scenario_proxy(gw: UpProcess, sandbox: str, port: int,
     if load.errors or fails:
         why.append(f"gateway failures by reason (/metrics): {fails or 'none counted'}")
         why.append(f"gateway RLIMIT_NOFILE {peak.nofile_soft} soft / {peak.nofile_hard} "
-                   "hard" + (f" (its log: about {limit_line[1]} spliced connections)"
+                   "hard" + (f" (its log: about {limit_line[1]} relayed connections)"
                              if limit_line else "")
                    + ("" if can_raise_hard_limit() else "; root here lacks "
                       "CAP_SYS_RESOURCE: no process can raise its hard limit"))

@@ -163,6 +163,9 @@ PIPE_SHARE = 4
 #: The hard ``RLIMIT_NOFILE`` a root gateway raises itself to (systemd's ``LimitNOFILE``
 #: would do the same), bounded by ``/proc/sys/fs/nr_open``.
 HARD_NOFILE_TARGET = 1 << 20
+#: Bounds of :func:`fd_reserve`.
+FD_RESERVE_MIN = 16
+FD_RESERVE_MAX = 1024
 NR_OPEN = "/proc/sys/fs/nr_open"
 
 _monotonic = time.monotonic
@@ -173,6 +176,10 @@ _RUNNING: weakref.WeakSet[TcpForward] = weakref.WeakSet()
 
 
 _nofile_raised = False
+#: A client accepted on a descriptor at or above this number is reset (counted as
+#: ``descriptors``): below the limit by :func:`fd_reserve`, so the gateway's port, its API
+#: and its own files still get descriptors while the relays are full.
+_fd_ceiling = 1 << 62
 
 
 def _nr_open() -> int:
@@ -214,13 +221,22 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             log.debug("RLIMIT_NOFILE raised from %d to %d", soft, target)
     now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    global _fd_ceiling  # noqa: PLW0603 - follows the process's limit, set here once
+    _fd_ceiling = now - fd_reserve(now)
     PIPES.resize(min(PIPES.limit, now // (PIPE_SHARE * FDS_PER_PIPE)))
     pipes = PIPES.limit
     log.info("descriptors: %d (%sabout %d connections at %d each, plus up to %d splice "
-             "pipes at %d each; over it, clients are reset and counted as 'descriptors'; "
-             "raise it with `ulimit -Hn` or systemd LimitNOFILE=)",
-             now, said, (now - pipes * FDS_PER_PIPE) // FDS_PER_CONNECTION,
-             FDS_PER_CONNECTION, pipes, FDS_PER_PIPE)
+             "pipes at %d each, %d kept for the gateway's own port and API; over it, "
+             "clients are reset and counted as 'descriptors'; raise it with `ulimit -Hn` or "
+             "systemd LimitNOFILE=)",
+             now, said, (_fd_ceiling - pipes * FDS_PER_PIPE) // FDS_PER_CONNECTION,
+             FDS_PER_CONNECTION, pipes, FDS_PER_PIPE, now - _fd_ceiling)
+
+
+def fd_reserve(limit: int) -> int:
+    """Descriptors the relays leave to the rest of the process (the API, the bridge, the
+    state files, the subprocesses it runs): 1/64 of ``limit``, between 16 and 1024."""
+    return max(FD_RESERVE_MIN, min(FD_RESERVE_MAX, limit // 64))
 
 
 
@@ -479,6 +495,13 @@ class TcpForward(Forward):
         conn.setblocking(False)
         seq = next(self._seq)
         self._total += 1
+        if conn.fileno() >= _fd_ceiling:
+            # Descriptors are handed out lowest first: every one below this is in use.
+            self.out_of_descriptors(f"reset the client from {_peer(conn)}: the last "
+                                    "descriptors under the limit are kept for the "
+                                    "gateway's own port and API")
+            _close_with_reset(conn)
+            return
         limit = self.spec.max_connections
         if limit is not None and len(self._links) >= limit:
             self.count_failure(FailureReason.LIMIT)
