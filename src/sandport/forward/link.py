@@ -25,6 +25,7 @@ from sandport.forward.base import format_addr
 from sandport.forward.pump import _Pump
 from sandport.forward.tcpspec import FailureReason, _connect_failure_reason
 from sandport.net.nsock import namespace_sockets
+from sandport.net.upstream import bound_upstream
 from sandport.proto.proxyproto import ProxyHeader
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class _Link:
             return
         with contextlib.suppress(OSError):
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bound_upstream(upstream)  # a guest gone without a word: given up, not waited for
         prefix = b""
         version = self.fwd.spec.proxy_protocol
         if version is not None:
