@@ -35,6 +35,7 @@ from typing import Any
 import soakf_guest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Close
 
 from sandport.client import Client
 from sandport.sandbox.procs import NSEXEC
@@ -441,11 +442,13 @@ class WsClient(_Client):
 
     def _ended_by(self, exc: Exception) -> None:
         if isinstance(exc, ConnectionClosed):
-            rcvd = exc.rcvd
-            self.st.finish(f"ws {rcvd.code} {rcvd.reason!r}" if rcvd is not None
-                           else "ws 1006 (no close frame)")
+            self._closed_with(exc.rcvd)
         else:
             super()._ended_by(exc)
+
+    def _closed_with(self, rcvd: Close | None) -> None:
+        self.st.finish(f"ws {rcvd.code} {rcvd.reason!r}" if rcvd is not None
+                       else "ws 1006 (no close frame)")
 
     async def _write(self, data: bytes) -> None:
         assert self.ws is not None
@@ -455,7 +458,7 @@ class WsClient(_Client):
         assert self.ws is not None
         async for msg in self.ws:
             self.st.take(msg if isinstance(msg, bytes) else msg.encode())
-        self._ended_by(ConnectionClosed(self.ws.close_rcvd, self.ws.close_sent))
+        self._closed_with(self.ws.protocol.close_rcvd)
 
     async def _say_done(self) -> None:
         assert self.ws is not None

@@ -257,8 +257,10 @@ async def fault(bed: Bed, kinds: tuple[str, ...], what: str, *, conns: int,
                     c.st.finish(GAVE_UP)
                     _abort(c)
             t_giveup = now()
-            reports = await _guest_reports(bed, {c.st.id for c in clients},
-                                           t_giveup + end_bound)
+            # A guest that stopped reading cannot see a FIN (it waits behind the unread
+            # bytes) nor, after a timeout, an RST (the kernel sends none): a short wait.
+            reports = await _guest_reports(bed, {c.st.id for c in clients}, t_giveup + (
+                REPORT_WAIT if mode == "stall" else end_bound))
             for k, cs in by_kind.items():
                 ids = {c.st.id for c in cs}
                 mine = {i: r for i, r in reports.items() if i in ids}
@@ -271,8 +273,8 @@ async def fault(bed: Bed, kinds: tuple[str, ...], what: str, *, conns: int,
         for k, cs in by_kind.items():
             ends = [c.st.ended_at - t_fault for c in cs if c.st.ended_at is not None]
             results[k].update(
-                ends=count_by([c.st.end if c.st.end.startswith("ws ") else end_kind(c.st.end)
-                               for c in cs]),
+                ends=count_by([c.st.end[:120] if c.st.end.startswith(("ws ", "error"))
+                               else end_kind(c.st.end) for c in cs]),
                 hung=sum(1 for c in cs if not c.st.end),
                 end_after_fault_max_s=max(ends, default=None))
         await asyncio.sleep(0.5)
