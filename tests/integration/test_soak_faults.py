@@ -171,6 +171,9 @@ def test_kill_9_kernel_flows_proxy_and_bridge_close_new_connections_after_restar
     restart = res["restart"]
     for kind in sc.KINDS:
         assert restart[kind]["works_after_start_s"] is not None, (kind, restart)
+    # ... and the kernel forward never stopped taking new connections meanwhile.
+    watch = restart["kernel_probes_failed"]
+    assert watch["tries"] > 100 and watch["failed"] == 0, watch
     record("soak faults: kill -9 restart: new connections work "
            + ", ".join(f"{k} {restart[k]['works_after_ready_s']:+.2f} s" for k in sc.KINDS)
            + f" after the ready line ({restart['ready_line_after_start_s']:.2f} s after start)")
