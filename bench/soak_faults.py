@@ -114,6 +114,10 @@ def goals(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
                  f"{k['ended']}/{k['conns']} in {fmt(k['end_after_kill_max_s'], '.2f')} s",
                  f"all <= {args.end_bound:g} s")
     restart = k9.get("restart", {})
+    watch = restart.get("kernel_probes_failed")
+    if watch:
+        line("restart: no new kernel connection refused meanwhile", watch["failed"] == 0,
+             f"{watch['failed']}/{watch['tries']} refused", "0")
     for kind in sc.KINDS:
         r = restart.get(kind)
         if r:
@@ -161,9 +165,11 @@ def render(res: dict[str, Any], lines: list[dict[str, Any]]) -> str:
     restart = (res.get("kill9") or {}).get("restart", {})
     if restart:
         out.append("")
+        watch = restart["kernel_probes_failed"]
         out.append(f"restart: ready line {restart['ready_line_after_start_s']:.2f} s after "
-                   "the process started; a new connection worked, after start / after the "
-                   "ready line:")
+                   f"the process started; kernel forward: {watch['failed']} of "
+                   f"{watch['tries']} new connections refused meanwhile; a new connection "
+                   "worked, after start / after the ready line:")
         for kind in sc.KINDS:
             r = restart[kind]
             out.append(f"  {kind:<7} {fmt(r['works_after_start_s'], '.3f')} s / "
@@ -174,9 +180,10 @@ def render(res: dict[str, Any], lines: list[dict[str, Any]]) -> str:
         guest = ", ".join(sorted(set((f.get("guest_saw_end") or {}).values()))) or "—"
         rss = f["rss"]
         growth = rss.get("steady_growth_kib", rss.get("growth_kib"))
+        family = "sandport_forward_" if f["kind"] == "proxy" else "sandport_ws_"
         counted = ", ".join(f"{_short(k)} {v:g}" for k, v in f["metrics"].items()
-                            if "_bytes_" not in k and ("failures" in k or "closes" in k
-                                                       or "active" in k))
+                            if k.startswith(family) and ("failures" in k or "closes" in k
+                                                         or "active" in k))
         rows.append((f["fault"], f["kind"], str(f["conns"]),
                      ", ".join(f"{n}× {e}" for e, n in f["ends"].items()),
                      fmt(f["end_after_fault_max_s"], ".2f"), guest, fmt(growth, ".0f"),
@@ -224,10 +231,7 @@ async def scenarios(bed: Bed, args: argparse.Namespace, res: dict[str, Any]) -> 
                                stall=args.stall, end_bound=bound, log=progress)
         res["faults"] += found
         for f in found:
-            counted = ", ".join(f"{_short(k)} {v:g}" for k, v in f["metrics"].items()
-                                if "_bytes_" not in k)
             progress(f"fault {what} via {f['kind']}: client {f['ends']}")
-        progress(f"  gateway counted: {counted}")
     progress(f"kill -9 with {args.kernel} kernel, {args.proxy} proxy, {args.ws} bridge "
              "streams ...")
     res["kill9"] = await sc.kill9(
