@@ -30,7 +30,7 @@ bench: setup
 
 # Minutes, not a test (short versions of its scenarios are in `make test`).
 soak: setup
-	$(BIN)/python bench/soak_scale.py
+	$(BIN)/python bench/soak_scale.py && $(BIN)/python bench/soak_faults.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build src/*.egg-info

@@ -55,6 +55,7 @@ from sandport.bridge.targets import Target
 from sandport.bridge.throttle import login_key
 from sandport.bridge.web import json_response
 from sandport.net.splice import SPLICE_AVAILABLE
+from sandport.net.upstream import bound_upstream
 from sandport.proto.errors import InvalidTransition
 from sandport.proto.rfbwatch import RfbWatch, Watch
 from sandport.proto.wsframes import (
@@ -146,6 +147,9 @@ class TargetSide(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's too
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         transport.pause_reading()  # until the upgrade is answered
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a guest gone without a word: given up, not waited for
+            bound_upstream(sock)
 
     def data_received(self, data: bytes) -> None:
         if self.session.phase is Phase.HANDSHAKE:
@@ -467,7 +471,11 @@ class WsSession(asyncio.Protocol):
 
     def _zc_target_end(self, exc: OSError | None) -> None:
         if exc is None:
-            self.close(CLOSE_NORMAL, TARGET_CLOSED)
+            # A socket's error is reported once: when the target's own transport (writing
+            # upstream) met it first (ETIMEDOUT, ECONNRESET), the splice sees a plain end
+            # and that transport's connection_lost(exc) is already queued. Close after it,
+            # so the close reason is the error, not "the target closed".
+            asyncio.get_running_loop().call_soon(self.close, CLOSE_NORMAL, TARGET_CLOSED)
         else:
             self.close(CLOSE_INTERNAL, target_failed(exc))
 

@@ -222,8 +222,9 @@ class ForwardTable:
         self._seq = 0
         self._lock = asyncio.Lock()
         self.nft_available = shutil.which("nft") is not None
-        #: While True, host settings no forward needs are kept, not given back: a start
-        #: adopting forwards one sandbox at a time sets it; :meth:`reconcile` ends it.
+        #: While True, the kernel rules and host settings stay as a killed gateway left
+        #: them (no rewrite, nothing given back): a start adopting forwards one sandbox at
+        #: a time sets it; :meth:`reconcile` ends it and writes exactly this gateway's.
         self.keep_host_settings = False
         #: While a kernel forward binds 0.0.0.0: interfaces that come or go change where
         #: remote clients arrive, so the ruleset and settings are made again.
@@ -408,6 +409,12 @@ class ForwardTable:
         return [f.as_json(counts) for f in self._forwards.values()]
 
     async def _apply_kernel(self) -> None:
+        if self.keep_host_settings:
+            # Adopting after a kill -9: the killed gateway's rules stay in force (they are
+            # the ones being restored) until reconcile() writes exactly this gateway's.
+            # A rewrite per adopted forward would drop the rules not restored yet, and
+            # refuse new connections on those ports for that moment.
+            return
         rules = [f.rule() for f in self._forwards.values() if f.mode == "kernel"]
         wildcard = any(r.host_ip in nft.WILDCARD for r in rules)
 

@@ -28,6 +28,7 @@ from sandport.forward.base import format_addr
 from sandport.forward.pump import _Pump
 from sandport.forward.tcpspec import FailureReason, _connect_failure_reason
 from sandport.net.nsock import namespace_sockets
+from sandport.net.upstream import bound_upstream
 from sandport.proto.proxyproto import ProxyHeader
 
 if TYPE_CHECKING:
@@ -244,6 +245,7 @@ class _Link:
             return
         with contextlib.suppress(OSError):
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bound_upstream(upstream)  # a guest gone without a word: given up, not waited for
         if self.fwd.rfb_gate is not None and self.gate is None:  # RFB handshake first
             self._drop_connect_writer()  # the gate registers its own callbacks (or closes)
             self.gate = self.fwd.rfb_gate.watch(self, upstream)  # it calls _pair again
