@@ -38,7 +38,7 @@ from report import fmt
 from soakf_lib import Bed
 from testbed import progress
 
-from sandport.net.upstream import UPSTREAM_USER_TIMEOUT
+from sandport.net.upstream import DEFAULT_GUEST_TIMEOUT
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REQUIRED_TOOLS = ("ip", "nft", "ss", "Xvnc")
@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds a stall lasts (default 10, --quick 3)")
     ap.add_argument("--end-bound", type=float, default=GOAL_END_S,
                     help="seconds a client may wait for its end (default: %(default)s)")
+    ap.add_argument("--guest-timeout", type=float, default=DEFAULT_GUEST_TIMEOUT,
+                    help="the gateway's --guest-timeout: seconds before a silent guest is "
+                         "given up (default: the gateway's, %(default)s)")
     ap.add_argument("--subnet", default="10.201.253.0/24",
                     help="the gateway's subnet (default: %(default)s)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
@@ -224,9 +227,9 @@ async def scenarios(bed: Bed, args: argparse.Namespace, res: dict[str, Any]) -> 
     for what in sc.FAULTS:  # both paths at once: one fault, one wait
         progress(f"fault {what} via proxy and ws ...")
         # A guest gone silent (link cut, window closed) is given up after
-        # UPSTREAM_USER_TIMEOUT: wait that long and a little more.
+        # the gateway's --guest-timeout: wait that long and a little more.
         bound = args.end_bound if what in ("guest-killed", "client-stops-reading") else \
-            max(args.end_bound, UPSTREAM_USER_TIMEOUT + 10)
+            max(args.end_bound, args.guest_timeout + 10)
         found = await sc.fault(bed, ("proxy", "ws"), what, conns=args.fault_conns,
                                stall=args.stall, end_bound=bound, log=progress)
         res["faults"] += found
@@ -248,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix=testbed.LOGDIR_PREFIX) as tmp:
         bed = Bed(Path(tmp), bridge=f"sp-soakf{secrets.token_hex(2)}", subnet=args.subnet,
                   listen_port=testbed.free_port(), kernel_port=testbed.free_port(),
-                  proxy_port=testbed.free_port(), log=progress)
+                  proxy_port=testbed.free_port(), log=progress,
+                  extra=("--guest-timeout", f"{args.guest_timeout:g}"))
         try:
             bed.create()
             asyncio.run(scenarios(bed, args, res))

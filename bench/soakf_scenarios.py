@@ -247,7 +247,7 @@ async def fault(bed: Bed, kinds: tuple[str, ...], what: str, *, conns: int,
             flood = await _flood_progress(bed) if mode == "flood" else None
             if mode == "stall":
                 # A guest that never reads again: the gateway must give it up by itself
-                # (UPSTREAM_USER_TIMEOUT) and tell the client.
+                # (the gateway's --guest-timeout) and tell the client.
                 await _wait_ended(clients, t_fault + end_bound)
             # The client gives up (a reset, SO_LINGER 0) if it is still there: a client
             # that stops reading is the gateway's to keep until then; it must let go of

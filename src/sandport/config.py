@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from sandport.bridge.throttle import ThrottleConfig
 from sandport.bridge.tls import TlsConfig
 from sandport.errors import UsageError
+from sandport.net.upstream import DEFAULT_GUEST_TIMEOUT
 
 DEFAULT_STATE_DIR = Path("/var/lib/sandport")
 DEFAULT_BRIDGE = "sp-br0"
@@ -148,6 +149,9 @@ class GatewayConfig:
             none by default: sandport relays into no network it was not told about.
         attach_grace: seconds an attached target may stay ``degraded`` (not answering)
             before it is ``failed`` with the doctor's reason.
+        guest_timeout: seconds data the relay or the bridge sent to a guest may stay
+            unacknowledged (the guest gone without a word, or reading nothing) before
+            that connection is given up (:mod:`sandport.net.upstream`).
         guest_privileges: ``unprivileged`` (default): a netns sandbox's guest programs
             run in a crun container of their own (user namespace on an unprivileged host
             uid range, no capabilities, seccomp, no host secrets in view).
@@ -178,6 +182,7 @@ class GatewayConfig:
     qemu_accel: str = "auto"
     attach_subnets: tuple[ipaddress.IPv4Network, ...] = ()
     attach_grace: float = 60.0
+    guest_timeout: float = DEFAULT_GUEST_TIMEOUT
     guest_privileges: str = GUEST_UNPRIVILEGED
 
     def __post_init__(self) -> None:

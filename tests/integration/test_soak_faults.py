@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import soakf_scenarios as sc
 from soakf_lib import Bed
 
-from sandport.net.upstream import UPSTREAM_USER_TIMEOUT
-
 pytestmark = pytest.mark.integration
 
 END_BOUND = 5.0  # seconds a client may wait for its end
 STALL = 2.0  # seconds a stall lasts
 STALL_KIB_PER_CONN = 1024  # RSS growth allowed while a stall lasts (one read per direction)
+#: The gateway's --guest-timeout here (60 s by default): a silent guest is given up after it.
+GUEST_TIMEOUT = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     bridge, subnet = test_net_names()
     b = Bed(tmp_path_factory.mktemp("soakf"), bridge=bridge, subnet=str(subnet),
             listen_port=free_port(), kernel_port=free_port(), proxy_port=free_port(),
-            log=print)
+            log=print, extra=("--guest-timeout", f"{GUEST_TIMEOUT:g}"))
     try:
         b.create()
         yield b
@@ -85,7 +85,7 @@ def test_guest_service_killed_closes_the_client_with_a_reason(bed: Bed) -> None:
 def test_guest_link_cut_ends_every_client_with_a_reason(bed: Bed) -> None:
     """The host end of the sandbox's veth goes down under live streams: no FIN or RST can
     come back, yet every client sees its end once the gateway gives the guest up."""
-    bound = UPSTREAM_USER_TIMEOUT + 8
+    bound = GUEST_TIMEOUT + 8
     proxy, ws = run(sc.fault(bed, ("proxy", "ws"), "link-cut", conns=1, end_bound=bound))
     for res in (proxy, ws):
         assert res["conns"] == 1 and res["hung"] == 0, res
@@ -106,7 +106,7 @@ def test_guest_link_cut_ends_every_client_with_a_reason(bed: Bed) -> None:
 def test_guest_link_flap_loses_nothing(bed: Bed) -> None:
     """The link down for 2 s, then up: the streams stall, then flow again, not a byte
     lost (TCP survives a flap; the gateway gives a guest up only after
-    UPSTREAM_USER_TIMEOUT)."""
+    GUEST_TIMEOUT)."""
     for res in run(sc.link_flap(bed, ("proxy", "ws"), conns=1, down=2.0)):
         assert res["hung_after_link_back"] == 0 and res["flowing_after_link_back"] == 1, res
         assert res["lost_down_total"] == 0 and res["lost_up_total"] == 0, res
@@ -116,10 +116,10 @@ def test_guest_link_flap_loses_nothing(bed: Bed) -> None:
 
 def test_guest_that_stops_reading_holds_a_bounded_amount_then_is_given_up(bed: Bed) -> None:
     """Backpressure: the client can send only until the buffers on the way are full, the
-    gateway's memory stays flat, and after UPSTREAM_USER_TIMEOUT of a closed window the
+    gateway's memory stays flat, and after GUEST_TIMEOUT of a closed window the
     gateway gives the guest up and tells the client (RST, close 1011)."""
     results = run(sc.fault(bed, ("proxy", "ws"), "guest-stops-reading", conns=1,
-                           stall=STALL, end_bound=UPSTREAM_USER_TIMEOUT + 8))
+                           stall=STALL, end_bound=GUEST_TIMEOUT + 8))
     proxy, ws = results
     for res in results:
         sent = res["client_sent_during_stall"]

@@ -23,6 +23,7 @@ from sandport.bridge.targets import Target, TokenPlugin
 from sandport.bridge.throttle import ThrottleConfig
 from sandport.bridge.tls import TlsConfig
 from sandport.errors import UsageError
+from sandport.net.upstream import DEFAULT_GUEST_TIMEOUT
 
 __all__ = [
     "BridgeConfig",
@@ -50,6 +51,8 @@ class BridgeLimits:
             the session with 1011.
         logins: failed VNC logins per client address before it waits (429 with
             ``Retry-After``; :mod:`sandport.bridge.throttle`); None: not counted.
+        guest_timeout: seconds data to the target may stay unacknowledged before the
+            session closes with 1011 (:mod:`sandport.net.upstream`).
     """
 
     max_connections: int | None = None
@@ -60,6 +63,7 @@ class BridgeLimits:
     idle_timeout: float | None = None
     heartbeat: float | None = None
     logins: ThrottleConfig | None = field(default_factory=ThrottleConfig)
+    guest_timeout: float = DEFAULT_GUEST_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

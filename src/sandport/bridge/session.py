@@ -149,7 +149,7 @@ class TargetSide(asyncio.Protocol):
         transport.pause_reading()  # until the upgrade is answered
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a guest gone without a word: given up, not waited for
-            bound_upstream(sock)
+            bound_upstream(sock, self.session.bridge.config.limits.guest_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.session.phase is Phase.HANDSHAKE:

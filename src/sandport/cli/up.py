@@ -48,6 +48,7 @@ from sandport.control.forwards import ForwardOptions
 from sandport.control.gateway import Gateway, SandboxInfo
 from sandport.errors import SandportError, UsageError
 from sandport.forward.spec import ExposedPort, PortMapping, parse_port_spec, place
+from sandport.net.upstream import DEFAULT_GUEST_TIMEOUT
 from sandport.sandbox.profiles import VNC_PORT
 
 READY_PREFIX = "SANDPORT-READY"
@@ -272,6 +273,10 @@ def up(
         metavar="CIDR")] = None,
     attach_grace: Annotated[float, seconds_option(
         "Seconds an attached target may not answer before it is failed.", least=0.1)] = 60.0,
+    guest_timeout: Annotated[float, seconds_option(
+        "Seconds data sent to a guest may stay unacknowledged (a guest gone without a word, "
+        "or one that reads nothing) before the relay resets that connection and the bridge "
+        "closes its session with 1011.", least=1)] = DEFAULT_GUEST_TIMEOUT,
     agent_port: Annotated[int, typer.Option(
         help="Port on the bridge address where guest agents reach the gateway.",
         min=1, max=65535, metavar="PORT")] = DEFAULT_AGENT_PORT,
@@ -332,6 +337,7 @@ def up(
             secret_key_file=secret_key_file.absolute() if secret_key_file else None,
             attach_subnets=tuple(_parse_attach_subnet(t) for t in attach_subnet or ()),
             attach_grace=attach_grace,
+            guest_timeout=guest_timeout,
         )
         setup_logging(log_level, config.state_dir / LOG_FILE)
     except SandportError as exc:

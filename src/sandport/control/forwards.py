@@ -47,6 +47,7 @@ from sandport.forward.tcp import TcpForward, TcpForwardSpec
 from sandport.forward.udp import UdpForward, UdpForwardSpec
 from sandport.net import netlink, nft
 from sandport.net.addrwatch import AddressWatch
+from sandport.net.upstream import DEFAULT_GUEST_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,8 @@ class ForwardTable:
         #: Failed VNC logins by client and sandbox, shared with the WebSocket bridge: a
         #: relayed ``vnc`` port counts into it and refuses blocked clients (rfbgate).
         self.logins: LoginThrottle | None = None
+        #: Seconds data to a guest may stay unacknowledged (GatewayConfig.guest_timeout).
+        self.guest_timeout = DEFAULT_GUEST_TIMEOUT
         self._said_unthrottled = False
 
     def __iter__(self) -> Any:
@@ -345,7 +348,8 @@ class ForwardTable:
                 listen_host=mapping.host_ip, listen_port=mapping.host_port,
                 target_host=guest_ip, target_port=mapping.guest_port, name=label,
                 proxy_protocol=options.proxy_protocol, idle_timeout=options.idle_timeout,
-                max_connections=options.max_connections, netns=options.netns))
+                max_connections=options.max_connections, netns=options.netns,
+                guest_timeout=self.guest_timeout))
             if name == "vnc" and self.logins is not None and options.proxy_protocol is None:
                 tcp.rfb_gate = RfbGate(self.logins, sandbox)
             relay: TcpForward | UdpForward = tcp

@@ -172,6 +172,7 @@ class Gateway:
         #: Failed VNC logins by client and sandbox: one count for the bridge and the relay.
         self.forwards.logins = LoginThrottle(config.vnc_logins) \
             if config.vnc_logins is not None else None
+        self.forwards.guest_timeout = config.guest_timeout
         #: Anti-spoofing on the sandboxes' bridge ports.
         self.guards = PortGuards(config.net.bridge)
         #: For the API, /metrics and the CLI; created at the first start in the state dir
@@ -313,7 +314,9 @@ class Gateway:
                                     heartbeat=HEARTBEAT_SECONDS,
                                     max_connections=cfg.ws_max_sessions,
                                     max_per_client=cfg.ws_max_per_client,
-                                    logins=cfg.vnc_logins)), logins=self.forwards.logins)
+                                    logins=cfg.vnc_logins,
+                                    guest_timeout=cfg.guest_timeout)),
+                logins=self.forwards.logins)
             await self._front.start()
             self._write_gateway_file()
         except BaseException:

@@ -245,7 +245,7 @@ class _Link:
             return
         with contextlib.suppress(OSError):
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        bound_upstream(upstream)  # a guest gone without a word: given up, not waited for
+        bound_upstream(upstream, self.fwd.spec.guest_timeout)  # a silent guest is given up
         if self.fwd.rfb_gate is not None and self.gate is None:  # RFB handshake first
             self._drop_connect_writer()  # the gate registers its own callbacks (or closes)
             self.gate = self.fwd.rfb_gate.watch(self, upstream)  # it calls _pair again

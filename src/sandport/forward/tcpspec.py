@@ -19,6 +19,7 @@ from typing import Final
 
 from sandport.forward.base import check_ports
 from sandport.net.splice import SPLICE_AVAILABLE
+from sandport.net.upstream import DEFAULT_GUEST_TIMEOUT
 
 __all__ = [
     "CONNECT_FAILURES",
@@ -109,6 +110,9 @@ class TcpForwardSpec:
             (splice where the platform has it).
         netns: the network namespace (its file: /run/netns/NAME, /proc/PID/ns/net) the
             target lives in, a container's; upstream sockets are made there. "": ours.
+        guest_timeout: Seconds data sent upstream may stay unacknowledged (a guest gone
+            without a word, or one that reads nothing) before the connection is reset
+            (``TCP_USER_TIMEOUT``; :mod:`sandport.net.upstream`).
     """
 
     listen_host: str = "127.0.0.1"
@@ -122,6 +126,7 @@ class TcpForwardSpec:
     proxy_protocol: int | None = None
     data_path: str = "auto"
     netns: str = ""
+    guest_timeout: float = DEFAULT_GUEST_TIMEOUT
 
     def __post_init__(self) -> None:
         """Check ranges once, so bad configuration fails before any socket exists.
@@ -136,6 +141,8 @@ class TcpForwardSpec:
             raise ValueError(f"connect_timeout must be > 0, not {self.connect_timeout}")
         if self.idle_timeout is not None and not self.idle_timeout > 0:
             raise ValueError(f"idle_timeout must be > 0 or None, not {self.idle_timeout}")
+        if not self.guest_timeout > 0:
+            raise ValueError(f"guest_timeout must be > 0, not {self.guest_timeout}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1 or None, not {self.max_connections}")
         if self.proxy_protocol is not None and self.proxy_protocol not in _PROXY_VERSIONS:
