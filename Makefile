@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 # gateway with its own state dir, bridge and subnet.
 WORKERS ?= 3
 
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo test test-unit lint bench fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python bench/run.py && $(BIN)/python bench/ws.py && $(BIN)/python bench/ready.py && $(BIN)/python bench/usernet.py
+
+# Every parser of untrusted bytes under atheris, 10**6 inputs each (fuzz/run.py, ~25 min).
+fuzz: setup
+	$(BIN)/python fuzz/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build src/*.egg-info

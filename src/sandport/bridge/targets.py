@@ -95,7 +95,10 @@ def token_from(path: str, host_header: str | None, *, host_token: bool) -> str |
         if name.startswith("["):
             return name[1:name.find("]")] or None
         return name.partition(":")[0] or None
-    parts = urlsplit(path)
+    try:
+        parts = urlsplit(path)
+    except ValueError:  # "//[x": an unclosed IPv6 authority; such a path carries no token
+        return None
     values = parse_qs(parts.query).get("token")
     if values and values[0].rstrip("\n"):
         return values[0].rstrip("\n")
