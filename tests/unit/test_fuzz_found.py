@@ -10,7 +10,8 @@ import struct
 
 import pytest
 
-from sandport.bridge.targets import token_from
+from sandport.bridge.targets import Target, parse_target, token_from
+from sandport.errors import UsageError
 from sandport.proto.rfbwatch import RfbWatch, Watch
 from sandport.proto.wsframes import Event, FrameError, FrameReader, Opcode
 
@@ -76,3 +77,13 @@ def test_a_path_with_an_unclosed_ipv6_authority_carries_no_token() -> None:
     urlsplit raise ValueError out of the bridge's token lookup instead of a 401."""
     assert token_from("//[x/websockify?token=abc", None, host_token=False) is None
     assert token_from("/websockify?token=abc", None, host_token=False) == "abc"
+
+
+@pytest.mark.parametrize("text", ["[[]]:9", "[a]b]:9", "a[b:9", "[x]]:5900"])
+def test_a_target_whose_host_holds_a_bracket_is_refused(text: str) -> None:
+    """fuzz/corpus/tokenfile/crash-bracket-in-host: the token-file line ``v: [[]]:9`` was
+    kept with the host ``[]``, which prints as ``[]:9``: a target that does not parse back
+    and can never connect. Now the line is skipped like any other bad target."""
+    with pytest.raises(UsageError, match="is not HOST:PORT"):
+        parse_target(text)
+    assert parse_target("[fd00::1]:5900") == Target(host="fd00::1", port=5900)

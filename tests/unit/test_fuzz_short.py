@@ -72,7 +72,8 @@ def test_a_short_coverage_guided_run_finds_nothing(target: str, tmp_path: Path) 
             "make setup (pip install atheris)")
     proc = subprocess.run(
         [sys.executable, str(FUZZ / "harness.py"), target, f"-runs={SHORT_RUNS}",
-         "-timeout=20", "-max_len=4096", f"-artifact_prefix={tmp_path}/", str(tmp_path),
+         "-timeout=20", "-max_len=4096", "-seed=1", f"-artifact_prefix={tmp_path}/",
+         str(tmp_path),
          str(FUZZ / "corpus" / target)],
         capture_output=True, text=True, timeout=240, check=False)
     log = proc.stdout + proc.stderr
