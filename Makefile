@@ -28,7 +28,7 @@ test-unit: setup
 bench: setup
 	$(BIN)/python bench/run.py && $(BIN)/python bench/ws.py && $(BIN)/python bench/ready.py && $(BIN)/python bench/usernet.py
 
-# Every parser of untrusted bytes under atheris, 10**6 inputs each (fuzz/run.py, ~25 min).
+# Every parser of untrusted bytes under atheris, 10**6 inputs each (fuzz/run.py; 11-26 min here).
 fuzz: setup
 	$(BIN)/python fuzz/run.py
 
