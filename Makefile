@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 # gateway with its own state dir, bridge and subnet.
 WORKERS ?= 3
 
-.PHONY: setup demo test test-unit lint bench soak clean
+.PHONY: setup demo test test-unit lint bench soak fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,10 @@ bench: setup
 # Minutes, not a test (short versions of its scenarios are in `make test`).
 soak: setup
 	$(BIN)/python bench/soak_scale.py && $(BIN)/python bench/soak_faults.py
+
+# Every parser of untrusted bytes under atheris, 10**6 inputs each (fuzz/run.py; 11-26 min here).
+fuzz: setup
+	$(BIN)/python fuzz/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build src/*.egg-info

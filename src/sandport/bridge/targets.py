@@ -79,8 +79,10 @@ def parse_target(text: str, *, what: str = "target") -> Target:
         return Target(path=path)
     host, sep, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not (port_text.isascii() and port_text.isdigit()) or \
-            not 0 < int(port_text) < 65536:
+    # A name or an address never holds a bracket: "[[]]:9" is no host (and would print
+    # as "[]:9", which does not parse back).
+    if not sep or not host or "[" in host or "]" in host or \
+            not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise UsageError(f"{what} {text!r} is not HOST:PORT (port 1-65535) or "
                          f"{UNIX_PREFIX}/path")
     return Target(host=host, port=int(port_text))
@@ -95,7 +97,10 @@ def token_from(path: str, host_header: str | None, *, host_token: bool) -> str |
         if name.startswith("["):
             return name[1:name.find("]")] or None
         return name.partition(":")[0] or None
-    parts = urlsplit(path)
+    try:
+        parts = urlsplit(path)
+    except ValueError:  # "//[x": an unclosed IPv6 authority; such a path carries no token
+        return None
     values = parse_qs(parts.query).get("token")
     if values and values[0].rstrip("\n"):
         return values[0].rstrip("\n")

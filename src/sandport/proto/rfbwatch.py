@@ -12,14 +12,26 @@ or that this is not RFB (then it stops looking). Only the message lengths matter
     SecurityResult u32 (0 ok) after VNC Authentication, and after None in 3.8
     client  ClientInit u8;  server  ServerInit: width u16, height u16, pixel format 16,
             name-length u32, name
+
+Every buffer has a cap: the watcher keeps at most 64 client bytes per read, and at most
+:data:`MAX_SERVER_BYTES` server bytes it has not yet passed. The largest message it waits
+for whole is a ServerInit with a name of the RFB client's cap (24 + 4096 bytes); a server
+that sends more than that before the handshake moves on (a name-length over the cap, or a
+stream of bytes while the client has not answered) is not followed: NOT_RFB, and the
+watcher lets go of what it held.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from typing import Final
+
+from sandport.proto.rfb.messages import MAX_NAME_LENGTH, SERVER_INIT_HEADER_LENGTH
 
 _U32 = struct.Struct("!I")
+#: Most server bytes the watcher holds (see the module docstring).
+MAX_SERVER_BYTES: Final = 8 * 1024
 SECURITY_NONE = 1
 SECURITY_VNC_AUTH = 2
 
@@ -50,6 +62,10 @@ class RfbWatch:
         if self.state is Watch.WATCHING:
             self._srv += data
             self._advance()
+            if self.state is Watch.WATCHING and len(self._srv) > MAX_SERVER_BYTES:
+                self.state = Watch.NOT_RFB
+            if self.state is not Watch.WATCHING:
+                self._srv.clear()
         return self.state
 
     def from_client(self, data: bytes) -> Watch:
@@ -113,10 +129,13 @@ class RfbWatch:
                     return
                 self._stage = "init"
             else:  # ServerInit
-                if len(self._srv) < 24:
+                if len(self._srv) < SERVER_INIT_HEADER_LENGTH:
                     return
-                name_len = _U32.unpack_from(self._srv, 20)[0]
-                if len(self._srv) < 24 + name_len:
+                name_len = _U32.unpack_from(self._srv, SERVER_INIT_HEADER_LENGTH - 4)[0]
+                if name_len > MAX_NAME_LENGTH:
+                    self.state = Watch.NOT_RFB
+                    return
+                if len(self._srv) < SERVER_INIT_HEADER_LENGTH + name_len:
                     return
                 self.state = Watch.SERVER_INIT
 

@@ -73,12 +73,18 @@ _U64 = struct.Struct("!Q")
 
 
 class FrameError(RemoteProtocolError):
-    """The client broke RFC 6455; ``code`` is the close code to answer with."""
+    """The client broke RFC 6455; ``code`` is the close code to answer with.
+
+    ``events``: what the failing :meth:`FrameReader.receive_data` call parsed before the
+    error, in order, so the same bytes in any split yield the same events (as with
+    ``RFBProtocolError.events`` and ``FramingError.events``).
+    """
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.events: list[tuple[Event, Opcode, bytes, bool]] = []
 
 
 class Event(enum.Enum):
@@ -155,9 +161,18 @@ class FrameReader:
         """Parse ``data``; every complete piece of payload and control frame so far.
 
         Raises:
-            FrameError: the client broke the protocol; send a close with its code.
+            FrameError: the client broke the protocol; send a close with its code. Its
+                ``events`` hold what this call parsed before the error.
         """
         out: list[tuple[Event, Opcode, bytes, bool]] = []
+        try:
+            self._parse(data, out)
+        except FrameError as exc:
+            exc.events = out
+            raise
+        return out
+
+    def _parse(self, data: bytes, out: list[tuple[Event, Opcode, bytes, bool]]) -> None:
         view = memoryview(data)
         pos, end = 0, len(data)
         while True:
@@ -184,7 +199,6 @@ class FrameReader:
                             self._left == 0 and self._fin))
                 if self._left == 0:
                     self._end_data_frame()
-        return out
 
     # -- internals ----------------------------------------------------------------------------
 
