@@ -185,6 +185,42 @@ def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
     run(main)
 
 
+def test_data_in_the_same_read_as_a_broken_frame_reaches_the_target(
+    run: Callable[..., Any]
+) -> None:
+    """Messages, then a frame that breaks RFC 6455 (unmasked), in one TCP write: the
+    messages reach the target, then the client gets 1002 with the reason."""
+    received: list[int] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        total = 0
+        while data := await reader.read(1 << 20):
+            total += len(data)
+        received.append(total)
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+        async with server, WsBridge(BridgeConfig(target=target)) as bridge:
+            proto, reader, writer = await raw_client(bridge)
+            for _ in range(3):
+                proto.send_binary(b"x" * 1000)
+            # A client frame must be masked (section 5.1): this one is not.
+            writer.write(b"".join(proto.data_to_send()) + b"\x82\x03abc")
+            await writer.drain()
+            while data := await reader.read(4096):  # until the bridge closes
+                proto.receive_data(data)
+            writer.close()
+            await eventually(lambda: bool(received), within=5)
+        assert received == [3000]
+        assert proto.close_rcvd is not None, "no close frame"
+        assert proto.close_rcvd.code == 1002, proto.close_rcvd
+        assert "mask" in proto.close_rcvd.reason, proto.close_rcvd
+
+    run(main)
+
+
 SOURCE_SERVER = r"""
 import hashlib, random, socket, sys
 size, chunk = int(sys.argv[1]), 1 << 16

@@ -268,8 +268,14 @@ class WsSession(asyncio.Protocol):
         try:
             events = self.frames.receive_data(data)
         except FrameError as exc:
-            self.close(exc.code, exc.reason)
+            # The frames before the violation, in the same read, still reach the target.
+            if self._deliver(exc.events):
+                self.close(exc.code, exc.reason)
             return
+        self._deliver(events)
+
+    def _deliver(self, events: list[tuple[Event, Opcode, bytes, bool]]) -> bool:
+        """Data to the target, control frames answered; False once the session closed."""
         pieces: list[bytes] = []
         for kind, op, payload, last in events:
             if kind is Event.DATA:
@@ -287,7 +293,7 @@ class WsSession(asyncio.Protocol):
                 if error:  # what came before still reaches the target
                     self._to_target(pieces)
                     self.close(CLOSE_UNSUPPORTED, error)
-                    return
+                    return False
                 if piece:
                     pieces.append(piece)
             elif kind is Event.PING:
@@ -300,8 +306,9 @@ class WsSession(asyncio.Protocol):
                 self._to_target(pieces)
                 pieces = []
                 self._on_client_close(payload)
-                return
+                return False
         self._to_target(pieces)
+        return True
 
     def _to_target(self, pieces: list[bytes]) -> None:
         target = self.target.transport if self.target is not None else None
