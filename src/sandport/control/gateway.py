@@ -290,7 +290,7 @@ class Gateway:
             # Meanwhile the host settings its kernel forwards needed (sandport.net.sysctl)
             # stay: the forwards come back one sandbox at a time.
             self.forwards.keep_host_settings = True
-            await self._recover(rooms, box, progress)
+            adopted = await self._recover(rooms, box, progress)
             # Kernel forwards and host isolation, anti-spoofing: exactly this gateway's;
             # a killed one's stale rules are gone, host settings no adopted forward
             # needs are given back.
@@ -319,6 +319,9 @@ class Gateway:
                 logins=self.forwards.logins)
             await self._front.start()
             self._write_gateway_file()
+            # Probed once every hop is back: the kernel rules (reconcile), the front door.
+            for sb in adopted:
+                rooms.readiness.watch(sb, first_delay=0.0)
         except BaseException:
             # A start that fails (its port taken, say) after adopting sandboxes leaves them
             # running and recorded for the next start; it does not destroy them.
@@ -392,16 +395,20 @@ class Gateway:
         doc = json.loads(box.open(rec.secrets, f"sandboxes/{rec.id}"))
         return {str(k): str(v) for k, v in doc.items()}
 
-    async def _recover(self, rooms: _Rooms, box: SecretBox, progress: Progress) -> None:
-        """Adopt every sandbox a killed gateway left running; fail and clean the others.
+    async def _recover(self, rooms: _Rooms, box: SecretBox,
+                       progress: Progress) -> list[RunningSandbox]:
+        """Adopt every sandbox a killed gateway left running; fail and clean the others;
+        the adopted ones.
 
         Adopted: guest services still run (same pids, same start times), the namespace
         and link exist, the secrets unseal, the forwards bind again. Their state stays
-        (``ready``/``degraded``) and the monitor probes at once. Any other sandbox is
+        (``ready``/``degraded``); the caller has the monitor probe them once the gateway's
+        own hops are up. Any other sandbox is
         marked ``failed`` with the reason and its resources removed; its record stays
         until it is deleted, so callers see what happened.
         """
         roster = rooms.roster
+        adopted: list[RunningSandbox] = []
         for rec in roster.store.sandboxes():
             state = SandboxState(rec.state)
             backend = self._backends.get(rec.backend)
@@ -463,13 +470,14 @@ class Gateway:
             progress(f"sandbox {rec.id}: adopted ({state.value}, {rec.ip})")
             log.info("sandbox %s: adopted from a previous gateway (%s)", rec.id, state.value)
             roster.record_event("sandbox.adopted", rec.id, {"state": state.value})
-            rooms.readiness.watch(sb, first_delay=0.0)
+            adopted.append(sb)
         # Links on our bridge that no sandbox explains (e.g. the store was deleted by hand).
         for port in await asyncio.to_thread(netlink.bridge_ports, self.config.net.bridge):
             owner = port.removeprefix("sp-").rsplit("-", 1)[0]  # sp-<id>-v (veth), -t (tap)
             if port.startswith("sp-") and owner not in roster:
                 log.warning("removing stray link %s from bridge %s", port, self.config.net.bridge)
                 await asyncio.to_thread(netlink.delete_link, port)
+        return adopted
 
     async def stop(self, *, keep_sandboxes: bool = False) -> None:
         """Shut down in order; each step runs even if one before it failed.
