@@ -15,7 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,21 +153,26 @@ def test_writes_split_at_odd_sizes(run: Callable[..., Any], guest: RemoteHost) -
     bridge_run(run, BridgeConfig(target=echo_target(guest)), body)
 
 
-def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
-    run: Callable[..., Any]
-) -> None:
-    """Messages, then a close frame, in one TCP write: every byte reaches the target."""
-    received: list[int] = []
-
+def counting_sink(received: list[int]) -> Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]:
+    """A target that reads to the end, then appends how many bytes it got."""
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
         while data := await reader.read(1 << 20):
             total += len(data)
         received.append(total)
         writer.close()
+    return sink
+
+
+def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
+    run: Callable[..., Any]
+) -> None:
+    """Messages, then a close frame, in one TCP write: every byte reaches the target."""
+    received: list[int] = []
 
     async def main() -> None:
-        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        server = await asyncio.start_server(counting_sink(received), "127.0.0.1", 0)
         target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
         async with server, WsBridge(BridgeConfig(target=target)) as bridge:
             proto, reader, writer = await raw_client(bridge)
@@ -192,15 +197,8 @@ def test_data_in_the_same_read_as_a_broken_frame_reaches_the_target(
     messages reach the target, then the client gets 1002 with the reason."""
     received: list[int] = []
 
-    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        total = 0
-        while data := await reader.read(1 << 20):
-            total += len(data)
-        received.append(total)
-        writer.close()
-
     async def main() -> None:
-        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        server = await asyncio.start_server(counting_sink(received), "127.0.0.1", 0)
         target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
         async with server, WsBridge(BridgeConfig(target=target)) as bridge:
             proto, reader, writer = await raw_client(bridge)
