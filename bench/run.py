@@ -41,6 +41,8 @@ TARGET_PROXY_KERNEL = 0.9
 TARGET_PROXY_SOCAT = 4.0
 TARGET_KERNEL_DIRECT = 0.95
 TARGET_ADDED_P99_MS = 1.0
+#: Issue 18: the relay's sequential connections at least as fast as pasta's (C).
+TARGET_PROXY_PASTA_CONNS = 1.0
 WARMUP_SECONDS = 1.0
 WARMUP_CONNS = 300
 
@@ -150,6 +152,9 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
          ">=", TARGET_KERNEL_DIRECT, "x"),
         ("added p99, proxy", get("proxy", "added_p99_ms"), "<=", TARGET_ADDED_P99_MS, "ms"),
         ("added p99, kernel", get("kernel", "added_p99_ms"), "<=", TARGET_ADDED_P99_MS, "ms"),
+        ("proxy / pasta, conn/s", ratio(get("proxy", "conns_per_s"),
+                                        get("pasta", "conns_per_s")),
+         ">=", TARGET_PROXY_PASTA_CONNS, "x"),
     ]
     info = [
         ("proxy / kernel, 8 streams", ratio(get("proxy", "gbps_8"), get("kernel", "gbps_8"))),
