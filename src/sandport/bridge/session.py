@@ -787,7 +787,8 @@ def _reason_kind(reason: str) -> str:
     if not reason:
         return "closed"
     for kind in ("target closed", "idle", "keepalive", "shutting down", "client closed",
-                 "client went away", "target connection failed", "not base64",
+                 "client went away", "client connection failed",
+                 "target connection failed", "not base64",
                  "text messages", "HTTP"):
         if kind in reason:
             return kind.replace(" ", "_")

@@ -54,7 +54,8 @@ _FAMILIES = (
      "Bytes the WebSocket bridge moved, by direction (to_guest, to_client)."),
     ("sandport_ws_closes_total", "counter",
      "WebSocket bridge sessions ended, by reason (target_closed, idle, keepalive, "
-     "client_closed, client_went_away, ...)."),
+     "client_closed, client_went_away, client_connection_failed, target_connection_failed, "
+     "...)."),
     ("sandport_ws_rfb_ready_seconds", "summary",
      "VNC targets: seconds from the WebSocket upgrade to the server's ServerInit."),
     ("sandport_ws_rfb_failed_total", "counter",
