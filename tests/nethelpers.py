@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
+import os
+import random
 import secrets
 import socket
 import subprocess
@@ -73,8 +76,29 @@ def client(netns: str | None, tmp: Path, host: str, port: int, proto: str) -> st
     return (r.stdout + r.stderr).strip()
 
 
+#: Ports free_port() hands out lie below the kernel's ephemeral range
+#: (``net.ipv4.ip_local_port_range``, 32768-60999 by default): a port picked here and bound
+#: later (by a gateway the test starts) cannot be taken meanwhile by another test's
+#: ``bind(0)`` or outgoing connection, which draw from that range. Each xdist worker has
+#: its own span, so two workers never pick the same port either.
+PORT_BASE = 20000
+PORT_SPAN = 3000
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+_FIRST = PORT_BASE + (int(_WORKER) % 4 if _WORKER.isdigit() else 0) * PORT_SPAN
+_picks = itertools.count(random.randrange(PORT_SPAN))
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
+    """A port on 127.0.0.1 that nothing holds now, from this worker's own span."""
+    for _ in range(PORT_SPAN):
+        port = _FIRST + next(_picks) % PORT_SPAN
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket(socket.AF_INET, kind) as s:  # the whole span is taken: any port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

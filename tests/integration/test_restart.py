@@ -122,9 +122,10 @@ def test_kill_9_with_three_sandboxes_and_six_forwards_then_restart_adopts(
         assert back is not None, "the adopted forwards did not come back"
         second.wait_http()
         api = Client.from_state_dir(state)  # the new gateway's URL
+        # How fast is a figure, not a test: `make soak` (bench/soak_faults.py) measures
+        # it against its goal (new connections within 1 s of the restart being up).
         record(f"restart after kill -9: adopted forwards answer {back:.2f} s after the "
                "new gateway process started (its Python start included)")
-        assert back < 2.0, f"forwards came back {back:.2f} s after the restart"
 
         # Adopted: same state, same forwards (ids, host ports, guests), VNC through them.
         now = {sb.id: sb.doc for sb in api.sandboxes()}
