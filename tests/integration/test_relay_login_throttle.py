@@ -12,6 +12,7 @@ not; `/metrics` counts the refusal.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ import pytest
 from sandport.bridge.throttle import ThrottleConfig
 from sandport.control.gateway import Gateway
 from sandport.forward.rfbgate import refusal_message
+from sandport.forward.tcp import TcpForward
 from sandport.probe import probe_rfb_ws, run_rfb_handshake
 from sandport.proto.rfb import Stage
 from sandport.proto.rfbwatch import RfbWatch, Watch
@@ -74,6 +76,17 @@ def test_failed_logins_through_a_proxy_forward_block_that_client(
         assert fwd is not None and fwd.mode == "proxy", fwd
         # A good login through the port works (and clears nothing that matters).
         assert asyncio.run(_login(port, info.vnc_password))[0]
+        # The handshakes the gate relayed count as the forward's bytes (so far: the
+        # readiness probe's and ours, each a full login): each client sent its version
+        # (12), the security type (1), the VNC response (16) and ClientInit (1).
+        assert isinstance(fwd.relay, TcpForward)
+        relay = fwd.relay
+        deadline = time.monotonic() + 10
+        while relay.stats.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = relay.stats
+        assert st.active == 0 and st.total >= 1 and st.bytes_up == 30 * st.total, st
+        assert st.bytes_down > (12 + 2 + 16 + 4 + 24) * st.total, st
         for _ in range(3):
             assert not asyncio.run(probe_rfb_ws(url, password=WRONG)).ok
         for _ in range(2):

@@ -81,6 +81,8 @@ class _Link:
         "idled",
         "last_activity",
         "loop",
+        "pre_down",
+        "pre_up",
         "seq",
         "started",
         "up",
@@ -112,6 +114,8 @@ class _Link:
         self.idled = False
         self.counted_reset = False
         self.gate: _Handshake | None = None  # a desktop's VNC port: see forward.rfbgate
+        #: Bytes relayed before the pumps (the RFB gate's handshake), each way.
+        self.pre_up = self.pre_down = 0
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -385,12 +389,12 @@ class _Link:
     @property
     def bytes_up(self) -> int:
         """Bytes read from the client."""
-        return self.up.nbytes if self.up is not None else 0
+        return (self.up.nbytes if self.up is not None else 0) + self.pre_up
 
     @property
     def bytes_down(self) -> int:
         """Bytes read from the upstream."""
-        return self.down.nbytes if self.down is not None else 0
+        return (self.down.nbytes if self.down is not None else 0) + self.pre_down
 
     @property
     def relaying(self) -> bool:

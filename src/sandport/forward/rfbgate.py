@@ -208,6 +208,10 @@ class _Handshake:
             self.loop.add_writer(dst.fileno(), self._on_writable, dst, src)
         direction = "up" if up else "down"
         self.seen[direction] += len(data)
+        if up:  # counted as the forward's bytes, like the pumps' after it
+            self.link.pre_up += len(data)
+        else:
+            self.link.pre_down += len(data)
         state = self.watcher.from_client(data) if up else self.watcher.from_server(data)
         if state is not Watch.WATCHING:
             self._decided(state)
