@@ -34,6 +34,8 @@ SESSIONS = 50
 RUN_TIMEOUT = 240
 #: A descriptor limit far too small for CONNS relayed connections (2 descriptors each).
 SMALL_NOFILE = 300
+#: Descriptors of the gateway's own that may come and go between two samples.
+FD_SLACK = 8
 
 
 def soak(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], str, str]:
@@ -74,7 +76,9 @@ def test_short_soak_every_connection_and_session_answers_and_descriptors_come_ba
         CONNS, {}, {}), proxy["why"]
     g = proxy["gateway"]
     assert proxy["active_at_peak"] == CONNS  # the gateway held them all at once
-    assert g["peak"]["fds"] >= g["before"]["fds"] + 2 * CONNS
+    # Two descriptors per connection; a few of the gateway's own come and go between the
+    # samples (an API request's socket, a file it writes), so the baseline moves by a few.
+    assert g["peak"]["fds"] >= g["before"]["fds"] + 2 * CONNS - FD_SLACK, g
     assert proxy["descriptors_back"], g  # back to the baseline after close
     assert proxy["api_unanswered"] == []
 
