@@ -62,7 +62,13 @@ from sandport.bridge.tls import TlsContexts
 from sandport.bridge.web import json_response, static_response
 from sandport.errors import PortInUseError, UsageError
 from sandport.net.nsock import connect_in_netns
-from sandport.net.spare import SPARE, BurstLog, accept_failed
+from sandport.net.spare import (
+    ACCEPT_RETRY,
+    DESCRIPTOR_LOG_INTERVAL,
+    SPARE,
+    BurstLog,
+    accept_failed,
+)
 from sandport.proto.errors import RemoteProtocolError
 from sandport.proto.proxyproto import ProxyHeaderParser
 from sandport.proto.wsframes import CLOSE_GOING_AWAY
@@ -75,11 +81,6 @@ PEEK_MAX: Final = 536  # enough for a PROXY v1 line and a v2 header with small T
 TLS_FIRST_BYTES: Final = (0x16, 0x80)  # TLS handshake record; SSLv2-style ClientHello
 _PROXY_V1: Final = b"PROXY "
 _PROXY_V2: Final = b"\r\n\r\n\x00\r\nQUIT\n"
-#: Seconds between two log lines about running out of descriptors: one line per burst.
-DESCRIPTOR_LOG_INTERVAL: Final = 10.0
-#: Seconds accepting pauses when the kernel has no memory for a socket, or no descriptor
-#: is free even with the spare given back (another process took it: ENFILE).
-ACCEPT_RETRY: Final = 0.5
 
 
 def _proxy_signature(head: bytes) -> bool | None:

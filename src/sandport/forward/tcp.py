@@ -104,7 +104,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from sandport.forward.base import Forward, PortInUse, format_addr
-from sandport.forward.link import _close_with_reset, _Link, _peer
+from sandport.forward.link import _Link, _peer
 from sandport.forward.pump import COPY_CHUNK
 from sandport.forward.tcpspec import (
     CONNECT_FAILURES,
@@ -118,9 +118,15 @@ from sandport.forward.tcpspec import (
 from sandport.forward.tcpspec import (  # re-exported: tests import it from here
     _connect_failure_reason as _connect_failure_reason,  # noqa: PLC0414
 )
+from sandport.net.spare import (
+    ACCEPT_RETRY,
+    DESCRIPTOR_LOG_INTERVAL,
+    BurstLog,
+    accept_failed,
+    close_with_reset,
+)
 from sandport.net.spare import SPARE as _SPARE
 from sandport.net.spare import SpareDescriptor as _SpareDescriptor  # noqa: F401 - tests
-from sandport.net.spare import accept_failed
 
 if TYPE_CHECKING:
     from sandport.forward.rfbgate import RfbGate
@@ -148,11 +154,6 @@ LISTEN_BACKLOG = 512
 STOP_GRACE = 2.0
 #: Accepts one readiness callback of the listener may do.
 ACCEPTS_PER_WAKEUP = 64
-#: Seconds the listener pauses when the kernel is out of memory for a new socket, or out of
-#: descriptors while the spare one could not be taken back.
-ACCEPT_RETRY = 0.5
-#: Seconds between two log lines about running out of descriptors: one line per burst.
-DESCRIPTOR_LOG_INTERVAL = 10.0
 #: A relayed connection holds two descriptors: its sockets. A direction with bytes in flight
 #: on the splice path holds a pipe (two more) of the process's pool, which is bounded.
 FDS_PER_CONNECTION = 2
@@ -322,9 +323,8 @@ class TcpForward(Forward):
         self._total = 0
         self._fallbacks = 0
         self._failures = _zero_failures()
-        #: Out-of-descriptor events since the last log line about them, and its time.
-        self._fd_events = 0
-        self._fd_logged_at = float("-inf")
+        #: Out-of-descriptor events: one log line per burst.
+        self._fd_log = BurstLog(DESCRIPTOR_LOG_INTERVAL)
         self._done_up = 0
         self._done_down = 0
         #: A desktop's VNC port: failed logins counted, blocked clients refused (rfbgate).
@@ -500,14 +500,14 @@ class TcpForward(Forward):
             self.out_of_descriptors(f"reset the client from {_peer(conn)}: the last "
                                     "descriptors under the limit are kept for the "
                                     "gateway's own port and API")
-            _close_with_reset(conn)
+            close_with_reset(conn)
             return
         limit = self.spec.max_connections
         if limit is not None and len(self._links) >= limit:
             self.count_failure(FailureReason.LIMIT)
             log.info("%s#%d: %d connections active (limit); resetting the client from %s",
                      self._label, seq, limit, _peer(conn))
-            _close_with_reset(conn)
+            close_with_reset(conn)
             return
         assert self._loop is not None
         link = _Link(self, seq, conn, self._loop)
@@ -538,18 +538,15 @@ class TcpForward(Forward):
         ``descriptors`` when it was ``refused``) and log once per burst."""
         if refused:
             self.count_failure(FailureReason.DESCRIPTORS)
-        self._fd_events += 1
-        now = _monotonic()
-        if now - self._fd_logged_at < DESCRIPTOR_LOG_INTERVAL:
+        events = self._fd_log.due()
+        if not events:
             return
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         log.warning("%s: out of file descriptors (limit %d, %d connections on this forward): "
                     "%s; %d such event(s) since the last line, %d client(s) reset in all. "
                     "Raise the limit (`ulimit -n`, systemd LimitNOFILE=) or cap the forward "
                     "with --max-connections", self._label, soft, len(self._links), what,
-                    self._fd_events, self._failures[FailureReason.DESCRIPTORS.value])
-        self._fd_events = 0
-        self._fd_logged_at = now
+                    events, self._failures[FailureReason.DESCRIPTORS.value])
 
     def count_fallback(self) -> None:
         """Count one direction of a connection that could not splice."""

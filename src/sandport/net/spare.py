@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["OUT_OF_DESCRIPTORS", "SPARE", "BurstLog", "SpareDescriptor", "accept_failed",
-           "close_with_reset", "refuse_on_spare"]
+__all__ = ["ACCEPT_RETRY", "DESCRIPTOR_LOG_INTERVAL", "OUT_OF_DESCRIPTORS", "SPARE", "BurstLog",
+           "SpareDescriptor", "accept_failed", "close_with_reset", "refuse_on_spare"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 #: Out of memory for a new socket: pause accepting instead of spinning on the listener.
 PAUSE_ERRNOS: Final = frozenset({errno.ENOBUFS, errno.ENOMEM})
+#: Seconds a listener pauses when it cannot accept even with the spare given back (another
+#: process took the descriptor: ENFILE) or the kernel has no memory for a socket.
+ACCEPT_RETRY: Final = 0.5
+#: Seconds between two log lines about running out of descriptors: one line per burst.
+DESCRIPTOR_LOG_INTERVAL: Final = 10.0
 #: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
