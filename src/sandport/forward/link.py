@@ -20,7 +20,6 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from sandport.forward.base import format_addr
 from sandport.forward.pump import _Pump
 from sandport.forward.tcpspec import FailureReason, _connect_failure_reason
 from sandport.net.nsock import namespace_sockets
+from sandport.net.spare import close_with_reset as _close_with_reset
 from sandport.net.upstream import bound_upstream
 from sandport.proto.proxyproto import ProxyHeader
 
@@ -37,9 +37,6 @@ if TYPE_CHECKING:
 
 #: Same logger as before the split (``sandport.forward.tcp``): one name for the relay's log.
 log = logging.getLogger("sandport.forward.tcp")
-
-#: ``struct linger {int l_onoff; int l_linger;}`` = {1, 0}: close(2) sends RST, drops the buffer.
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 _monotonic = time.monotonic
 _DEBUG = logging.DEBUG
@@ -55,13 +52,6 @@ def _literal_family(host: str) -> int:
     except ValueError:
         return 0
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-
-
-def _close_with_reset(sock: socket.socket) -> None:
-    """Close ``sock`` so its peer sees a RST (``SO_LINGER {on, 0}``), not a FIN."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    sock.close()
 
 
 class _Link:
@@ -247,13 +237,14 @@ class _Link:
             log.debug("%s: forward stopping; dropping the new upstream connection", self.cid)
             self.finish(reset=True)
             return
-        with contextlib.suppress(OSError):
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        bound_upstream(upstream, self.fwd.spec.guest_timeout)  # a silent guest is given up
-        if self.fwd.rfb_gate is not None and self.gate is None:  # RFB handshake first
-            self._drop_connect_writer()  # the gate registers its own callbacks (or closes)
-            self.gate = self.fwd.rfb_gate.watch(self, upstream)  # it calls _pair again
-            return
+        if self.gate is None:  # not the gate handing back a link it watched: set up once
+            with contextlib.suppress(OSError):
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bound_upstream(upstream, self.fwd.spec.guest_timeout)  # a silent guest: given up
+            if self.fwd.rfb_gate is not None:  # RFB handshake first
+                self._drop_connect_writer()  # the gate registers its own callbacks (or closes)
+                self.gate = self.fwd.rfb_gate.watch(self, upstream)  # it calls _pair again
+                return
         prefix = b""
         version = self.fwd.spec.proxy_protocol
         if version is not None:

@@ -113,7 +113,7 @@ class RfbGate:
 class _Handshake:
     """One link's handshake: watched and relayed, or refused."""
 
-    __slots__ = ("closed", "done", "gate", "key", "link", "loop", "out", "seen", "timer",
+    __slots__ = ("closed", "done", "gate", "key", "link", "loop", "out", "timer",
                  "upstream", "version", "watcher")
 
     def __init__(self, gate: RfbGate, link: _Link, upstream: socket.socket) -> None:
@@ -124,7 +124,6 @@ class _Handshake:
         self.watcher = RfbWatch()
         #: Bytes waiting for their destination, by the fd they go to.
         self.out: dict[int, bytes] = {}
-        self.seen = {"up": 0, "down": 0}
         self.version = b""
         self.done = self.closed = False
         self.timer: asyncio.TimerHandle | None = None
@@ -206,16 +205,18 @@ class _Handshake:
             self.out[dst.fileno()] = data[sent:]
             self.loop.remove_reader(src.fileno())
             self.loop.add_writer(dst.fileno(), self._on_writable, dst, src)
-        direction = "up" if up else "down"
-        self.seen[direction] += len(data)
-        if up:  # counted as the forward's bytes, like the pumps' after it
-            self.link.pre_up += len(data)
+        link = self.link  # its handshake bytes count as the forward's, like the pumps'
+        if up:
+            link.pre_up += len(data)
+            seen = link.pre_up
+            state = self.watcher.from_client(data)
         else:
-            self.link.pre_down += len(data)
-        state = self.watcher.from_client(data) if up else self.watcher.from_server(data)
+            link.pre_down += len(data)
+            seen = link.pre_down
+            state = self.watcher.from_server(data)
         if state is not Watch.WATCHING:
             self._decided(state)
-        elif self.seen[direction] > WATCH_MAX:
+        elif seen > WATCH_MAX:
             self._conclude("too many bytes for a handshake")
 
     def _on_writable(self, dst: socket.socket, src: socket.socket) -> None:
