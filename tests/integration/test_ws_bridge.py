@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +154,22 @@ def test_writes_split_at_odd_sizes(run: Callable[..., Any], guest: RemoteHost) -
     bridge_run(run, BridgeConfig(target=echo_target(guest)), body)
 
 
-def counting_sink(received: list[int]) -> Callable[
-        [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]:
-    """A target that reads to the end, then appends how many bytes it got."""
+@contextlib.asynccontextmanager
+async def client_to_counting_target(received: list[int]) -> AsyncIterator[
+        tuple[ClientProtocol, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A bridge to a target that reads to the end, then appends how many bytes it got to
+    ``received``; a sans-I/O client past the handshake."""
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
         while data := await reader.read(1 << 20):
             total += len(data)
         received.append(total)
         writer.close()
-    return sink
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+    async with server, WsBridge(BridgeConfig(target=target)) as bridge:
+        yield await raw_client(bridge)
 
 
 def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
@@ -172,10 +179,7 @@ def test_data_in_the_same_read_as_the_close_frame_reaches_the_target(
     received: list[int] = []
 
     async def main() -> None:
-        server = await asyncio.start_server(counting_sink(received), "127.0.0.1", 0)
-        target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
-        async with server, WsBridge(BridgeConfig(target=target)) as bridge:
-            proto, reader, writer = await raw_client(bridge)
+        async with client_to_counting_target(received) as (proto, reader, writer):
             for _ in range(8):
                 proto.send_binary(b"x" * 100_000)
             proto.send_close(1000)
@@ -198,10 +202,7 @@ def test_data_in_the_same_read_as_a_broken_frame_reaches_the_target(
     received: list[int] = []
 
     async def main() -> None:
-        server = await asyncio.start_server(counting_sink(received), "127.0.0.1", 0)
-        target = Target(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
-        async with server, WsBridge(BridgeConfig(target=target)) as bridge:
-            proto, reader, writer = await raw_client(bridge)
+        async with client_to_counting_target(received) as (proto, reader, writer):
             for _ in range(3):
                 proto.send_binary(b"x" * 1000)
             # A client frame must be masked (section 5.1): this one is not.
